@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set everything up first.
+# A second run reuses .venv and only reinstalls when pyproject.toml changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of PyTorch by default. On a GPU machine pass the CUDA build you want, e.g.
+#   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.lmadda-installed
+DEMO_OUT ?= demo-out
+
+.PHONY: demo test bench clean-demo help
+
+help:
+	@echo "make demo   set up .venv and run the demo on the embedded simulated data (output in $(DEMO_OUT)/)"
+	@echo "make test   set up .venv and run the test suite"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/lmadda demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

@@ -1,0 +1,5 @@
+import sys
+
+from lmadda.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: reading images, manifests, normalisation, domain shifts, simulated data, PyTorch datasets."""

@@ -1,0 +1,150 @@
+"""Reading and writing microscopy images.
+
+Everything is read as float32 in the camera's own units (no rescaling), shaped (C, H, W), plus the
+sensor maximum the stored values can reach, because overexposure saturates at that value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from lmadda.errors import LmaddaError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+PNG_SUFFIXES = (".png",)
+SUPPORTED_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """Pixels in camera units, shaped (C, H, W), and the value at which the sensor saturates."""
+
+    pixels: np.ndarray
+    sensor_max: float
+    dtype: str
+    path: Path | None = None
+
+    @property
+    def channels(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def shape_hw(self) -> tuple[int, int]:
+        return int(self.pixels.shape[1]), int(self.pixels.shape[2])
+
+
+def sensor_max_for(dtype: np.dtype, bit_depth: int | None = None) -> float:
+    """The largest value a camera can store: 2**bit_depth - 1 (a 12-bit camera in uint16 saturates at 4095)."""
+    dtype = np.dtype(dtype)
+    if bit_depth is not None:
+        if not 1 <= bit_depth <= 32:
+            raise LmaddaError(f"bit_depth {bit_depth} is not a camera bit depth: use 1..32 (e.g. 8, 12, 14, 16)")
+        if dtype.kind in "ui" and bit_depth > dtype.itemsize * 8:
+            raise LmaddaError(
+                f"bit_depth {bit_depth} does not fit in {dtype.name}: use at most {dtype.itemsize * 8}"
+            )
+        return float(2**bit_depth - 1)
+    if dtype.kind == "u":
+        return float(np.iinfo(dtype).max)
+    if dtype.kind == "i":
+        return float(np.iinfo(dtype).max)
+    if dtype.kind == "f":
+        return float("inf")  # float images have no sensor limit we can know; saturation then needs bit_depth
+    if dtype.kind == "b":
+        return 1.0
+    raise LmaddaError(f"unsupported pixel type {dtype.name}: use unsigned integer (8/12/14/16-bit) or float images")
+
+
+def _to_chw(array: np.ndarray, path: Path, channel_axis: int | None) -> np.ndarray:
+    """Bring a 2-D, 3-D (pages or channels) image to (C, H, W)."""
+    # Drop size-1 axes in front (T, Z, S...) but never the two image axes, even a 1-pixel-high one.
+    while array.ndim > 2 and 1 in array.shape[:-2]:
+        array = np.squeeze(array, axis=array.shape[:-2].index(1))
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        return array[None]
+    if array.ndim == 3:
+        if channel_axis is None:
+            # Colour/interleaved data puts a small axis last (RGB, YXS); pages and OME put it first.
+            channel_axis = 2 if array.shape[2] <= 4 and array.shape[0] > 4 else 0
+        return np.moveaxis(array, channel_axis, 0)
+    raise LmaddaError(
+        f"{path}: image has {array.ndim} dimensions after dropping size-1 axes (shape {array.shape}); "
+        "lmadda reads 2-D images with optional channels or pages (C, H, W). Split time points or z-planes into separate files."
+    )
+
+
+def read_image(path: str | Path, *, bit_depth: int | None = None, channel_axis: int | None = None) -> RawImage:
+    """Read a TIFF (8/16-bit, float, multi-page, multi-channel, OME) or PNG as (C, H, W) float32.
+
+    `bit_depth` says how many bits the camera really used when that is fewer than the storage type
+    (12- or 14-bit cameras store uint16); it sets the saturation value used by the overexposure shift.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LmaddaError(f"{path}: file not found")
+    if path.is_dir():
+        raise LmaddaError(f"{path}: is a folder, expected an image file ({', '.join(SUPPORTED_SUFFIXES)})")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TIFF_SUFFIXES:
+            array = tifffile.imread(path)
+        elif suffix in PNG_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                array = np.asarray(image)
+        else:
+            raise LmaddaError(
+                f"{path}: unsupported file type {suffix or '(none)'}; lmadda reads {', '.join(SUPPORTED_SUFFIXES)}"
+            )
+    except LmaddaError:
+        raise
+    except Exception as error:  # tifffile/PIL raise many types for truncated or foreign files
+        raise LmaddaError(f"{path}: cannot read image ({type(error).__name__}: {error}); is the file complete and a real TIFF/PNG?") from error
+    if array.size == 0:
+        raise LmaddaError(f"{path}: no image data (shape {array.shape}); the file is empty or corrupt, export it again")
+    sensor_max = sensor_max_for(array.dtype, bit_depth)
+    chw = _to_chw(array, path, channel_axis).astype(np.float32, copy=False)
+    if not np.isfinite(chw).all():
+        raise LmaddaError(f"{path}: image contains NaN or infinite values; replace them before use")
+    return RawImage(pixels=np.ascontiguousarray(chw), sensor_max=sensor_max, dtype=array.dtype.name, path=path)
+
+
+def write_tiff(
+    path: str | Path,
+    pixels: np.ndarray,
+    *,
+    dtype: str = "uint16",
+    metadata: dict | None = None,
+    ome: bool = False,
+) -> Path:
+    """Write a (H, W) or (C, H, W) array as TIFF, clipping to the range of an integer `dtype`.
+
+    The write goes to a temporary file first and is renamed into place, so an interrupted write
+    never leaves a truncated image where a good one was.
+    """
+    path = Path(path)
+    target_dtype = np.dtype(dtype)
+    array = np.asarray(pixels)
+    if target_dtype.kind in "ui":
+        info = np.iinfo(target_dtype)
+        array = np.clip(np.rint(array), info.min, info.max)
+    array = array.astype(target_dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial")
+    kwargs: dict = {}
+    if ome:
+        kwargs["ome"] = True
+        kwargs["metadata"] = {"axes": "CYX" if array.ndim == 3 else "YX", **(metadata or {})}
+    else:
+        kwargs["metadata"] = metadata or None
+        kwargs["photometric"] = "minisblack"
+    tifffile.imwrite(temporary, array, **kwargs)
+    temporary.replace(path)
+    return path

@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+import pytest
+
+from lmadda.cli import build_parser, main
+
+
+def _subcommands(parser, prefix=()):
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            for name, sub in action.choices.items():
+                yield prefix + (name,)
+                yield from _subcommands(sub, prefix + (name,))
+
+
+@pytest.mark.parametrize("command", list(_subcommands(build_parser())), ids=" ".join)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: lmadda" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data", "show", "missing.parquet"], "manifest missing.parquet not found"),
+        (["data", "synth", "--out", "x", "--fields", "0"], "need at least 1 field"),
+        (["data", "index", ".", "--pattern", "(", "--out", "m.parquet"], "not a valid regular expression"),
+        (["data", "index", ".", "--pattern", "x", "--out", "m.csv"], "name it *.parquet"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path, argv, message):
+    result = subprocess.run([sys.executable, "-m", "lmadda", *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmadda: error:") and message in lines[0], result.stderr
+
+
+def test_synth_then_show_writes_manifest_and_contact_sheet(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "d"), "--fields", "2", "--size", "64"]) == 0
+    assert main(["data", "show", str(tmp_path / "d" / "manifest.parquet"), "--png", str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out
+    assert "input  phase_contrast" in out and (tmp_path / "s.png").stat().st_size > 1000
