@@ -9,7 +9,8 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-SEPHACE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sephace"
+# The real set lives in ../shared beside the project; LMADDA_SEPHACE_DIR points elsewhere.
+SEPHACE_DIR = Path(os.environ.get("LMADDA_SEPHACE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "sephace"))
 
 
 @pytest.fixture(scope="session")
@@ -24,5 +25,5 @@ def tiny_synth(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sephace_dir() -> Path:
     if not (SEPHACE_DIR / "tif").is_dir():
-        pytest.skip(f"real sephaCe data not found at {SEPHACE_DIR} (it lives in ../shared/data/sephace beside the project)")
+        pytest.skip(f"real sephaCe data not found at {SEPHACE_DIR} (expected in ../shared/data/sephace beside the project, or set LMADDA_SEPHACE_DIR)")
     return SEPHACE_DIR

@@ -7,28 +7,24 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    demo = subparsers.add_parser("demo", help="simulate data and run the demo study (what `make demo` runs)")
-    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (reused if present)")
+    demo = subparsers.add_parser("demo", help="simulate data and run the demo study (what `make demo` runs)",
+                                 description="Simulate data, train a source model, adapt it at several layers to bright field and to overexposure, and write the table and figures. Reuses finished stages in --out.")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (finished stages are reused)")
     demo.add_argument("--fields", type=int, default=64)
-    demo.add_argument("--size", type=int, default=256)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--source-epochs", type=int, default=None)
+    demo.add_argument("--adapt-steps", type=int, default=None)
+    demo.add_argument("--layers", default=None, help="comma-separated matched layers (default 0,3,7,11,15)")
+    demo.add_argument("--oracle", action="store_true", help="also train an oracle per target (slower)")
     demo.set_defaults(func=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from lmadda.data.contact_sheet import contact_sheet
-    from lmadda.data.manifest import Manifest
-    from lmadda.data.synth import SynthConfig, synthesize
+    from lmadda.config import build_config
+    from lmadda.demo import DemoConfig, run_demo as run
 
-    data_dir = args.out / "data"
-    manifest_path = data_dir / "manifest.parquet"
-    if manifest_path.exists():
-        manifest = Manifest.load(manifest_path)
-        print(f"[demo] reusing simulated data in {data_dir}")
-    else:
-        manifest, seconds = synthesize(data_dir, SynthConfig(fields=args.fields, size=args.size, seed=args.seed))
-        print(f"[demo] simulated {len(manifest.fields())} fields in {seconds:.1f} s -> {data_dir}")
-    print(manifest.summary())
-    sheet = contact_sheet(manifest, args.out / "contact_sheet.png")
-    print(f"[demo] contact sheet: {sheet}")
+    layers = [int(v) for v in args.layers.split(",")] if args.layers else None
+    config = build_config(DemoConfig, None, out=args.out, fields=args.fields, seed=args.seed, source_epochs=args.source_epochs,
+                          adapt_steps=args.adapt_steps, layers=layers, oracle=args.oracle or None)
+    run(config)
     return 0

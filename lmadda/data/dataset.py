@@ -2,8 +2,11 @@
 unpaired input crops for the target domain of adaptation.
 
 Images are read once, shifted in camera units (if a shift is given), normalised per image, and kept
-in memory as float32 (C, H, W). Model tensors are in the generator's range [-1, 1]: normalised
-0..1 maps to -1..1, and targets are clipped to it because the generator ends in Tanh.
+in memory as float32 (C, H, W). Inputs map from normalised 0..1 to -1..1 (not clipped). Targets are
+clipped to 0..1 and mapped to -0.8..0.8, not -1..1: the generator ends in Tanh, and fluorescence is
+mostly background, so at -1 nearly every target pixel would sit at Tanh's saturation, where its
+gradient vanishes; the model then settles on "background everywhere" and sparse stains such as DAPI
+are never learnt (seen on the simulated data: L1 stuck at the all-background value).
 
 Every dataset is map-style and index-deterministic: item i of epoch e is drawn from a generator
 seeded by (seed, e, i), so results do not depend on worker count or on `DistributedSampler`'s split.
@@ -24,12 +27,22 @@ from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
 
 
+TARGET_HEADROOM = 0.8  # targets span -0.8..0.8 of Tanh's -1..1 (see the module docstring)
+
+
 def to_model_range(normalised: np.ndarray) -> np.ndarray:
+    """Input images: normalised 0..1 -> -1..1."""
     return normalised * 2.0 - 1.0
 
 
-def from_model_range(model_values: np.ndarray) -> np.ndarray:
-    return (model_values + 1.0) / 2.0
+def target_to_model_range(normalised: np.ndarray) -> np.ndarray:
+    """Target stains: normalised 0..1 (clipped) -> -0.8..0.8."""
+    return (np.clip(normalised, 0.0, 1.0) * 2.0 - 1.0) * TARGET_HEADROOM
+
+
+def target_from_model_range(model_values: np.ndarray) -> np.ndarray:
+    """Generator output -> normalised target units (0..1 for the training range; may exceed it slightly)."""
+    return (model_values / TARGET_HEADROOM + 1.0) / 2.0
 
 
 @dataclass
@@ -86,7 +99,7 @@ def load_images(
                         raise LmaddaError(f"field {input_row.field}: input and target sizes differ after shift {shift}")
                 channels.append(pixels[0])
             target_normalised, target_norm = normalise(np.stack(channels), percentiles)
-            item.target = to_model_range(np.clip(target_normalised, 0.0, 1.0)).astype(np.float32)
+            item.target = target_to_model_range(target_normalised).astype(np.float32)
             item.target_norm = target_norm
         loaded.append(item)
     return loaded

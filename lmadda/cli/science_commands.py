@@ -1,0 +1,200 @@
+"""`lmadda train-source | adapt | evaluate | report | predict`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lmadda.errors import LmaddaError
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} must be layer numbers separated by commas, e.g. 3 or 3,7") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train-source", help="train a pix2pix source generator on paired images",
+                                  description="Train a source generator (L1 + conditional PatchGAN). Options come from --config (YAML/JSON) and flags; flags win.")
+    train.add_argument("--config", type=Path, help="YAML/JSON file with SourceTrainConfig options")
+    train.add_argument("--manifest", type=Path)
+    train.add_argument("--setting", help="input setting, e.g. phase_contrast")
+    train.add_argument("--markers", type=_csv, help="comma-separated target markers, e.g. dapi,cd29")
+    train.add_argument("--shift", help="train on shifted inputs, e.g. overexposure:1.5 (an oracle)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--crops-per-epoch", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--ngf", type=int)
+    train.add_argument("--depth", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--device")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint to write (.pt)")
+    train.set_defaults(func=run_train_source)
+
+    adapt = subparsers.add_parser("adapt", help="adapt a source generator to a new setting by LM-ADDA (no target labels)",
+                                  description="LM-ADDA: train layers 0..LAYER of a copy of the source generator so that its layer-LAYER features on target images match the source's. The last layer is ADDA.")
+    adapt.add_argument("source", type=Path, metavar="SOURCE_CHECKPOINT")
+    adapt.add_argument("--manifest", type=Path, required=True, help="manifest with the target images (and the source images unless --source-manifest)")
+    adapt.add_argument("--setting", required=True, help="target input setting, e.g. bright_field")
+    adapt.add_argument("--shift", help="shift applied to the target setting's images, e.g. overexposure:2")
+    adapt.add_argument("--source-manifest", type=Path, help="manifest of the source images (default: --manifest)")
+    adapt.add_argument("--layer", type=_layers, help="matched layer(s), e.g. 7 or 3,7")
+    adapt.add_argument("--config", type=Path, help="YAML/JSON file with AdaptConfig options")
+    adapt.add_argument("--steps", type=int)
+    adapt.add_argument("--lr", type=float)
+    adapt.add_argument("--match", choices=["activation", "cut"])
+    adapt.add_argument("--seed", type=int)
+    adapt.add_argument("--device")
+    adapt.add_argument("--out", type=Path, required=True, help="adapted checkpoint to write (.pt)")
+    adapt.set_defaults(func=run_adapt)
+
+    evaluate = subparsers.add_parser("evaluate", help="evaluate generators (and baselines) on held-out paired images",
+                                     description="Evaluate checkpoints on the test split of a setting (+ shift); write one Parquet row per model x image x marker and print a summary.")
+    evaluate.add_argument("checkpoints", type=Path, nargs="+", metavar="CHECKPOINT")
+    evaluate.add_argument("--manifest", type=Path, required=True)
+    evaluate.add_argument("--setting", required=True)
+    evaluate.add_argument("--shift")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--baselines", type=_csv, default=[], help="for source checkpoints: adabn,histogram_matching,fda")
+    evaluate.add_argument("--out", type=Path, required=True, help="results table (.parquet)")
+    evaluate.set_defaults(func=run_evaluate)
+
+    report = subparsers.add_parser("report", help="turn a results table into a summary and plots (PNG)")
+    report.add_argument("results", type=Path, metavar="RESULTS_PARQUET")
+    report.add_argument("--out", type=Path, required=True, help="folder for summary.txt and the figures")
+    report.set_defaults(func=run_report)
+
+    predict = subparsers.add_parser("predict", help="virtually stain an image of any size (tiled, feathered)")
+    predict.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
+    predict.add_argument("input", type=Path, metavar="IN")
+    predict.add_argument("output", type=Path, metavar="OUT")
+    predict.add_argument("--tile", type=int, default=256)
+    predict.add_argument("--overlap", type=float, default=0.25)
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--device", default=None)
+    predict.add_argument("--bit-depth", type=int, default=None, help="camera bit depth of IN when lower than its storage type")
+    predict.set_defaults(func=run_predict)
+
+
+def run_train_source(args: argparse.Namespace) -> int:
+    from lmadda.config import build_config
+    from lmadda.training.source import SourceTrainConfig, train_source
+
+    config = build_config(SourceTrainConfig, args.config, manifest=args.manifest, setting=args.setting, markers=args.markers,
+                          shift=args.shift, epochs=args.epochs, crops_per_epoch=args.crops_per_epoch, batch_size=args.batch_size,
+                          ngf=args.ngf, depth=args.depth, lr=args.lr, seed=args.seed, device=args.device)
+    result = train_source(config, args.out)
+    print(f"wrote {args.out}: best validation Pearson {result.best_val_pearson:.3f} after {len(result.history)} epochs ({result.seconds:.0f} s)")
+    return 0
+
+
+def run_adapt(args: argparse.Namespace) -> int:
+    from lmadda.checkpoint import load_checkpoint, save_checkpoint
+    from lmadda.config import build_config
+    from lmadda.data.dataset import load_images
+    from lmadda.data.manifest import Manifest
+    from lmadda.data.shifts import Shift
+    from lmadda.training.adapt import AdaptConfig, adapt
+
+    source = load_checkpoint(args.source)
+    config = build_config(AdaptConfig, args.config, layer=args.layer, steps=args.steps, lr=args.lr, match=args.match, seed=args.seed, device=args.device)
+    source_setting = source.metadata.get("train_config", {}).get("setting", source.setting)
+    manifest = Manifest.load(args.manifest)
+    source_manifest = Manifest.load(args.source_manifest) if args.source_manifest else manifest
+    shift = Shift.parse(args.shift) if args.shift else None
+    source_images = load_images(source_manifest, source_setting, "train", percentiles=source.percentiles)
+    target_images = load_images(manifest, args.setting, "train", shift=shift, percentiles=source.percentiles, seed=config.seed)
+    result = adapt(source, source_images, target_images, config)
+    target = args.setting if shift is None else f"{args.setting}+{shift}"
+    save_checkpoint(args.out, result.checkpoint(source, config, target))
+    state = f"COLLAPSED ({result.collapse_reason})" if result.collapsed else "ok"
+    print(f"wrote {args.out}: layer {config.layer}, {result.steps_done} steps in {result.seconds:.0f} s, {state}"
+          + (", discriminator saturated" if result.d_saturated else ""))
+    return 1 if result.collapsed else 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from lmadda.baselines import BASELINES, FourierAmplitudeTransfer, HistogramMatcher, adabn
+    from lmadda.checkpoint import load_checkpoint
+    from lmadda.data.dataset import load_images
+    from lmadda.data.manifest import Manifest
+    from lmadda.evaluation import evaluate_generator
+    from lmadda.report import summary_table
+    from lmadda.study import ResultTable, TargetDomain, _tag
+
+    unknown = set(args.baselines) - set(BASELINES)
+    if unknown:
+        raise LmaddaError(f"unknown baseline(s) {sorted(unknown)}; known: {', '.join(BASELINES)}")
+    if args.out.suffix != ".parquet":
+        raise LmaddaError(f"--out {args.out}: results are a Parquet table; name it *.parquet")
+    domain = TargetDomain.parse(f"{args.setting}+{args.shift}" if args.shift else args.setting)
+    manifest = Manifest.load(args.manifest)
+    table = ResultTable(args.out)
+    checkpoints = [(path, load_checkpoint(path)) for path in args.checkpoints]
+    for path, checkpoint in checkpoints:
+        images = load_images(manifest, domain.setting, args.split, checkpoint.markers, shift=domain.shift, percentiles=checkpoint.percentiles)
+        method = checkpoint.metadata.get("method", "source")
+        layer = checkpoint.metadata.get("layer", -1)
+        layer = layer if isinstance(layer, int) else max(layer)
+        tags = dict(layer=layer, lr=checkpoint.metadata.get("adapt_config", {}).get("lr"), seed=0,
+                    collapsed=checkpoint.metadata.get("collapsed", False))
+        methods = [("unadapted" if method == "source" else method, None)]
+        if method == "source" and args.baselines:
+            source_setting = checkpoint.metadata.get("train_config", {}).get("setting", checkpoint.setting)
+            source_train = load_images(manifest, source_setting, "train", percentiles=checkpoint.percentiles)
+            target_train = load_images(manifest, domain.setting, "train", shift=domain.shift, percentiles=checkpoint.percentiles)
+            for baseline in args.baselines:
+                if baseline == "adabn":
+                    methods.append(("adabn", ("model", adabn(checkpoint.generator, target_train))))
+                elif baseline == "histogram_matching":
+                    methods.append(("histogram_matching", ("transform", HistogramMatcher(source_train))))
+                elif baseline == "fda":
+                    methods.append(("fda", ("transform", FourierAmplitudeTransfer(source_train))))
+        for name, variant in methods:
+            generator, transform = checkpoint.generator, None
+            if variant and variant[0] == "model":
+                generator = variant[1]
+            elif variant:
+                transform = variant[1]
+            rows = evaluate_generator(generator, images, checkpoint.markers, input_transform=transform)
+            table.add(_tag(rows, domain, method=name, **tags))
+            print(f"evaluated {path.name} as {name}: {len(rows)} rows")
+    print(summary_table(table.rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    import pyarrow.parquet as pq
+
+    from lmadda.report import summary_table, write_report
+
+    if not args.results.exists():
+        raise LmaddaError(f"results table {args.results} not found; make one with `lmadda evaluate` or `lmadda demo`")
+    try:
+        rows = pq.read_table(args.results).to_pylist()
+    except Exception as error:
+        raise LmaddaError(f"{args.results} is not a readable Parquet table ({error})") from error
+    required = {"target", "marker", "method", "layer", "pearson"}
+    if not rows or not required <= set(rows[0]):
+        raise LmaddaError(f"{args.results} is not an lmadda results table (needs columns {sorted(required)})")
+    print(summary_table(rows))
+    for path in write_report(rows, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from lmadda.inference import predict_file
+
+    path = predict_file(args.checkpoint, args.input, args.output, tile=args.tile, overlap=args.overlap,
+                        batch_size=args.batch_size, device=args.device, bit_depth=args.bit_depth)
+    print(f"wrote {path}")
+    return 0

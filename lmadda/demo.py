@@ -1,0 +1,99 @@
+"""The demo study on the embedded simulated data (what `make demo` runs).
+
+simulate data -> train a small source model (phase contrast -> DAPI and CD29-like) -> evaluate it
+unadapted on bright field and on overexposed phase contrast -> baselines -> LM-ADDA at a few
+layers including the last (ADDA) -> table, plots and a sample panel. Every stage reuses what an
+earlier run left in the output folder, so an interrupted demo resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmadda.checkpoint import load_checkpoint
+from lmadda.data.contact_sheet import contact_sheet
+from lmadda.data.dataset import target_from_model_range, load_images
+from lmadda.data.manifest import Manifest
+from lmadda.data.synth import SynthConfig, synthesize
+from lmadda.inference import predict_tiled
+from lmadda.report import sample_panel, summary_table, write_report
+from lmadda.study import TargetDomain, run_study
+from lmadda.training.adapt import AdaptConfig
+from lmadda.training.source import SourceTrainConfig, train_source
+
+
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: Path = Path("demo-out")
+    fields: int = Field(64, ge=12)
+    size: int = 256
+    seed: int = 0
+    markers: list[str] = Field(default_factory=lambda: ["dapi", "cd29"])
+    source_epochs: int = Field(15, ge=1)
+    crops_per_epoch: int = Field(160, ge=4)
+    targets: list[str] = Field(default_factory=lambda: ["bright_field", "phase_contrast+overexposure:2"])
+    layers: list[int] = Field(default_factory=lambda: [0, 3, 7, 11, 15])
+    adapt_steps: int = Field(150, ge=1)
+    adapt_lr: float = Field(2e-4, gt=0)
+    oracle: bool = Field(False, description="also train an oracle on target pairs for each target (costs one source training each)")
+
+
+def run_demo(config: DemoConfig, log=print) -> Path:
+    start = time.perf_counter()
+    out = config.out
+    data_dir = out / "data"
+    manifest_path = data_dir / "manifest.parquet"
+    if manifest_path.exists():
+        manifest = Manifest.load(manifest_path)
+        log(f"[demo] reusing simulated data in {data_dir}")
+    else:
+        manifest, seconds = synthesize(data_dir, SynthConfig(fields=config.fields, size=config.size, seed=config.seed))
+        log(f"[demo] simulated {len(manifest.fields())} fields in {seconds:.1f} s -> {data_dir}")
+    log(manifest.summary(with_images=False))
+    log(f"[demo] contact sheet: {contact_sheet(manifest, out / 'contact_sheet.png')}")
+
+    source_config = SourceTrainConfig(manifest=manifest_path.resolve(), setting="phase_contrast", markers=config.markers,
+                                      epochs=config.source_epochs, crops_per_epoch=config.crops_per_epoch, seed=config.seed)
+    source_path = out / "models" / "source_phase_contrast.pt"
+    if source_path.exists():
+        log(f"[demo] reusing source model {source_path}")
+    else:
+        result = train_source(source_config, source_path)
+        log(f"[demo] source model: best validation Pearson {result.best_val_pearson:.3f} ({result.seconds:.0f} s) -> {source_path}")
+    source = load_checkpoint(source_path)
+
+    domains = [TargetDomain.parse(t) for t in config.targets]
+    adapt_config = AdaptConfig(layer=[config.layers[0]], steps=config.adapt_steps, lr=config.adapt_lr, seed=config.seed)
+    rows = run_study(source, manifest, domains, config.layers, adapt_config, source_setting="phase_contrast", out=out,
+                     oracle=source_config if config.oracle else None, save_models=True, log=log)
+    log("")
+    log(summary_table(rows))
+    for path in write_report(rows, out / "report"):
+        log(f"[demo] wrote {path}")
+    for domain in domains:
+        log(f"[demo] sample panel: {_panel(source, manifest, domain, rows, out)}")
+    log(f"[demo] done in {time.perf_counter() - start:.0f} s; results in {out}/results.parquet, figures in {out}/report/")
+    return out
+
+
+def _panel(source, manifest: Manifest, domain: TargetDomain, rows: list[dict], out: Path) -> Path:
+    """Input / truth / unadapted / best adapted layer, first marker, first test field."""
+    marker = source.markers[0]
+    adapted = [r for r in rows if r["target"] == domain.name and r["method"] in ("lmadda", "adda") and r["marker"] == marker]
+    by_layer: dict[int, list[float]] = {}
+    for r in adapted:
+        by_layer.setdefault(int(r["layer"]), []).append(r["pearson"])
+    best_layer = max(by_layer, key=lambda l: np.nanmean(by_layer[l]))
+    model = load_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{best_layer:02d}.pt")
+    image = load_images(manifest, domain.setting, "test", source.markers, shift=domain.shift, percentiles=source.percentiles)[0]
+    unadapted = target_from_model_range(predict_tiled(source.generator, image.input))[0]
+    prediction = target_from_model_range(predict_tiled(model.generator, image.input))[0]
+    panels = [(f"input ({domain.name})", image.input[0]), (f"truth ({marker})", target_from_model_range(image.target[0])),
+              ("unadapted", unadapted), (f"LM-ADDA layer {best_layer}", prediction)]
+    return sample_panel(panels, out / "report" / f"panel_{domain.name.replace(':', '_').replace('+', '_')}.png",
+                        title=f"{domain.name}, field {image.field}")

@@ -1,0 +1,136 @@
+"""Tiled inference with feathered blending: any image size in bounded memory.
+
+The image is covered by overlapping tiles (a multiple of 2**depth); tiles run through the generator
+in batches; each tile's prediction is weighted by a window that is 1 in its centre and falls to near 0
+at its edges over the overlap, so seams vanish and border effects of each tile are down-weighted.
+Memory is the tile batch plus two float32 accumulators of the output's size.
+This is the one tiling routine: `lmadda predict`, evaluation and the HTTP endpoint all call it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmadda.data.dataset import target_from_model_range, tile_origins, to_model_range
+from lmadda.data.io import read_image, write_tiff
+from lmadda.data.normalise import denormalise, normalise
+from lmadda.errors import LmaddaError
+from lmadda.models.generator import UNetGenerator
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def feather_window(tile: int, overlap: int) -> np.ndarray:
+    """2-D weights: a raised-cosine ramp over `overlap` pixels at each edge, 1 inside."""
+    ramp = np.ones(tile, np.float32)
+    if overlap > 0:
+        t = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+        edge = 0.5 - 0.5 * np.cos(np.pi * t)
+        ramp[:overlap] = edge
+        ramp[-overlap:] = edge[::-1]
+    return np.outer(ramp, ramp)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@torch.no_grad()
+def predict_tiled(
+    generator: UNetGenerator,
+    image: np.ndarray,
+    *,
+    tile: int = 256,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """Predict a (C_in, H, W) image in model units ([-1, 1]); returns (C_out, H, W) in model units.
+
+    Runs the generator in eval mode (BatchNorm running statistics, no dropout): pix2pix's own test
+    script keeps train-mode BatchNorm, which silently adapts to each test batch; lmadda does not.
+    """
+    config = generator.config
+    if image.ndim != 3 or image.shape[0] != config.in_channels:
+        raise LmaddaError(f"image has shape {image.shape}; this model expects ({config.in_channels}, H, W)")
+    if not 0 <= overlap < 1:
+        raise LmaddaError(f"overlap {overlap} must be a fraction in [0, 1), e.g. 0.25")
+    if tile % config.multiple:
+        raise LmaddaError(f"tile {tile} must be a multiple of {config.multiple} (2**depth of this generator)")
+    if batch_size < 1:
+        raise LmaddaError(f"batch size {batch_size} must be >= 1")
+    device = torch.device(device) if device is not None else default_device()
+    was_training = generator.training
+    generator.eval().to(device)
+
+    height, width = image.shape[1:]
+    # Small images are reflect-padded up to one tile (padding keeps the statistics of the image).
+    padded_h, padded_w = max(height, tile), max(width, tile)
+    if (padded_h, padded_w) != (height, width):
+        mode = "reflect" if height > 1 and width > 1 and padded_h < 2 * height and padded_w < 2 * width else "symmetric"
+        image = np.pad(image, ((0, 0), (0, padded_h - height), (0, padded_w - width)), mode=mode)
+    overlap_px = int(round(tile * overlap))
+    stride = max(tile - overlap_px, 1)
+    window = feather_window(tile, overlap_px // 2 if overlap_px else 0)
+    window = np.maximum(window, 1e-3)  # the image border is covered by one tile only: keep it
+    output = np.zeros((config.out_channels, padded_h, padded_w), np.float32)
+    weight = np.zeros((padded_h, padded_w), np.float32)
+    origins = [(top, left) for top in tile_origins(padded_h, tile, stride) for left in tile_origins(padded_w, tile, stride)]
+    for start in range(0, len(origins), batch_size):
+        batch_origins = origins[start : start + batch_size]
+        batch = np.stack([image[:, t : t + tile, l : l + tile] for t, l in batch_origins])
+        predictions = generator(torch.from_numpy(batch).to(device)).float().cpu().numpy()
+        for (t, l), prediction in zip(batch_origins, predictions):
+            output[:, t : t + tile, l : l + tile] += prediction * window
+            weight[t : t + tile, l : l + tile] += window
+    generator.train(was_training)
+    return (output / weight)[:, :height, :width]
+
+
+def predict_file(
+    checkpoint_path: str | Path,
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    tile: int = 256,
+    overlap: float = 0.25,
+    batch_size: int = 8,
+    device: str | None = None,
+    bit_depth: int | None = None,
+) -> Path:
+    """`lmadda predict`: read an image, stain it, write the markers in camera units as a TIFF."""
+    from lmadda.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    raw = read_image(input_path, bit_depth=bit_depth)
+    if raw.channels != checkpoint.config.in_channels:
+        raise LmaddaError(
+            f"{input_path} has {raw.channels} channel(s); the model {checkpoint_path} expects {checkpoint.config.in_channels}"
+        )
+    normalised, _ = normalise(raw.pixels, checkpoint.percentiles)
+    prediction = predict_tiled(
+        checkpoint.generator, to_model_range(normalised), tile=tile, overlap=overlap, batch_size=batch_size, device=device
+    )
+    return write_prediction(output_path, target_from_model_range(prediction), checkpoint)
+
+
+def to_camera_units(prediction01: np.ndarray, checkpoint) -> np.ndarray:
+    """Map a prediction in normalised 0..1 units to the marker's typical camera range."""
+    if checkpoint.target_norm is None:
+        return prediction01 * 65535.0 if checkpoint.target_dtype == "uint16" else prediction01
+    return denormalise(prediction01, checkpoint.target_norm)
+
+
+def write_prediction(output_path: str | Path, prediction01: np.ndarray, checkpoint) -> Path:
+    metadata = {
+        "lmadda_markers": ",".join(checkpoint.markers),
+        "lmadda_setting": checkpoint.setting,
+        "lmadda_model": checkpoint.describe(),
+    }
+    pixels = to_camera_units(prediction01, checkpoint)
+    return write_tiff(output_path, pixels if pixels.shape[0] > 1 else pixels[0], dtype=checkpoint.target_dtype, metadata=metadata)

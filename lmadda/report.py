@@ -1,0 +1,183 @@
+"""Tables and figures from a results table: Pearson by matched layer, Pearson vs shift magnitude,
+and sample panels, in the style of the paper's figures."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+METHOD_ORDER = ["unadapted", "adabn", "histogram_matching", "fda", "lmadda", "adda", "oracle"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if array.size == 0:
+        return float("nan"), float("nan")
+    return float(array.mean()), float(array.std())
+
+
+def aggregate(rows: list[dict], metric: str = "pearson") -> dict[tuple, tuple[float, float, int, bool]]:
+    """(target, marker, method, layer) -> (mean, std, n images, collapsed) over images and seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["target"], row["marker"], row["method"], int(row["layer"]))].append(row)
+    return {
+        key: (*_mean_std([r[metric] for r in group]), len(group), any(bool(r.get("collapsed")) for r in group))
+        for key, group in groups.items()
+    }
+
+
+def _method_label(method: str, layer: int) -> str:
+    return f"{method} L{layer}" if layer >= 0 and method in ("lmadda", "adda") else method
+
+
+def summary_table(rows: list[dict], metric: str = "pearson") -> str:
+    """A text table: one line per method (and matched layer), one column per target x marker."""
+    stats = aggregate(rows, metric)
+    columns = sorted({(t, m) for t, m, _, _ in stats}, key=lambda c: (c[0] != "source", c[0], c[1]))
+    methods = sorted({(meth, layer) for _, _, meth, layer in stats},
+                     key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[1]))
+    header_cells = [f"{t} / {m}" for t, m in columns]
+    width = max(14, *(len(h) for h in header_cells))
+    lines = [f"{metric} (mean ± std over test images; * = collapsed)", f"{'method':22s}" + "".join(f"{h:>{width + 2}s}" for h in header_cells)]
+    for method, layer in methods:
+        cells = []
+        for target, marker in columns:
+            entry = stats.get((target, marker, method, layer))
+            if entry is None:
+                cells.append(f"{'':>{width + 2}s}")
+            else:
+                mean, std, _, collapsed = entry
+                cells.append(f"{f'{mean:.3f} ± {std:.3f}' + ('*' if collapsed else ''):>{width + 2}s}")
+        lines.append(f"{_method_label(method, layer):22s}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def plot_pearson_by_layer(rows: list[dict], out: Path, metric: str = "pearson") -> Path | None:
+    """One panel per target domain: LM-ADDA per matched layer with error bars, baselines as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = aggregate(rows, metric)
+    targets = sorted({t for t, _, _, _ in stats if t != "source"})
+    if not targets:
+        return None
+    markers = sorted({m for _, m, _, _ in stats})
+    figure, axes = plt.subplots(len(markers), len(targets), figsize=(4.2 * len(targets), 3.2 * len(markers)), squeeze=False)
+    colours = {"unadapted": "black", "adabn": "tab:green", "histogram_matching": "tab:purple", "fda": "tab:brown", "oracle": "tab:red"}
+    for col, target in enumerate(targets):
+        for row_index, marker in enumerate(markers):
+            axis = axes[row_index][col]
+            layered = sorted((layer, *stats[(target, marker, meth, layer)][:2]) for (t, m, meth, layer) in stats
+                             if t == target and m == marker and meth in ("lmadda", "adda"))
+            if layered:
+                x, y, err = zip(*layered)
+                axis.errorbar(x, y, yerr=err, marker="o", capsize=3, color="tab:blue", label="LM-ADDA (last = ADDA)")
+                collapsed = [(l, stats[(target, marker, meth, l)][0]) for (t, m, meth, l) in stats
+                             if t == target and m == marker and meth in ("lmadda", "adda") and stats[(t, m, meth, l)][3]]
+                if collapsed:
+                    axis.scatter(*zip(*collapsed), marker="x", color="red", zorder=5, label="collapsed")
+            for method, colour in colours.items():
+                entry = stats.get((target, marker, method, -1))
+                if entry:
+                    axis.axhline(entry[0], color=colour, linestyle="--" if method != "oracle" else ":", linewidth=1, label=method)
+            axis.set_title(f"{target} — {marker}", fontsize=9)
+            axis.set_xlabel("matched layer")
+            axis.set_ylabel(metric)
+            axis.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+    return out
+
+
+def plot_pearson_vs_magnitude(rows: list[dict], out: Path, metric: str = "pearson") -> Path | None:
+    """For each shift with several magnitudes: unadapted, best LM-ADDA layer, ADDA and baselines vs magnitude."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_shift: dict[tuple[str, str], set[float]] = defaultdict(set)
+    for row in rows:
+        if row["shift"] not in (None, "none") and row["magnitude"] is not None and math.isfinite(row["magnitude"]):
+            by_shift[(row["setting"], row["shift"])].add(float(row["magnitude"]))
+    series_keys = [k for k, mags in by_shift.items() if len(mags) >= 2]
+    if not series_keys:
+        return None
+    markers = sorted({r["marker"] for r in rows})
+    figure, axes = plt.subplots(len(markers), len(series_keys), figsize=(4.2 * len(series_keys), 3.2 * len(markers)), squeeze=False)
+    for col, (setting, shift) in enumerate(series_keys):
+        for row_index, marker in enumerate(markers):
+            axis = axes[row_index][col]
+            subset = [r for r in rows if r["setting"] == setting and r["shift"] == shift and r["marker"] == marker]
+            curves: dict[str, dict[float, float]] = defaultdict(dict)
+            stats = aggregate(subset, metric)
+            magnitudes = {r["target"]: float(r["magnitude"]) for r in subset}
+            best_lm: dict[float, float] = {}
+            for (target, _, method, layer), (mean, _, _, collapsed) in stats.items():
+                magnitude = magnitudes[target]
+                if method == "lmadda":
+                    if not collapsed:
+                        best_lm[magnitude] = max(best_lm.get(magnitude, -1.0), mean)
+                else:
+                    curves[method][magnitude] = mean
+            curves["LM-ADDA (best layer)"] = best_lm
+            for name, curve in curves.items():
+                if curve:
+                    xs = sorted(curve)
+                    axis.plot(xs, [curve[x] for x in xs], marker="o", label=name)
+            axis.set_title(f"{setting} + {shift} — {marker}", fontsize=9)
+            axis.set_xlabel("shift magnitude")
+            axis.set_ylabel(metric)
+            axis.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+    return out
+
+
+def sample_panel(panels: list[tuple[str, np.ndarray]], out: Path, title: str = "") -> Path:
+    """Images side by side (input / truth / unadapted / adapted ...), each stretched to its own range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9), squeeze=False)
+    for axis, (label, image) in zip(axes[0], panels):
+        low, high = np.percentile(image, [0.5, 99.8])
+        axis.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1)
+        axis.set_title(label, fontsize=8)
+        axis.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+    return out
+
+
+def write_report(rows: list[dict], out_dir: Path) -> list[Path]:
+    """The text table and every figure the rows allow."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "summary.txt"
+    table.write_text(summary_table(rows) + "\n")
+    written = [table]
+    for path in (plot_pearson_by_layer(rows, out_dir / "pearson_by_layer.png"),
+                 plot_pearson_vs_magnitude(rows, out_dir / "pearson_vs_magnitude.png")):
+        if path is not None:
+            written.append(path)
+    return written

@@ -1,0 +1,66 @@
+"""Small pieces both loops share: seeding, devices, endless loaders, progress."""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def endless(dataset: Dataset, batch_size: int, seed: int, sampler_factory=None) -> Iterator:
+    """Batches forever; each pass is a new epoch of the (epoch-aware) dataset and sampler."""
+    epoch = 0
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        sampler = sampler_factory(dataset, epoch) if sampler_factory else None
+        generator = torch.Generator().manual_seed(seed + epoch)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True, generator=generator)
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError(f"dataset of {len(dataset)} items yields no batch of {batch_size}")
+        epoch += 1
+
+
+class Progress:
+    """A one-line progress bar on a terminal, occasional lines otherwise (logs, CI)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.tty = sys.stderr.isatty()
+        self.last_line = -1
+
+    def update(self, done: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        shown = " ".join(f"{k}={v:.3g}" for k, v in values.items())
+        if self.tty:
+            filled = int(30 * done / max(self.total, 1))
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} {shown}   ")
+            if done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        else:
+            tenth = 10 * done // max(self.total, 1)
+            if tenth != self.last_line or done >= self.total:
+                self.last_line = tenth
+                print(f"{self.label} {done}/{self.total} {shown}", file=sys.stderr, flush=True)

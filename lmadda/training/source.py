@@ -1,0 +1,196 @@
+"""Source training: pix2pix (L1 + conditional PatchGAN) on paired images of one setting.
+
+The step follows the reference's `optimize_parameters`: update D on (input, target) vs
+(input, G(input)) with its loss halved, then update G with the GAN loss plus lambda * L1.
+Validation Pearson is computed after every epoch and the best generator is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
+from lmadda.data.dataset import LoadedImage, PairedCrops, load_images
+from lmadda.data.manifest import Manifest
+from lmadda.data.normalise import PercentileRange, median_params
+from lmadda.data.shifts import Shift
+from lmadda.errors import LmaddaError
+from lmadda.evaluation import evaluate_generator
+from lmadda.models.discriminators import PatchDiscriminator
+from lmadda.models.generator import GeneratorConfig, UNetGenerator, init_weights
+from lmadda.training.common import Progress, endless, resolve_device, seed_everything
+
+
+class SourceTrainConfig(BaseModel):
+    """Options of `lmadda train-source`. Defaults are CPU-sized; the paper used ngf=64 on 1024x1024."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: Path = Field(description="data manifest (.parquet)")
+    setting: str = Field("phase_contrast", description="input setting to learn from")
+    markers: list[str] = Field(default_factory=lambda: ["dapi"], min_length=1, description="target markers, one output channel each")
+    shift: str | None = Field(None, description="train on shifted inputs (e.g. an oracle for overexposure:1.5)")
+    ngf: int = Field(16, ge=1)
+    depth: int = Field(8, ge=2, le=10)
+    ndf: int = Field(16, ge=1, description="PatchGAN width (64 in pix2pix; 16 keeps CPU training fast)")
+    crop_size: int = Field(256, ge=4)
+    batch_size: int = Field(4, ge=1)
+    epochs: int = Field(10, ge=1)
+    crops_per_epoch: int = Field(160, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    beta1: float = Field(0.5, ge=0, lt=1)
+    lambda_l1: float = Field(100.0, ge=0)
+    gan_loss: Literal["vanilla", "none"] = Field("vanilla", description="'none' trains with L1 only")
+    percentiles: tuple[float, float] = (1.0, 99.8)
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+
+    @field_validator("shift")
+    @classmethod
+    def _shift_parses(cls, value: str | None) -> str | None:
+        if value:
+            Shift.parse(value)
+        return value
+
+    def generator_config(self) -> GeneratorConfig:
+        return GeneratorConfig(in_channels=1, out_channels=len(self.markers), ngf=self.ngf, depth=self.depth)
+
+
+@dataclass
+class SourceTrainResult:
+    checkpoint: GeneratorCheckpoint
+    history: list[dict] = field(default_factory=list)
+    best_val_pearson: float = float("nan")
+    seconds: float = 0.0
+
+
+def pix2pix_step(
+    generator: nn.Module, discriminator: nn.Module, optimizer_g: torch.optim.Optimizer, optimizer_d: torch.optim.Optimizer,
+    real_input: torch.Tensor, real_target: torch.Tensor, lambda_l1: float, use_gan: bool = True,
+) -> dict[str, float]:
+    """One pix2pix update: D on real pairs vs fake pairs (loss halved), then G on GAN + lambda * L1."""
+    bce = nn.functional.binary_cross_entropy_with_logits
+    fake_target = generator(real_input)
+
+    losses: dict[str, float] = {}
+    if use_gan:
+        optimizer_d.zero_grad(set_to_none=True)
+        pred_fake = discriminator(torch.cat([real_input, fake_target.detach()], 1))
+        pred_real = discriminator(torch.cat([real_input, real_target], 1))
+        loss_d = 0.5 * (bce(pred_fake, torch.zeros_like(pred_fake)) + bce(pred_real, torch.ones_like(pred_real)))
+        loss_d.backward()
+        optimizer_d.step()
+        losses["d_loss"] = loss_d.item()
+
+    optimizer_g.zero_grad(set_to_none=True)
+    loss_l1 = nn.functional.l1_loss(fake_target, real_target)
+    loss_g = lambda_l1 * loss_l1
+    if use_gan:
+        pred_fake = discriminator(torch.cat([real_input, fake_target], 1))
+        loss_g_gan = bce(pred_fake, torch.ones_like(pred_fake))
+        loss_g = loss_g + loss_g_gan
+        losses["g_gan"] = loss_g_gan.item()
+    loss_g.backward()
+    optimizer_g.step()
+    losses["g_l1"] = loss_l1.item()
+    return losses
+
+
+def build_source_models(config: SourceTrainConfig) -> tuple[UNetGenerator, PatchDiscriminator]:
+    generator = UNetGenerator(config.generator_config())
+    discriminator = PatchDiscriminator(in_channels=1 + len(config.markers), ndf=config.ndf)
+    init_weights(generator)
+    init_weights(discriminator)
+    return generator, discriminator
+
+
+def load_source_data(config: SourceTrainConfig) -> tuple[Manifest, list[LoadedImage], list[LoadedImage]]:
+    manifest = Manifest.load(config.manifest)
+    percentiles = PercentileRange(*config.percentiles)
+    shift = Shift.parse(config.shift) if config.shift else None
+    train = load_images(manifest, config.setting, "train", config.markers, shift=shift, percentiles=percentiles, seed=config.seed)
+    val = load_images(manifest, config.setting, "val", config.markers, shift=shift, percentiles=percentiles, seed=config.seed + 1)
+    return manifest, train, val
+
+
+def train_source(
+    config: SourceTrainConfig,
+    out: str | Path | None = None,
+    *,
+    progress: bool = True,
+    on_epoch: Callable[[dict, UNetGenerator], None] | None = None,
+    data: tuple[list[LoadedImage], list[LoadedImage]] | None = None,
+) -> SourceTrainResult:
+    """Train a source generator; keep the generator with the best validation Pearson; save it to `out`."""
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    if data is None:
+        _, train_images, val_images = load_source_data(config)
+    else:
+        train_images, val_images = data
+    if config.crop_size % (2**config.depth):
+        raise LmaddaError(f"crop_size {config.crop_size} must be a multiple of 2**depth = {2**config.depth}")
+
+    generator, discriminator = build_source_models(config)
+    generator.to(device)
+    discriminator.to(device)
+    betas = (config.beta1, 0.999)
+    optimizer_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=betas)
+    optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=betas)
+    crops = PairedCrops(train_images, crop_size=config.crop_size, length=config.crops_per_epoch, seed=config.seed)
+    batches = endless(crops, config.batch_size, config.seed)
+    steps_per_epoch = max(1, config.crops_per_epoch // config.batch_size)
+
+    history: list[dict] = []
+    best_pearson, best_state = -np.inf, None
+    start = time.perf_counter()
+    bar = Progress(config.epochs * steps_per_epoch, f"train-source {config.setting}->{','.join(config.markers)}", progress)
+    for epoch in range(config.epochs):
+        generator.train()
+        discriminator.train()
+        sums: dict[str, float] = {}
+        for step in range(steps_per_epoch):
+            real_input, real_target = (t.to(device) for t in next(batches))
+            losses = pix2pix_step(generator, discriminator, optimizer_g, optimizer_d, real_input, real_target,
+                                  config.lambda_l1, use_gan=config.gan_loss == "vanilla")
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.update(epoch * steps_per_epoch + step + 1, **{k: v / (step + 1) for k, v in sums.items()})
+        rows = evaluate_generator(generator, val_images, config.markers, device=device)
+        val_pearson = float(np.nanmean([r["pearson"] for r in rows]))
+        record = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}, "val_pearson": val_pearson}
+        for marker in config.markers:
+            record[f"val_pearson_{marker}"] = float(np.nanmean([r["pearson"] for r in rows if r["marker"] == marker]))
+        history.append(record)
+        if on_epoch:
+            on_epoch(record, generator)
+        if val_pearson > best_pearson:
+            best_pearson, best_state = val_pearson, copy.deepcopy(generator.state_dict())
+
+    generator.load_state_dict(best_state)
+    generator.eval().cpu()
+    checkpoint = GeneratorCheckpoint(
+        generator=generator,
+        markers=list(config.markers),
+        setting=config.setting if not config.shift else f"{config.setting}+{config.shift}",
+        percentiles=PercentileRange(*config.percentiles),
+        target_norm=median_params([image.target_norm for image in train_images]),
+        metadata={
+            "method": "source",
+            "train_config": config.model_dump(mode="json"),
+            "best_val_pearson": best_pearson,
+            "history": history,
+        },
+    )
+    if out is not None:
+        save_checkpoint(out, checkpoint)
+    return SourceTrainResult(checkpoint=checkpoint, history=history, best_val_pearson=best_pearson, seconds=time.perf_counter() - start)
