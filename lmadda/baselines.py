@@ -25,10 +25,20 @@ BASELINES = ("unadapted", "adabn", "histogram_matching", "fda")
 
 
 @torch.no_grad()
-def adabn(generator: UNetGenerator, target_images: list[LoadedImage], *, tile: int = 256, batch_size: int = 4,
+def adabn(generator: UNetGenerator, target_images: list[LoadedImage], *, tile: int | None = None, batch_size: int = 4,
           device: torch.device | str | None = None) -> UNetGenerator:
-    """A copy of `generator` whose BatchNorm running statistics are the target images' own."""
+    """A copy of `generator` whose BatchNorm running statistics are the target images' own.
+
+    Statistics come from tiles of `tile` pixels (default: the largest multiple of 2**depth up to 256
+    that fits the smallest image).
+    """
     device = torch.device(device) if device else default_device()
+    if tile is None:
+        multiple = generator.config.multiple
+        smallest = min((min(image.input.shape[1:]) for image in target_images), default=0)
+        tile = min(256, smallest) // multiple * multiple
+        if tile == 0:
+            raise LmaddaError(f"AdaBN: target images ({smallest} px) are smaller than the model's input multiple {multiple}")
     adapted = copy.deepcopy(generator).to(device).eval()
     norms = [m for m in adapted.modules() if isinstance(m, nn.BatchNorm2d)]
     for norm in norms:
@@ -87,7 +97,10 @@ class FourierAmplitudeTransfer:
         return np.tile(source, reps)[:, : shape[1], : shape[2]]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        source = self._source_like(image.shape)
+        # Swap in non-negative 0..1 units, as FDA does on 0..255 images: in the zero-centred model range
+        # a dark image's DC term has phase pi, and the source's DC amplitude would flip its brightness.
+        source = (self._source_like(image.shape) + 1.0) / 2.0
+        image = (image + 1.0) / 2.0
         target_spectrum = np.fft.fftshift(np.fft.fft2(image), axes=(-2, -1))
         source_amplitude = np.abs(np.fft.fftshift(np.fft.fft2(source), axes=(-2, -1)))
         height, width = image.shape[1:]
@@ -97,4 +110,4 @@ class FourierAmplitudeTransfer:
         phase = np.angle(target_spectrum)
         amplitude[:, cy - b : cy + b + 1, cx - b : cx + b + 1] = source_amplitude[:, cy - b : cy + b + 1, cx - b : cx + b + 1]
         mixed = np.fft.ifftshift(amplitude * np.exp(1j * phase), axes=(-2, -1))
-        return np.real(np.fft.ifft2(mixed)).astype(np.float32)
+        return (np.real(np.fft.ifft2(mixed)) * 2.0 - 1.0).astype(np.float32)

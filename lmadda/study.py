@@ -72,10 +72,11 @@ class ResultTable:
                    and (lr is None or r["lr"] == lr) and r["seed"] == seed for r in self.rows)
 
 
-def _tag(rows: list[dict], domain: TargetDomain, **tags) -> list[dict]:
+def _tag(rows: list[dict], domain: TargetDomain, target: str | None = None, **tags) -> list[dict]:
+    """Label result rows with the domain they were measured on (`target` overrides its name)."""
     shift = domain.shift
     for row in rows:
-        row.update(target=domain.name, setting=domain.setting, shift=shift.name if shift else "none",
+        row.update(target=target or domain.name, setting=domain.setting, shift=shift.name if shift else "none",
                    magnitude=shift.magnitude if shift else float("nan"), **tags)
     return rows
 

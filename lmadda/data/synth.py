@@ -8,8 +8,11 @@ nucleus each (with nucleoli), at a density that varies from field to field. One 
   undiffracted light (a small disc around zero frequency, standing in for the phase ring) is
   attenuated and retarded by a quarter wave, so thick parts come out dark; because the ring also
   catches the lowest object frequencies, cells get the bright halos of real phase contrast.
-- bright field: the same field through an ordinary pupil, slightly defocused, with weak absorption:
-  low contrast, bright background, edge fringes instead of halos; visibly a different microscope.
+- bright field: the same field through an ordinary pupil with weak absorption, slightly defocused
+  below focus (as one focuses unstained cells to see them at all): low contrast, bright background,
+  thin edge fringes instead of halos, and nuclei with a bright centre and a dark rim, the reverse of
+  their dark look in phase contrast; visibly a different microscope (pixel correlation with the phase
+  contrast image of the same field is near 0).
 - DAPI: nuclei only, brightness varying with DNA content (G1/G2) and chromatin texture, nucleoli dim,
   widefield blur and shot noise.
 - CD29-like (integrin beta-1): per-cell expression independent of the nucleus, a perinuclear
@@ -196,12 +199,12 @@ def render_phase_contrast(specimen: Specimen) -> np.ndarray:
 
 
 def render_bright_field(specimen: Specimen) -> np.ndarray:
-    """Bright field with weak absorption and slight defocus (edges show as fringes), background about 1."""
+    """Bright field with weak absorption and slight defocus below focus (edges show as fringes), background about 1."""
     size = specimen.thickness_um.shape[0]
     radius = _frequency_radius(size)
     spectrum = np.fft.fft2(_object_field(specimen, absorption_per_um=0.03))
     rho2 = (radius / 0.25) ** 2
-    pupil = (rho2 <= 1.0) * np.exp(2j * np.pi * 0.6 * rho2)  # 0.6 waves of defocus
+    pupil = (rho2 <= 1.0) * np.exp(-2j * np.pi * 0.6 * rho2)  # 0.6 waves of defocus, below focus
     intensity = np.abs(np.fft.ifft2(spectrum * pupil)) ** 2
     # Partially coherent (condenser) illumination washes out coherent ringing: soften a little.
     return _gaussian_blur(intensity.astype(np.float32), 0.8)
