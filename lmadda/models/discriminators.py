@@ -49,7 +49,7 @@ class FeatureDiscriminator(nn.Module):
             downs = min(max_down, max(1, int(math.log2(spatial // 4))))
             previous = channels
             for n in range(downs):
-                out = width * min(2**n, 4)
+                out = width * min(2**n, 2)  # stay narrow: on 128x128 maps, D would otherwise cost more than G'
                 parts += [wrap(nn.Conv2d(previous, out, 4, 2, 1)), nn.LeakyReLU(0.2)]
                 previous = out
             parts.append(wrap(nn.Conv2d(previous, 1, 3, 1, 1)))

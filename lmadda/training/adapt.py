@@ -58,7 +58,7 @@ class AdaptConfig(BaseModel):
     lr: float = Field(2e-4, gt=0, description="learning rate of G'")
     d_lr: float | None = Field(None, gt=0, description="learning rate of D (TTUR when higher than lr); default: lr")
     beta1: float = Field(0.5, ge=0, lt=1)
-    d_width: int = Field(64, ge=1)
+    d_width: int = Field(32, ge=1)
     spectral_norm: bool = Field(False, description="spectral normalisation on D's layers")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="one-sided: D's 'source' label is 1 - this")
     gate_accuracy: float | None = Field(None, ge=0.5, le=1.0, description="update G' only while D's running accuracy is at least this (0.6 in pytorch-adapt)")
