@@ -34,12 +34,12 @@ class DemoConfig(BaseModel):
     size: int = 256
     seed: int = 0
     markers: list[str] = Field(default_factory=lambda: ["dapi", "cd29"])
-    source_epochs: int = Field(15, ge=1)
+    source_epochs: int = Field(16, ge=1)
     crops_per_epoch: int = Field(160, ge=4)
-    targets: list[str] = Field(default_factory=lambda: ["bright_field", "phase_contrast+overexposure:2"])
-    layers: list[int] = Field(default_factory=lambda: [0, 3, 7, 11, 15])
+    targets: list[str] = Field(default_factory=lambda: ["bright_field", "phase_contrast+overexposure:1.5", "phase_contrast+overexposure:2.5"])
+    layers: list[int] = Field(default_factory=lambda: [0, 1, 3, 7, 11, 15])
     adapt_steps: int = Field(150, ge=1)
-    adapt_lr: float = Field(2e-4, gt=0)
+    adapt_lr: float = Field(2e-5, gt=0)
     oracle: bool = Field(False, description="also train an oracle on target pairs for each target (costs one source training each)")
 
 

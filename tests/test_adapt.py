@@ -30,7 +30,8 @@ def _images(offset: float, n: int = 4, seed: int = 0) -> list[LoadedImage]:
 
 
 def _config(**options) -> AdaptConfig:
-    return AdaptConfig(**{"layer": 2, "steps": 4, "batch_size": 2, "crop_size": 32, "lr": 1e-2, "log_every": 2, "device": "cpu", **options})
+    return AdaptConfig(**{"layer": 2, "steps": 4, "batch_size": 2, "crop_size": 32, "lr": 1e-2, "d_lr": None, "gate_accuracy": None,
+                          "d_warmup_steps": 0, "log_every": 2, "device": "cpu", **options})
 
 
 def _snapshot(generator: UNetGenerator) -> list[dict]:
@@ -110,10 +111,14 @@ def test_generator_loss_over_the_bound_marks_collapse():
     assert result.collapsed and "bound" in result.collapse_reason
 
 
-def test_gating_holds_the_generator_until_the_discriminator_is_accurate():
+def test_gating_and_warmup_hold_the_generator_until_the_discriminator_is_informative():
     source = _source()
-    result = adapt(source, _images(0.0), _images(1.0, seed=1), _config(steps=4, gate_accuracy=1.0), progress=False)
-    assert all(record["g_updates"] == 0.0 for record in result.history)
+    before = _snapshot(source.generator)
+    gated = adapt(source, _images(0.0), _images(1.0, seed=1), _config(steps=4, gate_accuracy=1.0), progress=False)
+    assert all(record["g_updates"] == 0.0 for record in gated.history)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, _snapshot(gated.generator)) for k in a)
+    warming = adapt(source, _images(0.0), _images(1.0, seed=1), _config(steps=4, d_warmup_steps=2), progress=False)
+    assert [record["g_updates"] for record in warming.history] == [0.0, 1.0]
 
 
 def test_bad_adapt_options_are_rejected_by_name():

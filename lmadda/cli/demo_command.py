@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--source-epochs", type=int, default=None)
     demo.add_argument("--adapt-steps", type=int, default=None)
-    demo.add_argument("--layers", default=None, help="comma-separated matched layers (default 0,3,7,11,15)")
+    demo.add_argument("--layers", default=None, help="comma-separated matched layers (default 0,1,3,7,11,15)")
     demo.add_argument("--oracle", action="store_true", help="also train an oracle per target (slower)")
     demo.set_defaults(func=run_demo)
 

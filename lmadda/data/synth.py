@@ -228,8 +228,9 @@ def render_field(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
     dapi = _gaussian_blur(specimen.dapi, fluorescence_psf_sigma)
     cd29 = _gaussian_blur(specimen.cd29, fluorescence_psf_sigma)
     return {
-        # Exposure set so halos sit high in the 12-bit range (as a user would expose), without clipping.
-        "phase_contrast": _expose(rng, render_phase_contrast(specimen), 5500.0, label_free_max, 4.0, 100.0),
+        # Exposed as a user would: the background near half scale, bright halos near the top of the
+        # 12-bit range without clipping, so longer exposures (the overexposure shift) saturate.
+        "phase_contrast": _expose(rng, render_phase_contrast(specimen), 7500.0, label_free_max, 4.0, 100.0),
         "bright_field": _expose(rng, render_bright_field(specimen), 2600.0, label_free_max, 4.0, 100.0),
         "dapi": _expose(rng, dapi + 0.02, 14000.0, fluorescence_max, 0.5, 400.0),
         "cd29": _expose(rng, cd29 + 0.04, 9000.0, fluorescence_max, 0.5, 400.0),

@@ -55,14 +55,18 @@ class AdaptConfig(BaseModel):
     steps: int = Field(300, ge=1)
     batch_size: int = Field(4, ge=1)
     crop_size: int = Field(256, ge=4)
-    lr: float = Field(2e-4, gt=0, description="learning rate of G'")
-    d_lr: float | None = Field(None, gt=0, description="learning rate of D (TTUR when higher than lr); default: lr")
+    # Defaults measured on the simulated data (docs/method.md): with G' at pix2pix's 2e-4 and no gate,
+    # Adam moved every trained weight by ~lr per step even when D was at chance, and deep cuts
+    # destroyed the output; a 10x slower G', a faster D and the accuracy gate keep G' still until D
+    # has something to say.
+    lr: float = Field(2e-5, gt=0, description="learning rate of G'")
+    d_lr: float | None = Field(2e-4, gt=0, description="learning rate of D (TTUR when higher than lr); None: same as lr")
     beta1: float = Field(0.5, ge=0, lt=1)
     d_width: int = Field(32, ge=1)
     spectral_norm: bool = Field(False, description="spectral normalisation on D's layers")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="one-sided: D's 'source' label is 1 - this")
-    gate_accuracy: float | None = Field(None, ge=0.5, le=1.0, description="update G' only while D's running accuracy is at least this (0.6 in pytorch-adapt)")
-    d_warmup_steps: int = Field(0, ge=0, description="D-only steps before G' starts to move")
+    gate_accuracy: float | None = Field(0.6, ge=0.5, le=1.0, description="update G' only while D's running accuracy is at least this (0.6 as in pytorch-adapt); None: always")
+    d_warmup_steps: int = Field(10, ge=0, description="D-only steps before G' starts to move")
     bn_mode: Literal["frozen", "train"] = Field("frozen", description="BatchNorm of the trained layers: keep source statistics, or re-estimate them on target batches")
     log_every: int = Field(10, ge=1)
     collapse_g_loss: float = Field(20.0, gt=0, description="generator loss above this (or non-finite) marks the run collapsed")
