@@ -35,24 +35,22 @@ def _method_label(method: str, layer: int) -> str:
 
 
 def summary_table(rows: list[dict], metric: str = "pearson") -> str:
-    """A text table: one line per method (and matched layer), one column per target x marker."""
+    """Text tables, one block per target domain: a line per method (and matched layer), a column per marker."""
     stats = aggregate(rows, metric)
-    columns = sorted({(t, m) for t, m, _, _ in stats}, key=lambda c: (c[0] != "source", c[0], c[1]))
-    methods = sorted({(meth, layer) for _, _, meth, layer in stats},
-                     key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[1]))
-    header_cells = [f"{t} / {m}" for t, m in columns]
-    width = max(14, *(len(h) for h in header_cells))
-    lines = [f"{metric} (mean ± std over test images; * = collapsed)", f"{'method':22s}" + "".join(f"{h:>{width + 2}s}" for h in header_cells)]
-    for method, layer in methods:
-        cells = []
-        for target, marker in columns:
-            entry = stats.get((target, marker, method, layer))
-            if entry is None:
-                cells.append(f"{'':>{width + 2}s}")
-            else:
-                mean, std, _, collapsed = entry
-                cells.append(f"{f'{mean:.3f} ± {std:.3f}' + ('*' if collapsed else ''):>{width + 2}s}")
-        lines.append(f"{_method_label(method, layer):22s}" + "".join(cells))
+    targets = sorted({t for t, _, _, _ in stats}, key=lambda t: (t != "source", t))
+    markers = sorted({m for _, m, _, _ in stats})
+    lines = [f"{metric}: mean ± std over test images (* = run flagged collapsed)"]
+    for target in targets:
+        methods = sorted({(meth, layer) for t, _, meth, layer in stats if t == target},
+                         key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[1]))
+        lines += ["", f"{target}", f"  {'method':20s}" + "".join(f"{m:>18s}" for m in markers)]
+        for method, layer in methods:
+            cells = []
+            for marker in markers:
+                entry = stats.get((target, marker, method, layer))
+                text = "" if entry is None else f"{entry[0]:.3f} ± {entry[1]:.3f}" + ("*" if entry[3] else "")
+                cells.append(f"{text:>18s}")
+            lines.append(f"  {_method_label(method, layer):20s}" + "".join(cells))
     return "\n".join(lines)
 
 
