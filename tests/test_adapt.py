@@ -133,3 +133,20 @@ def test_bad_adapt_options_are_rejected_by_name():
         build_config(AdaptConfig, None, layer=3, lr=-1)
     with pytest.raises(LmaddaError, match="layer 9 does not exist"):
         adapt(_source(), _images(0.0), _images(1.0), _config(layer=9), progress=False)
+
+
+def test_adapter_state_resumes_step_history_and_weights():
+    from lmadda.training.adapt import Adapter
+
+    source = _source()
+    first = Adapter(source, _images(0.0), _images(1.0, seed=1), _config(steps=6))
+    for _ in range(4):
+        first.step()
+    state = first.state_dict()
+    resumed = Adapter(source, _images(0.0), _images(1.0, seed=1), _config(steps=6))
+    resumed.load_state_dict(state)
+    assert resumed.step_number == 4 and len(resumed.result.history) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first.target_generator.state_dict().values(), resumed.target_generator.state_dict().values()))
+    while not resumed.finished:
+        resumed.step()
+    assert resumed.step_number == 6 and len(resumed.finish().history) == 3

@@ -132,6 +132,29 @@ def matched_features(generator: UNetGenerator, x: torch.Tensor, config: AdaptCon
     return features
 
 
+class MatchedFeatures(nn.Module):
+    """The generator up to the cut as a module whose forward() returns the matched tensors.
+
+    DDP synchronises gradients through forward(), so the trained part of G' is wrapped in this rather
+    than called through `forward_to`; only layers 0..cut take part, so no parameter goes unused.
+    """
+
+    def __init__(self, generator: UNetGenerator, config: AdaptConfig):
+        super().__init__()
+        self.generator = generator
+        self.config = config
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return matched_features(self.generator, x, self.config)
+
+
+class FeatureDiscriminators(nn.ModuleDict):
+    """One feature discriminator per matched tensor; forward() maps a dict of features to a dict of logits."""
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return {name: self[name](tensor) for name, tensor in features.items()}
+
+
 def feature_weights(config: AdaptConfig, names: list[str]) -> dict[str, float]:
     """Layer weights as given (default equal); skip tensors share their cut layer's weight equally."""
     given = dict(zip(config.layer, config.layer_weights or [1.0] * len(config.layer)))
@@ -162,6 +185,185 @@ def _prepare_target_generator(source: UNetGenerator, config: AdaptConfig) -> tup
     return target, trainable
 
 
+Prepare = Callable[[nn.Module], nn.Module]
+SamplerFactory = Callable[[object, int], object]
+Reduce = Callable[[list[float]], list[float]]  # mean over workers
+
+
+class Adapter:
+    """The LM-ADDA loop, step by step, with the hooks distributed training needs.
+
+    `prepare` wraps the trained modules (e.g. in DDP), `sampler_factory` shards the crops across
+    workers, `reduce` averages the scalars that steer the loop (D's accuracy for the gate, the
+    collapse flags) over workers so every worker takes the same decisions and stops at the same step,
+    and `state_dict` / `load_state_dict` checkpoint and resume the whole loop. `adapt()` is this class
+    run start to finish in one process.
+    """
+
+    def __init__(
+        self,
+        source: GeneratorCheckpoint,
+        source_images: list[LoadedImage],
+        target_images: list[LoadedImage],
+        config: AdaptConfig,
+        *,
+        device: torch.device | None = None,
+        prepare: Prepare | None = None,
+        sampler_factory: SamplerFactory | None = None,
+        sync_batchnorm: bool = False,
+        reduce: Reduce | None = None,
+    ):
+        seed_everything(config.seed)
+        self.reduce = reduce
+        self.distributed = reduce is not None
+        self.config = config
+        self.device = device or resolve_device(config.device)
+        for layer in config.layer:
+            source.generator.check_layer(layer)
+        if config.crop_size % source.config.multiple:
+            raise LmaddaError(f"crop_size {config.crop_size} must be a multiple of {source.config.multiple} (2**depth)")
+        prepare = prepare or (lambda module: module)
+
+        self.source_generator = copy.deepcopy(source.generator).eval().to(self.device)
+        for parameter in self.source_generator.parameters():
+            parameter.requires_grad_(False)
+        self.target_generator, trainable = _prepare_target_generator(self.source_generator, config)
+        if sync_batchnorm and config.bn_mode == "train":
+            for index in range(config.cut + 1):  # trained BatchNorm sees every worker's batch
+                self.target_generator.layers[index] = nn.SyncBatchNorm.convert_sync_batchnorm(self.target_generator.layers[index])
+        self.target_features = prepare(MatchedFeatures(self.target_generator, config))
+
+        crops = max(64, config.batch_size)
+        self.source_batches = endless(UnpairedCrops(source_images, config.crop_size, length=crops, seed=config.seed),
+                                      config.batch_size, config.seed, sampler_factory)
+        self.target_batches = endless(UnpairedCrops(target_images, config.crop_size, length=crops, seed=config.seed + 1),
+                                      config.batch_size, config.seed + 1, sampler_factory)
+
+        with torch.no_grad():  # size each discriminator to the tensor it judges
+            probe = matched_features(self.source_generator, next(self.source_batches).to(self.device), config)
+        discriminators = FeatureDiscriminators({
+            name: FeatureDiscriminator(t.shape[1], min(t.shape[2:]), width=config.d_width, use_spectral_norm=config.spectral_norm)
+            for name, t in probe.items()
+        })
+        init_weights(discriminators)
+        self.discriminators = prepare(discriminators.to(self.device))
+        self.weights = feature_weights(config, list(probe))
+
+        betas = (config.beta1, 0.999)
+        self.optimizer_g = torch.optim.Adam(trainable, lr=config.lr, betas=betas)
+        self.optimizer_d = torch.optim.Adam(self.discriminators.parameters(), lr=config.d_lr or config.lr, betas=betas)
+        self.step_number = 0
+        self.running_accuracy = 0.5
+        self.saturated_logs = 0
+        self.result = AdaptResult(generator=self.target_generator)
+        self._sums = {"g_loss": 0.0, "d_loss": 0.0, "d_acc": 0.0, "g_updates": 0.0}
+
+    def step(self) -> dict | None:
+        """One LM-ADDA update (D, then G'); returns a log record every `log_every` steps."""
+        config, device = self.config, self.device
+        bce = nn.functional.binary_cross_entropy_with_logits
+        real_label = 1.0 - config.label_smoothing
+        self.step_number += 1
+        step = self.step_number
+        x_source = next(self.source_batches).to(device)
+        x_target = next(self.target_batches).to(device)
+        with torch.no_grad():
+            source_features = matched_features(self.source_generator, x_source, config)
+        target_features = self.target_features(x_target)
+
+        # 1. Discriminator: source features are real, adapted target features are fake.
+        #    (one forward over both batches: a DDP-wrapped D allows one forward per backward)
+        self.optimizer_d.zero_grad(set_to_none=True)
+        batch = x_source.shape[0]
+        both = {name: torch.cat([source_features[name], target_features[name].detach()]) for name in self.weights}
+        logits = self.discriminators(both)
+        loss_d = torch.zeros((), device=device)
+        correct = 0.0
+        for name, weight in self.weights.items():
+            logits_source, logits_target = logits[name][:batch], logits[name][batch:]
+            loss_d = loss_d + weight * (bce(logits_source, torch.full_like(logits_source, real_label))
+                                        + bce(logits_target, torch.zeros_like(logits_target)))
+            correct += weight * 0.5 * ((logits_source > 0).float().mean() + (logits_target < 0).float().mean()).item()
+        loss_d.backward()
+        self.optimizer_d.step()
+
+        # 2. Target generator: inverted labels, so G' learns to make target features look like source.
+        self.optimizer_g.zero_grad(set_to_none=True)
+        logits = self.discriminators({name: target_features[name] for name in self.weights})
+        loss_g = torch.zeros((), device=device)
+        for name, weight in self.weights.items():
+            loss_g = loss_g + weight * bce(logits[name], torch.ones_like(logits[name]))
+        g_value, d_value = loss_g.item(), loss_d.item()
+        non_finite = float(not (math.isfinite(g_value) and math.isfinite(d_value)))
+        over_bound = float(g_value > config.collapse_g_loss)
+        if self.reduce is not None:  # every worker decides on the same numbers
+            correct, non_finite, over_bound = self.reduce([correct, non_finite, over_bound])
+        self.running_accuracy = 0.9 * self.running_accuracy + 0.1 * correct
+        update_g = step > config.d_warmup_steps and (config.gate_accuracy is None or self.running_accuracy >= config.gate_accuracy)
+        if update_g or self.distributed:  # DDP expects a backward after each forward on every worker
+            loss_g.backward()
+        if update_g:
+            self.optimizer_g.step()
+
+        self._sums["g_loss"] += g_value
+        self._sums["d_loss"] += d_value
+        self._sums["d_acc"] += correct
+        self._sums["g_updates"] += float(update_g)
+        result = self.result
+        result.steps_done = step
+        if non_finite > 0:
+            result.collapsed, result.collapse_reason = True, f"non-finite loss at step {step}"
+        elif over_bound > 0:
+            result.collapsed, result.collapse_reason = True, f"generator loss {g_value:.3g} > bound {config.collapse_g_loss} at step {step}"
+        if not (step % config.log_every == 0 or step == config.steps or result.collapsed):
+            return None
+        count = (step - 1) % config.log_every + 1
+        record = {"step": step, **{k: v / count for k, v in self._sums.items()}, "d_running_acc": self.running_accuracy}
+        self.saturated_logs = self.saturated_logs + 1 if record["d_acc"] >= config.saturation_accuracy else 0
+        result.d_saturated = result.d_saturated or self.saturated_logs >= config.saturation_patience
+        record.update({"collapsed": result.collapsed, "d_saturated": result.d_saturated})
+        result.history.append(record)
+        self._sums = dict.fromkeys(self._sums, 0.0)
+        return record
+
+    @property
+    def finished(self) -> bool:
+        return self.step_number >= self.config.steps or (self.result.collapsed and self.config.stop_on_collapse)
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: weights of G' and D, optimiser states, counters, history."""
+        discriminators = self.discriminators.module if hasattr(self.discriminators, "module") else self.discriminators
+        return {
+            "step": self.step_number, "running_accuracy": self.running_accuracy, "saturated_logs": self.saturated_logs,
+            "target_generator": self.target_generator.state_dict(), "discriminators": discriminators.state_dict(),
+            "optimizer_g": self.optimizer_g.state_dict(), "optimizer_d": self.optimizer_d.state_dict(),
+            "history": list(self.result.history), "collapsed": self.result.collapsed,
+            "collapse_reason": self.result.collapse_reason, "d_saturated": self.result.d_saturated,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        discriminators = self.discriminators.module if hasattr(self.discriminators, "module") else self.discriminators
+        self.target_generator.load_state_dict(state["target_generator"])
+        discriminators.load_state_dict(state["discriminators"])
+        self.optimizer_g.load_state_dict(state["optimizer_g"])
+        self.optimizer_d.load_state_dict(state["optimizer_d"])
+        self.step_number = state["step"]
+        self.running_accuracy = state["running_accuracy"]
+        self.saturated_logs = state["saturated_logs"]
+        self.result.history = list(state["history"])
+        self.result.steps_done = self.step_number
+        self.result.collapsed, self.result.collapse_reason = state["collapsed"], state["collapse_reason"]
+        self.result.d_saturated = state["d_saturated"]
+        # the crop streams restart from the resumed step's epoch boundary; exact batches may differ
+
+    def finish(self) -> AdaptResult:
+        generator = copy.deepcopy(self.target_generator).cpu().eval()
+        for parameter in generator.parameters():
+            parameter.requires_grad_(False)
+        self.result.generator = generator
+        return self.result
+
+
 def adapt(
     source: GeneratorCheckpoint,
     source_images: list[LoadedImage],
@@ -172,99 +374,15 @@ def adapt(
     on_log: Callable[[dict], None] | None = None,
 ) -> AdaptResult:
     """Adapt `source` to the domain of `target_images` (input only) by LM-ADDA at `config.layer`."""
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    for layer in config.layer:
-        source.generator.check_layer(layer)
-    if config.crop_size % source.config.multiple:
-        raise LmaddaError(f"crop_size {config.crop_size} must be a multiple of {source.config.multiple} (2**depth)")
-
-    source_generator = copy.deepcopy(source.generator).eval().to(device)
-    for parameter in source_generator.parameters():
-        parameter.requires_grad_(False)
-    target_generator, trainable = _prepare_target_generator(source_generator, config)
-
-    source_batches = endless(UnpairedCrops(source_images, config.crop_size, length=max(64, config.batch_size), seed=config.seed), config.batch_size, config.seed)
-    target_batches = endless(UnpairedCrops(target_images, config.crop_size, length=max(64, config.batch_size), seed=config.seed + 1), config.batch_size, config.seed + 1)
-
-    with torch.no_grad():  # size each discriminator to the tensor it judges
-        probe = matched_features(source_generator, next(source_batches).to(device), config)
-    discriminators = nn.ModuleDict({
-        name: FeatureDiscriminator(t.shape[1], min(t.shape[2:]), width=config.d_width, use_spectral_norm=config.spectral_norm)
-        for name, t in probe.items()
-    }).to(device)
-    init_weights(discriminators)
-    weights = feature_weights(config, list(probe))
-
-    betas = (config.beta1, 0.999)
-    optimizer_g = torch.optim.Adam(trainable, lr=config.lr, betas=betas)
-    optimizer_d = torch.optim.Adam(discriminators.parameters(), lr=config.d_lr or config.lr, betas=betas)
-    bce = nn.functional.binary_cross_entropy_with_logits
-    real_label = 1.0 - config.label_smoothing
-
-    result = AdaptResult(generator=target_generator)
-    running_accuracy, saturated_logs = 0.5, 0
-    sums = {"g_loss": 0.0, "d_loss": 0.0, "d_acc": 0.0, "g_updates": 0.0}
+    adapter = Adapter(source, source_images, target_images, config)
     bar = Progress(config.steps, f"adapt layer {config.layer}", progress)
     start = time.perf_counter()
-    for step in range(1, config.steps + 1):
-        x_source = next(source_batches).to(device)
-        x_target = next(target_batches).to(device)
-        with torch.no_grad():
-            source_features = matched_features(source_generator, x_source, config)
-        target_features = matched_features(target_generator, x_target, config)
-
-        # 1. Discriminator: source features are real, adapted target features are fake.
-        optimizer_d.zero_grad(set_to_none=True)
-        loss_d = torch.zeros((), device=device)
-        correct = 0.0
-        for name, weight in weights.items():
-            logits_source = discriminators[name](source_features[name])
-            logits_target = discriminators[name](target_features[name].detach())
-            loss_d = loss_d + weight * (bce(logits_source, torch.full_like(logits_source, real_label))
-                                        + bce(logits_target, torch.zeros_like(logits_target)))
-            correct += weight * 0.5 * ((logits_source > 0).float().mean() + (logits_target < 0).float().mean()).item()
-        loss_d.backward()
-        optimizer_d.step()
-        running_accuracy = 0.9 * running_accuracy + 0.1 * correct
-
-        # 2. Target generator: inverted labels, so G' learns to make target features look like source.
-        optimizer_g.zero_grad(set_to_none=True)
-        loss_g = torch.zeros((), device=device)
-        for name, weight in weights.items():
-            logits_target = discriminators[name](target_features[name])
-            loss_g = loss_g + weight * bce(logits_target, torch.ones_like(logits_target))
-        update_g = step > config.d_warmup_steps and (config.gate_accuracy is None or running_accuracy >= config.gate_accuracy)
-        if update_g:
-            loss_g.backward()
-            optimizer_g.step()
-
-        sums["g_loss"] += loss_g.item()
-        sums["d_loss"] += loss_d.item()
-        sums["d_acc"] += correct
-        sums["g_updates"] += float(update_g)
-        result.steps_done = step
-        if not (math.isfinite(loss_g.item()) and math.isfinite(loss_d.item())):
-            result.collapsed, result.collapse_reason = True, f"non-finite loss at step {step}"
-        elif loss_g.item() > config.collapse_g_loss:
-            result.collapsed, result.collapse_reason = True, f"generator loss {loss_g.item():.3g} > bound {config.collapse_g_loss} at step {step}"
-
-        if step % config.log_every == 0 or step == config.steps or result.collapsed:
-            count = (step - 1) % config.log_every + 1
-            record = {"step": step, **{k: v / count for k, v in sums.items()}, "d_running_acc": running_accuracy}
-            saturated_logs = saturated_logs + 1 if record["d_acc"] >= config.saturation_accuracy else 0
-            result.d_saturated = result.d_saturated or saturated_logs >= config.saturation_patience
-            record.update({"collapsed": result.collapsed, "d_saturated": result.d_saturated})
-            result.history.append(record)
+    while not adapter.finished:
+        record = adapter.step()
+        if record is not None:
             if on_log:
                 on_log(record)
-            bar.update(step, g=record["g_loss"], d=record["d_loss"], acc=record["d_acc"])
-            sums = dict.fromkeys(sums, 0.0)
-        if result.collapsed and config.stop_on_collapse:
-            break
-
+            bar.update(record["step"], g=record["g_loss"], d=record["d_loss"], acc=record["d_acc"])
+    result = adapter.finish()
     result.seconds = time.perf_counter() - start
-    result.generator = target_generator.cpu().eval()
-    for parameter in result.generator.parameters():
-        parameter.requires_grad_(False)
     return result

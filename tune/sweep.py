@@ -1,0 +1,188 @@
+"""The layer x learning-rate x shift-magnitude sweep: Ray Tune over Ray Train, results to Parquet and MLflow.
+
+Train V2 shape: each Tune trial runs `trial_driver`, a small function that fits a `TorchTrainer`
+running `adaptation_worker` (the lmadda loop) and relays its reports to Tune with
+`TuneReportCallback`, so `ModeCollapseStopper` sees every report. The last report of each adaptation
+carries the Pearson per marker on the labelled target test split, where labels exist. After the sweep, every trial becomes an MLflow run nested under
+one sweep run, and the whole grid becomes one Parquet table.
+
+    python -m tune.sweep --config tune/configs/quick.yaml          # or: lmadda sweep run --config ...
+    python -m tune.sweep --config tune/configs/quick.yaml --resume # finish an interrupted sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray import tune
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from lmadda.checkpoint import load_checkpoint
+from lmadda.config import build_config, read_config_file
+from lmadda.errors import LmaddaError
+from tune.stopper import ModeCollapseStopper
+from tune.sweep_config import SweepConfig
+from tune.train_workers import GENERATOR_FILE, adaptation_worker
+
+
+def shift_text(sweep: SweepConfig, magnitude: float | None) -> str | None:
+    return f"{sweep.data.shift}:{magnitude:g}" if sweep.data.shift and magnitude is not None else None
+
+
+def target_name(sweep: SweepConfig, magnitude: float | None) -> str:
+    shift = shift_text(sweep, magnitude)
+    return sweep.data.target_setting + (f"+{shift}" if shift else "")
+
+
+def trial_driver(config: dict) -> None:
+    """One Tune trial: adapt with a TorchTrainer, then evaluate and report."""
+    sweep = SweepConfig.model_validate(config["sweep"])
+    point = config["point"]
+    resources = sweep.resources
+    loop_config = {
+        "source_checkpoint": str(sweep.source.checkpoint), "manifest": str(sweep.data.manifest),
+        "source_setting": sweep.data.source_setting, "target_setting": sweep.data.target_setting,
+        "shift": shift_text(sweep, point["magnitude"]),
+        "adapt": {**sweep.adapt, "layer": [point["layer"]], "lr": point["lr"], "seed": point["seed"]},
+        "tags": {"layer": point["layer"], "lr": point["lr"], "seed": point["seed"],
+                 "magnitude": float("nan") if point["magnitude"] is None else point["magnitude"]},
+    }
+    workers = resources.workers_per_trial
+    scaling = ScalingConfig(
+        num_workers=workers, use_gpu=resources.gpus_per_worker > 0,
+        resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})} if workers else None,
+    )
+    # The trial id is stable across Tuner.restore, so a restored trial's Train run resumes its own checkpoints.
+    trial_id = tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        adaptation_worker, train_loop_config=loop_config, scaling_config=scaling,
+        run_config=RunConfig(name=f"{sweep.name}-{trial_id}", storage_path=str(sweep.storage_path / "train"),
+                             callbacks=[TuneReportCallback()] if workers else None,
+                             failure_config=FailureConfig(max_failures=resources.max_failures)),
+    )
+    result = trainer.fit()  # its reports (and the final evaluation) reach Tune through TuneReportCallback
+    if workers == 0 and result.metrics:  # local mode has no callback: relay the last report
+        tune.report({**result.metrics, "checkpoint_path": result.checkpoint.path if result.checkpoint else ""})
+
+
+def _collapsed(history: list[dict], sweep: SweepConfig) -> tuple[bool, str]:
+    """The stopper's verdict, recomputed from the reported curve (it survives a restore)."""
+    run = 0
+    for record in history:
+        g_loss = record.get("g_loss")
+        if not math.isfinite(g_loss) or record.get("collapsed", 0) > 0:
+            return True, f"non-finite or flagged loss at step {record.get('step')}"
+        if g_loss > sweep.stop.g_loss_bound:
+            return True, f"generator loss {g_loss:.3g} > {sweep.stop.g_loss_bound} at step {record.get('step')}"
+        run = run + 1 if record.get("d_acc", 0) >= sweep.stop.d_saturation_accuracy else 0
+        if run >= sweep.stop.d_saturation_patience:
+            return True, f"discriminator saturated for {run} reports (step {record.get('step')})"
+    return False, ""
+
+
+def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[dict]:
+    """Run (or resume) the sweep; return one row per trial and write results.parquet + MLflow runs."""
+    source = load_checkpoint(sweep.source.checkpoint)
+    points = sweep.trials(source.generator.num_layers)
+    for point in points:
+        source.generator.check_layer(point["layer"])
+    resources = sweep.resources
+    needed = resources.trial_cpus + resources.workers_per_trial * resources.cpus_per_worker
+    available = ray.cluster_resources().get("CPU", 0)
+    if needed > available:
+        raise LmaddaError(
+            f"a trial needs {needed:g} CPUs (trial {resources.trial_cpus:g} + {resources.workers_per_trial} workers x "
+            f"{resources.cpus_per_worker:g}) but the cluster has {available:g}; lower resources.cpus_per_worker or workers_per_trial"
+        )
+    experiment_path = sweep.storage_path / sweep.name
+    trainable = tune.with_resources(trial_driver, {"CPU": resources.trial_cpus})
+    stopper = ModeCollapseStopper(sweep.stop.g_loss_bound, sweep.stop.d_saturation_accuracy, sweep.stop.d_saturation_patience)
+    if resume:
+        if not tune.Tuner.can_restore(str(experiment_path)):
+            raise LmaddaError(f"no sweep to resume at {experiment_path}; run it without --resume first")
+        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
+        log(f"[sweep] resuming {experiment_path}")
+    else:
+        if experiment_path.exists() and tune.Tuner.can_restore(str(experiment_path)):
+            raise LmaddaError(f"sweep {sweep.name!r} already exists at {experiment_path}; use --resume to finish it, or another name")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"sweep": sweep.model_dump(mode="json"), "point": tune.grid_search(points)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_trials),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(sweep.storage_path), stop=stopper, verbose=0),
+        )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        point = result.config["point"]
+        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        training = [r for r in history if r.get("g_loss") is not None]
+        collapsed, reason = _collapsed(training, sweep)
+        last = training[-1] if training else {}
+        checkpoint_path = last.get("checkpoint_path") or ""
+        row = {
+            "sweep": sweep.name, "trial_id": result.metrics.get("trial_id") if result.metrics else None,
+            "target": target_name(sweep, point["magnitude"]), "setting": sweep.data.target_setting,
+            "shift": sweep.data.shift or "none", "magnitude": float("nan") if point["magnitude"] is None else float(point["magnitude"]),
+            "layer": point["layer"], "lr": point["lr"], "seed": point["seed"],
+            "steps_done": int(last.get("step", 0) or 0), "final_g_loss": last.get("g_loss"), "final_d_acc": last.get("d_acc"),
+            "collapsed": collapsed, "collapse_reason": reason, "error": str(result.error) if result.error else "",
+            "generator_path": str(Path(checkpoint_path) / GENERATOR_FILE) if checkpoint_path else "",
+        }
+        row.update({k: v for k, v in last.items() if k.startswith("pearson") and isinstance(v, float) and math.isfinite(v)})
+        row["_history"] = training
+        rows.append(row)
+    table_rows = [{k: v for k, v in r.items() if k != "_history"} for r in rows]
+    out = sweep.storage_path / sweep.name / "results.parquet"
+    temporary = out.with_name(".results.parquet.partial")
+    pq.write_table(pa.Table.from_pylist(table_rows), temporary)
+    temporary.replace(out)
+    log(f"[sweep] {len(rows)} trials -> {out}")
+    from tune.tracking import log_sweep
+
+    log_sweep(sweep, rows, out, log=log)
+    return table_rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True, help="sweep YAML (see tune/configs/)")
+    parser.add_argument("--resume", action="store_true", help="finish an interrupted sweep without redoing finished trials")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster, or a new local one)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance")
+    args = parser.parse_args(argv)
+    try:
+        data = read_config_file(args.config)
+        # Relative paths in the config are relative to the working directory (the repository root
+        # under `ray job submit --working-dir .`); Tune trials change directory, so resolve them now.
+        sweep = build_config(SweepConfig, None, **data).resolved(Path.cwd())
+        if not ray.is_initialized():
+            ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        rows = run_sweep(sweep, resume=args.resume)
+    except LmaddaError as error:
+        print(f"lmadda sweep: error: {error}", file=sys.stderr)
+        return 2
+    print(format_sweep_table(rows))
+    return 0
+
+
+def format_sweep_table(rows: list[dict]) -> str:
+    markers = sorted({k[len("pearson_"):] for r in rows for k in r if k.startswith("pearson_")})
+    header = f"{'target':34s} {'layer':>5} {'lr':>9} {'steps':>6}" + "".join(f" {('P_' + m):>8}" for m in markers) + "  collapsed"
+    lines = [header]
+    for r in sorted(rows, key=lambda r: (r["target"], r["lr"], r["layer"], r["seed"])):
+        cells = "".join(f" {r.get('pearson_' + m, float('nan')):8.3f}" for m in markers)
+        lines.append(f"{r['target']:34s} {r['layer']:>5} {r['lr']:>9.2g} {r['steps_done']:>6}{cells}  {'yes: ' + r['collapse_reason'] if r['collapsed'] else 'no'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The sweep config: one YAML file names the source model, the target data, the grid and the resources.
+
+    name: quick
+    storage_path: out/sweeps                 # made absolute: Tune trials change directory
+    source: {checkpoint: demo-out/models/source_phase_contrast.pt}
+    data:
+      manifest: demo-out/data/manifest.parquet
+      source_setting: phase_contrast
+      target_setting: phase_contrast
+      shift: overexposure                    # the grid's magnitudes apply to it; omit for a setting change
+    grid: {layer: [0, 3, 7, 15], lr: [2.0e-5, 1.0e-4], magnitude: [1.5, 2.5], seed: [0]}
+    adapt: {steps: 60, batch_size: 4}        # any AdaptConfig option except layer, lr, seed
+    resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent_trials: 1}
+    stop: {g_loss_bound: 20, d_saturation_accuracy: 0.99, d_saturation_patience: 5}
+    mlflow: {tracking_uri: null, experiment: null}   # default: SQLite beside the sweep
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lmadda.data.shifts import KINDS, Shift
+from lmadda.training.adapt import AdaptConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Strict):
+    checkpoint: Path = Field(description="source generator checkpoint (train one with `lmadda train-source`)")
+
+
+class DataSpec(_Strict):
+    manifest: Path
+    source_setting: str = "phase_contrast"
+    target_setting: str = "bright_field"
+    shift: str | None = Field(None, description=f"shift applied to the target setting with the grid's magnitudes: {', '.join(KINDS)}")
+
+    @field_validator("shift")
+    @classmethod
+    def _known_shift(cls, value: str | None) -> str | None:
+        if value is not None and value not in KINDS:
+            raise ValueError(f"unknown shift {value!r}; known: {', '.join(KINDS)}")
+        return value
+
+
+class GridSpec(_Strict):
+    layer: list[int] | Literal["all"] = Field(description="matched layers, or 'all'")
+    lr: list[float] = Field(min_length=1)
+    magnitude: list[float] = Field(default_factory=list, description="shift magnitudes (needs data.shift)")
+    seed: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, values: list[float]) -> list[float]:
+        if any(v <= 0 for v in values):
+            raise ValueError(f"learning rates must be positive, got {values}")
+        return values
+
+
+class ResourceSpec(_Strict):
+    workers_per_trial: int = Field(1, ge=0, description="Ray Train workers per trial; 0 runs the loop in the trial's process")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_concurrent_trials: int = Field(1, ge=1)
+    trial_cpus: float = Field(0.01, gt=0, description="CPU reserved by each trial's driver function (it only waits)")
+    max_failures: int = Field(1, ge=0, description="worker failures a trial survives, resuming from its last checkpoint")
+
+
+class StopSpec(_Strict):
+    g_loss_bound: float = Field(20.0, gt=0)
+    d_saturation_accuracy: float = Field(0.99, gt=0.5, le=1.0)
+    d_saturation_patience: int = Field(5, ge=1)
+
+
+class MlflowSpec(_Strict):
+    tracking_uri: str | None = Field(None, description="default: sqlite:///<storage_path>/mlflow.db")
+    experiment: str | None = Field(None, description="default: lmadda-<sweep name>")
+
+
+class SweepConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: Path
+    source: SourceSpec
+    data: DataSpec
+    grid: GridSpec
+    adapt: dict = Field(default_factory=dict)
+    resources: ResourceSpec = ResourceSpec()
+    stop: StopSpec = StopSpec()
+    mlflow: MlflowSpec = MlflowSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SweepConfig":
+        forbidden = {"layer", "lr", "seed", "device"} & set(self.adapt)
+        if forbidden:
+            raise ValueError(f"adapt: {sorted(forbidden)} come from the grid or the workers; remove them from adapt")
+        AdaptConfig(layer=[0], **self.adapt)  # every other option is checked here, by name
+        if self.grid.magnitude and not self.data.shift:
+            raise ValueError("grid.magnitude needs data.shift (e.g. overexposure)")
+        if self.data.shift and not self.grid.magnitude:
+            raise ValueError(f"data.shift {self.data.shift!r} needs grid.magnitude values")
+        for magnitude in self.grid.magnitude:
+            Shift(self.data.shift, magnitude)
+        return self
+
+    def resolved(self, base: Path) -> "SweepConfig":
+        """Relative paths made absolute against `base` (the config file's folder or the working directory)."""
+        def absolute(path: Path) -> Path:
+            return path if path.is_absolute() else (base / path).resolve()
+
+        return self.model_copy(update={
+            "storage_path": absolute(self.storage_path),
+            "source": self.source.model_copy(update={"checkpoint": absolute(self.source.checkpoint)}),
+            "data": self.data.model_copy(update={"manifest": absolute(self.data.manifest)}),
+        })
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.storage_path / 'mlflow.db'}"
+
+    @property
+    def experiment(self) -> str:
+        return self.mlflow.experiment or f"lmadda-{self.name}"
+
+    def layers(self, num_layers: int) -> list[int]:
+        return list(range(num_layers)) if self.grid.layer == "all" else list(self.grid.layer)
+
+    def trials(self, num_layers: int) -> list[dict]:
+        """Every point of the grid, in a stable order (the order trials are named and run in)."""
+        magnitudes = self.grid.magnitude or [None]
+        return [
+            {"layer": layer, "lr": lr, "magnitude": magnitude, "seed": seed}
+            for magnitude, layer, lr, seed in itertools.product(magnitudes, self.layers(num_layers), self.grid.lr, self.grid.seed)
+        ]

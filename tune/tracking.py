@@ -1,0 +1,111 @@
+"""MLflow: one experiment per sweep, one parent run per sweep, one nested run per trial, and the
+model registry's aliases for the best generator per (marker, microscope setting).
+
+Trial runs carry params (the trial's grid point and adaptation options), metrics (the g/d loss and D
+accuracy curves by step, the final Pearson per marker when labels exist), tags (marker list, setting,
+shift, layer, collapsed) and the adapted generator as an artifact in lmadda's own checkpoint format
+(state dict + config, any image size; MLflow's default pt2 export would fix the input shape).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from lmadda.errors import LmaddaError
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+ARTIFACT_DIR = "generator"
+
+
+def alias_for(target: str) -> str:
+    """Registry aliases allow letters, digits, '_' and '-': bright_field, phase_contrast-overexposure-2_5."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", target.replace(".", "_")).replace("+", "-")
+
+
+def model_name(marker: str) -> str:
+    return f"lmadda-{marker}"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def log_sweep(sweep, rows: list[dict], results_path: Path, log=print) -> str:
+    """Log every trial as a nested run; return the parent run id."""
+    mlflow.set_tracking_uri(sweep.tracking_uri)
+    mlflow.set_experiment(sweep.experiment)
+    with mlflow.start_run(run_name=sweep.name) as parent:
+        mlflow.log_params({"sweep": sweep.name, "source_checkpoint": str(sweep.source.checkpoint), "manifest": str(sweep.data.manifest),
+                           "source_setting": sweep.data.source_setting, "target_setting": sweep.data.target_setting,
+                           "shift": sweep.data.shift or "none", "trials": len(rows)})
+        mlflow.set_tag("lmadda.kind", "sweep")
+        for row in rows:
+            with mlflow.start_run(run_name=f"{row['target']}-L{row['layer']}-lr{row['lr']:g}-s{row['seed']}", nested=True):
+                mlflow.log_params({"layer": row["layer"], "lr": row["lr"], "seed": row["seed"], "target": row["target"],
+                                   "magnitude": row["magnitude"], **{f"adapt.{k}": v for k, v in sweep.adapt.items()}})
+                mlflow.set_tags({"lmadda.kind": "trial", "setting": row["setting"], "shift": row["shift"], "target": row["target"],
+                                 "layer": str(row["layer"]), "collapsed": str(row["collapsed"]).lower(),
+                                 "collapse_reason": row["collapse_reason"], "markers": ",".join(k[8:] for k in row if k.startswith("pearson_"))})
+                for record in row.get("_history", []):
+                    step = int(record.get("step", 0) or 0)
+                    metrics = {k: float(record[k]) for k in ("g_loss", "d_loss", "d_acc", "d_running_acc", "g_updates") if _finite(record.get(k))}
+                    mlflow.log_metrics(metrics, step=step)
+                final = {k: float(v) for k, v in row.items() if k.startswith("pearson") and _finite(v)}
+                final["collapsed"] = float(row["collapsed"])
+                final["steps_done"] = float(row["steps_done"])
+                mlflow.log_metrics(final)
+                if row.get("generator_path") and Path(row["generator_path"]).exists():
+                    mlflow.log_artifact(row["generator_path"], artifact_path=ARTIFACT_DIR)
+        mlflow.log_artifact(str(results_path))
+        log(f"[sweep] MLflow: experiment {sweep.experiment!r} at {sweep.tracking_uri}, parent run {parent.info.run_id}")
+        return parent.info.run_id
+
+
+def promote(tracking_uri: str, experiment: str, *, criterion: str = "pearson", log=print) -> list[dict]:
+    """Register the best non-collapsed trial per (marker, target) and point alias <target> at it.
+
+    `criterion` is the metric to maximise: the labelled Pearson of the marker (`pearson`), which needs
+    target labels. Every choice records the criterion and its value on the model version.
+    """
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise LmaddaError(f"no MLflow experiment {experiment!r} at {tracking_uri}; run a sweep first")
+    runs = client.search_runs([found.experiment_id], "tags.`lmadda.kind` = 'trial' and tags.collapsed = 'false'", max_results=5000)
+    best: dict[tuple[str, str], tuple[float, object]] = {}
+    for run in runs:
+        for marker in run.data.tags.get("markers", "").split(","):
+            value = run.data.metrics.get(f"{criterion}_{marker}")
+            if not marker or value is None or not math.isfinite(value):
+                continue
+            key = (marker, run.data.tags["target"])
+            if key not in best or value > best[key][0]:
+                best[key] = (value, run)
+    if not best:
+        raise LmaddaError(f"experiment {experiment!r} has no non-collapsed trial with a {criterion}_<marker> metric; "
+                          "target labels are needed for the labelled criterion")
+    promoted = []
+    for (marker, target), (value, run) in sorted(best.items()):
+        name = model_name(marker)
+        artifacts = client.list_artifacts(run.info.run_id, ARTIFACT_DIR)
+        if not artifacts:
+            raise LmaddaError(f"run {run.info.run_id} has no generator artifact to register")
+        try:
+            client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(name, description=f"lmadda generators predicting {marker}; aliases name microscope settings")
+        version = client.create_model_version(name, f"runs:/{run.info.run_id}/{artifacts[0].path}", run_id=run.info.run_id,
+                                              tags={"criterion": criterion, "criterion_value": f"{value:.6f}", "target": target,
+                                                    "layer": run.data.tags.get("layer", ""), "marker": marker})
+        alias = alias_for(target)
+        client.set_registered_model_alias(name, alias, version.version)
+        promoted.append({"model": name, "alias": alias, "version": version.version, "run_id": run.info.run_id, criterion: value})
+        log(f"[promote] models:/{name}@{alias} -> version {version.version} (layer {run.data.tags.get('layer')}, {criterion}_{marker} {value:.3f})")
+    return promoted
