@@ -74,7 +74,9 @@ def main() -> None:
 
     rows = []
     for layer in range(generator.num_layers):
-        config = AdaptConfig(layer=layer, steps=args.steps + 1, batch_size=args.batch, crop_size=args.size, log_every=1, device=args.device)
+        # gate and warm-up off: every step must include the G' update being measured
+        config = AdaptConfig(layer=layer, steps=args.steps + 1, batch_size=args.batch, crop_size=args.size, log_every=1,
+                             gate_accuracy=None, d_warmup_steps=0, device=args.device)
         result = adapt(source, images, images, config, progress=False)
         # the first step includes data-loader and allocator warm-up: time the rest from the loop's clock
         seconds_per_step = result.seconds / (args.steps + 1)

@@ -27,3 +27,25 @@ def sephace_dir() -> Path:
     if not (SEPHACE_DIR / "tif").is_dir():
         pytest.skip(f"real sephaCe data not found at {SEPHACE_DIR} (expected in ../shared/data/sephace beside the project, or set LMADDA_SEPHACE_DIR)")
     return SEPHACE_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (start-up costs seconds on 2 cores)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tiny_synth, tmp_path_factory):
+    """A 2-step source model on the tiny simulated set (depth 6, 64x64): fast, not good."""
+    from lmadda.training.source import SourceTrainConfig, train_source
+
+    path = tmp_path_factory.mktemp("tiny_source") / "source.pt"
+    config = SourceTrainConfig(manifest=tiny_synth.source, markers=["dapi", "cd29"], ngf=4, depth=6, ndf=4, crop_size=64,
+                               batch_size=2, epochs=1, crops_per_epoch=4, device="cpu")
+    train_source(config, path, progress=False)
+    return path

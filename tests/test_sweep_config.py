@@ -1,0 +1,73 @@
+import pytest
+import yaml
+
+from lmadda.config import build_config
+from lmadda.errors import LmaddaError
+from tune.stopper import ModeCollapseStopper
+from tune.sweep_config import SweepConfig
+from tune.tracking import alias_for
+
+
+def _config(**changes):
+    data = {
+        "name": "s", "storage_path": "out", "source": {"checkpoint": "src.pt"},
+        "data": {"manifest": "m.parquet", "target_setting": "phase_contrast", "shift": "overexposure"},
+        "grid": {"layer": [0, 15], "lr": [1e-5, 1e-4], "magnitude": [1.5, 2.0]},
+    }
+    for key, value in changes.items():
+        data[key] = value
+    return build_config(SweepConfig, None, **data)
+
+
+def test_grid_expands_to_every_point_in_a_stable_order():
+    trials = _config().trials(16)
+    assert len(trials) == 8
+    assert trials[0] == {"layer": 0, "lr": 1e-5, "magnitude": 1.5, "seed": 0}
+    assert len(_config(grid={"layer": "all", "lr": [1e-4], "magnitude": [2.0]}).trials(16)) == 16
+
+
+def test_relative_paths_are_made_absolute(tmp_path):
+    resolved = _config().resolved(tmp_path)
+    assert resolved.storage_path == tmp_path / "out" and resolved.source.checkpoint == tmp_path / "src.pt"
+    assert resolved.tracking_uri == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"grid": {"layer": [0], "lr": [-1.0], "magnitude": [2.0]}}, "learning rates must be positive"),
+        ({"grid": {"layer": [0], "lr": [1e-4]}}, "needs grid.magnitude"),
+        ({"data": {"manifest": "m", "shift": "blur"}, "grid": {"layer": [0], "lr": [1e-4], "magnitude": [2.0]}}, "unknown shift 'blur'"),
+        ({"grid": {"layer": [0], "lr": [1e-4], "magnitude": [0.5]}}, "magnitude 0.5 out of range"),
+        ({"adapt": {"layer": 3}}, "come from the grid"),
+        ({"adapt": {"stepz": 3}}, "stepz"),
+        ({"resourcez": {}}, "unknown option 'resourcez'"),
+    ],
+)
+def test_bad_sweep_configs_name_the_problem(changes, message):
+    with pytest.raises(LmaddaError, match=message):
+        _config(**changes)
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "tune" / "configs").glob("*.yaml")):
+        build_config(SweepConfig, None, **yaml.safe_load(path.read_text()))
+
+
+def test_stopper_stops_on_nan_bound_and_saturation_and_remembers_why():
+    stopper = ModeCollapseStopper(g_loss_bound=5.0, d_saturation_accuracy=0.99, d_saturation_patience=2)
+    assert not stopper("a", {"step": 10, "g_loss": 0.7, "d_acc": 0.6})
+    assert stopper("a", {"step": 20, "g_loss": float("nan"), "d_acc": 0.6})
+    assert stopper("b", {"step": 10, "g_loss": 6.0, "d_acc": 0.6}) and "> 5.0" in stopper.reasons["b"]
+    assert not stopper("c", {"step": 10, "g_loss": 1.0, "d_acc": 0.995})
+    assert not stopper("c", {"step": 20, "g_loss": 1.0, "d_acc": 0.5})  # a break resets the count
+    assert not stopper("c", {"step": 30, "g_loss": 1.0, "d_acc": 0.995})
+    assert stopper("c", {"step": 40, "g_loss": 1.0, "d_acc": 0.999}) and "saturated" in stopper.reasons["c"]
+    assert not stopper("d", {"pearson": 0.5})  # reports without losses are not judged
+
+
+def test_registry_aliases_are_valid_names():
+    assert alias_for("bright_field") == "bright_field"
+    assert alias_for("phase_contrast+overexposure:2.5") == "phase_contrast-overexposure-2_5"
