@@ -109,3 +109,18 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "pearson", l
         promoted.append({"model": name, "alias": alias, "version": version.version, "run_id": run.info.run_id, criterion: value})
         log(f"[promote] models:/{name}@{alias} -> version {version.version} (layer {run.data.tags.get('layer')}, {criterion}_{marker} {value:.3f})")
     return promoted
+
+
+def compare_runs(tracking_uri: str, experiment: str) -> str:
+    """The comparison table of an experiment's trial runs, from `mlflow.search_runs`."""
+    mlflow.set_tracking_uri(tracking_uri)
+    frame = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`lmadda.kind` = 'trial'")
+    if frame.empty:
+        raise LmaddaError(f"no trial runs in MLflow experiment {experiment!r} at {tracking_uri}")
+    pearson_columns = sorted(c for c in frame.columns if c.startswith("metrics.pearson_"))
+    lines = [f"{'target':34s} {'layer':>5} {'lr':>9} {'collapsed':>9}" + "".join(f" {c[len('metrics.'):]:>13}" for c in pearson_columns)]
+    frame = frame.sort_values(["tags.target", "params.lr", "params.layer"], key=lambda s: s.map(lambda v: (len(str(v)), str(v))))
+    for _, run in frame.iterrows():
+        cells = "".join(f" {run[c]:13.3f}" if isinstance(run[c], float) and math.isfinite(run[c]) else f" {'':>13}" for c in pearson_columns)
+        lines.append(f"{run['tags.target']:34s} {run['params.layer']:>5} {float(run['params.lr']):>9.2g} {run['tags.collapsed']:>9}{cells}")
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""`lmadda sweep run | promote` and `lmadda runs compare`: the Ray/MLflow edge, imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sweep = subparsers.add_parser("sweep", help="layer x lr x shift-magnitude sweeps on Ray Tune, results in MLflow")
+    sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SWEEP_COMMAND")
+    run = sweep_sub.add_parser("run", help="run (or --resume) a sweep from a YAML config (see tune/configs/)",
+                               description="Same as `python -m tune.sweep`; submit it to a cluster with `ray job submit --working-dir . -- lmadda sweep run --config ...`.")
+    run.add_argument("--config", type=Path, required=True)
+    run.add_argument("--resume", action="store_true", help="finish an interrupted sweep without redoing finished trials")
+    run.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster or a new local one)")
+    run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance")
+    run.add_argument("--promote", action="store_true", help="register the best generator per (marker, setting) when done")
+    run.set_defaults(func=run_sweep_command)
+
+    promote = sweep_sub.add_parser("promote", help="register the best non-collapsed generator per (marker, setting) and set its alias")
+    promote.add_argument("--config", type=Path, help="sweep YAML (gives tracking URI and experiment)")
+    promote.add_argument("--tracking-uri", help="MLflow tracking URI (default from --config)")
+    promote.add_argument("--experiment", help="MLflow experiment (default from --config)")
+    promote.set_defaults(func=run_promote)
+
+    runs = subparsers.add_parser("runs", help="inspect MLflow runs")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
+    compare = runs_sub.add_parser("compare", help="print the comparison table of a sweep's trial runs")
+    compare.add_argument("--experiment", required=True)
+    compare.add_argument("--tracking-uri", required=True, help="e.g. sqlite:////abs/path/out/sweeps/mlflow.db or http://host:5000")
+    compare.set_defaults(func=run_compare)
+
+
+def _sweep_from(path: Path):
+    from lmadda.config import build_config, read_config_file
+    from tune.sweep_config import SweepConfig
+
+    return build_config(SweepConfig, None, **read_config_file(path)).resolved(Path.cwd())
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    import ray
+
+    from tune.sweep import format_sweep_table, run_sweep
+    from tune.tracking import promote
+
+    sweep = _sweep_from(args.config)
+    if not ray.is_initialized():
+        ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    rows = run_sweep(sweep, resume=args.resume)
+    print(format_sweep_table(rows))
+    if args.promote:
+        promote(sweep.tracking_uri, sweep.experiment)
+    return 0
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    from lmadda.errors import LmaddaError
+    from tune.tracking import promote
+
+    sweep = _sweep_from(args.config) if args.config else None
+    tracking_uri = args.tracking_uri or (sweep.tracking_uri if sweep else None)
+    experiment = args.experiment or (sweep.experiment if sweep else None)
+    if not tracking_uri or not experiment:
+        raise LmaddaError("give --config, or both --tracking-uri and --experiment")
+    promote(tracking_uri, experiment)
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from tune.tracking import compare_runs
+
+    print(compare_runs(args.tracking_uri, args.experiment))
+    return 0
