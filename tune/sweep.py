@@ -33,6 +33,12 @@ from tune.sweep_config import SweepConfig
 from tune.train_workers import GENERATOR_FILE, adaptation_worker
 
 
+LOCAL_RAY_NOTE = """Ray Train V2 under Tune leaves each trial's worker placement group reserved unless its
+PlacementGroupCleaner sees the trial actor die (ray-project/ray#54305): trials run with
+reuse_actors=False, and the Ray instance needs its dashboard (the state API the cleaner queries).
+Without both, the second trial waits forever for CPUs the first one still holds."""
+
+
 def shift_text(sweep: SweepConfig, magnitude: float | None) -> str | None:
     return f"{sweep.data.shift}:{magnitude:g}" if sweep.data.shift and magnitude is not None else None
 
@@ -116,7 +122,8 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
         tuner = tune.Tuner(
             trainable,
             param_space={"sweep": sweep.model_dump(mode="json"), "point": tune.grid_search(points)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_trials),
+            # reuse_actors=False: see LOCAL_RAY_NOTE (leaked Train placement groups otherwise).
+            tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_trials, reuse_actors=False),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(sweep.storage_path), stop=stopper, verbose=0),
         )
     grid = tuner.fit()
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         # under `ray job submit --working-dir .`); Tune trials change directory, so resolve them now.
         sweep = build_config(SweepConfig, None, **data).resolved(Path.cwd())
         if not ray.is_initialized():
-            ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)  # keep the dashboard: see tune.sweep.LOCAL_RAY_NOTE
         rows = run_sweep(sweep, resume=args.resume)
     except LmaddaError as error:
         print(f"lmadda sweep: error: {error}", file=sys.stderr)

@@ -47,7 +47,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     sweep = _sweep_from(args.config)
     if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)  # keep the dashboard: see tune.sweep.LOCAL_RAY_NOTE
     rows = run_sweep(sweep, resume=args.resume)
     print(format_sweep_table(rows))
     if args.promote:
