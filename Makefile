@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The science in one process, then the layer sweep through Ray Tune + MLflow (tune/configs/quick.yaml).
 demo: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/lmadda demo --out $(DEMO_OUT)
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/lmadda sweep run --config tune/configs/quick.yaml --num-cpus 2 --reuse --promote
 
 test: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -q

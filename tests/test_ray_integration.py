@@ -65,6 +65,10 @@ def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_sessi
     assert {r.data.params["layer"] for r in trials} == {"1", "11"}
     assert len(client.get_metric_history(trials[0].info.run_id, "g_loss")) == 2  # the curve, by step
 
+    again = run_sweep(sweep, resume=True, log=lambda *_: None)  # a finished sweep: nothing redone, nothing logged twice
+    assert sorted(r["layer"] for r in again) == [1, 11]
+    assert len([r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("lmadda.kind") == "trial"]) == 2
+
     promoted = promote(sweep.tracking_uri, sweep.experiment, log=lambda *_: None)
     assert {p["model"] for p in promoted} == {"lmadda-dapi", "lmadda-cd29"}
     version = client.get_model_version_by_alias("lmadda-dapi", "phase_contrast-overexposure-2")

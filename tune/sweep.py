@@ -94,6 +94,10 @@ def _collapsed(history: list[dict], sweep: SweepConfig) -> tuple[bool, str]:
     return False, ""
 
 
+def sweep_exists(sweep: SweepConfig) -> bool:
+    return tune.Tuner.can_restore(str(sweep.storage_path / sweep.name))
+
+
 def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[dict]:
     """Run (or resume) the sweep; return one row per trial and write results.parquet + MLflow runs."""
     source = load_checkpoint(sweep.source.checkpoint)

@@ -37,19 +37,27 @@ def _finite(value) -> bool:
 
 
 def log_sweep(sweep, rows: list[dict], results_path: Path, log=print) -> str:
-    """Log every trial as a nested run; return the parent run id."""
+    """Log every trial as a nested run; return the parent run id. A resumed sweep logs only new trials."""
     mlflow.set_tracking_uri(sweep.tracking_uri)
-    mlflow.set_experiment(sweep.experiment)
-    with mlflow.start_run(run_name=sweep.name) as parent:
-        mlflow.log_params({"sweep": sweep.name, "source_checkpoint": str(sweep.source.checkpoint), "manifest": str(sweep.data.manifest),
+    experiment = mlflow.set_experiment(sweep.experiment)
+    client = MlflowClient()
+    logged = {r.data.tags.get("lmadda.trial_key") for r in client.search_runs([experiment.experiment_id], "tags.`lmadda.kind` = 'trial'", max_results=5000)}
+    parents = client.search_runs([experiment.experiment_id], f"tags.`lmadda.kind` = 'sweep' and tags.`lmadda.sweep` = '{sweep.name}'")
+    with mlflow.start_run(run_id=parents[0].info.run_id) if parents else mlflow.start_run(run_name=sweep.name) as parent:
+        mlflow.set_tag("lmadda.sweep", sweep.name)
+        if not parents:
+            mlflow.log_params({"sweep": sweep.name, "source_checkpoint": str(sweep.source.checkpoint), "manifest": str(sweep.data.manifest),
                            "source_setting": sweep.data.source_setting, "target_setting": sweep.data.target_setting,
-                           "shift": sweep.data.shift or "none", "trials": len(rows)})
+                               "shift": sweep.data.shift or "none", "trials": len(rows)})
         mlflow.set_tag("lmadda.kind", "sweep")
         for row in rows:
+            key = f"{sweep.name}/{row['target']}/L{row['layer']}/lr{row['lr']:g}/s{row['seed']}"
+            if key in logged or not row.get("_history"):
+                continue  # already logged by an earlier run of this sweep, or never started
             with mlflow.start_run(run_name=f"{row['target']}-L{row['layer']}-lr{row['lr']:g}-s{row['seed']}", nested=True):
                 mlflow.log_params({"layer": row["layer"], "lr": row["lr"], "seed": row["seed"], "target": row["target"],
                                    "magnitude": row["magnitude"], **{f"adapt.{k}": v for k, v in sweep.adapt.items()}})
-                mlflow.set_tags({"lmadda.kind": "trial", "setting": row["setting"], "shift": row["shift"], "target": row["target"],
+                mlflow.set_tags({"lmadda.kind": "trial", "lmadda.trial_key": key, "setting": row["setting"], "shift": row["shift"], "target": row["target"],
                                  "layer": str(row["layer"]), "collapsed": str(row["collapsed"]).lower(),
                                  "collapse_reason": row["collapse_reason"], "markers": ",".join(k[8:] for k in row if k.startswith("pearson_"))})
                 for record in row.get("_history", []):

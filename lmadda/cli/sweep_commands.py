@@ -13,6 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                description="Same as `python -m tune.sweep`; submit it to a cluster with `ray job submit --working-dir . -- lmadda sweep run --config ...`.")
     run.add_argument("--config", type=Path, required=True)
     run.add_argument("--resume", action="store_true", help="finish an interrupted sweep without redoing finished trials")
+    run.add_argument("--reuse", action="store_true", help="resume the sweep if it exists, start it otherwise (what `make demo` uses)")
     run.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster or a new local one)")
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance")
     run.add_argument("--promote", action="store_true", help="register the best generator per (marker, setting) when done")
@@ -42,13 +43,13 @@ def _sweep_from(path: Path):
 def run_sweep_command(args: argparse.Namespace) -> int:
     import ray
 
-    from tune.sweep import format_sweep_table, run_sweep
+    from tune.sweep import format_sweep_table, run_sweep, sweep_exists
     from tune.tracking import promote
 
     sweep = _sweep_from(args.config)
     if not ray.is_initialized():
         ray.init(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)  # keep the dashboard: see tune.sweep.LOCAL_RAY_NOTE
-    rows = run_sweep(sweep, resume=args.resume)
+    rows = run_sweep(sweep, resume=args.resume or (args.reuse and sweep_exists(sweep)))
     print(format_sweep_table(rows))
     if args.promote:
         promote(sweep.tracking_uri, sweep.experiment)
