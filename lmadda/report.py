@@ -54,6 +54,26 @@ def summary_table(rows: list[dict], metric: str = "pearson") -> str:
     return "\n".join(lines)
 
 
+def _label(axis, title: str, xlabel: str, metric: str) -> None:
+    axis.set_title(title, fontsize=9)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3)
+
+
+def _save_grid(figure, axes, out: Path) -> Path:
+    """One legend under the panel grid (from the first panel), then write the PNG."""
+    import matplotlib.pyplot as plt
+
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=90)
+    plt.close(figure)
+    return out
+
+
 def plot_pearson_by_layer(rows: list[dict], out: Path, metric: str = "pearson") -> Path | None:
     """One panel per target domain: LM-ADDA per matched layer with error bars, baselines as lines."""
     import matplotlib
@@ -84,17 +104,8 @@ def plot_pearson_by_layer(rows: list[dict], out: Path, metric: str = "pearson") 
                 entry = stats.get((target, marker, method, -1))
                 if entry:
                     axis.axhline(entry[0], color=colour, linestyle="--" if method != "oracle" else ":", linewidth=1, label=method)
-            axis.set_title(f"{target} — {marker}", fontsize=9)
-            axis.set_xlabel("matched layer")
-            axis.set_ylabel(metric)
-            axis.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
-    figure.tight_layout(rect=(0, 0.08, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=90)
-    plt.close(figure)
-    return out
+            _label(axis, f"{target} — {marker}", "matched layer", metric)
+    return _save_grid(figure, axes, out)
 
 
 def plot_pearson_vs_magnitude(rows: list[dict], out: Path, metric: str = "pearson") -> Path | None:
@@ -133,17 +144,8 @@ def plot_pearson_vs_magnitude(rows: list[dict], out: Path, metric: str = "pearso
                 if curve:
                     xs = sorted(curve)
                     axis.plot(xs, [curve[x] for x in xs], marker="o", label=name)
-            axis.set_title(f"{setting} + {shift} — {marker}", fontsize=9)
-            axis.set_xlabel("shift magnitude")
-            axis.set_ylabel(metric)
-            axis.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    figure.tight_layout(rect=(0, 0.1, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=90)
-    plt.close(figure)
-    return out
+            _label(axis, f"{setting} + {shift} — {marker}", "shift magnitude", metric)
+    return _save_grid(figure, axes, out)
 
 
 def sample_panel(panels: list[tuple[str, np.ndarray]], out: Path, title: str = "") -> Path:
