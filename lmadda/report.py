@@ -66,8 +66,11 @@ def _save_grid(figure, axes, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
-    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    columns = max(1, min(len(labels), 3 * len(axes[0])))  # as many entries per row as the width holds
+    rows = -(-len(labels) // columns)
+    figure.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8)
+    height = figure.get_size_inches()[1]
+    figure.tight_layout(rect=(0, min(0.4, 0.25 * rows / height + 0.02), 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=90)
     plt.close(figure)
