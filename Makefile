@@ -31,7 +31,7 @@ test: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/adapt_cost.py
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

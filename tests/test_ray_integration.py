@@ -1,6 +1,12 @@
 """Ray Train / Tune / MLflow end to end on CPU, one Ray instance per session (marked slow)."""
 
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
 
 import mlflow
 import pyarrow.parquet as pq
@@ -52,6 +58,7 @@ def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_sessi
     rows = run_sweep(sweep, log=lambda *_: None)
     table = pq.read_table(sweep.storage_path / "two" / "results.parquet").to_pylist()
     assert sorted(r["layer"] for r in table) == [1, 11] and all(r["steps_done"] == 4 for r in rows)
+    assert any((sweep.storage_path / "mlartifacts").rglob("generator.pt"))  # artifacts beside the SQLite store
     assert all(not r["collapsed"] and math.isfinite(r["pearson_dapi"]) for r in table)
 
     mlflow.set_tracking_uri(sweep.tracking_uri)
@@ -76,13 +83,52 @@ def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_sessi
 
 
 def test_stopper_ends_a_diverging_trial_and_the_table_marks_it_collapsed(ray_session, tiny_synth, tiny_source, tmp_path):
+    from lmadda.checkpoint import load_checkpoint
     from tune.sweep import run_sweep
 
-    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "diverge",
+    # The source model does not exist yet: the sweep trains it first (Ray Train), then adapts it.
+    trained = tmp_path / "models" / "source.pt"
+    source = {"checkpoint": str(trained), "train": {"manifest": str(tiny_synth.source), "markers": ["dapi"], "ngf": 4, "depth": 6,
+                                                    "ndf": 4, "crop_size": 64, "batch_size": 2, "crops_per_epoch": 4, "epochs": 1}}
+    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "diverge", source=source,
                    grid={"layer": [3], "lr": [1.0], "magnitude": [2.0]},
                    adapt={"steps": 40, "batch_size": 2, "crop_size": 64, "log_every": 2, "gate_accuracy": None,
                           "d_warmup_steps": 0, "stop_on_collapse": False, "collapse_g_loss": 1e9},
                    stop={"g_loss_bound": 0.5, "d_saturation_accuracy": 0.99, "d_saturation_patience": 5})
     rows = run_sweep(sweep, log=lambda *_: None)
+    assert load_checkpoint(trained).markers == ["dapi"]
     assert len(rows) == 1 and rows[0]["collapsed"] and "> 0.5" in rows[0]["collapse_reason"]
     assert rows[0]["steps_done"] < 40
+
+
+def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_trials(ray_session, tiny_synth, tiny_source, tmp_path):
+    from tune.sweep import run_sweep
+
+    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "killed", grid={"layer": [1, 2, 11], "lr": [1e-4], "magnitude": [2.0]},
+                   resources={"workers_per_trial": 1, "cpus_per_worker": 0.5, "max_concurrent_trials": 1})
+    config = tmp_path / "killed.yaml"
+    config.write_text(yaml.safe_dump(sweep.model_dump(mode="json")))
+    experiment = sweep.storage_path / "killed"
+    log = (tmp_path / "driver.log").open("w")
+    driver = subprocess.Popen([sys.executable, "-m", "tune.sweep", "--config", str(config),
+                               "--address", ray_session.get_runtime_context().gcs_address],
+                              cwd=Path(__file__).parents[1], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        # One trial at a time: when the second trial's folder appears, the first has finished.
+        while len(list(experiment.glob("trial_driver_*"))) < 2:
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the sweep did not reach its second trial in 240 s"
+            time.sleep(0.5)
+        time.sleep(4)  # longer than the driver's state-saving period (TUNE_GLOBAL_CHECKPOINT_S=2)
+    finally:
+        driver.kill()
+        driver.wait()
+    first = next(experiment.glob("trial_driver_*_00000_*")) / "result.json"
+    finished_before = first.read_bytes()
+    assert finished_before.count(b"\n") == 2  # both reports of 4 steps (log_every 2)
+
+    rows = run_sweep(sweep, resume=True, log=lambda *_: None)
+    assert sorted(r["layer"] for r in rows) == [1, 2, 11]
+    assert all(r["steps_done"] == 4 and not r["error"] for r in rows)
+    assert first.read_bytes() == finished_before  # the finished trial was not run again

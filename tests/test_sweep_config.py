@@ -42,6 +42,9 @@ def test_relative_paths_are_made_absolute(tmp_path):
         ({"adapt": {"layer": 3}}, "come from the grid"),
         ({"adapt": {"stepz": 3}}, "stepz"),
         ({"resourcez": {}}, "unknown option 'resourcez'"),
+        ({"source": {"checkpoint": "s.pt", "train": {"manifest": "m", "epochz": 2}}}, "epochz"),
+        ({"source": {"checkpoint": "s.pt", "train": {"manifest": "m", "device": "cuda"}}}, "comes from the Ray Train worker"),
+        ({"adapt": {"batch_size": 3}, "resources": {"workers_per_trial": 2}}, "must split evenly over resources.workers_per_trial = 2"),
     ],
 )
 def test_bad_sweep_configs_name_the_problem(changes, message):
@@ -71,3 +74,15 @@ def test_stopper_stops_on_nan_bound_and_saturation_and_remembers_why():
 def test_registry_aliases_are_valid_names():
     assert alias_for("bright_field") == "bright_field"
     assert alias_for("phase_contrast+overexposure:2.5") == "phase_contrast-overexposure-2_5"
+
+
+def test_a_missing_source_checkpoint_without_training_options_names_both_fixes(tmp_path):
+    from tune.sweep import train_source_stage
+
+    with pytest.raises(LmaddaError, match="lmadda train-source.*source.train"):
+        train_source_stage(_config().resolved(tmp_path))
+
+
+def test_source_training_options_resolve_their_manifest(tmp_path):
+    resolved = _config(source={"checkpoint": "s.pt", "train": {"manifest": "data/m.parquet"}}).resolved(tmp_path)
+    assert resolved.source.train["manifest"] == str(tmp_path / "data" / "m.parquet")

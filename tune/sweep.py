@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from lmadda.config import build_config, read_config_file
 from lmadda.errors import LmaddaError
 from tune.stopper import ModeCollapseStopper
 from tune.sweep_config import SweepConfig
-from tune.train_workers import GENERATOR_FILE, adaptation_worker
+from tune.train_workers import GENERATOR_FILE, adaptation_worker, source_worker
 
 
 LOCAL_RAY_NOTE = """Ray Train V2 under Tune leaves each trial's worker placement group reserved unless its
@@ -62,10 +63,7 @@ def trial_driver(config: dict) -> None:
                  "magnitude": float("nan") if point["magnitude"] is None else point["magnitude"]},
     }
     workers = resources.workers_per_trial
-    scaling = ScalingConfig(
-        num_workers=workers, use_gpu=resources.gpus_per_worker > 0,
-        resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})} if workers else None,
-    )
+    scaling = scaling_config(sweep)
     # The trial id is stable across Tuner.restore, so a restored trial's Train run resumes its own checkpoints.
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
@@ -94,16 +92,50 @@ def _collapsed(history: list[dict], sweep: SweepConfig) -> tuple[bool, str]:
     return False, ""
 
 
+def scaling_config(sweep: SweepConfig) -> ScalingConfig:
+    resources = sweep.resources
+    workers = resources.workers_per_trial
+    return ScalingConfig(
+        num_workers=workers, use_gpu=resources.gpus_per_worker > 0,
+        resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})} if workers else None,
+    )
+
+
+def train_source_stage(sweep: SweepConfig, log=print) -> Path:
+    """Train the sweep's source model with Ray Train (`source.train`), unless its checkpoint exists.
+
+    The Train run is named after the sweep, so a re-run after an interrupted stage finds its
+    checkpoints; the generator is copied to `source.checkpoint` only when training has finished.
+    """
+    target = sweep.source.checkpoint
+    if target.is_file():
+        return target
+    if sweep.source.train is None:
+        raise LmaddaError(f"source checkpoint {target} not found; train one with `lmadda train-source`, "
+                          "or give source.train options in the sweep config to train it first")
+    log(f"[sweep] training the source model -> {target}")
+    trainer = TorchTrainer(
+        source_worker, train_loop_config={"train": sweep.source.train}, scaling_config=scaling_config(sweep),
+        run_config=RunConfig(name=f"{sweep.name}-source", storage_path=str(sweep.storage_path / "train"),
+                             failure_config=FailureConfig(max_failures=sweep.resources.max_failures)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None or not result.metrics.get("done"):
+        raise LmaddaError(f"source training did not finish ({result.error or 'no final checkpoint'}); re-run the sweep to resume it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    with result.checkpoint.as_directory() as folder:
+        partial.write_bytes((Path(folder) / GENERATOR_FILE).read_bytes())
+    partial.replace(target)
+    log(f"[sweep] source model: validation Pearson {result.metrics.get('val_pearson', float('nan')):.3f} -> {target}")
+    return target
+
+
 def sweep_exists(sweep: SweepConfig) -> bool:
     return tune.Tuner.can_restore(str(sweep.storage_path / sweep.name))
 
 
-def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[dict]:
-    """Run (or resume) the sweep; return one row per trial and write results.parquet + MLflow runs."""
-    source = load_checkpoint(sweep.source.checkpoint)
-    points = sweep.trials(source.generator.num_layers)
-    for point in points:
-        source.generator.check_layer(point["layer"])
+def _check_cpus(sweep: SweepConfig) -> None:
     resources = sweep.resources
     needed = resources.trial_cpus + resources.workers_per_trial * resources.cpus_per_worker
     available = ray.cluster_resources().get("CPU", 0)
@@ -112,6 +144,16 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
             f"a trial needs {needed:g} CPUs (trial {resources.trial_cpus:g} + {resources.workers_per_trial} workers x "
             f"{resources.cpus_per_worker:g}) but the cluster has {available:g}; lower resources.cpus_per_worker or workers_per_trial"
         )
+
+
+def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[dict]:
+    """Run (or resume) the sweep; return one row per trial and write results.parquet + MLflow runs."""
+    _check_cpus(sweep)
+    source = load_checkpoint(train_source_stage(sweep, log=log))
+    points = sweep.trials(source.generator.num_layers)
+    for point in points:
+        source.generator.check_layer(point["layer"])
+    resources = sweep.resources
     experiment_path = sweep.storage_path / sweep.name
     trainable = tune.with_resources(trial_driver, {"CPU": resources.trial_cpus})
     stopper = ModeCollapseStopper(sweep.stop.g_loss_bound, sweep.stop.d_saturation_accuracy, sweep.stop.d_saturation_patience)
@@ -170,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster, or a new local one)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance")
     args = parser.parse_args(argv)
+    # Tune saves the sweep's state at most every 10 s by default; a driver killed in between would
+    # redo trials that had finished. The state is a few kB: save it every 2 s.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     try:
         data = read_config_file(args.config)
         # Relative paths in the config are relative to the working directory (the repository root

@@ -2,7 +2,7 @@
 
     name: quick
     storage_path: out/sweeps                 # made absolute: Tune trials change directory
-    source: {checkpoint: demo-out/models/source_phase_contrast.pt}
+    source: {checkpoint: demo-out/models/source_phase_contrast.pt}   # + train: {...} to train it first
     data:
       manifest: demo-out/data/manifest.parquet
       source_setting: phase_contrast
@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lmadda.data.shifts import KINDS, Shift
 from lmadda.training.adapt import AdaptConfig
+from lmadda.training.source import SourceTrainConfig
 
 
 class _Strict(BaseModel):
@@ -33,6 +34,16 @@ class _Strict(BaseModel):
 
 class SourceSpec(_Strict):
     checkpoint: Path = Field(description="source generator checkpoint (train one with `lmadda train-source`)")
+    train: dict | None = Field(None, description="SourceTrainConfig options: when the checkpoint does not exist yet, "
+                                                 "train it first with Ray Train (same workers as the trials)")
+
+    @model_validator(mode="after")
+    def _train_options_valid(self) -> "SourceSpec":
+        if self.train is not None:
+            if "device" in self.train:
+                raise ValueError("source.train: the device comes from the Ray Train worker; remove 'device'")
+            SourceTrainConfig(**self.train)  # every option checked here, by name
+        return self
 
 
 class DataSpec(_Strict):
@@ -106,6 +117,12 @@ class SweepConfig(_Strict):
             raise ValueError(f"data.shift {self.data.shift!r} needs grid.magnitude values")
         for magnitude in self.grid.magnitude:
             Shift(self.data.shift, magnitude)
+        workers = max(1, self.resources.workers_per_trial)
+        for where, batch in (("adapt", self.adapt.get("batch_size", AdaptConfig.model_fields["batch_size"].default)),
+                             ("source.train", (self.source.train or {}).get("batch_size", SourceTrainConfig.model_fields["batch_size"].default))):
+            if batch % workers:
+                raise ValueError(f"{where}.batch_size {batch} is the effective batch and must split evenly over "
+                                 f"resources.workers_per_trial = {workers}; make it a multiple of {workers}")
         return self
 
     def resolved(self, base: Path) -> "SweepConfig":
@@ -113,9 +130,12 @@ class SweepConfig(_Strict):
         def absolute(path: Path) -> Path:
             return path if path.is_absolute() else (base / path).resolve()
 
+        train = self.source.train
+        if train is not None and "manifest" in train:
+            train = {**train, "manifest": str(absolute(Path(train["manifest"])))}
         return self.model_copy(update={
             "storage_path": absolute(self.storage_path),
-            "source": self.source.model_copy(update={"checkpoint": absolute(self.source.checkpoint)}),
+            "source": self.source.model_copy(update={"checkpoint": absolute(self.source.checkpoint), "train": train}),
             "data": self.data.model_copy(update={"manifest": absolute(self.data.manifest)}),
         })
 

@@ -36,10 +36,25 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def artifact_location(tracking_uri: str, storage_path: Path) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local SQLite store (MLflow's default is
+    ./mlruns in whatever directory the driver runs in); a tracking server decides for itself."""
+    if tracking_uri.startswith("sqlite:"):
+        return (Path(storage_path) / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def ensure_experiment(tracking_uri: str, name: str, storage_path: Path):
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=artifact_location(tracking_uri, storage_path))
+    return mlflow.set_experiment(name)
+
+
 def log_sweep(sweep, rows: list[dict], results_path: Path, log=print) -> str:
     """Log every trial as a nested run; return the parent run id. A resumed sweep logs only new trials."""
-    mlflow.set_tracking_uri(sweep.tracking_uri)
-    experiment = mlflow.set_experiment(sweep.experiment)
+    experiment = ensure_experiment(sweep.tracking_uri, sweep.experiment, sweep.storage_path)
     client = MlflowClient()
     logged = {r.data.tags.get("lmadda.trial_key") for r in client.search_runs([experiment.experiment_id], "tags.`lmadda.kind` = 'trial'", max_results=5000)}
     parents = client.search_runs([experiment.experiment_id], f"tags.`lmadda.kind` = 'sweep' and tags.`lmadda.sweep` = '{sweep.name}'")

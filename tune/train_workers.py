@@ -1,10 +1,18 @@
-"""Ray Train per-worker functions for the LM-ADDA loop.
+"""Ray Train per-worker functions: source training and the LM-ADDA loop, data-parallel.
 
-The worker builds an `lmadda.training.adapt.Adapter` (the same loop `lmadda adapt` runs) with:
+Both run the lmadda loops themselves (`train_source`, `Adapter`), not copies. In both, the
+configured `batch_size` is the effective batch: each of N workers takes batch_size / N, so a result
+does not depend on how many workers computed it.
+
+`source_worker` runs `train_source` with DDP around G and D, SyncBatchNorm on >1 GPU worker, crops
+sharded with `DistributedSampler`, and a checkpoint (loop state + best generator so far) reported
+after every epoch, from which a restarted worker group resumes.
+
+`adaptation_worker` builds an `lmadda.training.adapt.Adapter` (the same loop `lmadda adapt` runs) with:
 - the device Ray Train assigned (`ray.train.torch.get_device`),
 - DDP around the trained prefix of G' and around the discriminators (`prepare_model`; gloo on CPU,
   NCCL on GPU, chosen by Ray), frozen layers excluded because they need no gradient,
-- SyncBatchNorm for the trained layers when their BatchNorm trains (`bn_mode: train`) on >1 worker,
+- SyncBatchNorm for the trained layers when their BatchNorm trains (`bn_mode: train`) on >1 GPU worker,
 - crops sharded with `DistributedSampler`,
 - the gate and collapse decisions averaged over workers, so all workers stop at the same step and
   call `ray.train.report` the same number of times,
@@ -33,9 +41,73 @@ from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.models.generator import UNetGenerator
 from lmadda.training.adapt import AdaptConfig, Adapter
+from lmadda.training.source import SourceHooks, SourceTrainConfig, load_source_data, source_checkpoint, train_source
 
 STATE_FILE = "adapter_state.pt"
+SOURCE_STATE_FILE = "source_state.pt"
 GENERATOR_FILE = "generator.pt"
+
+
+def worker_batch(batch_size: int, world_size: int) -> int:
+    if batch_size % world_size:
+        raise LmaddaError(f"batch_size {batch_size} must be a multiple of the number of workers ({world_size}): "
+                          "it is the effective batch, split evenly over the workers")
+    return batch_size // world_size
+
+
+def sync_batchnorm(distributed: bool, device: torch.device) -> bool:
+    """SyncBatchNorm on GPU workers only: PyTorch's SyncBatchNorm does not run on CPU (gloo), where
+    each worker's BatchNorm normalises by its own share of the batch (statistics of batch/N images)."""
+    return distributed and device.type == "cuda"
+
+
+def _distributed_sampler_factory(world_size: int, rank: int, seed: int):
+    def sampler_factory(dataset, epoch):
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+        return sampler
+
+    return sampler_factory
+
+
+def source_worker(config: dict) -> None:
+    """Train a source model. `config` keys: train (SourceTrainConfig options), optional resume_from
+    (the folder of a checkpoint this worker reported earlier)."""
+    context = ray.train.get_context()
+    world_size, rank = context.get_world_size(), context.get_world_rank()
+    device = ray.train.torch.get_device()
+    distributed = world_size > 1
+    train_config = SourceTrainConfig(**{**config["train"], "device": str(device)})
+    _, train_images, val_images = load_source_data(train_config)
+    hooks = SourceHooks(
+        prepare=ray.train.torch.prepare_model if distributed else None,
+        sampler_factory=_distributed_sampler_factory(world_size, rank, train_config.seed) if distributed else None,
+        world_size=world_size, sync_batchnorm=sync_batchnorm(distributed, device), device=device,
+    )
+    # After a worker failure Ray Train hands back the run's latest checkpoint; otherwise training may
+    # continue from an earlier run's checkpoint folder (`resume_from`), e.g. to add epochs.
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(str(config["resume_from"]))
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state_file = Path(folder) / SOURCE_STATE_FILE
+            if not state_file.is_file():
+                raise LmaddaError(f"{checkpoint.path} holds no {SOURCE_STATE_FILE}; resume from a checkpoint of a source-training run")
+            resume = torch.load(state_file, map_location=device, weights_only=False)
+
+    def report(record: dict, state: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            report_checkpoint = None
+            if rank == 0:  # one copy of the state; every rank reports, so all report equally often
+                torch.save(state, Path(folder) / SOURCE_STATE_FILE)
+                save_checkpoint(Path(folder) / GENERATOR_FILE, source_checkpoint(
+                    train_config, state["best_generator"], train_images, state["history"], state["best_pearson"]))
+                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({**record, "done": float(record["epoch"] == train_config.epochs)}, checkpoint=report_checkpoint)
+
+    train_source(train_config, progress=False, data=(train_images, val_images), hooks=hooks, resume=resume, on_epoch=report)
 
 
 def labelled_pearson(generator: UNetGenerator, manifest: Manifest, setting: str, shift: Shift | None, source) -> dict[str, float]:
@@ -66,24 +138,18 @@ def adaptation_worker(config: dict) -> None:
 
     source = load_checkpoint(config["source_checkpoint"])
     adapt_config = AdaptConfig(**{**config["adapt"], "device": str(device)})
+    effective_batch = adapt_config.batch_size
+    adapt_config = adapt_config.model_copy(update={"batch_size": worker_batch(effective_batch, world_size)})
     manifest = Manifest.load(config["manifest"])
     shift = Shift.parse(config["shift"]) if config.get("shift") else None
     source_images = load_images(manifest, config["source_setting"], "train", percentiles=source.percentiles)
     target_images = load_images(manifest, config["target_setting"], "train", shift=shift, percentiles=source.percentiles, seed=adapt_config.seed)
 
-    sampler_factory = None
-    prepare = None
-    if distributed:
-        def sampler_factory(dataset, epoch):
-            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=adapt_config.seed)
-            sampler.set_epoch(epoch)
-            return sampler
-
-        def prepare(module):
-            return ray.train.torch.prepare_model(module)
+    sampler_factory = _distributed_sampler_factory(world_size, rank, adapt_config.seed) if distributed else None
+    prepare = ray.train.torch.prepare_model if distributed else None
 
     adapter = Adapter(source, source_images, target_images, adapt_config, device=device, prepare=prepare,
-                      sampler_factory=sampler_factory, sync_batchnorm=distributed,
+                      sampler_factory=sampler_factory, sync_batchnorm=sync_batchnorm(distributed, device),
                       reduce=_mean_over_workers if distributed else None)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -105,6 +171,7 @@ def adaptation_worker(config: dict) -> None:
                 result = adapter.finish()
                 if adapter.finished:  # the last report carries the labelled evaluation, where labels exist
                     metrics.update(labelled_pearson(result.generator, manifest, config["target_setting"], shift, source))
-                save_checkpoint(Path(folder) / GENERATOR_FILE, result.checkpoint(source, adapt_config, target_name, **tags))
+                save_checkpoint(Path(folder) / GENERATOR_FILE, result.checkpoint(
+                    source, adapt_config.model_copy(update={"batch_size": effective_batch}), target_name, **tags))
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=report_checkpoint)

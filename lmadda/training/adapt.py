@@ -296,8 +296,8 @@ class Adapter:
         g_value, d_value = loss_g.item(), loss_d.item()
         non_finite = float(not (math.isfinite(g_value) and math.isfinite(d_value)))
         over_bound = float(g_value > config.collapse_g_loss)
-        if self.reduce is not None:  # every worker decides on the same numbers
-            correct, non_finite, over_bound = self.reduce([correct, non_finite, over_bound])
+        if self.reduce is not None:  # every worker decides (and logs) on the same numbers
+            correct, non_finite, over_bound, g_value, d_value = self.reduce([correct, non_finite, over_bound, g_value, d_value])
         self.running_accuracy = 0.9 * self.running_accuracy + 0.1 * correct
         update_g = step > config.d_warmup_steps and (config.gate_accuracy is None or self.running_accuracy >= config.gate_accuracy)
         if update_g or self.distributed:  # DDP expects a backward after each forward on every worker

@@ -23,9 +23,9 @@ def resolve_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def endless(dataset: Dataset, batch_size: int, seed: int, sampler_factory=None) -> Iterator:
+def endless(dataset: Dataset, batch_size: int, seed: int, sampler_factory=None, first_epoch: int = 0) -> Iterator:
     """Batches forever; each pass is a new epoch of the (epoch-aware) dataset and sampler."""
-    epoch = 0
+    epoch = first_epoch
     while True:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)

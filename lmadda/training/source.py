@@ -3,6 +3,10 @@
 The step follows the reference's `optimize_parameters`: update D on (input, target) vs
 (input, G(input)) with its loss halved, then update G with the GAN loss plus lambda * L1.
 Validation Pearson is computed after every epoch and the best generator is kept.
+
+`SourceHooks` lets Ray Train run the same loop data-parallel (`tune.train_workers.source_worker`):
+`prepare` wraps G and D (DDP), `sampler_factory` shards the crops, `world_size` splits the batch so
+the effective batch stays `batch_size`, and `resume` / `on_epoch` checkpoint and resume by epoch.
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ class SourceTrainConfig(BaseModel):
 
 
 @dataclass
+class SourceHooks:
+    """How a distributed runner plugs into `train_source` (all optional; the defaults run one process)."""
+
+    prepare: Callable[[nn.Module], nn.Module] | None = None  # e.g. ray.train.torch.prepare_model (DDP)
+    sampler_factory: Callable[[object, int], object] | None = None  # e.g. a DistributedSampler per epoch
+    world_size: int = 1  # batch_size is the effective batch: each of world_size workers takes its share
+    sync_batchnorm: bool = False  # BatchNorm statistics over every worker's share of the batch
+    device: torch.device | None = None
+
+
+@dataclass
 class SourceTrainResult:
     checkpoint: GeneratorCheckpoint
     history: list[dict] = field(default_factory=list)
@@ -83,13 +98,18 @@ def pix2pix_step(
 
     losses: dict[str, float] = {}
     if use_gan:
+        # Fake and real pairs pass D separately (its BatchNorm sees each batch alone, as in the
+        # reference), each followed by its own backward: a DDP-wrapped module allows one forward per
+        # backward, and the gradients add up to those of the summed loss.
         optimizer_d.zero_grad(set_to_none=True)
         pred_fake = discriminator(torch.cat([real_input, fake_target.detach()], 1))
+        loss_d_fake = 0.5 * bce(pred_fake, torch.zeros_like(pred_fake))
+        loss_d_fake.backward()
         pred_real = discriminator(torch.cat([real_input, real_target], 1))
-        loss_d = 0.5 * (bce(pred_fake, torch.zeros_like(pred_fake)) + bce(pred_real, torch.ones_like(pred_real)))
-        loss_d.backward()
+        loss_d_real = 0.5 * bce(pred_real, torch.ones_like(pred_real))
+        loss_d_real.backward()
         optimizer_d.step()
-        losses["d_loss"] = loss_d.item()
+        losses["d_loss"] = loss_d_fake.item() + loss_d_real.item()
 
     optimizer_g.zero_grad(set_to_none=True)
     loss_l1 = nn.functional.l1_loss(fake_target, real_target)
@@ -122,45 +142,72 @@ def load_source_data(config: SourceTrainConfig) -> tuple[Manifest, list[LoadedIm
     return manifest, train, val
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "module") else module
+
+
 def train_source(
     config: SourceTrainConfig,
     out: str | Path | None = None,
     *,
     progress: bool = True,
-    on_epoch: Callable[[dict, UNetGenerator], None] | None = None,
+    on_epoch: Callable[[dict, dict], None] | None = None,
     data: tuple[list[LoadedImage], list[LoadedImage]] | None = None,
+    hooks: SourceHooks = SourceHooks(),
+    resume: dict | None = None,
 ) -> SourceTrainResult:
-    """Train a source generator; keep the generator with the best validation Pearson; save it to `out`."""
+    """Train a source generator; keep the generator with the best validation Pearson; save it to `out`.
+
+    `on_epoch(record, state)` is called after every epoch with the epoch's record and the loop's
+    state (what `resume` takes to continue after that epoch).
+    """
     seed_everything(config.seed)
-    device = resolve_device(config.device)
+    device = hooks.device or resolve_device(config.device)
     if data is None:
         _, train_images, val_images = load_source_data(config)
     else:
         train_images, val_images = data
     if config.crop_size % (2**config.depth):
         raise LmaddaError(f"crop_size {config.crop_size} must be a multiple of 2**depth = {2**config.depth}")
+    if config.batch_size % hooks.world_size:
+        raise LmaddaError(f"batch_size {config.batch_size} must be a multiple of the number of workers ({hooks.world_size}): "
+                          "it is the effective batch, split evenly over the workers")
+    worker_batch = config.batch_size // hooks.world_size
 
     generator, discriminator = build_source_models(config)
+    if hooks.sync_batchnorm:
+        generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
     generator.to(device)
     discriminator.to(device)
     betas = (config.beta1, 0.999)
     optimizer_g = torch.optim.Adam(generator.parameters(), lr=config.lr, betas=betas)
     optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr, betas=betas)
+    history: list[dict] = []
+    best_pearson, best_state, first_epoch = -np.inf, None, 0
+    if resume is not None:
+        generator.load_state_dict(resume["generator"])
+        discriminator.load_state_dict(resume["discriminator"])
+        optimizer_g.load_state_dict(resume["optimizer_g"])
+        optimizer_d.load_state_dict(resume["optimizer_d"])
+        history, best_pearson, best_state = list(resume["history"]), resume["best_pearson"], resume["best_generator"]
+        first_epoch = resume["epoch"]
+    prepare = hooks.prepare or (lambda module: module)
+    trained_generator, trained_discriminator = prepare(generator), prepare(discriminator)
+
     crops = PairedCrops(train_images, crop_size=config.crop_size, length=config.crops_per_epoch, seed=config.seed)
-    batches = endless(crops, config.batch_size, config.seed)
+    batches = endless(crops, worker_batch, config.seed, hooks.sampler_factory, first_epoch=first_epoch)
     steps_per_epoch = max(1, config.crops_per_epoch // config.batch_size)
 
-    history: list[dict] = []
-    best_pearson, best_state = -np.inf, None
     start = time.perf_counter()
     bar = Progress(config.epochs * steps_per_epoch, f"train-source {config.setting}->{','.join(config.markers)}", progress)
-    for epoch in range(config.epochs):
-        generator.train()
-        discriminator.train()
+    for epoch in range(first_epoch, config.epochs):
+        trained_generator.train()
+        trained_discriminator.train()
         sums: dict[str, float] = {}
         for step in range(steps_per_epoch):
             real_input, real_target = (t.to(device) for t in next(batches))
-            losses = pix2pix_step(generator, discriminator, optimizer_g, optimizer_d, real_input, real_target,
+            losses = pix2pix_step(trained_generator, trained_discriminator, optimizer_g, optimizer_d, real_input, real_target,
                                   config.lambda_l1, use_gan=config.gan_loss == "vanilla")
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -171,14 +218,29 @@ def train_source(
         for marker in config.markers:
             record[f"val_pearson_{marker}"] = float(np.nanmean([r["pearson"] for r in rows if r["marker"] == marker]))
         history.append(record)
-        if on_epoch:
-            on_epoch(record, generator)
         if val_pearson > best_pearson:
             best_pearson, best_state = val_pearson, copy.deepcopy(generator.state_dict())
+        if on_epoch:
+            on_epoch(record, {
+                "epoch": epoch + 1, "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                "optimizer_g": optimizer_g.state_dict(), "optimizer_d": optimizer_d.state_dict(),
+                "history": list(history), "best_pearson": best_pearson, "best_generator": best_state,
+            })
 
-    generator.load_state_dict(best_state)
-    generator.eval().cpu()
-    checkpoint = GeneratorCheckpoint(
+    checkpoint = source_checkpoint(config, best_state, train_images, history, best_pearson)
+    if out is not None:
+        save_checkpoint(out, checkpoint)
+    return SourceTrainResult(checkpoint=checkpoint, history=history, best_val_pearson=best_pearson, seconds=time.perf_counter() - start)
+
+
+def source_checkpoint(config: SourceTrainConfig, generator_state: dict, train_images: list[LoadedImage],
+                      history: list[dict], best_pearson: float) -> GeneratorCheckpoint:
+    """The checkpoint of a source model: the generator with `generator_state` and how it was trained."""
+    generator = UNetGenerator(config.generator_config())
+    # SyncBatchNorm and BatchNorm2d share parameter and buffer names, so a distributed state loads here.
+    generator.load_state_dict(generator_state)
+    generator.eval()
+    return GeneratorCheckpoint(
         generator=generator,
         markers=list(config.markers),
         setting=config.setting if not config.shift else f"{config.setting}+{config.shift}",
@@ -191,6 +253,3 @@ def train_source(
             "history": history,
         },
     )
-    if out is not None:
-        save_checkpoint(out, checkpoint)
-    return SourceTrainResult(checkpoint=checkpoint, history=history, best_val_pearson=best_pearson, seconds=time.perf_counter() - start)
