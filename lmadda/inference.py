@@ -40,6 +40,55 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+class TilePlan:
+    """How an image is cut into overlapping tiles and how the tiles' predictions are blended back.
+
+    `predict_tiled` runs it in one call; the HTTP endpoint runs the same plan with its tiles
+    micro-batched across requests, so both produce the same pixels.
+    """
+
+    def __init__(self, image: np.ndarray, config, *, tile: int = 256, overlap: float = 0.25):
+        if image.ndim != 3 or image.shape[0] != config.in_channels:
+            raise LmaddaError(f"image has shape {image.shape}; this model expects ({config.in_channels}, H, W)")
+        if not 0 <= overlap < 1:
+            raise LmaddaError(f"overlap {overlap} must be a fraction in [0, 1), e.g. 0.25")
+        if tile % config.multiple:
+            raise LmaddaError(f"tile {tile} must be a multiple of {config.multiple} (2**depth of this generator)")
+        self.height, self.width = image.shape[1:]
+        self.tile, self.out_channels = tile, config.out_channels
+        # Small images are reflect-padded up to one tile (padding keeps the statistics of the image).
+        padded_h, padded_w = max(self.height, tile), max(self.width, tile)
+        if (padded_h, padded_w) != (self.height, self.width):
+            mode = "reflect" if self.height > 1 and self.width > 1 and padded_h < 2 * self.height and padded_w < 2 * self.width else "symmetric"
+            image = np.pad(image, ((0, 0), (0, padded_h - self.height), (0, padded_w - self.width)), mode=mode)
+        self.image = image
+        overlap_px = int(round(tile * overlap))
+        stride = max(tile - overlap_px, 1)
+        window = feather_window(tile, overlap_px // 2 if overlap_px else 0)
+        self.window = np.maximum(window, 1e-3)  # the image border is covered by one tile only: keep it
+        self.origins = [(top, left) for top in tile_origins(padded_h, tile, stride) for left in tile_origins(padded_w, tile, stride)]
+        self.output = np.zeros((config.out_channels, padded_h, padded_w), np.float32)
+        self.weight = np.zeros((padded_h, padded_w), np.float32)
+
+    def batches(self, batch_size: int):
+        """(origins, stacked input tiles) in groups of at most `batch_size`."""
+        if batch_size < 1:
+            raise LmaddaError(f"batch size {batch_size} must be >= 1")
+        for start in range(0, len(self.origins), batch_size):
+            origins = self.origins[start : start + batch_size]
+            tile = self.tile
+            yield origins, np.stack([self.image[:, t : t + tile, l : l + tile] for t, l in origins])
+
+    def add(self, origins, predictions: np.ndarray) -> None:
+        tile = self.tile
+        for (t, l), prediction in zip(origins, predictions):
+            self.output[:, t : t + tile, l : l + tile] += prediction * self.window
+            self.weight[t : t + tile, l : l + tile] += self.window
+
+    def result(self) -> np.ndarray:
+        return (self.output / self.weight)[:, : self.height, : self.width]
+
+
 @torch.no_grad()
 def predict_tiled(
     generator: UNetGenerator,
@@ -55,41 +104,14 @@ def predict_tiled(
     Runs the generator in eval mode (BatchNorm running statistics, no dropout): pix2pix's own test
     script keeps train-mode BatchNorm, which silently adapts to each test batch; lmadda does not.
     """
-    config = generator.config
-    if image.ndim != 3 or image.shape[0] != config.in_channels:
-        raise LmaddaError(f"image has shape {image.shape}; this model expects ({config.in_channels}, H, W)")
-    if not 0 <= overlap < 1:
-        raise LmaddaError(f"overlap {overlap} must be a fraction in [0, 1), e.g. 0.25")
-    if tile % config.multiple:
-        raise LmaddaError(f"tile {tile} must be a multiple of {config.multiple} (2**depth of this generator)")
-    if batch_size < 1:
-        raise LmaddaError(f"batch size {batch_size} must be >= 1")
+    plan = TilePlan(image, generator.config, tile=tile, overlap=overlap)
     device = torch.device(device) if device is not None else default_device()
     was_training = generator.training
     generator.eval().to(device)
-
-    height, width = image.shape[1:]
-    # Small images are reflect-padded up to one tile (padding keeps the statistics of the image).
-    padded_h, padded_w = max(height, tile), max(width, tile)
-    if (padded_h, padded_w) != (height, width):
-        mode = "reflect" if height > 1 and width > 1 and padded_h < 2 * height and padded_w < 2 * width else "symmetric"
-        image = np.pad(image, ((0, 0), (0, padded_h - height), (0, padded_w - width)), mode=mode)
-    overlap_px = int(round(tile * overlap))
-    stride = max(tile - overlap_px, 1)
-    window = feather_window(tile, overlap_px // 2 if overlap_px else 0)
-    window = np.maximum(window, 1e-3)  # the image border is covered by one tile only: keep it
-    output = np.zeros((config.out_channels, padded_h, padded_w), np.float32)
-    weight = np.zeros((padded_h, padded_w), np.float32)
-    origins = [(top, left) for top in tile_origins(padded_h, tile, stride) for left in tile_origins(padded_w, tile, stride)]
-    for start in range(0, len(origins), batch_size):
-        batch_origins = origins[start : start + batch_size]
-        batch = np.stack([image[:, t : t + tile, l : l + tile] for t, l in batch_origins])
-        predictions = generator(torch.from_numpy(batch).to(device)).float().cpu().numpy()
-        for (t, l), prediction in zip(batch_origins, predictions):
-            output[:, t : t + tile, l : l + tile] += prediction * window
-            weight[t : t + tile, l : l + tile] += window
+    for origins, batch in plan.batches(batch_size):
+        plan.add(origins, generator(torch.from_numpy(batch).to(device)).float().cpu().numpy())
     generator.train(was_training)
-    return (output / weight)[:, :height, :width]
+    return plan.result()
 
 
 def predict_file(

@@ -6,6 +6,7 @@ sensor maximum the stored values can reach, because overexposure saturates at th
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,28 +92,37 @@ def read_image(path: str | Path, *, bit_depth: int | None = None, channel_axis: 
     if path.is_dir():
         raise LmaddaError(f"{path}: is a folder, expected an image file ({', '.join(SUPPORTED_SUFFIXES)})")
     suffix = path.suffix.lower()
+    if suffix not in TIFF_SUFFIXES + PNG_SUFFIXES:
+        raise LmaddaError(f"{path}: unsupported file type {suffix or '(none)'}; lmadda reads {', '.join(SUPPORTED_SUFFIXES)}")
+    return decode_image(path.read_bytes(), "tiff" if suffix in TIFF_SUFFIXES else "png", str(path),
+                        bit_depth=bit_depth, channel_axis=channel_axis, path=path)
+
+
+def decode_image(data: bytes, kind: str, name: str, *, bit_depth: int | None = None, channel_axis: int | None = None,
+                 path: Path | None = None) -> RawImage:
+    """Decode TIFF or PNG bytes (`kind` 'tiff' or 'png') as `read_image` does; `name` labels errors."""
+    if not data:
+        raise LmaddaError(f"{name}: no image data (0 bytes); send or export the image again")
     try:
-        if suffix in TIFF_SUFFIXES:
-            array = tifffile.imread(path)
-        elif suffix in PNG_SUFFIXES:
+        if kind == "tiff":
+            array = tifffile.imread(io.BytesIO(data))
+        elif kind == "png":
             from PIL import Image
 
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 array = np.asarray(image)
         else:
-            raise LmaddaError(
-                f"{path}: unsupported file type {suffix or '(none)'}; lmadda reads {', '.join(SUPPORTED_SUFFIXES)}"
-            )
+            raise LmaddaError(f"{name}: unsupported image kind {kind!r}; use 'tiff' or 'png'")
     except LmaddaError:
         raise
     except Exception as error:  # tifffile/PIL raise many types for truncated or foreign files
-        raise LmaddaError(f"{path}: cannot read image ({type(error).__name__}: {error}); is the file complete and a real TIFF/PNG?") from error
+        raise LmaddaError(f"{name}: cannot read image ({type(error).__name__}: {error}); is the file complete and a real TIFF/PNG?") from error
     if array.size == 0:
-        raise LmaddaError(f"{path}: no image data (shape {array.shape}); the file is empty or corrupt, export it again")
+        raise LmaddaError(f"{name}: no image data (shape {array.shape}); the file is empty or corrupt, export it again")
     sensor_max = sensor_max_for(array.dtype, bit_depth)
-    chw = _to_chw(array, path, channel_axis).astype(np.float32, copy=False)
+    chw = _to_chw(array, Path(name), channel_axis).astype(np.float32, copy=False)
     if not np.isfinite(chw).all():
-        raise LmaddaError(f"{path}: image contains NaN or infinite values; replace them before use")
+        raise LmaddaError(f"{name}: image contains NaN or infinite values; replace them before use")
     return RawImage(pixels=np.ascontiguousarray(chw), sensor_max=sensor_max, dtype=array.dtype.name, path=path)
 
 

@@ -1,0 +1,167 @@
+"""The staining endpoint on a real Ray Serve instance, models from a temporary MLflow registry (slow)."""
+
+import io
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-token-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _register(client, tracking_uri, path, marker_models, alias):
+    """Log `path` as a run's generator artifact; register it under each model and point `alias` at it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(path), artifact_path="generator")
+    versions = {}
+    for name in marker_models:
+        try:
+            client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            pass
+        version = client.create_model_version(name, f"runs:/{run.info.run_id}/generator/{path.name}", run_id=run.info.run_id)
+        client.set_registered_model_alias(name, alias, version.version)
+        versions[name] = version.version
+    return versions
+
+
+def _post(url, body, content_type="image/tiff", token=TOKEN):
+    headers = {"Content-Type": content_type, **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
+
+
+def _get(url, token=TOKEN):
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _tiff(array) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_session, tiny_source, tmp_path_factory):
+    from mlflow.tracking import MlflowClient
+    from ray import serve
+
+    from lmadda.checkpoint import load_checkpoint, save_checkpoint
+    from serve.app import StainService
+
+    root = tmp_path_factory.mktemp("serve")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    # A second model: the source with perturbed weights, so the two settings give different stains.
+    other = load_checkpoint(tiny_source)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in other.generator.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    other_path = save_checkpoint(root / "other" / "generator.pt", other)
+    corrupt = root / "corrupt" / "generator.pt"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"not a checkpoint")
+    models = ["lmadda-dapi", "lmadda-cd29"]
+    _register(client, tracking_uri, tiny_source, models, "phase_contrast")
+    _register(client, tracking_uri, other_path, models, "bright_field")
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    service = StainService.options(ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"LMADDA_SERVE_TOKEN": TOKEN}}})
+    serve.run(service.bind(tracking_uri, cache_dir=str(root / "cache"), refresh_s=3600, max_body_mb=1, tile=64),
+              name="lmadda-test", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "client": client, "tracking_uri": tracking_uri,
+           "paths": {"phase_contrast": tiny_source, "bright_field": other_path}, "other": other_path, "corrupt": corrupt, "root": root}
+    serve.delete("lmadda-test")
+    serve.shutdown()
+
+
+def _expected(checkpoint_path, image, tmp_path, marker_index):
+    from lmadda.inference import predict_file
+
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    predict_file(checkpoint_path, tmp_path / "in.tif", tmp_path / "out.tif", tile=64, overlap=0.25, device="cpu")
+    out = tifffile.imread(tmp_path / "out.tif")
+    return out[marker_index] if out.ndim == 3 else out
+
+
+def test_stains_match_lmadda_predict_for_each_setting_marker_and_size(endpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    for size in [(64, 64), (100, 72)]:
+        image = rng.integers(0, 4000, size=size).astype(np.uint16)
+        for setting, path in endpoint["paths"].items():
+            status, headers, body = _post(f"{endpoint['url']}/v1/stain?setting={setting}&marker=dapi,cd29", _tiff(image))
+            assert status == 200, body
+            stains = tifffile.imread(io.BytesIO(body))
+            assert stains.shape == (2, *size) and stains.dtype == np.uint16
+            assert headers["x-lmadda-markers"] == "dapi,cd29" and headers["x-lmadda-setting"] == setting
+            for index in range(2):
+                expected = _expected(path, image, tmp_path, index)
+                assert np.abs(stains[index].astype(int) - expected.astype(int)).max() <= 1  # rounding at .5 only
+
+
+def test_bad_requests_get_clear_statuses(endpoint):
+    url, image = endpoint["url"], _tiff(np.zeros((64, 64), np.uint16))
+    cases = [
+        (_post(f"{url}/v1/stain?setting=bright_field", image, token=None), 401, "bearer token"),
+        (_post(f"{url}/v1/stain?setting=bright_field", image, "text/plain"), 415, "image/tiff"),
+        (_post(f"{url}/v1/stain?setting=bright_field", b"\x00" * (2**20 + 1)), 413, "limit"),
+        (_post(f"{url}/v1/stain?setting=bright_field", b"garbage"), 400, "cannot read image"),
+        (_post(f"{url}/v1/stain?setting=bright_field", b""), 400, "0 bytes"),
+        (_post(f"{url}/v1/stain?setting=bright_field", _tiff(np.full((64, 64), np.inf, np.float32))), 400, "NaN or infinite"),
+        (_post(f"{url}/v1/stain?setting=bright_field", _tiff(np.zeros((64, 64, 3), np.uint8))), 400, "channel"),
+        (_post(f"{url}/v1/stain?setting=widefield", image), 404, "bright_field, phase_contrast"),
+        (_post(f"{url}/v1/stain?setting=..%2Fetc", image), 400, "not a valid name"),
+        (_post(f"{url}/v1/stain?setting=bright_field&marker=gfp", image), 404, "served markers: cd29, dapi"),
+    ]
+    for (status, _, body), expected, words in cases:
+        assert status == expected and words in body.decode(), (expected, body)
+
+
+def test_models_health_and_a_promoted_champion_served_after_reload(endpoint, tmp_path):
+    url, client = endpoint["url"], endpoint["client"]
+    status, body = _get(f"{url}/v1/models")
+    assert status == 200 and b'"setting":"bright_field"' in body and b'"uri":"models:/lmadda-dapi@phase_contrast"' in body
+    assert _get(f"{url}/healthz", token=None)[0] == 200 and _get(f"{url}/readyz", token=None)[0] == 200
+    assert _get(f"{url}/docs", token=None)[0] == 200  # the OpenAPI page
+
+    image = np.random.default_rng(1).integers(0, 4000, size=(64, 64)).astype(np.uint16)
+    before = _post(f"{url}/v1/stain?setting=phase_contrast&marker=dapi", _tiff(image))
+    # Promote the other generator for phase contrast: served after a reload, without a restart.
+    version = client.create_model_version("lmadda-dapi", client.get_model_version("lmadda-dapi", "2").source)
+    client.set_registered_model_alias("lmadda-dapi", "phase_contrast", version.version)
+    assert _post(f"{url}/v1/reload", b"", "application/json")[0] == 200
+    after = _post(f"{url}/v1/stain?setting=phase_contrast&marker=dapi", _tiff(image))
+    assert before[1]["x-lmadda-models"] == "lmadda-dapi/1" and after[1]["x-lmadda-models"] == f"lmadda-dapi/{version.version}"
+    expected = _expected(endpoint["other"], image, tmp_path, 0)
+    assert np.abs(tifffile.imread(io.BytesIO(after[2])).astype(int) - expected.astype(int)).max() <= 1
+
+    # A champion that cannot load: the previous version keeps serving.
+    _register(client, endpoint["tracking_uri"], endpoint["corrupt"], ["lmadda-dapi"], "phase_contrast")
+    assert _post(f"{url}/v1/reload", b"", "application/json")[0] == 200
+    kept = _post(f"{url}/v1/stain?setting=phase_contrast&marker=dapi", _tiff(image))
+    assert kept[0] == 200 and kept[1]["x-lmadda-models"] == f"lmadda-dapi/{version.version}"
