@@ -199,10 +199,16 @@ class StainService:
         return JSONResponse({"status": "ready", "models": len(table)})
 
 
+ARG_NAMES = ("tracking_uri", "cache_dir", "refresh_s", "max_body_mb", "max_in_flight", "tile", "overlap", "token_env")
+
+
+def check_args(args: dict) -> dict:
+    unknown = set(args) - set(ARG_NAMES)
+    if unknown:
+        raise ValueError(f"unknown serve args {sorted(unknown)}; known: {', '.join(ARG_NAMES)}")
+    return args
+
+
 def build_app(args: dict) -> serve.Application:
     """The application builder `serve run serve/config.yaml` calls with the config's `args`."""
-    known = {"tracking_uri", "cache_dir", "refresh_s", "max_body_mb", "max_in_flight", "tile", "overlap", "token_env"}
-    unknown = set(args) - known
-    if unknown:
-        raise ValueError(f"unknown serve args {sorted(unknown)}; known: {sorted(known)}")
-    return StainService.bind(**args)
+    return StainService.bind(**check_args(args))

@@ -1,0 +1,45 @@
+"""Run the endpoint on a local Ray instance from `serve/config.yaml` (what `lmadda serve` does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from lmadda.errors import LmaddaError
+
+DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
+
+
+def read_serve_config(path: Path = DEFAULT_CONFIG) -> dict:
+    """The lmadda application of a Serve config file: {'args', 'deployment', 'http_options', 'name', 'route_prefix'}."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise LmaddaError(f"cannot read Serve config {path}: {error}") from error
+    apps = [a for a in (config or {}).get("applications", []) if a.get("import_path") == "serve.app:build_app"]
+    if len(apps) != 1:
+        raise LmaddaError(f"{path} must hold exactly one application with import_path serve.app:build_app")
+    app = apps[0]
+    deployments = [d for d in app.get("deployments", []) if d.get("name") == "StainService"]
+    deployment = {k: v for k, v in (deployments[0] if deployments else {}).items() if k != "name"}
+    return {"args": dict(app.get("args") or {}), "deployment": deployment, "http_options": config.get("http_options", {}),
+            "name": app.get("name", "lmadda"), "route_prefix": app.get("route_prefix", "/")}
+
+
+def start_local(config_path: Path = DEFAULT_CONFIG, *, host: str | None = None, port: int | None = None, **overrides) -> str:
+    """Start Serve with the config's application (args overridden by `overrides`); return its URL."""
+    from ray import serve
+
+    from serve.app import StainService, check_args
+
+    config = read_serve_config(config_path)
+    try:
+        args = check_args({**config["args"], **{k: v for k, v in overrides.items() if v is not None}})
+    except ValueError as error:
+        raise LmaddaError(f"{config_path}: {error}") from error
+    host = host or config["http_options"].get("host", "127.0.0.1")
+    port = port or int(config["http_options"].get("port", 8000))
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(StainService.options(**config["deployment"]).bind(**args), name=config["name"], route_prefix=config["route_prefix"])
+    return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
