@@ -34,6 +34,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/adapt_cost.py
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) bench/serve_latency.py
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

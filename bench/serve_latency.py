@@ -1,0 +1,147 @@
+"""Benchmark: staining-endpoint latency over HTTP versus the raw in-process model, on this machine.
+
+Registers a demo-sized generator (ngf 16, depth 8, random weights: speed does not depend on them) in
+a temporary MLflow registry, starts the endpoint with `serve/config.yaml`'s application on a local
+Ray instance, and loads it from a second process on loopback (N requests at concurrency C). For
+each image size it prints p50/p95/p99 latency, throughput, the count of non-2xx answers, and the
+in-process `predict_tiled` time of the same model and tiling, whose ratio is the endpoint's overhead.
+Images larger than 256x256 get a fifth of the requests (they take seconds each on CPU).
+
+    python bench/serve_latency.py [--sizes 256 1024] [--requests 200] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+LOAD_SCRIPT = r"""
+import json, sys, time, urllib.request, urllib.error
+from concurrent.futures import ThreadPoolExecutor
+url, body_path, n, concurrency = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+body = open(body_path, "rb").read()
+def one(_):
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "image/tiff"}, method="POST")
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            response.read(); status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    return time.perf_counter() - start, status
+start = time.perf_counter()
+with ThreadPoolExecutor(concurrency) as pool:
+    results = list(pool.map(one, range(n)))
+print(json.dumps({"wall": time.perf_counter() - start, "latencies": [r[0] for r in results], "statuses": [r[1] for r in results]}))
+"""
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    import mlflow
+    import ray
+    import tifffile
+    import torch
+    from mlflow.tracking import MlflowClient
+    from ray import serve
+
+    from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
+    from lmadda.data.dataset import to_model_range
+    from lmadda.data.normalise import normalise
+    from lmadda.inference import predict_tiled
+    from lmadda.models import GeneratorConfig, UNetGenerator
+    from lmadda.models.generator import init_weights
+    from serve.local import start_local
+
+    root = Path(tempfile.mkdtemp(prefix="lmadda-serve-bench-"))
+    torch.manual_seed(0)
+    generator = UNetGenerator(GeneratorConfig(in_channels=1, out_channels=2, ngf=16, depth=8))
+    init_weights(generator)
+    checkpoint = GeneratorCheckpoint(generator=generator.eval(), markers=["dapi", "cd29"], setting="bench")
+    path = save_checkpoint(root / "generator.pt", checkpoint)
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(path), artifact_path="generator")
+    client.create_registered_model("lmadda-dapi")
+    version = client.create_model_version("lmadda-dapi", f"runs:/{run.info.run_id}/generator/generator.pt", run_id=run.info.run_id)
+    client.set_registered_model_alias("lmadda-dapi", "bench", version.version)
+
+    ray.init(num_cpus=args.num_cpus, log_to_driver=False)
+    url = start_local(host="127.0.0.1", port=8765, tracking_uri=tracking_uri, cache_dir=str(root / "cache"),
+                      max_in_flight=max(8, args.concurrency))
+    torch.set_num_threads(max(1, args.num_cpus))
+    record = {"date": date.today().isoformat(), "host": platform.node(), "cpus": args.num_cpus, "requests": args.requests,
+              "concurrency": args.concurrency, "model": "UNet ngf16 depth8, tile 256, overlap 0.25", "sizes": {}}
+    rng = np.random.default_rng(0)
+    for size in args.sizes:
+        image = rng.integers(0, 4000, size=(size, size)).astype(np.uint16)
+        body_path = root / f"image_{size}.tif"
+        tifffile.imwrite(body_path, image)
+        # The raw forward, in this process: the same normalisation and tiling the endpoint runs.
+        model_input = to_model_range(normalise(image[None].astype(np.float32))[0])
+        predict_tiled(generator, model_input, tile=256, overlap=0.25, device="cpu")  # warm-up
+        forward = []
+        for _ in range(5):
+            start = time.perf_counter()
+            predict_tiled(generator, model_input, tile=256, overlap=0.25, device="cpu")
+            forward.append(time.perf_counter() - start)
+        target = f"{url}/v1/stain?setting=bench&marker=dapi"
+        subprocess.run([sys.executable, "-c", LOAD_SCRIPT, target, str(body_path), "3", "1"], check=True, capture_output=True)  # warm-up
+        load = {}
+        for concurrency in sorted({1, args.concurrency}):
+            # Large images take seconds each on CPU: a fifth as many requests keeps the run in minutes.
+            count = args.requests if size <= 256 else max(20, args.requests // 5)
+            count = count if concurrency > 1 else max(10, count // 10)
+            done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, target, str(body_path), str(count), str(concurrency)],
+                                  check=True, capture_output=True, text=True)
+            result = json.loads(done.stdout)
+            latencies = result["latencies"]
+            load[concurrency] = {
+                "requests": count, "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
+                "p99_s": percentile(latencies, 99), "throughput_rps": count / result["wall"],
+                "non_2xx": sum(1 for s in result["statuses"] if not 200 <= s < 300),
+                "5xx": sum(1 for s in result["statuses"] if s >= 500),
+            }
+        raw = statistics.median(forward)
+        record["sizes"][str(size)] = {"forward_in_process_s": raw, "load": load,
+                                      "p50_over_forward_at_concurrency_1": load[1]["p50_s"] / raw}
+        print(f"{size}x{size}: in-process forward {raw * 1000:.1f} ms")
+        for concurrency, row in load.items():
+            print(f"  concurrency {concurrency:>2}: p50 {row['p50_s'] * 1000:7.1f} ms  p95 {row['p95_s'] * 1000:7.1f} ms  "
+                  f"p99 {row['p99_s'] * 1000:7.1f} ms  {row['throughput_rps']:.2f} req/s  non-2xx {row['non_2xx']}  5xx {row['5xx']}")
+        print(f"  endpoint p50 / in-process forward (concurrency 1): {load[1]['p50_s'] / raw:.2f}")
+    serve.shutdown()
+    ray.shutdown()
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{date.today().isoformat()}-{platform.node()}-serve_latency.json"
+    out.write_text(json.dumps(record, indent=2))
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
