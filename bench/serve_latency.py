@@ -83,6 +83,7 @@ def main() -> int:
     path = save_checkpoint(root / "generator.pt", checkpoint)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("serve-bench")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(path), artifact_path="generator")

@@ -69,6 +69,9 @@ def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_sessi
     parent = [r for r in runs if r.data.tags.get("lmadda.kind") == "sweep"]
     assert len(trials) == 2 and len(parent) == 1
     assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in trials)
+    assert "unadapted.phase_contrast-overexposure-2.pearson_dapi" in parent[0].data.metrics  # the reference to beat
+    assert (sweep.storage_path / "two" / "report" / "lr_0.0001" / "pearson_by_layer.png").is_file()
+    assert {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")} >= {"report/summary.txt", "report/best.parquet"}
     assert {r.data.params["layer"] for r in trials} == {"1", "11"}
     assert len(client.get_metric_history(trials[0].info.run_id, "g_loss")) == 2  # the curve, by step
 

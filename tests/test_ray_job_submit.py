@@ -36,10 +36,14 @@ def local_head(tmp_path_factory):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{ray_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([str(ray_cli), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     port, dashboard = _free_port(), _free_port()
+    # Every port with a fixed default gets a free one: the test session's own Ray instance holds the
+    # defaults (its dashboard agent on 52365), and a head whose agent cannot bind accepts no jobs.
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     temp = Path("/tmp") / f"ray-job-test-{os.getpid()}"  # Ray's socket paths must stay short
     head = subprocess.Popen(
         [str(ray_cli), "start", "--head", "--block", "--num-cpus=2", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats", *agent_ports],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"

@@ -25,6 +25,7 @@ def _register(client, tracking_uri, path, marker_models, alias):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("serve-test")  # not the active experiment of an earlier test's store
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(path), artifact_path="generator")
     versions = {}
@@ -92,7 +93,7 @@ def endpoint(ray_session, tiny_source, tmp_path_factory):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     service = StainService.options(ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"LMADDA_SERVE_TOKEN": TOKEN}}})
-    serve.run(service.bind(tracking_uri, cache_dir=str(root / "cache"), refresh_s=3600, max_body_mb=1, tile=64),
+    serve.run(service.bind(tracking_uri, cache_dir=str(root / "cache"), refresh_s=3600, max_body_mb=1, tile=64, max_in_flight=2),
               name="lmadda-test", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "client": client, "tracking_uri": tracking_uri,
            "paths": {"phase_contrast": tiny_source, "bright_field": other_path}, "other": other_path, "corrupt": corrupt, "root": root}
@@ -165,3 +166,15 @@ def test_models_health_and_a_promoted_champion_served_after_reload(endpoint, tmp
     assert _post(f"{url}/v1/reload", b"", "application/json")[0] == 200
     kept = _post(f"{url}/v1/stain?setting=phase_contrast&marker=dapi", _tiff(image))
     assert kept[0] == 200 and kept[1]["x-lmadda-models"] == f"lmadda-dapi/{version.version}"
+
+
+def test_overload_answers_503_with_retry_after_and_never_500(endpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = _tiff(np.random.default_rng(2).integers(0, 4000, size=(512, 512)).astype(np.uint16))
+    url = f"{endpoint['url']}/v1/stain?setting=bright_field&marker=dapi,cd29"
+    with ThreadPoolExecutor(8) as pool:  # 8 at once against max_in_flight=2: some must be turned away
+        answers = list(pool.map(lambda _: _post(url, image), range(8)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
+    assert all(headers.get("retry-after") == "1" for status, headers, _ in answers if status == 503)

@@ -31,7 +31,10 @@ from lmadda.config import build_config, read_config_file
 from lmadda.errors import LmaddaError
 from tune.stopper import ModeCollapseStopper
 from tune.sweep_config import SweepConfig
-from tune.train_workers import GENERATOR_FILE, adaptation_worker, source_worker
+from lmadda.data.manifest import Manifest
+from lmadda.data.shifts import Shift
+from tune.sweep_report import best_per_target, format_selection, write_sweep_report
+from tune.train_workers import GENERATOR_FILE, adaptation_worker, labelled_pearson, source_worker
 
 
 LOCAL_RAY_NOTE = """Ray Train V2 under Tune leaves each trial's worker placement group reserved unless its
@@ -199,10 +202,26 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     pq.write_table(pa.Table.from_pylist(table_rows), temporary)
     temporary.replace(out)
     log(f"[sweep] {len(rows)} trials -> {out}")
+    unadapted = unadapted_pearson(sweep, source)
+    report = write_sweep_report(table_rows, unadapted, source.generator.last_layer, experiment_path / "report")
+    log(format_selection(table_rows, unadapted, best_per_target(table_rows, unadapted)))
+    log(f"[sweep] figures and selection -> {experiment_path / 'report'}")
     from tune.tracking import log_sweep
 
-    log_sweep(sweep, rows, out, log=log)
+    log_sweep(sweep, rows, out, log=log, unadapted=unadapted, report_files=report)
     return table_rows
+
+
+def unadapted_pearson(sweep: SweepConfig, source) -> dict[str, dict[str, float]]:
+    """The source model, unadapted, on each target's labelled test split: the reference every trial must beat."""
+    manifest = Manifest.load(sweep.data.manifest)
+    results = {}
+    for magnitude in sweep.grid.magnitude or [None]:
+        shift = shift_text(sweep, magnitude)
+        metrics = labelled_pearson(source.generator, manifest, sweep.data.target_setting, Shift.parse(shift) if shift else None, source)
+        if metrics:
+            results[target_name(sweep, magnitude)] = metrics
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

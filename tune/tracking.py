@@ -52,7 +52,8 @@ def ensure_experiment(tracking_uri: str, name: str, storage_path: Path):
     return mlflow.set_experiment(name)
 
 
-def log_sweep(sweep, rows: list[dict], results_path: Path, log=print) -> str:
+def log_sweep(sweep, rows: list[dict], results_path: Path, log=print, *, unadapted: dict | None = None,
+              report_files: list[Path] = ()) -> str:
     """Log every trial as a nested run; return the parent run id. A resumed sweep logs only new trials."""
     experiment = ensure_experiment(sweep.tracking_uri, sweep.experiment, sweep.storage_path)
     client = MlflowClient()
@@ -86,6 +87,10 @@ def log_sweep(sweep, rows: list[dict], results_path: Path, log=print) -> str:
                 if row.get("generator_path") and Path(row["generator_path"]).exists():
                     mlflow.log_artifact(row["generator_path"], artifact_path=ARTIFACT_DIR)
         mlflow.log_artifact(str(results_path))
+        for path in report_files:  # per-layer figures, best.parquet, the learning-rate selection
+            mlflow.log_artifact(str(path), artifact_path="report" + (f"/{path.parent.name}" if path.parent.name.startswith("lr_") else ""))
+        for target, metrics in (unadapted or {}).items():
+            mlflow.log_metrics({f"unadapted.{alias_for(target)}.{k}": float(v) for k, v in metrics.items() if _finite(v)})
         log(f"[sweep] MLflow: experiment {sweep.experiment!r} at {sweep.tracking_uri}, parent run {parent.info.run_id}")
         return parent.info.run_id
 

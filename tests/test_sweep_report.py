@@ -1,0 +1,33 @@
+"""The sweep's selection rule, best-model table and figures, from trial rows (no Ray)."""
+
+import math
+
+import pyarrow.parquet as pq
+
+from tune.sweep_report import best_per_target, stable_learning_rates, write_sweep_report
+
+
+def _row(layer, lr, dapi, collapsed=False, target="pc+overexposure:2", magnitude=2.0):
+    return {"target": target, "setting": "pc", "shift": "overexposure", "magnitude": magnitude, "layer": layer, "lr": lr, "seed": 0,
+            "collapsed": collapsed, "pearson_dapi": dapi, "generator_path": f"/g/{layer}-{lr}.pt"}
+
+
+ROWS = [_row(0, 1e-5, 0.70), _row(3, 1e-5, 0.74), _row(15, 1e-5, 0.72),
+        _row(0, 1e-3, 0.10, collapsed=True), _row(3, 1e-3, 0.90), _row(15, 1e-3, 0.80)]
+UNADAPTED = {"pc+overexposure:2": {"pearson_dapi": 0.65, "pearson": 0.65}}
+
+
+def test_a_rate_that_collapses_at_any_layer_is_not_selected_even_where_it_scores_best():
+    assert stable_learning_rates(ROWS) == {"pc+overexposure:2": [1e-5]}
+    (best,) = best_per_target(ROWS, UNADAPTED)
+    assert (best["layer"], best["lr"], best["pearson"]) == (3, 1e-5, 0.74)  # not 0.90 at the unstable rate
+    assert math.isclose(best["gain"], 0.09)
+
+
+def test_report_writes_figures_per_rate_the_best_table_and_the_selection(tmp_path):
+    written = write_sweep_report(ROWS, UNADAPTED, last_layer=15, out_dir=tmp_path)
+    names = {p.relative_to(tmp_path).as_posix() for p in written}
+    assert {"lr_1e-05/pearson_by_layer.png", "lr_0.001/pearson_by_layer.png", "best.parquet", "summary.txt"} <= names
+    assert pq.read_table(tmp_path / "best.parquet").to_pylist()[0]["layer"] == 3
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "collapse at no layer" in summary and "+0.090" in summary

@@ -1,0 +1,96 @@
+"""What a finished sweep says: the unadapted reference, the learning rates the paper's rule keeps,
+the best model per (marker, target), and the per-layer figures of `lmadda report`.
+
+The paper keeps only learning rates that collapse at no layer (a rate that destroys some layers is
+too aggressive to trust at the others); the figures are drawn for every rate, the selection is
+reported next to them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmadda.report import write_report
+
+
+def markers_of(rows: list[dict]) -> list[str]:
+    return sorted({k[len("pearson_"):] for r in rows for k in r if k.startswith("pearson_")})
+
+
+def stable_learning_rates(rows: list[dict]) -> dict[str, list[float]]:
+    """target -> learning rates with no collapsed trial at any layer (the paper's selection rule)."""
+    collapsed_at: dict[str, dict[float, bool]] = defaultdict(dict)
+    for row in rows:
+        rates = collapsed_at[row["target"]]
+        rates[row["lr"]] = rates.get(row["lr"], False) or bool(row["collapsed"])
+    return {target: sorted(lr for lr, collapsed in rates.items() if not collapsed) for target, rates in collapsed_at.items()}
+
+
+def best_per_target(rows: list[dict], unadapted: dict[str, dict[str, float]]) -> list[dict]:
+    """Per (marker, target): the best non-collapsed trial among the stable learning rates, and the gain over unadapted."""
+    stable = stable_learning_rates(rows)
+    best = []
+    for marker in markers_of(rows):
+        for target in sorted({r["target"] for r in rows}):
+            candidates = [r for r in rows if r["target"] == target and not r["collapsed"] and r["lr"] in stable.get(target, [])
+                          and math.isfinite(r.get(f"pearson_{marker}", float("nan")))]
+            if not candidates:
+                continue
+            top = max(candidates, key=lambda r: r[f"pearson_{marker}"])
+            reference = unadapted.get(target, {}).get(f"pearson_{marker}", float("nan"))
+            best.append({"marker": marker, "target": target, "layer": top["layer"], "lr": top["lr"], "seed": top["seed"],
+                         "pearson": top[f"pearson_{marker}"], "unadapted": reference, "gain": top[f"pearson_{marker}"] - reference,
+                         "generator_path": top["generator_path"]})
+    return best
+
+
+def report_rows(rows: list[dict], unadapted: dict[str, dict[str, float]], last_layer: int) -> list[dict]:
+    """Trial rows -> the per-(model, marker) rows `lmadda report` draws, the unadapted model as a baseline."""
+    out = []
+    for row in rows:
+        for marker in markers_of([row]):
+            out.append({"target": row["target"], "setting": row["setting"], "shift": row["shift"], "magnitude": row["magnitude"],
+                        "marker": marker, "method": "adda" if row["layer"] == last_layer else "lmadda", "layer": row["layer"],
+                        "pearson": row[f"pearson_{marker}"], "collapsed": row["collapsed"]})
+    for target, metrics in unadapted.items():
+        example = next(r for r in rows if r["target"] == target)
+        for key, value in metrics.items():
+            if key.startswith("pearson_"):
+                out.append({"target": target, "setting": example["setting"], "shift": example["shift"], "magnitude": example["magnitude"],
+                            "marker": key[len("pearson_"):], "method": "unadapted", "layer": -1, "pearson": value, "collapsed": False})
+    return out
+
+
+def write_sweep_report(rows: list[dict], unadapted: dict[str, dict[str, float]], last_layer: int, out_dir: Path) -> list[Path]:
+    """Figures per learning rate, best.parquet and summary.txt under `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for lr in sorted({r["lr"] for r in rows}):
+        subset = [r for r in rows if r["lr"] == lr]
+        if markers_of(subset):
+            written += write_report(report_rows(subset, unadapted, last_layer), out_dir / f"lr_{lr:g}")
+    best = best_per_target(rows, unadapted)
+    if best:
+        path = out_dir / "best.parquet"
+        pq.write_table(pa.Table.from_pylist(best), path)
+        written.append(path)
+    summary = out_dir / "summary.txt"
+    summary.write_text(format_selection(rows, unadapted, best) + "\n")
+    written.append(summary)
+    return written
+
+
+def format_selection(rows: list[dict], unadapted: dict[str, dict[str, float]], best: list[dict]) -> str:
+    lines = ["learning rates that collapse at no layer (the paper's rule):"]
+    for target, rates in sorted(stable_learning_rates(rows).items()):
+        lines.append(f"  {target:34s} {', '.join(f'{lr:g}' for lr in rates) or 'none: every rate collapses somewhere'}")
+    lines += ["", "best per (marker, target), among those rates:",
+              f"  {'marker':8s} {'target':34s} {'layer':>5} {'lr':>9} {'pearson':>8} {'unadapted':>9} {'gain':>7}"]
+    for b in best:
+        lines.append(f"  {b['marker']:8s} {b['target']:34s} {b['layer']:>5} {b['lr']:>9.2g} {b['pearson']:8.3f} {b['unadapted']:9.3f} {b['gain']:+7.3f}")
+    return "\n".join(lines)
