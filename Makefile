@@ -33,8 +33,7 @@ test: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/adapt_cost.py
-	MLFLOW_DISABLE_TELEMETRY=true $(PY) bench/serve_latency.py
+	$(PY) bench/run_all.py
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

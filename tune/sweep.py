@@ -192,6 +192,8 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
             "steps_done": int(last.get("step", 0) or 0), "final_g_loss": last.get("g_loss"), "final_d_acc": last.get("d_acc"),
             "collapsed": collapsed, "collapse_reason": reason, "error": str(result.error) if result.error else "",
             "generator_path": str(Path(checkpoint_path) / GENERATOR_FILE) if checkpoint_path else "",
+            # where a trial's time went: inside the adaptation steps, in the worker, in the trial
+            "steps_s": last.get("steps_s"), "worker_s": last.get("worker_s"), "trial_s": last.get("time_total_s"),
         }
         row.update({k: v for k, v in last.items() if k.startswith("pearson") and isinstance(v, float) and math.isfinite(v)})
         row["_history"] = training

@@ -23,6 +23,7 @@ after every epoch, from which a restarted worker group resumes.
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import ray.train
@@ -130,7 +131,10 @@ def _mean_over_workers(values: list[float]) -> list[float]:
 
 def adaptation_worker(config: dict) -> None:
     """Run one LM-ADDA adaptation. `config` keys: source_checkpoint, manifest, source_setting,
-    target_setting, shift (or None), adapt (AdaptConfig options), and tags (free-form, for metrics)."""
+    target_setting, shift (or None), adapt (AdaptConfig options), and tags (free-form, for metrics).
+    Reports also carry `worker_s` (since this function started) and `steps_s` (inside the loop's
+    steps), so a sweep can tell training time from start-up and evaluation overhead."""
+    started = time.perf_counter()
     context = ray.train.get_context()
     world_size, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device()
@@ -158,12 +162,15 @@ def adaptation_worker(config: dict) -> None:
 
     target_name = config["target_setting"] + (f"+{shift}" if shift else "")
     tags = config.get("tags", {})
+    steps_s = 0.0
     while not adapter.finished:
+        step_started = time.perf_counter()
         record = adapter.step()
+        steps_s += time.perf_counter() - step_started
         if record is None:
             continue
         metrics = {**record, "collapsed": float(record["collapsed"]), "d_saturated": float(record["d_saturated"]),
-                   "done": float(adapter.finished), **tags}
+                   "done": float(adapter.finished), "steps_s": steps_s, "worker_s": time.perf_counter() - started, **tags}
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None
             if rank == 0:
