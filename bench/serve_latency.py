@@ -51,6 +51,27 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+def measure_load(url: str, body_path: Path, size: int, args) -> dict:
+    """Latency percentiles and throughput at concurrency 1 and args.concurrency, from a second process."""
+    subprocess.run([sys.executable, "-c", LOAD_SCRIPT, url, str(body_path), "3", "1"], check=True, capture_output=True)  # warm-up
+    load = {}
+    for concurrency in sorted({1, args.concurrency}):
+        # Large images take seconds each on CPU: a fifth as many requests keeps the run in minutes.
+        count = args.requests if size <= 256 else max(20, args.requests // 5)
+        count = count if concurrency > 1 else max(10, count // 10)
+        done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, url, str(body_path), str(count), str(concurrency)],
+                              check=True, capture_output=True, text=True)
+        result = json.loads(done.stdout)
+        latencies = result["latencies"]
+        load[concurrency] = {
+            "requests": count, "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
+            "p99_s": percentile(latencies, 99), "throughput_rps": count / result["wall"],
+            "non_2xx": sum(1 for s in result["statuses"] if not 200 <= s < 300),
+            "5xx": sum(1 for s in result["statuses"] if s >= 500),
+        }
+    return load
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024])
@@ -92,49 +113,43 @@ def main() -> int:
     client.set_registered_model_alias("lmadda-dapi", "bench", version.version)
 
     ray.init(num_cpus=args.num_cpus, log_to_driver=False)
-    url = start_local(host="127.0.0.1", port=8765, tracking_uri=tracking_uri, cache_dir=str(root / "cache"),
-                      max_in_flight=max(8, args.concurrency))
+    # One replica with every CPU: Ray sets a replica's torch threads to its num_cpus, and the
+    # in-process reference below uses all of them too.
+    whole_machine = {"ray_actor_options": {"num_cpus": args.num_cpus}, "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
     torch.set_num_threads(max(1, args.num_cpus))
     record = {"date": date.today().isoformat(), "host": platform.node(), "cpus": args.num_cpus, "requests": args.requests,
-              "concurrency": args.concurrency, "model": "UNet ngf16 depth8, tile 256, overlap 0.25", "sizes": {}}
+              "concurrency": args.concurrency, "model": "UNet ngf16 depth8, tile 256, overlap 0.25, tile batch 4", "sizes": {}}
     rng = np.random.default_rng(0)
+    bodies, forward = {}, {}
     for size in args.sizes:
         image = rng.integers(0, 4000, size=(size, size)).astype(np.uint16)
-        body_path = root / f"image_{size}.tif"
-        tifffile.imwrite(body_path, image)
-        # The raw forward, in this process: the same normalisation and tiling the endpoint runs.
+        bodies[size] = root / f"image_{size}.tif"
+        tifffile.imwrite(bodies[size], image)
+        # The raw forward, in this process: the same normalisation, tiling and tile batch as the endpoint.
         model_input = to_model_range(normalise(image[None].astype(np.float32))[0])
-        predict_tiled(generator, model_input, tile=256, overlap=0.25, device="cpu")  # warm-up
-        forward = []
+        predict_tiled(generator, model_input, tile=256, overlap=0.25, batch_size=4, device="cpu")  # warm-up
+        times = []
         for _ in range(5):
             start = time.perf_counter()
-            predict_tiled(generator, model_input, tile=256, overlap=0.25, device="cpu")
-            forward.append(time.perf_counter() - start)
-        target = f"{url}/v1/stain?setting=bench&marker=dapi"
-        subprocess.run([sys.executable, "-c", LOAD_SCRIPT, target, str(body_path), "3", "1"], check=True, capture_output=True)  # warm-up
-        load = {}
-        for concurrency in sorted({1, args.concurrency}):
-            # Large images take seconds each on CPU: a fifth as many requests keeps the run in minutes.
-            count = args.requests if size <= 256 else max(20, args.requests // 5)
-            count = count if concurrency > 1 else max(10, count // 10)
-            done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, target, str(body_path), str(count), str(concurrency)],
-                                  check=True, capture_output=True, text=True)
-            result = json.loads(done.stdout)
-            latencies = result["latencies"]
-            load[concurrency] = {
-                "requests": count, "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
-                "p99_s": percentile(latencies, 99), "throughput_rps": count / result["wall"],
-                "non_2xx": sum(1 for s in result["statuses"] if not 200 <= s < 300),
-                "5xx": sum(1 for s in result["statuses"] if s >= 500),
-            }
-        raw = statistics.median(forward)
-        record["sizes"][str(size)] = {"forward_in_process_s": raw, "load": load,
-                                      "p50_over_forward_at_concurrency_1": load[1]["p50_s"] / raw}
-        print(f"{size}x{size}: in-process forward {raw * 1000:.1f} ms")
-        for concurrency, row in load.items():
-            print(f"  concurrency {concurrency:>2}: p50 {row['p50_s'] * 1000:7.1f} ms  p95 {row['p95_s'] * 1000:7.1f} ms  "
-                  f"p99 {row['p99_s'] * 1000:7.1f} ms  {row['throughput_rps']:.2f} req/s  non-2xx {row['non_2xx']}  5xx {row['5xx']}")
-        print(f"  endpoint p50 / in-process forward (concurrency 1): {load[1]['p50_s'] / raw:.2f}")
+            predict_tiled(generator, model_input, tile=256, overlap=0.25, batch_size=4, device="cpu")
+            times.append(time.perf_counter() - start)
+        forward[size] = statistics.median(times)
+        record["sizes"][str(size)] = {"forward_in_process_s": forward[size]}
+        print(f"{size}x{size}: in-process forward {forward[size] * 1000:.1f} ms")
+
+    for micro_batch in (True, False):
+        mode = "micro_batch_on" if micro_batch else "micro_batch_off"
+        url = start_local(host="127.0.0.1", port=8765, tracking_uri=tracking_uri, cache_dir=str(root / "cache"),
+                          max_in_flight=max(8, args.concurrency), micro_batch=micro_batch, tile_batch=4, deployment=whole_machine)
+        print(f"--- endpoint, micro-batching {'on' if micro_batch else 'off'}")
+        for size in args.sizes:
+            load = measure_load(f"{url}/v1/stain?setting=bench&marker=dapi", bodies[size], size, args)
+            record["sizes"][str(size)][mode] = {"load": load, "p50_over_forward_at_concurrency_1": load[1]["p50_s"] / forward[size]}
+            for concurrency, row in load.items():
+                print(f"  {size:>4}x{size:<4} concurrency {concurrency:>2}: p50 {row['p50_s'] * 1000:7.1f} ms  p95 {row['p95_s'] * 1000:7.1f} ms  "
+                      f"p99 {row['p99_s'] * 1000:7.1f} ms  {row['throughput_rps']:6.2f} req/s  non-2xx {row['non_2xx']}  5xx {row['5xx']}")
+            print(f"  {size:>4}x{size:<4} endpoint p50 / in-process forward (concurrency 1): {load[1]['p50_s'] / forward[size]:.2f}")
+        serve.delete("lmadda")
     serve.shutdown()
     ray.shutdown()
     args.out.mkdir(parents=True, exist_ok=True)

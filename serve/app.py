@@ -57,12 +57,12 @@ def error_response(error: RequestError) -> JSONResponse:
 class StainService:
     def __init__(self, tracking_uri: str | None = None, *, cache_dir: str | None = None, refresh_s: float = 30.0,
                  max_body_mb: float = 256.0, max_in_flight: int = 8, tile: int = 256, overlap: float = 0.25,
-                 token_env: str = "LMADDA_SERVE_TOKEN"):
+                 tile_batch: int = 4, micro_batch: bool = True, token_env: str = "LMADDA_SERVE_TOKEN"):
         self.models = StainModels(tracking_uri or default_tracking_uri(),
                                   cache_dir or Path(tempfile.gettempdir()) / "lmadda-serve-models", refresh_s)
         self.max_bytes = int(max_body_mb * 2**20)
         self.max_in_flight = max_in_flight
-        self.tile, self.overlap = tile, overlap
+        self.tile, self.overlap, self.tile_batch, self.micro_batch = tile, overlap, tile_batch, micro_batch
         self.token = os.environ.get(token_env) or None
         self.device = default_device()
         self.in_flight = 0
@@ -114,8 +114,12 @@ class StainService:
         """`lmadda predict`'s arithmetic: normalise, tile, blend, back to the marker's camera units."""
         normalised, _ = normalise(pixels, checkpoint.percentiles)
         plan = TilePlan(to_model_range(normalised), checkpoint.config, tile=self.tile, overlap=self.overlap)
-        for origins, tiles in plan.batches(4):
-            plan.add(origins, await self.forward_tiles((checkpoint, tiles)))
+        for origins, tiles in plan.batches(self.tile_batch):
+            if self.micro_batch:  # tiles of concurrent requests share a forward
+                plan.add(origins, await self.forward_tiles((checkpoint, tiles)))
+            else:
+                with torch.no_grad():
+                    plan.add(origins, checkpoint.generator(torch.from_numpy(tiles).to(self.device)).float().cpu().numpy())
         return to_camera_units(target_from_model_range(plan.result()), checkpoint)
 
     # -- routes -----------------------------------------------------------------------------------
@@ -199,7 +203,8 @@ class StainService:
         return JSONResponse({"status": "ready", "models": len(table)})
 
 
-ARG_NAMES = ("tracking_uri", "cache_dir", "refresh_s", "max_body_mb", "max_in_flight", "tile", "overlap", "token_env")
+ARG_NAMES = ("tracking_uri", "cache_dir", "refresh_s", "max_body_mb", "max_in_flight", "tile", "overlap", "tile_batch",
+             "micro_batch", "token_env")
 
 
 def check_args(args: dict) -> dict:

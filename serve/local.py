@@ -27,8 +27,10 @@ def read_serve_config(path: Path = DEFAULT_CONFIG) -> dict:
             "name": app.get("name", "lmadda"), "route_prefix": app.get("route_prefix", "/")}
 
 
-def start_local(config_path: Path = DEFAULT_CONFIG, *, host: str | None = None, port: int | None = None, **overrides) -> str:
-    """Start Serve with the config's application (args overridden by `overrides`); return its URL."""
+def start_local(config_path: Path = DEFAULT_CONFIG, *, host: str | None = None, port: int | None = None,
+                deployment: dict | None = None, **overrides) -> str:
+    """Start Serve with the config's application (args overridden by `overrides`, deployment options
+    by `deployment`); return its URL."""
     from ray import serve
 
     from serve.app import StainService, check_args
@@ -41,5 +43,5 @@ def start_local(config_path: Path = DEFAULT_CONFIG, *, host: str | None = None, 
     host = host or config["http_options"].get("host", "127.0.0.1")
     port = port or int(config["http_options"].get("port", 8000))
     serve.start(http_options={"host": host, "port": port})
-    serve.run(StainService.options(**config["deployment"]).bind(**args), name=config["name"], route_prefix=config["route_prefix"])
+    serve.run(StainService.options(**{**config["deployment"], **(deployment or {})}).bind(**args), name=config["name"], route_prefix=config["route_prefix"])
     return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"

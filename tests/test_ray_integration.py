@@ -51,11 +51,17 @@ def _sweep(tiny_synth, tiny_source, tmp_path, name, **overrides):
 
 
 def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_session, tiny_synth, tiny_source, tmp_path):
+    from lmadda.checkpoint import load_checkpoint
     from tune.sweep import run_sweep
     from tune.tracking import promote
 
-    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "two")
+    # The source model does not exist yet: the sweep trains it first (Ray Train), then adapts it.
+    trained = tmp_path / "models" / "source.pt"
+    source = {"checkpoint": str(trained), "train": {"manifest": str(tiny_synth.source), "markers": ["dapi", "cd29"], "ngf": 4,
+                                                    "depth": 6, "ndf": 4, "crop_size": 64, "batch_size": 2, "crops_per_epoch": 4, "epochs": 1}}
+    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "two", source=source)
     rows = run_sweep(sweep, log=lambda *_: None)
+    assert load_checkpoint(trained).markers == ["dapi", "cd29"]
     table = pq.read_table(sweep.storage_path / "two" / "results.parquet").to_pylist()
     assert sorted(r["layer"] for r in table) == [1, 11] and all(r["steps_done"] == 4 for r in rows)
     assert any((sweep.storage_path / "mlartifacts").rglob("generator.pt"))  # artifacts beside the SQLite store
@@ -86,20 +92,16 @@ def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_sessi
 
 
 def test_stopper_ends_a_diverging_trial_and_the_table_marks_it_collapsed(ray_session, tiny_synth, tiny_source, tmp_path):
-    from lmadda.checkpoint import load_checkpoint
     from tune.sweep import run_sweep
 
-    # The source model does not exist yet: the sweep trains it first (Ray Train), then adapts it.
-    trained = tmp_path / "models" / "source.pt"
-    source = {"checkpoint": str(trained), "train": {"manifest": str(tiny_synth.source), "markers": ["dapi"], "ngf": 4, "depth": 6,
-                                                    "ndf": 4, "crop_size": 64, "batch_size": 2, "crops_per_epoch": 4, "epochs": 1}}
-    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "diverge", source=source,
+    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "diverge",
                    grid={"layer": [3], "lr": [1.0], "magnitude": [2.0]},
                    adapt={"steps": 40, "batch_size": 2, "crop_size": 64, "log_every": 2, "gate_accuracy": None,
                           "d_warmup_steps": 0, "stop_on_collapse": False, "collapse_g_loss": 1e9},
-                   stop={"g_loss_bound": 0.5, "d_saturation_accuracy": 0.99, "d_saturation_patience": 5})
+                   stop={"g_loss_bound": 0.5, "d_saturation_accuracy": 0.99, "d_saturation_patience": 5},
+                   # in the trial's own process: the stopper must see its reports just the same
+                   resources={"workers_per_trial": 0, "cpus_per_worker": 1, "max_concurrent_trials": 1})
     rows = run_sweep(sweep, log=lambda *_: None)
-    assert load_checkpoint(trained).markers == ["dapi"]
     assert len(rows) == 1 and rows[0]["collapsed"] and "> 0.5" in rows[0]["collapse_reason"]
     assert rows[0]["steps_done"] < 40
 

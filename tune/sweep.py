@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 import pyarrow.parquet as pq
 import ray
 from ray import tune
@@ -29,12 +30,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from lmadda.checkpoint import load_checkpoint
 from lmadda.config import build_config, read_config_file
 from lmadda.errors import LmaddaError
+from lmadda.training.source import SourceTrainConfig, train_source
 from tune.stopper import ModeCollapseStopper
 from tune.sweep_config import SweepConfig
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from tune.sweep_report import best_per_target, format_selection, write_sweep_report
-from tune.train_workers import GENERATOR_FILE, adaptation_worker, labelled_pearson, source_worker
+from tune.train_workers import GENERATOR_FILE, adaptation_worker, in_trial_adaptation, labelled_pearson, source_worker
 
 
 LOCAL_RAY_NOTE = """Ray Train V2 under Tune leaves each trial's worker placement group reserved unless its
@@ -53,7 +55,8 @@ def target_name(sweep: SweepConfig, magnitude: float | None) -> str:
 
 
 def trial_driver(config: dict) -> None:
-    """One Tune trial: adapt with a TorchTrainer, then evaluate and report."""
+    """One Tune trial: adapt with a TorchTrainer (or, with workers_per_trial 0, in this process), then
+    evaluate and report."""
     sweep = SweepConfig.model_validate(config["sweep"])
     point = config["point"]
     resources = sweep.resources
@@ -69,15 +72,18 @@ def trial_driver(config: dict) -> None:
     scaling = scaling_config(sweep)
     # The trial id is stable across Tuner.restore, so a restored trial's Train run resumes its own checkpoints.
     trial_id = tune.get_context().get_trial_id()
+    if workers == 0:  # no worker group: what short single-device trials spend most of their time starting
+        use_gpu = resources.gpus_per_worker > 0 and torch.cuda.is_available()
+        in_trial_adaptation(loop_config, sweep.storage_path / "train" / f"{sweep.name}-{trial_id}",
+                            torch.device("cuda" if use_gpu else "cpu"))
+        return
     trainer = TorchTrainer(
         adaptation_worker, train_loop_config=loop_config, scaling_config=scaling,
         run_config=RunConfig(name=f"{sweep.name}-{trial_id}", storage_path=str(sweep.storage_path / "train"),
                              callbacks=[TuneReportCallback()] if workers else None,
                              failure_config=FailureConfig(max_failures=resources.max_failures)),
     )
-    result = trainer.fit()  # its reports (and the final evaluation) reach Tune through TuneReportCallback
-    if workers == 0 and result.metrics:  # local mode has no callback: relay the last report
-        tune.report({**result.metrics, "checkpoint_path": result.checkpoint.path if result.checkpoint else ""})
+    trainer.fit()  # its reports (and the final evaluation) reach Tune through TuneReportCallback
 
 
 def _collapsed(history: list[dict], sweep: SweepConfig) -> tuple[bool, str]:
@@ -117,6 +123,10 @@ def train_source_stage(sweep: SweepConfig, log=print) -> Path:
         raise LmaddaError(f"source checkpoint {target} not found; train one with `lmadda train-source`, "
                           "or give source.train options in the sweep config to train it first")
     log(f"[sweep] training the source model -> {target}")
+    if sweep.resources.workers_per_trial == 0:  # no worker group: train in this process, like the trials
+        result = train_source(SourceTrainConfig(**sweep.source.train), target, progress=False)
+        log(f"[sweep] source model: validation Pearson {result.best_val_pearson:.3f} -> {target}")
+        return target
     trainer = TorchTrainer(
         source_worker, train_loop_config={"train": sweep.source.train}, scaling_config=scaling_config(sweep),
         run_config=RunConfig(name=f"{sweep.name}-source", storage_path=str(sweep.storage_path / "train"),
@@ -140,7 +150,7 @@ def sweep_exists(sweep: SweepConfig) -> bool:
 
 def _check_cpus(sweep: SweepConfig) -> None:
     resources = sweep.resources
-    needed = resources.trial_cpus + resources.workers_per_trial * resources.cpus_per_worker
+    needed = resources.trial_cpus + resources.workers_per_trial * resources.cpus_per_worker if resources.workers_per_trial else resources.cpus_per_worker
     available = ray.cluster_resources().get("CPU", 0)
     if needed > available:
         raise LmaddaError(
@@ -158,7 +168,11 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
         source.generator.check_layer(point["layer"])
     resources = sweep.resources
     experiment_path = sweep.storage_path / sweep.name
-    trainable = tune.with_resources(trial_driver, {"CPU": resources.trial_cpus})
+    if resources.workers_per_trial:  # the trial only waits for its worker group
+        trial_resources = {"CPU": resources.trial_cpus}
+    else:  # the trial adapts: it holds one worker's resources itself
+        trial_resources = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})}
+    trainable = tune.with_resources(trial_driver, trial_resources)
     stopper = ModeCollapseStopper(sweep.stop.g_loss_bound, sweep.stop.d_saturation_accuracy, sweep.stop.d_saturation_patience)
     if resume:
         if not tune.Tuner.can_restore(str(experiment_path)):

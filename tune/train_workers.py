@@ -22,8 +22,10 @@ after every epoch, from which a restarted worker group resumes.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
+from typing import Callable
 from pathlib import Path
 
 import ray.train
@@ -130,16 +132,33 @@ def _mean_over_workers(values: list[float]) -> list[float]:
 
 
 def adaptation_worker(config: dict) -> None:
-    """Run one LM-ADDA adaptation. `config` keys: source_checkpoint, manifest, source_setting,
-    target_setting, shift (or None), adapt (AdaptConfig options), and tags (free-form, for metrics).
-    Reports also carry `worker_s` (since this function started) and `steps_s` (inside the loop's
-    steps), so a sweep can tell training time from start-up and evaluation overhead."""
-    started = time.perf_counter()
+    """Run one LM-ADDA adaptation as a Ray Train worker (see `run_adaptation` for `config`)."""
     context = ray.train.get_context()
-    world_size, rank = context.get_world_size(), context.get_world_rank()
-    device = ray.train.torch.get_device()
-    distributed = world_size > 1
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
 
+    def report(metrics: dict, folder: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+    run_adaptation(config, world_size=context.get_world_size(), rank=context.get_world_rank(),
+                   device=ray.train.torch.get_device(), resume=resume, report=report)
+
+
+def run_adaptation(config: dict, *, world_size: int, rank: int, device: torch.device, resume: dict | None,
+                   report: Callable[[dict, Path | None], None]) -> None:
+    """One LM-ADDA adaptation, reporting every `log_every` steps.
+
+    `config` keys: source_checkpoint, manifest, source_setting, target_setting, shift (or None),
+    adapt (AdaptConfig options), and tags (free-form, for metrics). `report(metrics, folder)` gets a
+    folder holding the loop state and the adapted generator on rank 0 (None elsewhere), valid only
+    during the call. Reports carry `worker_s` (since this function started) and `steps_s` (inside
+    the loop's steps), so a sweep can tell training time from start-up and evaluation overhead.
+    """
+    started = time.perf_counter()
+    distributed = world_size > 1
     source = load_checkpoint(config["source_checkpoint"])
     adapt_config = AdaptConfig(**{**config["adapt"], "device": str(device)})
     effective_batch = adapt_config.batch_size
@@ -151,14 +170,11 @@ def adaptation_worker(config: dict) -> None:
 
     sampler_factory = _distributed_sampler_factory(world_size, rank, adapt_config.seed) if distributed else None
     prepare = ray.train.torch.prepare_model if distributed else None
-
     adapter = Adapter(source, source_images, target_images, adapt_config, device=device, prepare=prepare,
                       sampler_factory=sampler_factory, sync_batchnorm=sync_batchnorm(distributed, device),
                       reduce=_mean_over_workers if distributed else None)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            adapter.load_state_dict(torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=False))
+    if resume is not None:
+        adapter.load_state_dict(resume)
 
     target_name = config["target_setting"] + (f"+{shift}" if shift else "")
     tags = config.get("tags", {})
@@ -172,7 +188,6 @@ def adaptation_worker(config: dict) -> None:
         metrics = {**record, "collapsed": float(record["collapsed"]), "d_saturated": float(record["d_saturated"]),
                    "done": float(adapter.finished), "steps_s": steps_s, "worker_s": time.perf_counter() - started, **tags}
         with tempfile.TemporaryDirectory() as folder:
-            report_checkpoint = None
             if rank == 0:
                 torch.save(adapter.state_dict(), Path(folder) / STATE_FILE)
                 result = adapter.finish()
@@ -180,5 +195,29 @@ def adaptation_worker(config: dict) -> None:
                     metrics.update(labelled_pearson(result.generator, manifest, config["target_setting"], shift, source))
                 save_checkpoint(Path(folder) / GENERATOR_FILE, result.checkpoint(
                     source, adapt_config.model_copy(update={"batch_size": effective_batch}), target_name, **tags))
-                report_checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=report_checkpoint)
+            report(metrics, Path(folder) if rank == 0 else None)
+
+
+def in_trial_adaptation(config: dict, checkpoints: Path, device: torch.device) -> None:
+    """Run one adaptation inside the Tune trial's own process, with no Ray Train worker group.
+
+    For short trials on one device the worker group's start-up dominates (bench/sweep_overhead.py);
+    here every report goes straight to Tune, with the checkpoint copied under `checkpoints`
+    (step_<n>/, written whole then renamed), from which a restarted trial resumes.
+    """
+    from ray import tune
+
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    done = sorted((p for p in checkpoints.glob("step_*") if (p / GENERATOR_FILE).is_file()), key=lambda p: int(p.name[5:]))
+    resume = torch.load(done[-1] / STATE_FILE, map_location="cpu", weights_only=False) if done else None
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        target = checkpoints / f"step_{int(metrics['step'])}"
+        partial = checkpoints / f".step_{int(metrics['step'])}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(folder, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        tune.report({**metrics, "checkpoint_path": str(target)})
+
+    run_adaptation(config, world_size=1, rank=0, device=device, resume=resume, report=report)
