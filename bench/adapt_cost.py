@@ -53,6 +53,31 @@ def layer_flops(generator: UNetGenerator, size: int) -> list[float]:
     return [per_layer.get(i, 0) for i in range(generator.num_layers)]
 
 
+def discriminator_flops(generator: UNetGenerator, size: int, width: int = 32) -> list[float]:
+    """FLOPs of the feature discriminator LM-ADDA builds for each layer's activation, per image."""
+    from lmadda.models.discriminators import FeatureDiscriminator
+
+    x = torch.zeros(1, generator.config.in_channels, size, size)
+    flops = []
+    with torch.no_grad():
+        for layer in range(generator.num_layers):
+            activation = generator.forward_to(layer, x).activation
+            discriminator = FeatureDiscriminator(activation.shape[1], min(activation.shape[2:]), width=width)
+            total = 0.0
+
+            def count(module, inputs, output):
+                nonlocal total
+                if isinstance(module, torch.nn.Conv2d):
+                    total += 2.0 * output.numel() * module.in_channels * module.weight.shape[2] * module.weight.shape[3]
+
+            handles = [m.register_forward_hook(count) for m in discriminator.modules()]
+            discriminator(activation)
+            for handle in handles:
+                handle.remove()
+            flops.append(total)
+    return flops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ngf", type=int, default=16)
@@ -71,6 +96,7 @@ def main() -> None:
     images = [LoadedImage(field=str(i), input=rng.normal(size=(1, args.size, args.size)).astype(np.float32), input_norm=norm) for i in range(8)]
     flops = layer_flops(generator, args.size)
     total = sum(flops)
+    d_flops = discriminator_flops(generator, args.size)
 
     rows = []
     for layer in range(generator.num_layers):
@@ -80,14 +106,16 @@ def main() -> None:
         result = adapt(source, images, images, config, progress=False)
         # the first step includes data-loader and allocator warm-up: time the rest from the loop's clock
         seconds_per_step = result.seconds / (args.steps + 1)
-        rows.append({"layer": layer, "step_s": seconds_per_step, "flops_0_to_l": sum(flops[: layer + 1])})
+        rows.append({"layer": layer, "step_s": seconds_per_step, "flops_0_to_l": sum(flops[: layer + 1]), "d_flops": d_flops[layer]})
     last = rows[-1]["step_s"]
     print(f"LM-ADDA step time per matched layer (ngf={args.ngf}, {args.size}x{args.size}, batch {args.batch}, {args.device})")
-    print(f"{'layer':>5} {'step s':>8} {'time/time(15)':>14} {'FLOPs(0..l)/all':>16} {'ratio':>7}")
+    print(f"{'layer':>5} {'step s':>8} {'time/time(15)':>14} {'FLOPs(0..l)/all':>16} {'ratio':>7} {'D FLOPs / G(0..l)':>18}")
     for row in rows:
         row["time_ratio"] = row["step_s"] / last
         row["flop_ratio"] = row["flops_0_to_l"] / total
-        print(f"{row['layer']:>5} {row['step_s']:>8.3f} {row['time_ratio']:>14.3f} {row['flop_ratio']:>16.3f} {row['time_ratio'] / row['flop_ratio']:>7.2f}")
+        row["d_over_g"] = row["d_flops"] / row["flops_0_to_l"]
+        print(f"{row['layer']:>5} {row['step_s']:>8.3f} {row['time_ratio']:>14.3f} {row['flop_ratio']:>16.3f} "
+              f"{row['time_ratio'] / row['flop_ratio']:>7.2f} {row['d_over_g']:>18.2f}")
     sweep_ratio = sum(r["step_s"] for r in rows) / (len(rows) * last)
     print(f"a full 16-layer sweep costs {sweep_ratio:.2f} x 16 full-network adaptations")
 
