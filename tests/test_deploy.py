@@ -101,6 +101,13 @@ def test_the_rayservice_serves_serve_config_yaml_with_gpus_and_nothing_else_chan
     assert embedded == local
 
 
+def test_the_committed_rayservice_is_what_render_rayservice_writes():
+    import runpy
+
+    render = runpy.run_path(str(DEPLOY / "render_rayservice.py"))["render"]
+    assert (DEPLOY / "k8s" / "rayservice-stain.yaml").read_text() == render(), "run: python deploy/render_rayservice.py"
+
+
 def test_the_rayjob_runs_the_command_the_job_submit_test_runs_and_its_runtime_env_parses():
     job = next(d for _, d in _documents() if d["kind"] == "RayJob")
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
