@@ -29,6 +29,10 @@ def test_every_subcommand_has_help(command, capsys):
         (["data", "synth", "--out", "x", "--fields", "0"], "need at least 1 field"),
         (["data", "index", ".", "--pattern", "(", "--out", "m.parquet"], "not a valid regular expression"),
         (["data", "index", ".", "--pattern", "x", "--out", "m.csv"], "name it *.parquet"),
+        (["stain", "notes.txt", "--setting", "bright_field"], "send a .tif/.tiff or .png image"),
+        (["stain", "missing.tif", "--setting", "bright_field"], "missing.tif: file not found"),
+        (["serve", "--config", "nope.yaml"], "cannot read Serve config nope.yaml"),
+        (["serve", "--demo", "no-demo-here"], "run `make demo`"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path, argv, message):
@@ -43,3 +47,13 @@ def test_synth_then_show_writes_manifest_and_contact_sheet(tmp_path, capsys):
     assert main(["data", "show", str(tmp_path / "d" / "manifest.parquet"), "--png", str(tmp_path / "s.png")]) == 0
     out = capsys.readouterr().out
     assert "input  phase_contrast" in out and (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_stain_names_an_unreachable_endpoint(tmp_path):
+    import tifffile
+    import numpy as np
+
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((8, 8), np.uint16))
+    result = subprocess.run([sys.executable, "-m", "lmadda", "stain", "a.tif", "--setting", "x", "--url", "http://127.0.0.1:9"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "cannot reach http://127.0.0.1:9" in result.stderr

@@ -45,8 +45,9 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from serve.local import DEFAULT_CONFIG, start_local
+    from serve.local import DEFAULT_CONFIG, read_serve_config, start_local
 
+    read_serve_config(args.config or DEFAULT_CONFIG)  # a bad config fails here, before Ray starts
     tracking_uri = args.tracking_uri
     if args.demo is not None and tracking_uri is None:
         tracking_uri = f"sqlite:///{(args.demo / 'sweeps' / 'mlflow.db').resolve()}"
