@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--lr", type=float)
     train.add_argument("--seed", type=int)
     train.add_argument("--device")
+    train.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast (faster on CPU and recent GPUs)")
     train.add_argument("--out", type=Path, required=True, help="checkpoint to write (.pt)")
     train.set_defaults(func=run_train_source)
 
@@ -52,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--match", choices=["activation", "cut"])
     adapt.add_argument("--seed", type=int)
     adapt.add_argument("--device")
+    adapt.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast (faster on CPU and recent GPUs)")
     adapt.add_argument("--out", type=Path, required=True, help="adapted checkpoint to write (.pt)")
     adapt.set_defaults(func=run_adapt)
 
@@ -89,7 +91,7 @@ def run_train_source(args: argparse.Namespace) -> int:
 
     config = build_config(SourceTrainConfig, args.config, manifest=args.manifest, setting=args.setting, markers=args.markers,
                           shift=args.shift, epochs=args.epochs, crops_per_epoch=args.crops_per_epoch, batch_size=args.batch_size,
-                          ngf=args.ngf, depth=args.depth, lr=args.lr, seed=args.seed, device=args.device)
+                          ngf=args.ngf, depth=args.depth, lr=args.lr, seed=args.seed, device=args.device, precision=args.precision)
     result = train_source(config, args.out)
     print(f"wrote {args.out}: best validation Pearson {result.best_val_pearson:.3f} after {len(result.history)} epochs ({result.seconds:.0f} s)")
     return 0
@@ -104,7 +106,7 @@ def run_adapt(args: argparse.Namespace) -> int:
     from lmadda.training.adapt import AdaptConfig, adapt
 
     source = load_checkpoint(args.source)
-    config = build_config(AdaptConfig, args.config, layer=args.layer, steps=args.steps, lr=args.lr, match=args.match, seed=args.seed, device=args.device)
+    config = build_config(AdaptConfig, args.config, layer=args.layer, steps=args.steps, lr=args.lr, match=args.match, seed=args.seed, device=args.device, precision=args.precision)
     source_setting = source.metadata.get("train_config", {}).get("setting", source.setting)
     manifest = Manifest.load(args.manifest)
     source_manifest = Manifest.load(args.source_manifest) if args.source_manifest else manifest

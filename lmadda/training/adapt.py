@@ -41,7 +41,7 @@ from lmadda.data.dataset import LoadedImage, UnpairedCrops
 from lmadda.errors import LmaddaError
 from lmadda.models.discriminators import FeatureDiscriminator
 from lmadda.models.generator import UNetGenerator, init_weights
-from lmadda.training.common import Progress, endless, resolve_device, seed_everything
+from lmadda.training.common import Progress, autocast_for, endless, resolve_device, seed_everything
 
 
 class AdaptConfig(BaseModel):
@@ -75,6 +75,7 @@ class AdaptConfig(BaseModel):
     stop_on_collapse: bool = True
     seed: int = 0
     device: str = "auto"
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast of the forward passes (weights stay fp32)")
 
     @field_validator("layer", mode="before")
     @classmethod
@@ -260,6 +261,10 @@ class Adapter:
 
     def step(self) -> dict | None:
         """One LM-ADDA update (D, then G'); returns a log record every `log_every` steps."""
+        with autocast_for(self.config.precision, self.device):
+            return self._step()
+
+    def _step(self) -> dict | None:
         config, device = self.config, self.device
         bce = nn.functional.binary_cross_entropy_with_logits
         real_label = 1.0 - config.label_smoothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 from typing import Iterator
@@ -21,6 +22,17 @@ def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def autocast_for(precision: str, device: torch.device):
+    """The forward-pass context of a loop: bf16 autocast (CPU and recent GPUs), or nothing for fp32.
+
+    Losses that autocast keeps in fp32 (binary cross-entropy, L1 on fp32 targets) stay fp32, and
+    weights and optimiser states stay fp32: only activations and matmuls run in bf16.
+    """
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def endless(dataset: Dataset, batch_size: int, seed: int, sampler_factory=None, first_epoch: int = 0) -> Iterator:
