@@ -141,6 +141,10 @@ class StainService:
             self.authorise(request)
             setting = check_name("setting", setting or request.headers.get("x-lmadda-setting", ""))
             markers = parse_markers(marker or request.headers.get("x-lmadda-marker", "dapi"))
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_bytes:  # refuse before reading it into memory
+                raise RequestError(413, f"image of {int(declared) / 2**20:.1f} MiB exceeds the limit of {self.max_bytes / 2**20:.0f} MiB; "
+                                        "tile it or ask the operator to raise max_body_mb")
             image = decode_request_image(await request.body(), request.headers.get("content-type"), max_bytes=self.max_bytes)
             channels, described, versions, dtypes = [], [], [], set()
             for name in markers:

@@ -104,6 +104,8 @@ def test_stopper_ends_a_diverging_trial_and_the_table_marks_it_collapsed(ray_ses
     rows = run_sweep(sweep, log=lambda *_: None)
     assert len(rows) == 1 and rows[0]["collapsed"] and "> 0.5" in rows[0]["collapse_reason"]
     assert rows[0]["steps_done"] < 40
+    (trial,) = (sweep.storage_path / "train").glob("diverge-*")  # in-trial checkpoints: only the latest kept
+    assert [p.name for p in trial.glob("step_*")] == [f"step_{rows[0]['steps_done']}"]
 
 
 def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_trials(ray_session, tiny_synth, tiny_source, tmp_path):

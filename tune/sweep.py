@@ -23,7 +23,7 @@ import torch
 import pyarrow.parquet as pq
 import ray
 from ray import tune
-from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -43,6 +43,11 @@ LOCAL_RAY_NOTE = """Ray Train V2 under Tune leaves each trial's worker placement
 PlacementGroupCleaner sees the trial actor die (ray-project/ray#54305): trials run with
 reuse_actors=False, and the Ray instance needs its dashboard (the state API the cleaner queries).
 Without both, the second trial waits forever for CPUs the first one still holds."""
+
+
+# Every report carries a checkpoint (Train V2 needs one for Result.metrics); only the latest is
+# needed to resume or to read the result, and a paper-scale trial reports ~60 generators of ~200 MB.
+KEEP_LATEST = CheckpointConfig(num_to_keep=1)
 
 
 def shift_text(sweep: SweepConfig, magnitude: float | None) -> str | None:
@@ -81,7 +86,8 @@ def trial_driver(config: dict) -> None:
         adaptation_worker, train_loop_config=loop_config, scaling_config=scaling,
         run_config=RunConfig(name=f"{sweep.name}-{trial_id}", storage_path=str(sweep.storage_path / "train"),
                              callbacks=[TuneReportCallback()] if workers else None,
-                             failure_config=FailureConfig(max_failures=resources.max_failures)),
+                             failure_config=FailureConfig(max_failures=resources.max_failures),
+                             checkpoint_config=KEEP_LATEST),
     )
     trainer.fit()  # its reports (and the final evaluation) reach Tune through TuneReportCallback
 
@@ -130,7 +136,8 @@ def train_source_stage(sweep: SweepConfig, log=print) -> Path:
     trainer = TorchTrainer(
         source_worker, train_loop_config={"train": sweep.source.train}, scaling_config=scaling_config(sweep),
         run_config=RunConfig(name=f"{sweep.name}-source", storage_path=str(sweep.storage_path / "train"),
-                             failure_config=FailureConfig(max_failures=sweep.resources.max_failures)),
+                             failure_config=FailureConfig(max_failures=sweep.resources.max_failures),
+                             checkpoint_config=KEEP_LATEST),
     )
     result = trainer.fit()
     if result.checkpoint is None or not result.metrics.get("done"):

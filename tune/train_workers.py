@@ -203,7 +203,7 @@ def in_trial_adaptation(config: dict, checkpoints: Path, device: torch.device) -
 
     For short trials on one device the worker group's start-up dominates (bench/sweep_overhead.py);
     here every report goes straight to Tune, with the checkpoint copied under `checkpoints`
-    (step_<n>/, written whole then renamed), from which a restarted trial resumes.
+    (step_<n>/, written whole then renamed; older ones removed), from which a restarted trial resumes.
     """
     from ray import tune
 
@@ -218,6 +218,9 @@ def in_trial_adaptation(config: dict, checkpoints: Path, device: torch.device) -
         shutil.copytree(folder, partial)
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
+        for older in checkpoints.glob("step_*"):  # keep the latest only: the state to resume, the result to read
+            if older != target:
+                shutil.rmtree(older, ignore_errors=True)
         tune.report({**metrics, "checkpoint_path": str(target)})
 
     run_adaptation(config, world_size=1, rank=0, device=device, resume=resume, report=report)
