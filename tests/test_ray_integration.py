@@ -89,6 +89,11 @@ def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_sessi
     assert {p["model"] for p in promoted} == {"lmadda-dapi", "lmadda-cd29"}
     version = client.get_model_version_by_alias("lmadda-dapi", "phase_contrast-overexposure-2")
     assert version.tags["criterion"] == "pearson"
+    assert all(math.isfinite(r["lf_output_w1"]) and math.isfinite(r["lf_probe_shift"]) for r in table)  # label-free, every trial
+    relabelled = promote(sweep.tracking_uri, sweep.experiment, criterion="lf_output_w1", log=lambda *_: None)
+    best = min(table, key=lambda r: r["lf_output_w1"])
+    assert all(p["lf_output_w1"] == pytest.approx(best["lf_output_w1"]) for p in relabelled)  # the lowest one, not the highest
+    assert client.get_model_version_by_alias("lmadda-dapi", "phase_contrast-overexposure-2").tags["criterion"] == "lf_output_w1"
 
 
 def test_stopper_ends_a_diverging_trial_and_the_table_marks_it_collapsed(ray_session, tiny_synth, tiny_source, tmp_path):

@@ -216,7 +216,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
             # where a trial's time went: inside the adaptation steps, in the worker, in the trial
             "steps_s": last.get("steps_s"), "worker_s": last.get("worker_s"), "trial_s": last.get("time_total_s"),
         }
-        row.update({k: v for k, v in last.items() if k.startswith("pearson") and isinstance(v, float) and math.isfinite(v)})
+        row.update({k: v for k, v in last.items() if k.startswith(("pearson", "lf_")) and isinstance(v, float) and math.isfinite(v)})
         row["_history"] = training
         rows.append(row)
     table_rows = [{k: v for k, v in r.items() if k != "_history"} for r in rows]

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmadda.report import write_report
+from lmadda.selection import CRITERIA, criterion_agreement
 
 
 def markers_of(rows: list[dict]) -> list[str]:
@@ -93,4 +94,10 @@ def format_selection(rows: list[dict], unadapted: dict[str, dict[str, float]], b
               f"  {'marker':8s} {'target':34s} {'layer':>5} {'lr':>9} {'pearson':>8} {'unadapted':>9} {'gain':>7}"]
     for b in best:
         lines.append(f"  {b['marker']:8s} {b['target']:34s} {b['layer']:>5} {b['lr']:>9.2g} {b['pearson']:8.3f} {b['unadapted']:9.3f} {b['gain']:+7.3f}")
+    agreement = [(name, criterion_agreement(rows, f"lf_{name}", "pearson")) for name in CRITERIA if any(f"lf_{name}" in r for r in rows)]
+    if agreement and any(math.isfinite(r.get("pearson", float("nan"))) for r in rows):
+        lines += ["", "label-free criteria against the labelled Pearson (per target over non-collapsed trials, then averaged):",
+                  f"  {'criterion':22s} {'Spearman':>9} {'regret':>8} {'targets':>8}"]
+        for name, result in agreement:
+            lines.append(f"  {name:22s} {result['spearman']:9.3f} {result['regret']:8.3f} {result['targets']:>8}")
     return "\n".join(lines)

@@ -80,7 +80,7 @@ def log_sweep(sweep, rows: list[dict], results_path: Path, log=print, *, unadapt
                     step = int(record.get("step", 0) or 0)
                     metrics = {k: float(record[k]) for k in ("g_loss", "d_loss", "d_acc", "d_running_acc", "g_updates") if _finite(record.get(k))}
                     mlflow.log_metrics(metrics, step=step)
-                final = {k: float(v) for k, v in row.items() if k.startswith("pearson") and _finite(v)}
+                final = {k: float(v) for k, v in row.items() if k.startswith(("pearson", "lf_")) and _finite(v)}
                 final["collapsed"] = float(row["collapsed"])
                 final["steps_done"] = float(row["steps_done"])
                 mlflow.log_metrics(final)
@@ -98,8 +98,9 @@ def log_sweep(sweep, rows: list[dict], results_path: Path, log=print, *, unadapt
 def promote(tracking_uri: str, experiment: str, *, criterion: str = "pearson", log=print) -> list[dict]:
     """Register the best non-collapsed trial per (marker, target) and point alias <target> at it.
 
-    `criterion` is the metric to maximise: the labelled Pearson of the marker (`pearson`), which needs
-    target labels. Every choice records the criterion and its value on the model version.
+    `criterion` is `pearson` (the labelled Pearson of the marker, maximised; needs target labels) or
+    a label-free criterion `lf_<name>` from `lmadda.selection` (minimised; needs none). Every choice
+    records the criterion and its value on the model version.
     """
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
@@ -110,15 +111,20 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "pearson", l
     best: dict[tuple[str, str], tuple[float, object]] = {}
     for run in runs:
         for marker in run.data.tags.get("markers", "").split(","):
-            value = run.data.metrics.get(f"{criterion}_{marker}")
+            if criterion.startswith("lf_"):  # label-free: one value per model, lower is better
+                value = run.data.metrics.get(criterion)
+                value = -value if value is not None else None
+            else:
+                value = run.data.metrics.get(f"{criterion}_{marker}")
             if not marker or value is None or not math.isfinite(value):
                 continue
             key = (marker, run.data.tags["target"])
             if key not in best or value > best[key][0]:
                 best[key] = (value, run)
     if not best:
-        raise LmaddaError(f"experiment {experiment!r} has no non-collapsed trial with a {criterion}_<marker> metric; "
-                          "target labels are needed for the labelled criterion")
+        raise LmaddaError(f"experiment {experiment!r} has no non-collapsed trial with a {criterion} metric; "
+                          + ("target labels are needed for the labelled criterion; promote with a label-free one, e.g. --criterion lf_output_w1"
+                             if criterion == "pearson" else "the trials predate label-free criteria: re-run the sweep"))
     promoted = []
     for (marker, target), (value, run) in sorted(best.items()):
         name = model_name(marker)
@@ -130,12 +136,14 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "pearson", l
         except mlflow.exceptions.MlflowException:
             client.create_registered_model(name, description=f"lmadda generators predicting {marker}; aliases name microscope settings")
         version = client.create_model_version(name, f"runs:/{run.info.run_id}/{artifacts[0].path}", run_id=run.info.run_id,
-                                              tags={"criterion": criterion, "criterion_value": f"{value:.6f}", "target": target,
+                                              tags={"criterion": criterion, "criterion_value": f"{-value if criterion.startswith('lf_') else value:.6f}", "target": target,
                                                     "layer": run.data.tags.get("layer", ""), "marker": marker})
         alias = alias_for(target)
         client.set_registered_model_alias(name, alias, version.version)
-        promoted.append({"model": name, "alias": alias, "version": version.version, "run_id": run.info.run_id, criterion: value})
-        log(f"[promote] models:/{name}@{alias} -> version {version.version} (layer {run.data.tags.get('layer')}, {criterion}_{marker} {value:.3f})")
+        promoted.append({"model": name, "alias": alias, "version": version.version, "run_id": run.info.run_id,
+                         criterion: -value if criterion.startswith("lf_") else value})
+        shown = f"{criterion} {-value:.4f}" if criterion.startswith("lf_") else f"{criterion}_{marker} {value:.3f}"
+        log(f"[promote] models:/{name}@{alias} -> version {version.version} (layer {run.data.tags.get('layer')}, {shown})")
     return promoted
 
 

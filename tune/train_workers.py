@@ -42,6 +42,7 @@ from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
+from lmadda.selection import label_free_criteria
 from lmadda.models.generator import UNetGenerator
 from lmadda.training.adapt import AdaptConfig, Adapter
 from lmadda.training.source import SourceHooks, SourceTrainConfig, load_source_data, source_checkpoint, train_source
@@ -191,8 +192,11 @@ def run_adaptation(config: dict, *, world_size: int, rank: int, device: torch.de
             if rank == 0:
                 torch.save(adapter.state_dict(), Path(folder) / STATE_FILE)
                 result = adapter.finish()
-                if adapter.finished:  # the last report carries the labelled evaluation, where labels exist
+                if adapter.finished:  # the last report carries the evaluations: labelled where labels exist, label-free always
                     metrics.update(labelled_pearson(result.generator, manifest, config["target_setting"], shift, source))
+                    criteria = label_free_criteria(source.generator, result.generator, source_images, target_images,
+                                                   crop_size=adapt_config.crop_size, seed=adapt_config.seed)
+                    metrics.update({f"lf_{name}": value for name, value in criteria.items()})
                 save_checkpoint(Path(folder) / GENERATOR_FILE, result.checkpoint(
                     source, adapt_config.model_copy(update={"batch_size": effective_batch}), target_name, **tags))
             report(metrics, Path(folder) if rank == 0 else None)

@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("--config", type=Path, help="sweep YAML (gives tracking URI and experiment)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default from --config)")
     promote.add_argument("--experiment", help="MLflow experiment (default from --config)")
+    promote.add_argument("--criterion", default="pearson", choices=["pearson", "lf_output_w1", "lf_probe_shift", "lf_flip_inconsistency"],
+                         help="pearson: labelled target Pearson (needs target labels); lf_*: label-free criteria (lmadda.selection)")
     promote.set_defaults(func=run_promote)
 
     runs = subparsers.add_parser("runs", help="inspect MLflow runs")
@@ -65,7 +67,7 @@ def run_promote(args: argparse.Namespace) -> int:
     experiment = args.experiment or (sweep.experiment if sweep else None)
     if not tracking_uri or not experiment:
         raise LmaddaError("give --config, or both --tracking-uri and --experiment")
-    promote(tracking_uri, experiment)
+    promote(tracking_uri, experiment, criterion=args.criterion)
     return 0
 
 

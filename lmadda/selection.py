@@ -1,0 +1,135 @@
+"""Label-free criteria: how good an adapted model looks without any target labels.
+
+A lab adapting to a new microscope has unlabelled target images and its labelled source data, never
+target stains. Each criterion below uses only those, so a sweep can rank its trials the way the
+labelled Pearson would, if the criterion works (`criterion_agreement` measures whether it does):
+
+- `output_w1`: the distance between what the adapted model predicts on target images and what the
+  source model predicts on source images, as the 1-D Wasserstein distance between their pixel
+  intensity distributions, per marker (lower is better: a good adaptation predicts stains that
+  look like source-domain stains).
+- `probe_shift`: at a fixed probe layer (the bottleneck), how far the adapted model's channel means
+  on target images sit from the source model's on source images, in units of the source's
+  per-channel spread (lower is better: leftover domain shift deep in the network).
+- `flip_inconsistency`: how much the adapted model's prediction changes when the target input is
+  mirrored (prediction mirrored back); microscope images have no preferred orientation, so a model
+  that changes its answer is guessing (lower is better).
+
+All are computed on a few fixed crops, so a criterion costs seconds, not an evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from lmadda.data.dataset import LoadedImage, target_from_model_range
+from lmadda.inference import predict_tiled
+from lmadda.models.generator import UNetGenerator
+
+CRITERIA = ("output_w1", "probe_shift", "flip_inconsistency")  # all: lower is better
+
+
+def _crops(images: list[LoadedImage], size: int, count: int, seed: int) -> np.ndarray:
+    """`count` fixed random crops of the inputs, (N, C, size, size) in model units."""
+    rng = np.random.default_rng(seed)
+    crops = []
+    for index in range(count):
+        image = images[index % len(images)].input
+        top = int(rng.integers(0, image.shape[1] - size + 1))
+        left = int(rng.integers(0, image.shape[2] - size + 1))
+        crops.append(image[:, top:top + size, left:left + size])
+    return np.stack(crops).astype(np.float32)
+
+
+def wasserstein_1d(a: np.ndarray, b: np.ndarray, quantiles: int = 256) -> float:
+    """W1 between two samples of values, from their quantile functions."""
+    levels = (np.arange(quantiles) + 0.5) / quantiles
+    return float(np.mean(np.abs(np.quantile(a, levels) - np.quantile(b, levels))))
+
+
+@torch.no_grad()
+def _predict(generator: UNetGenerator, crops: np.ndarray) -> np.ndarray:
+    return np.stack([target_from_model_range(predict_tiled(generator, crop, tile=crop.shape[-1], device="cpu")) for crop in crops])
+
+
+@torch.no_grad()
+def _channel_means(generator: UNetGenerator, crops: np.ndarray, layer: int) -> np.ndarray:
+    generator.eval()
+    activation = generator.forward_to(layer, torch.from_numpy(crops)).activation
+    return activation.mean(dim=(2, 3)).numpy()  # (N, C)
+
+
+def label_free_criteria(
+    source: UNetGenerator,
+    adapted: UNetGenerator,
+    source_images: list[LoadedImage],
+    target_images: list[LoadedImage],
+    *,
+    crop_size: int = 256,
+    crops: int = 8,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Every criterion in CRITERIA for one adapted model (CPU, a few seconds at demo scale)."""
+    size = min(crop_size, *(i.input.shape[1] for i in source_images + target_images), *(i.input.shape[2] for i in source_images + target_images))
+    size -= size % source.config.multiple
+    source_crops = _crops(source_images, size, crops, seed)
+    target_crops = _crops(target_images, size, crops, seed + 1)
+
+    reference = _predict(source, source_crops)  # what stains look like in the source domain
+    predicted = _predict(adapted, target_crops)
+    output_w1 = float(np.mean([wasserstein_1d(reference[:, c], predicted[:, c]) for c in range(reference.shape[1])]))
+
+    probe = source.config.depth - 1  # the bottleneck: where every input has been summarised
+    source_means = _channel_means(source, source_crops, probe)
+    target_means = _channel_means(adapted, target_crops, probe)
+    spread = source_means.std(axis=0) + 1e-6
+    probe_shift = float(np.mean(np.abs(target_means.mean(axis=0) - source_means.mean(axis=0)) / spread))
+
+    mirrored = _predict(adapted, target_crops[..., ::-1].copy())[..., ::-1]
+    flip_inconsistency = float(np.mean(np.abs(mirrored - predicted)))
+    return {"output_w1": output_w1, "probe_shift": probe_shift, "flip_inconsistency": flip_inconsistency}
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN with fewer than 3 pairs or no spread."""
+    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return float("nan")
+
+    def ranks(values):
+        order = np.argsort(values, kind="stable")
+        result = np.empty(len(values))
+        result[order] = np.arange(len(values))
+        for value in set(values):  # ties share their mean rank
+            tied = [i for i, v in enumerate(values) if v == value]
+            result[tied] = np.mean(result[tied])
+        return result
+
+    a, b = ranks([p[0] for p in pairs]), ranks([p[1] for p in pairs])
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def criterion_agreement(rows: list[dict], criterion: str, truth: str) -> dict[str, float]:
+    """How well a lower-is-better criterion ranks trials like the labelled metric `truth` (higher is better).
+
+    Per target: Spearman between -criterion and truth over the non-collapsed trials, and the regret,
+    the truth lost by taking the criterion's best trial instead of the truly best one. Averaged over
+    targets, with the number of targets that had at least 3 trials.
+    """
+    correlations, regrets = [], []
+    for target in sorted({r["target"] for r in rows}):
+        trials = [r for r in rows if r["target"] == target and not r["collapsed"]
+                  and math.isfinite(r.get(criterion, float("nan"))) and math.isfinite(r.get(truth, float("nan")))]
+        if len(trials) < 3:
+            continue
+        correlations.append(spearman([-r[criterion] for r in trials], [r[truth] for r in trials]))
+        chosen = min(trials, key=lambda r: r[criterion])
+        regrets.append(max(r[truth] for r in trials) - chosen[truth])
+    finite = [c for c in correlations if math.isfinite(c)]
+    return {"spearman": float(np.mean(finite)) if finite else float("nan"),
+            "regret": float(np.mean(regrets)) if regrets else float("nan"), "targets": len(regrets)}
