@@ -7,7 +7,6 @@ layers 0..l, and source-training throughput. Prints figures; never asserts timin
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import time
@@ -24,6 +23,7 @@ from lmadda.models import GeneratorConfig, PatchDiscriminator, UNetGenerator
 from lmadda.models.generator import init_weights
 from lmadda.training.adapt import AdaptConfig, adapt
 from lmadda.training.source import pix2pix_step
+from results_file import write_result
 
 
 def layer_flops(generator: UNetGenerator, size: int) -> list[float]:
@@ -134,11 +134,9 @@ def main() -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of the process: {peak_mb:.0f} MiB")
 
-    args.out.mkdir(parents=True, exist_ok=True)
     record = {"benchmark": "adapt_cost", "host": platform.node(), "date": date.today().isoformat(), "args": vars(args) | {"out": str(args.out)},
               "layers": rows, "sweep_ratio": sweep_ratio, "source_images_per_s": images_per_second, "peak_rss_mib": peak_mb}
-    path = args.out / f"{date.today().isoformat()}-{platform.node()}-adapt_cost.json"
-    path.write_text(json.dumps(record, indent=2))
+    path = write_result(args.out, "adapt_cost", record)
     print(f"wrote {path}")
 
 

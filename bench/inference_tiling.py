@@ -21,6 +21,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from results_file import write_result
+
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
@@ -79,9 +81,7 @@ def main() -> int:
         record.update({"tiled_over_untiled": ratio, "tiled_over_untiled_per_computed_pixel": ratio / redundancy})
         print(f"  tiled / untiled time {ratio:.2f}; the {args.overlap:.0%} overlap computes each pixel {redundancy:.2f} times, "
               f"so per computed pixel tiling costs {ratio / redundancy:.2f}x")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{date.today().isoformat()}-{platform.node()}-inference_tiling.json"
-    path.write_text(json.dumps(record, indent=2))
+    path = write_result(args.out, "inference_tiling", record)
     print(f"-> {path}")
     return 0
 

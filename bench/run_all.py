@@ -16,6 +16,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from results_file import result_path, write_result
+
 HERE = Path(__file__).parent
 # (name, arguments): sized so the whole suite stays under 10 minutes on 2 CPU cores.
 BENCHMARKS = [
@@ -33,7 +35,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    prefix = f"{date.today().isoformat()}-{platform.node()}"
     suite = {"host": platform.node(), "date": date.today().isoformat(), "cpus": os.cpu_count(), "benchmarks": {}}
     failed = []
     for name, extra in BENCHMARKS:
@@ -43,14 +44,13 @@ def main() -> int:
         start = time.perf_counter()
         done = subprocess.run([sys.executable, str(HERE / f"{name}.py"), "--out", str(args.out), *extra], env=env)
         seconds = time.perf_counter() - start
-        result = args.out / f"{prefix}-{name}.json"
+        result = result_path(args.out, name)
         if done.returncode != 0 or not result.is_file():
             failed.append(name)
             suite["benchmarks"][name] = {"error": f"exit {done.returncode}", "seconds": seconds}
             continue
         suite["benchmarks"][name] = {**json.loads(result.read_text()), "seconds": seconds}
-    path = args.out / f"{prefix}.json"
-    path.write_text(json.dumps(suite, indent=2))
+    path = write_result(args.out, None, suite)
     total = sum(b["seconds"] for b in suite["benchmarks"].values())
     print(f"\nsuite: {total / 60:.1f} min -> {path}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -24,6 +24,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from results_file import write_result
+
 import numpy as np
 
 LOAD_SCRIPT = r"""
@@ -152,9 +154,7 @@ def main() -> int:
         serve.delete("lmadda")
     serve.shutdown()
     ray.shutdown()
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"{date.today().isoformat()}-{platform.node()}-serve_latency.json"
-    out.write_text(json.dumps(record, indent=2))
+    out = write_result(args.out, "serve_latency", record)
     print(f"-> {out}")
     return 0
 

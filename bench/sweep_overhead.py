@@ -12,7 +12,6 @@ Ray Tune + Ray Train start-up, data loading and evaluation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,8 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+
+from results_file import write_result
 
 
 def main() -> int:
@@ -72,9 +73,7 @@ def main() -> int:
     print(f"2 concurrent trials: {record['speedup_2_concurrent']:.2f}x the throughput of 1 (worker groups); "
           f"in-trial adaptation: {record['speedup_in_trial']:.2f}x (one at a time)")
     ray.shutdown()
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{date.today().isoformat()}-{platform.node()}-sweep_overhead.json"
-    path.write_text(json.dumps(record, indent=2))
+    path = write_result(args.out, "sweep_overhead", record)
     print(f"-> {path}")
     return 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from nested_unet import NestedUnetGenerator  # noqa: E402
+from results_file import write_result  # noqa: E402
 
 from lmadda.models import GeneratorConfig, PatchDiscriminator, UNetGenerator  # noqa: E402
 from lmadda.models.generator import init_weights  # noqa: E402
@@ -117,10 +117,8 @@ def main() -> int:
               f"{cell(row['channels_last'])} {cell(row['bf16'])} {cell(row['compile'])}")
         if row.get("compile_error"):
             print(f"      torch.compile unavailable: {row['compile_error']}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{date.today().isoformat()}-{platform.node()}-train_throughput.json"
-    path.write_text(json.dumps({"benchmark": "train_throughput", "host": platform.node(), "date": date.today().isoformat(),
-                                "device": args.device, "torch": torch.__version__, "rows": rows}, indent=2))
+    path = write_result(args.out, "train_throughput", {"benchmark": "train_throughput", "host": platform.node(), "date": date.today().isoformat(),
+                                "device": args.device, "torch": torch.__version__, "rows": rows})
     print(f"-> {path}")
     return 0
 

@@ -35,7 +35,7 @@ from lmadda.data.dataset import target_from_model_range, to_model_range
 from lmadda.data.normalise import normalise
 from lmadda.errors import LmaddaError
 from lmadda.inference import TilePlan, default_device, to_camera_units
-from serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers
+from serve.codec import RequestError, check_body_size, check_channels, check_name, decode_request_image, encode_tiff, parse_markers
 from serve.registry import StainModels
 
 logger = logging.getLogger("ray.serve")
@@ -91,6 +91,10 @@ class StainService:
             return previous, await self.get_model(previous)
 
     # -- inference --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, generator, tiles: np.ndarray) -> np.ndarray:
+        return generator(torch.from_numpy(tiles).to(self.device)).float().cpu().numpy()
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def forward_tiles(self, items: list[tuple[GeneratorCheckpoint, np.ndarray]]) -> list[np.ndarray]:
         """Micro-batching: tiles of concurrent requests for the same generator run as one forward."""
@@ -99,10 +103,7 @@ class StainService:
         for index, (checkpoint, _) in enumerate(items):
             groups.setdefault(id(checkpoint.generator), []).append(index)
         for indices in groups.values():
-            generator = items[indices[0]][0].generator
-            batch = np.concatenate([items[i][1] for i in indices])
-            with torch.no_grad():
-                predictions = generator(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+            predictions = self.forward(items[indices[0]][0].generator, np.concatenate([items[i][1] for i in indices]))
             start = 0
             for i in indices:
                 count = len(items[i][1])
@@ -118,8 +119,7 @@ class StainService:
             if self.micro_batch:  # tiles of concurrent requests share a forward
                 plan.add(origins, await self.forward_tiles((checkpoint, tiles)))
             else:
-                with torch.no_grad():
-                    plan.add(origins, checkpoint.generator(torch.from_numpy(tiles).to(self.device)).float().cpu().numpy())
+                plan.add(origins, self.forward(checkpoint.generator, tiles))
         return to_camera_units(target_from_model_range(plan.result()), checkpoint)
 
     # -- routes -----------------------------------------------------------------------------------
@@ -142,9 +142,8 @@ class StainService:
             setting = check_name("setting", setting or request.headers.get("x-lmadda-setting", ""))
             markers = parse_markers(marker or request.headers.get("x-lmadda-marker", "dapi"))
             declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self.max_bytes:  # refuse before reading it into memory
-                raise RequestError(413, f"image of {int(declared) / 2**20:.1f} MiB exceeds the limit of {self.max_bytes / 2**20:.0f} MiB; "
-                                        "tile it or ask the operator to raise max_body_mb")
+            if declared.isdigit():  # refuse before reading it into memory
+                check_body_size(int(declared), self.max_bytes)
             image = decode_request_image(await request.body(), request.headers.get("content-type"), max_bytes=self.max_bytes)
             channels, described, versions, dtypes = [], [], [], set()
             for name in markers:

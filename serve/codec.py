@@ -53,14 +53,19 @@ def parse_markers(text: str) -> list[str]:
     return markers
 
 
+def check_body_size(size: int, max_bytes: int) -> None:
+    """413 for a body over the limit (called with Content-Length first, so a huge body is never read)."""
+    if size > max_bytes:
+        raise RequestError(413, f"image of {size / 2**20:.1f} MiB exceeds the limit of {max_bytes / 2**20:.0f} MiB; "
+                                "tile it or ask the operator to raise max_body_mb")
+
+
 def decode_request_image(body: bytes, content_type: str | None, *, max_bytes: int) -> RawImage:
     """The request body as a (C, H, W) image in camera units; 413/415/400 with a clear message otherwise."""
     kind = CONTENT_TYPES.get((content_type or "").split(";")[0].strip().lower())
     if kind is None:
         raise RequestError(415, f"Content-Type {content_type!r} is not supported: send the raw image bytes as image/tiff or image/png")
-    if len(body) > max_bytes:
-        raise RequestError(413, f"image of {len(body) / 2**20:.1f} MiB exceeds the limit of {max_bytes / 2**20:.0f} MiB; "
-                                "tile it or ask the operator to raise max_body_mb")
+    check_body_size(len(body), max_bytes)
     try:
         image = decode_image(body, kind, "request body")
     except LmaddaError as error:

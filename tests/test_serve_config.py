@@ -10,8 +10,7 @@ from serve.local import DEFAULT_CONFIG, read_serve_config
 def test_the_shipped_serve_config_validates_with_rays_own_schema():
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(DEFAULT_CONFIG.read_text())) if hasattr(ServeDeploySchema, "model_validate") \
-        else ServeDeploySchema.parse_obj(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    schema = ServeDeploySchema.parse_obj(yaml.safe_load(DEFAULT_CONFIG.read_text()))
     assert [app.import_path for app in schema.applications] == ["serve.app:build_app"]
 
 

@@ -35,7 +35,7 @@ from tune.stopper import ModeCollapseStopper
 from tune.sweep_config import SweepConfig
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
-from tune.sweep_report import best_per_target, format_selection, write_sweep_report
+from tune.sweep_report import best_per_target, format_selection, markers_of, write_sweep_report
 from tune.train_workers import GENERATOR_FILE, adaptation_worker, in_trial_adaptation, labelled_pearson, source_worker
 
 
@@ -74,7 +74,6 @@ def trial_driver(config: dict) -> None:
                  "magnitude": float("nan") if point["magnitude"] is None else point["magnitude"]},
     }
     workers = resources.workers_per_trial
-    scaling = scaling_config(sweep)
     # The trial id is stable across Tuner.restore, so a restored trial's Train run resumes its own checkpoints.
     trial_id = tune.get_context().get_trial_id()
     if workers == 0:  # no worker group: what short single-device trials spend most of their time starting
@@ -83,7 +82,7 @@ def trial_driver(config: dict) -> None:
                             torch.device("cuda" if use_gpu else "cpu"))
         return
     trainer = TorchTrainer(
-        adaptation_worker, train_loop_config=loop_config, scaling_config=scaling,
+        adaptation_worker, train_loop_config=loop_config, scaling_config=scaling_config(sweep),
         run_config=RunConfig(name=f"{sweep.name}-{trial_id}", storage_path=str(sweep.storage_path / "train"),
                              callbacks=[TuneReportCallback()] if workers else None,
                              failure_config=FailureConfig(max_failures=resources.max_failures),
@@ -273,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_sweep_table(rows: list[dict]) -> str:
-    markers = sorted({k[len("pearson_"):] for r in rows for k in r if k.startswith("pearson_")})
+    markers = markers_of(rows)
     header = f"{'target':34s} {'layer':>5} {'lr':>9} {'steps':>6}" + "".join(f" {('P_' + m):>8}" for m in markers) + "  collapsed"
     lines = [header]
     for r in sorted(rows, key=lambda r: (r["target"], r["lr"], r["layer"], r["seed"])):

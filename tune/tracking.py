@@ -108,25 +108,23 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "pearson", l
     if found is None:
         raise LmaddaError(f"no MLflow experiment {experiment!r} at {tracking_uri}; run a sweep first")
     runs = client.search_runs([found.experiment_id], "tags.`lmadda.kind` = 'trial' and tags.collapsed = 'false'", max_results=5000)
-    best: dict[tuple[str, str], tuple[float, object]] = {}
+    label_free = criterion.startswith("lf_")  # one value per model, lower is better
+    best: dict[tuple[str, str], tuple[float, float, object]] = {}  # (score: higher is better, value, run)
     for run in runs:
         for marker in run.data.tags.get("markers", "").split(","):
-            if criterion.startswith("lf_"):  # label-free: one value per model, lower is better
-                value = run.data.metrics.get(criterion)
-                value = -value if value is not None else None
-            else:
-                value = run.data.metrics.get(f"{criterion}_{marker}")
+            value = run.data.metrics.get(criterion if label_free else f"{criterion}_{marker}")
             if not marker or value is None or not math.isfinite(value):
                 continue
+            score = -value if label_free else value
             key = (marker, run.data.tags["target"])
-            if key not in best or value > best[key][0]:
-                best[key] = (value, run)
+            if key not in best or score > best[key][0]:
+                best[key] = (score, value, run)
     if not best:
         raise LmaddaError(f"experiment {experiment!r} has no non-collapsed trial with a {criterion} metric; "
                           + ("target labels are needed for the labelled criterion; promote with a label-free one, e.g. --criterion lf_output_w1"
                              if criterion == "pearson" else "the trials predate label-free criteria: re-run the sweep"))
     promoted = []
-    for (marker, target), (value, run) in sorted(best.items()):
+    for (marker, target), (_, value, run) in sorted(best.items()):
         name = model_name(marker)
         artifacts = client.list_artifacts(run.info.run_id, ARTIFACT_DIR)
         if not artifacts:
@@ -136,13 +134,12 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "pearson", l
         except mlflow.exceptions.MlflowException:
             client.create_registered_model(name, description=f"lmadda generators predicting {marker}; aliases name microscope settings")
         version = client.create_model_version(name, f"runs:/{run.info.run_id}/{artifacts[0].path}", run_id=run.info.run_id,
-                                              tags={"criterion": criterion, "criterion_value": f"{-value if criterion.startswith('lf_') else value:.6f}", "target": target,
+                                              tags={"criterion": criterion, "criterion_value": f"{value:.6f}", "target": target,
                                                     "layer": run.data.tags.get("layer", ""), "marker": marker})
         alias = alias_for(target)
         client.set_registered_model_alias(name, alias, version.version)
-        promoted.append({"model": name, "alias": alias, "version": version.version, "run_id": run.info.run_id,
-                         criterion: -value if criterion.startswith("lf_") else value})
-        shown = f"{criterion} {-value:.4f}" if criterion.startswith("lf_") else f"{criterion}_{marker} {value:.3f}"
+        promoted.append({"model": name, "alias": alias, "version": version.version, "run_id": run.info.run_id, criterion: value})
+        shown = f"{criterion} {value:.4f}" if label_free else f"{criterion}_{marker} {value:.3f}"
         log(f"[promote] models:/{name}@{alias} -> version {version.version} (layer {run.data.tags.get('layer')}, {shown})")
     return promoted
 
