@@ -58,6 +58,8 @@ class SourceTrainConfig(BaseModel):
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast: 1.4-1.8x faster on CPU here (docs/performance.md)")
+    init_from: Path | None = Field(None, description="start from this checkpoint's generator weights (fine-tuning, e.g. the study's "
+                                                     "oracle on target pairs); its architecture must match ngf/depth")
 
     @field_validator("shift")
     @classmethod
@@ -147,6 +149,16 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     return module.module if hasattr(module, "module") else module
 
 
+def _load_initial_weights(generator: nn.Module, config: SourceTrainConfig) -> None:
+    from lmadda.checkpoint import load_checkpoint
+
+    initial = load_checkpoint(config.init_from)
+    if initial.config != generator.config:
+        raise LmaddaError(f"init_from {config.init_from}: its generator ({initial.describe()}) differs from this config's "
+                          f"(ngf {config.ngf}, depth {config.depth}, markers {config.markers}); set ngf/depth/markers to match it")
+    generator.load_state_dict(initial.generator.state_dict())
+
+
 def train_source(
     config: SourceTrainConfig,
     out: str | Path | None = None,
@@ -176,6 +188,8 @@ def train_source(
     worker_batch = config.batch_size // hooks.world_size
 
     generator, discriminator = build_source_models(config)
+    if config.init_from is not None and resume is None:
+        _load_initial_weights(generator, config)
     if hooks.sync_batchnorm:
         generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
         discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
