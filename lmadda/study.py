@@ -3,10 +3,10 @@
 A target domain is an input setting of the manifest plus an optional shift applied to it
 (`bright_field`, or `phase_contrast` + `overexposure:2`). For each domain the study evaluates, on the
 test split: the unadapted source model, the cheap baselines (AdaBN, histogram matching, FDA),
-LM-ADDA at each requested layer (the last layer is ADDA), and, when target pairs exist and an oracle
-budget is given, an oracle trained on target pairs. Adaptation uses only unlabelled target inputs of
-the train split. Rows are appended to a Parquet table after every model, atomically, so an
-interrupted study keeps everything it finished.
+LM-ADDA at each requested layer (the last layer is ADDA), LM-ADDA on sets of layers at once
+(multi-layer matching), and, when target pairs exist and an oracle budget is given, an oracle trained
+on target pairs. Adaptation uses only unlabelled target inputs of the train split. Rows are appended
+to a Parquet table after every model, atomically, so an interrupted study keeps everything it finished.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -24,14 +25,55 @@ from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
 from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
+from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
+from lmadda.models.generator import UNetGenerator
 from lmadda.training.adapt import AdaptConfig, adapt
 from lmadda.training.source import SourceTrainConfig, train_source
 
 RESULT_COLUMNS = [
-    "target", "setting", "shift", "magnitude", "method", "layer", "lr", "seed", "marker", "field",
+    "target", "setting", "shift", "magnitude", "method", "layer", "matched", "lr", "seed", "marker", "field",
     "pearson", "ssim", "psnr", "nrmse", "collapsed", "d_saturated", "seconds",
 ]
+CRITERION_PREFIX = "lf_"  # label-free criterion columns (lmadda.selection), kept as they come
+
+
+def matched_name(layers: list[int]) -> str:
+    """'7' for single-layer matching, '0+7+15' for a set of layers."""
+    return "+".join(str(layer) for layer in sorted(layers))
+
+
+class ImageSource:
+    """Where a study reads its images: a manifest's splits, or (`validation_rows`) a validation split
+    carved out of the bottom rows of each training field, for data sets with too few fields for a
+    validation split of their own (the real two-field set: one field trains, the other tests)."""
+
+    def __init__(self, manifest: Manifest, validation_rows: float = 0.0):
+        if not 0.0 <= validation_rows < 1.0:
+            raise LmaddaError(f"validation_rows {validation_rows} must be a fraction in [0, 1)")
+        self.manifest = manifest
+        self.validation_rows = validation_rows
+
+    def load(self, setting: str, split: str, markers: list[str] | None = None, *, shift: Shift | None = None,
+             percentiles=None, seed: int = 0) -> list[LoadedImage]:
+        options = {} if percentiles is None else {"percentiles": percentiles}
+        if not self.validation_rows or split not in ("train", "val"):
+            return load_images(self.manifest, setting, split, markers, shift=shift, seed=seed, **options)
+        images = load_images(self.manifest, setting, "train", markers, shift=shift, seed=seed, **options)
+        return [_rows_of(image, self.validation_rows, split == "val") for image in images]
+
+
+def _rows_of(image: LoadedImage, fraction: float, bottom: bool) -> LoadedImage:
+    height = image.input.shape[1]
+    cut = height - int(round(height * fraction))
+    rows = slice(cut, height) if bottom else slice(0, cut)
+    target = None if image.target is None else image.target[:, rows]
+    return LoadedImage(field=f"{image.field}{'[val rows]' if bottom else '[train rows]'}", input=image.input[:, rows],
+                       input_norm=image.input_norm, target=target, target_norm=image.target_norm)
+
+
+RowsCallback = Callable[[list[dict]], None]
+ModelCallback = Callable[["TargetDomain", dict, UNetGenerator], dict]
 
 
 @dataclass(frozen=True)
@@ -60,16 +102,18 @@ class ResultTable:
             self.rows = pq.read_table(path).to_pylist()
 
     def add(self, rows: list[dict]) -> None:
-        self.rows.extend({column: row.get(column) for column in RESULT_COLUMNS} for row in rows)
+        self.rows.extend({**{column: row.get(column) for column in RESULT_COLUMNS},
+                          **{k: v for k, v in row.items() if k.startswith(CRITERION_PREFIX)}} for row in rows)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_name(f".{self.path.name}.partial")
             pq.write_table(pa.Table.from_pylist(self.rows), temporary)
             temporary.replace(self.path)
 
-    def has(self, target: str, method: str, layer: int, lr: float | None, seed: int) -> bool:
+    def has(self, target: str, method: str, layer: int, lr: float | None, seed: int, matched: str | None = None) -> bool:
         return any(r["target"] == target and r["method"] == method and r["layer"] == layer
-                   and (lr is None or r["lr"] == lr) and r["seed"] == seed for r in self.rows)
+                   and (lr is None or r["lr"] == lr) and r["seed"] == seed
+                   and (matched is None or r.get("matched") == matched) for r in self.rows)
 
 
 def _tag(rows: list[dict], domain: TargetDomain, target: str | None = None, **tags) -> list[dict]:
@@ -83,7 +127,7 @@ def _tag(rows: list[dict], domain: TargetDomain, target: str | None = None, **ta
 
 def run_study(
     source: GeneratorCheckpoint,
-    manifest: Manifest,
+    manifest: Manifest | ImageSource,
     domains: list[TargetDomain],
     layers: list[int],
     adapt_config: AdaptConfig,
@@ -91,28 +135,43 @@ def run_study(
     source_setting: str,
     out: Path | None = None,
     baselines: tuple[str, ...] = ("adabn", "histogram_matching", "fda"),
+    layer_sets: list[list[int]] = (),
     oracle: SourceTrainConfig | None = None,
     save_models: bool = False,
+    on_model: ModelCallback | None = None,
+    on_rows: RowsCallback | None = None,
     progress: bool = True,
     log=print,
 ) -> list[dict]:
-    """Run every (domain, method, layer); returns all rows (also written to `out`/results.parquet)."""
+    """Run every (domain, method, layer); returns all rows (also written to `out`/results.parquet).
+
+    `layer_sets` adds multi-layer matching (method `lmadda_multi`, one discriminator per layer).
+    `on_model(domain, tags, generator)` sees every adapted generator and returns extra columns for
+    its rows (the label-free criteria); `on_rows(rows)` gets the rows of each model as they land.
+    """
+    data = manifest if isinstance(manifest, ImageSource) else ImageSource(manifest)
     markers = source.markers
     table = ResultTable(out / "results.parquet" if out else None)
     seed = adapt_config.seed
-    source_train = load_images(manifest, source_setting, "train", percentiles=source.percentiles)
-    source_test = load_images(manifest, source_setting, "test", markers, percentiles=source.percentiles)
+
+    def add(rows: list[dict]) -> None:
+        table.add(rows)
+        if on_rows is not None:
+            on_rows(rows)
+
+    source_train = data.load(source_setting, "train", percentiles=source.percentiles)
+    source_test = data.load(source_setting, "test", markers, percentiles=source.percentiles)
     if not table.has("source", "unadapted", -1, None, seed):
         rows = evaluate_generator(source.generator, source_test, markers)
-        table.add(_tag(rows, TargetDomain(source_setting), method="unadapted", layer=-1, seed=seed, target="source"))
+        add(_tag(rows, TargetDomain(source_setting), method="unadapted", layer=-1, seed=seed, target="source"))
     for domain in domains:
-        target_train = load_images(manifest, domain.setting, "train", shift=domain.shift, percentiles=source.percentiles, seed=seed)
-        target_test = load_images(manifest, domain.setting, "test", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 7)
+        target_train = data.load(domain.setting, "train", shift=domain.shift, percentiles=source.percentiles, seed=seed)
+        target_test = data.load(domain.setting, "test", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 7)
 
         def record(method: str, rows: list[dict], layer: int = -1, **tags) -> None:
-            table.add(_tag(rows, domain, method=method, layer=layer, seed=seed, **tags))
+            add(_tag(rows, domain, method=method, layer=layer, seed=seed, **tags))
             mean = np.nanmean([r["pearson"] for r in rows])
-            log(f"[study] {domain.name:34s} {method:18s} layer {layer:3d}  Pearson {mean:.3f}")
+            log(f"[study] {domain.name:34s} {method:18s} layer {tags.get('matched', layer)!s:>8s} lr {tags.get('lr') or '-'!s:7s} Pearson {mean:.3f}")
 
         if not table.has(domain.name, "unadapted", -1, None, seed):
             record("unadapted", evaluate_generator(source.generator, target_test, markers))
@@ -123,15 +182,22 @@ def run_study(
         if "fda" in baselines and not table.has(domain.name, "fda", -1, None, seed):
             record("fda", evaluate_generator(source.generator, target_test, markers, input_transform=FourierAmplitudeTransfer(source_train, seed=seed)))
 
-        for layer in layers:
-            method = "adda" if layer == source.generator.last_layer else "lmadda"
-            if table.has(domain.name, method, layer, adapt_config.lr, seed):
+        matchings = [("adda" if layer == source.generator.last_layer else "lmadda", [layer]) for layer in layers]
+        matchings += [("lmadda_multi", sorted(layer_set)) for layer_set in layer_sets]
+        for method, matched_layers in matchings:
+            layer, matched = max(matched_layers), matched_name(matched_layers)
+            if table.has(domain.name, method, layer, adapt_config.lr, seed, matched):
                 continue
-            config = adapt_config.model_copy(update={"layer": [layer]})
+            config = adapt_config.model_copy(update={"layer": matched_layers})
             result = adapt(source, source_train, target_train, config, progress=progress)
+            tags = dict(layer=layer, matched=matched, lr=config.lr, collapsed=result.collapsed,
+                        d_saturated=result.d_saturated, seconds=result.seconds)
             rows = evaluate_generator(result.generator, target_test, markers)
-            record(method, rows, layer=layer, lr=config.lr, collapsed=result.collapsed, d_saturated=result.d_saturated, seconds=result.seconds)
-            if save_models and out is not None:
+            if on_model is not None:
+                extra = on_model(domain, {**tags, "method": method, "seed": seed}, result.generator)
+                rows = [{**row, **extra} for row in rows]
+            record(method, rows, **tags)
+            if save_models and out is not None and len(matched_layers) == 1:
                 checkpoint = result.checkpoint(source, config, domain.name, target=domain.name)
                 save_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{layer:02d}.pt", checkpoint)
 
@@ -139,8 +205,8 @@ def run_study(
             start = time.perf_counter()
             oracle_config = oracle.model_copy(update={"setting": domain.setting, "shift": str(domain.shift) if domain.shift else None})
             oracle_data = (
-                load_images(manifest, domain.setting, "train", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed),
-                load_images(manifest, domain.setting, "val", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 1),
+                data.load(domain.setting, "train", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed),
+                data.load(domain.setting, "val", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 1),
             )
             trained = train_source(oracle_config, progress=progress, data=oracle_data)
             record("oracle", evaluate_generator(trained.checkpoint.generator, target_test, markers), seconds=time.perf_counter() - start)
