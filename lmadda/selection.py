@@ -16,6 +16,17 @@ labelled Pearson would, if the criterion works (`criterion_agreement` measures w
   that changes its answer is guessing (lower is better).
 
 All are computed on a few fixed crops, so a criterion costs seconds, not an evaluation.
+
+Two more families need several models or none:
+
+- ensemble disagreement (the published baseline, SIT-ADDA-Auto, arXiv 2511.12006): models adapted
+  the same way with different seeds disagree where the adaptation is unsure; `seed_disagreement`
+  is the mean pixel-wise spread of their predictions on the same target crops. `layer_disagreement`
+  is the variant that needs one seed: how far a model's prediction sits from the median prediction
+  of the models adapted at every layer.
+- the zero-training layer predictor: run the unadapted source model once on source and target
+  images, measure the domain discrepancy after every layer (`discrepancy_profile`), and predict the
+  layer to match from where the shift enters (`predict_layer`): seconds instead of a sweep.
 """
 
 from __future__ import annotations
@@ -30,6 +41,9 @@ from lmadda.inference import predict_tiled
 from lmadda.models.generator import UNetGenerator
 
 CRITERIA = ("output_w1", "probe_shift", "flip_inconsistency")  # all: lower is better
+# What `lmadda sweep promote` uses when the trials have no target labels: the per-trial criterion
+# with the lowest selection regret in docs/study.md (regenerate with `lmadda study`).
+DEFAULT_CRITERION = "probe_shift"
 
 
 def _crops(images: list[LoadedImage], size: int, count: int, seed: int) -> np.ndarray:
@@ -73,24 +87,82 @@ def label_free_criteria(
     seed: int = 0,
 ) -> dict[str, float]:
     """Every criterion in CRITERIA for one adapted model (CPU, a few seconds at demo scale)."""
-    size = min(crop_size, *(i.input.shape[1] for i in source_images + target_images), *(i.input.shape[2] for i in source_images + target_images))
-    size -= size % source.config.multiple
-    source_crops = _crops(source_images, size, crops, seed)
-    target_crops = _crops(target_images, size, crops, seed + 1)
+    probe = SelectionProbe(source, source_images, target_images, crop_size=crop_size, crops=crops, seed=seed)
+    return probe.measure(adapted)[0]
 
-    reference = _predict(source, source_crops)  # what stains look like in the source domain
-    predicted = _predict(adapted, target_crops)
-    output_w1 = float(np.mean([wasserstein_1d(reference[:, c], predicted[:, c]) for c in range(reference.shape[1])]))
 
-    probe = source.config.depth - 1  # the bottleneck: where every input has been summarised
-    source_means = _channel_means(source, source_crops, probe)
-    target_means = _channel_means(adapted, target_crops, probe)
+def channel_mean_shift(source_means: np.ndarray, target_means: np.ndarray) -> float:
+    """Mean over channels of |mean_target - mean_source| in units of the source's per-crop spread."""
     spread = source_means.std(axis=0) + 1e-6
-    probe_shift = float(np.mean(np.abs(target_means.mean(axis=0) - source_means.mean(axis=0)) / spread))
+    return float(np.mean(np.abs(target_means.mean(axis=0) - source_means.mean(axis=0)) / spread))
 
-    mirrored = _predict(adapted, target_crops[..., ::-1].copy())[..., ::-1]
-    flip_inconsistency = float(np.mean(np.abs(mirrored - predicted)))
-    return {"output_w1": output_w1, "probe_shift": probe_shift, "flip_inconsistency": flip_inconsistency}
+
+class SelectionProbe:
+    """The fixed crops every label-free criterion of one study is measured on.
+
+    Built once per (source model, target domain); `measure(adapted)` then gives the per-model
+    criteria and the model's predictions on the target crops (kept for the ensemble criteria).
+    """
+
+    def __init__(self, source: UNetGenerator, source_images: list[LoadedImage], target_images: list[LoadedImage], *,
+                 crop_size: int = 256, crops: int = 8, seed: int = 0):
+        size = min(crop_size, *(i.input.shape[1] for i in source_images + target_images),
+                   *(i.input.shape[2] for i in source_images + target_images))
+        size -= size % source.config.multiple
+        if size <= 0:
+            raise ValueError(f"images are smaller than the model's input multiple {source.config.multiple}")
+        self.source = source
+        self.source_crops = _crops(source_images, size, crops, seed)
+        self.target_crops = _crops(target_images, size, crops, seed + 1)
+        self.reference = _predict(source, self.source_crops)  # what stains look like in the source domain
+        self.probe_layer = source.config.depth - 1  # the bottleneck: where every input has been summarised
+        self.source_means = _channel_means(source, self.source_crops, self.probe_layer)
+
+    def measure(self, adapted: UNetGenerator) -> tuple[dict[str, float], np.ndarray]:
+        predicted = _predict(adapted, self.target_crops)
+        output_w1 = float(np.mean([wasserstein_1d(self.reference[:, c], predicted[:, c]) for c in range(self.reference.shape[1])]))
+        probe_shift = channel_mean_shift(self.source_means, _channel_means(adapted, self.target_crops, self.probe_layer))
+        mirrored = _predict(adapted, self.target_crops[..., ::-1].copy())[..., ::-1]
+        flip_inconsistency = float(np.mean(np.abs(mirrored - predicted)))
+        return {"output_w1": output_w1, "probe_shift": probe_shift, "flip_inconsistency": flip_inconsistency}, predicted
+
+    def discrepancy_profile(self) -> list[float]:
+        """The unadapted source model's domain discrepancy after every layer (`channel_mean_shift`)."""
+        self.source.eval()
+        profile = []
+        for layer in range(self.source.num_layers):
+            source_means = _channel_means(self.source, self.source_crops, layer)
+            target_means = _channel_means(self.source, self.target_crops, layer)
+            profile.append(channel_mean_shift(source_means, target_means))
+        return profile
+
+
+def predict_layer(profile: list[float], fraction: float = 0.5) -> int:
+    """Where the shift enters: the first layer whose discrepancy reaches `fraction` of the profile's maximum.
+
+    The rule is fixed before looking at any labelled result: matching should start where the two
+    domains first look different to the network; later layers only inherit that difference.
+    """
+    finite = [value for value in profile if math.isfinite(value)]
+    if not finite:
+        raise ValueError("the discrepancy profile has no finite value")
+    threshold = fraction * max(finite)
+    return next(layer for layer, value in enumerate(profile) if math.isfinite(value) and value >= threshold)
+
+
+def seed_disagreement(predictions: list[np.ndarray]) -> float:
+    """Ensemble uncertainty: the mean pixel-wise standard deviation across models' predictions of the same crops."""
+    if len(predictions) < 2:
+        return float("nan")
+    return float(np.mean(np.stack(predictions).astype(np.float32).std(axis=0)))
+
+
+def layer_disagreement(predictions: dict[str, np.ndarray]) -> dict[str, float]:
+    """For each model, its mean absolute distance to the pixel-wise median of all models' predictions."""
+    if len(predictions) < 3:
+        return {key: float("nan") for key in predictions}
+    median = np.median(np.stack([p.astype(np.float32) for p in predictions.values()]), axis=0)
+    return {key: float(np.mean(np.abs(p.astype(np.float32) - median))) for key, p in predictions.items()}
 
 
 def spearman(x: list[float], y: list[float]) -> float:
