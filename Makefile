@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.lmadda-installed
 DEMO_OUT ?= demo-out
 
-.PHONY: demo test bench clean-demo help
+.PHONY: demo test bench study clean-demo help
 
 help:
 	@echo "make demo   set up .venv and run the demo on the embedded simulated data (output in $(DEMO_OUT)/)"
@@ -34,6 +34,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# The study behind docs/study.md (about 2 h on 2 CPU cores; reruns skip finished models)
+study: $(STAMP)
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/lmadda study --config docs/study.yaml
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

@@ -54,14 +54,14 @@ def summary_table(rows: list[dict], metric: str = "pearson") -> str:
     return "\n".join(lines)
 
 
-def _label(axis, title: str, xlabel: str, metric: str) -> None:
+def label_axis(axis, title: str, xlabel: str, metric: str) -> None:
     axis.set_title(title, fontsize=9)
     axis.set_xlabel(xlabel)
     axis.set_ylabel(metric)
     axis.grid(alpha=0.3)
 
 
-def _save_grid(figure, axes, out: Path) -> Path:
+def save_grid(figure, axes, out: Path) -> Path:
     """One legend under the panel grid (from the first panel), then write the PNG."""
     import matplotlib.pyplot as plt
 
@@ -107,8 +107,8 @@ def plot_pearson_by_layer(rows: list[dict], out: Path, metric: str = "pearson") 
                 entry = stats.get((target, marker, method, -1))
                 if entry:
                     axis.axhline(entry[0], color=colour, linestyle="--" if method != "oracle" else ":", linewidth=1, label=method)
-            _label(axis, f"{target} — {marker}", "matched layer", metric)
-    return _save_grid(figure, axes, out)
+            label_axis(axis, f"{target} — {marker}", "matched layer", metric)
+    return save_grid(figure, axes, out)
 
 
 def plot_pearson_vs_magnitude(rows: list[dict], out: Path, metric: str = "pearson") -> Path | None:
@@ -147,8 +147,8 @@ def plot_pearson_vs_magnitude(rows: list[dict], out: Path, metric: str = "pearso
                 if curve:
                     xs = sorted(curve)
                     axis.plot(xs, [curve[x] for x in xs], marker="o", label=name)
-            _label(axis, f"{setting} + {shift} — {marker}", "shift magnitude", metric)
-    return _save_grid(figure, axes, out)
+            label_axis(axis, f"{setting} + {shift} — {marker}", "shift magnitude", metric)
+    return save_grid(figure, axes, out)
 
 
 def sample_panel(panels: list[tuple[str, np.ndarray]], out: Path, title: str = "") -> Path:

@@ -1,0 +1,538 @@
+"""docs/study.md and its figures, written from the study's MLflow runs (`lmadda study`).
+
+Every number in the document is computed here from the tracking store; the statements under
+"What held up" are computed too (a claim holds when its gain exceeds the seeds' spread), so the
+document cannot say more than the runs show.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from lmadda import __version__
+from lmadda.report import label_axis, save_grid
+from lmadda.selection import criterion_agreement, spearman
+from lmadda.study_config import ExperimentSpec, StudyConfig
+from lmadda.study_runner import experiment_name
+from lmadda.study_tracking import read_study
+
+BASELINE_METHODS = ("unadapted", "adabn", "histogram_matching", "fda")
+ADAPTED = ("lmadda", "adda")
+CRITERIA = {  # label-free criterion -> what it is (all: lower is better)
+    "lf_output_w1": "W1 between predicted target stains and the source model's source stains",
+    "lf_probe_shift": "bottleneck channel-mean shift of target vs source activations",
+    "lf_flip_inconsistency": "prediction change under a mirrored input",
+    "lf_seed_disagreement": "ensemble uncertainty: spread of predictions across seeds (SIT-ADDA-Auto's signal)",
+    "lf_layer_disagreement": "distance to the median prediction of the models adapted at every layer",
+}
+PUBLISHED_BASELINE = "lf_seed_disagreement"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(finite)), float(np.std(finite)), len(finite)
+
+
+def _cell(values: list[float], collapsed: bool = False) -> str:
+    mean, std, n = _mean_std(values)
+    if n == 0:
+        return "—"
+    text = f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"
+    return text + (" *" if collapsed else "")
+
+
+class Results:
+    """One experiment's model runs, grouped the ways the document needs them."""
+
+    def __init__(self, models: list[dict], profiles: list[dict]):
+        self.models = models
+        self.profiles = {p["target"]: p for p in profiles}
+        self.markers = sorted({k[len("pearson_"):] for m in models for k in m if k.startswith("pearson_")})
+        order = {"none": 0}
+        self.targets = sorted({m["target"] for m in models if m["target"] != "source"},
+                              key=lambda t: (order.get(self.shift_of(t), 1), self.shift_of(t), self.magnitude_of(t), t))
+
+    def shift_of(self, target: str) -> str:
+        return next((m["shift"] for m in self.models if m["target"] == target), "none")
+
+    def magnitude_of(self, target: str) -> float:
+        value = next((m["magnitude"] for m in self.models if m["target"] == target), float("nan"))
+        return value if math.isfinite(value) else 0.0
+
+    def select(self, target: str, method: str | tuple[str, ...], **match) -> list[dict]:
+        methods = (method,) if isinstance(method, str) else method
+        return [m for m in self.models if m["target"] == target and m["method"] in methods
+                and all(m.get(k) == v for k, v in match.items())]
+
+    def lrs(self, target: str) -> list[float]:
+        return sorted({m["lr"] for m in self.select(target, ADAPTED)})
+
+    def layers(self, target: str) -> list[int]:
+        return sorted({m["layer"] for m in self.select(target, ADAPTED)})
+
+    def stable_lrs(self, target: str) -> list[float]:
+        """The paper's rule: learning rates whose runs collapsed at no layer (any seed)."""
+        return [lr for lr in self.lrs(target) if not any(m["collapsed"] for m in self.select(target, ADAPTED, lr=lr))]
+
+    def chosen_lr(self, target: str) -> float | None:
+        """The largest stable rate (it moved the models most without collapsing); the smallest rate when none is stable."""
+        stable = self.stable_lrs(target)
+        lrs = self.lrs(target)
+        return max(stable) if stable else (min(lrs) if lrs else None)
+
+    def config_means(self, target: str, methods=ADAPTED, metric: str = "pearson") -> dict[tuple, dict]:
+        """(method, matched, lr) -> mean metric over seeds, each criterion's mean, collapsed flag, per-seed values."""
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for m in self.select(target, methods):
+            groups[(m["method"], m["matched"], m["lr"])].append(m)
+        result = {}
+        for key, runs in groups.items():
+            entry = {"pearson": _mean_std([r.get(metric, float("nan")) for r in runs])[0],
+                     "values": [r.get(metric, float("nan")) for r in runs], "collapsed": any(r["collapsed"] for r in runs),
+                     "layer": runs[0]["layer"], "target": target}
+            for criterion in CRITERIA:
+                entry[criterion] = _mean_std([r.get(criterion, float("nan")) for r in runs])[0]
+            result[key] = entry
+        return result
+
+    def best_single(self, target: str, lr: float | None) -> tuple[int, dict] | None:
+        configs = {k: v for k, v in self.config_means(target).items() if k[2] == lr and not v["collapsed"]}
+        if not configs:
+            return None
+        key = max(configs, key=lambda k: configs[k]["pearson"])
+        return configs[key]["layer"], configs[key]
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+
+def main_table(results: Results) -> list[str]:
+    lines = ["| target | " + " | ".join(["unadapted", "AdaBN", "histogram", "FDA", "ADDA", "best LM-ADDA (layer)", "oracle"]) + " |",
+             "|---" * 8 + "|"]
+    for target in results.targets:
+        lr = results.chosen_lr(target)
+        cells = [_cell([m["pearson"] for m in results.select(target, method)]) for method in BASELINE_METHODS]
+        adda = results.select(target, "adda", lr=lr)
+        cells.append(_cell([m["pearson"] for m in adda], any(m["collapsed"] for m in adda)))
+        best = results.best_single(target, lr)
+        cells.append("—" if best is None else f"{_cell(best[1]['values'])} (L{best[0]})")
+        cells.append(_cell([m["pearson"] for m in results.select(target, "oracle")]))
+        lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def per_marker_table(results: Results) -> list[str]:
+    header = ["target", "method"] + results.markers
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for target in results.targets:
+        lr = results.chosen_lr(target)
+        best = results.best_single(target, lr)
+        rows = [(name, results.select(target, name)) for name in BASELINE_METHODS]
+        rows.append(("ADDA", results.select(target, "adda", lr=lr)))
+        if best is not None:
+            rows.append((f"LM-ADDA L{best[0]}", results.select(target, ADAPTED, lr=lr, layer=best[0])))
+        rows.append(("oracle", results.select(target, "oracle")))
+        for name, runs in rows:
+            if runs:
+                lines.append(f"| {target} | {name} | " + " | ".join(_cell([r.get(f"pearson_{m}", float('nan')) for r in runs]) for m in results.markers) + " |")
+    return lines
+
+
+def lr_table(results: Results) -> list[str]:
+    lines = ["| target | learning rate | layers that collapsed (any seed) | stable | used |", "|---|---|---|---|---|"]
+    for target in results.targets:
+        if len(results.lrs(target)) < 2:
+            continue
+        for lr in results.lrs(target):
+            collapsed = sorted({m["layer"] for m in results.select(target, ADAPTED, lr=lr) if m["collapsed"]})
+            lines.append(f"| {target} | {lr:g} | {', '.join(map(str, collapsed)) or 'none'} | "
+                         f"{'yes' if lr in results.stable_lrs(target) else 'no'} | {'**yes**' if lr == results.chosen_lr(target) else ''} |")
+    return lines
+
+
+def layer_table(results: Results) -> list[str]:
+    """Pearson (mean over markers and seeds) per matched layer at the used rate, one column per target."""
+    targets = [t for t in results.targets if len(results.layers(t)) >= 4]
+    if not targets:
+        return []
+    layers = sorted({l for t in targets for l in results.layers(t)})
+    lines = ["| layer | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
+    for layer in layers:
+        cells = []
+        for target in targets:
+            runs = results.select(target, ADAPTED, lr=results.chosen_lr(target), layer=layer)
+            best = results.best_single(target, results.chosen_lr(target))
+            text = _cell([r["pearson"] for r in runs], any(r["collapsed"] for r in runs))
+            cells.append(f"**{text}**" if best is not None and best[0] == layer else text)
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    unadapted = [_cell([m["pearson"] for m in results.select(t, "unadapted")]) for t in targets]
+    lines.append("| unadapted | " + " | ".join(unadapted) + " |")
+    return lines
+
+
+def multi_layer_table(results: Results) -> list[str]:
+    lines = ["| target | matched | Pearson | vs best single layer |", "|---|---|---|---|"]
+    found = False
+    for target in results.targets:
+        lr = results.chosen_lr(target)
+        multi = {k: v for k, v in results.config_means(target, ("lmadda_multi",)).items() if k[2] == lr}
+        if not multi:
+            continue
+        found = True
+        best = results.best_single(target, lr)
+        adda = results.select(target, "adda", lr=lr)
+        if best is not None:
+            lines.append(f"| {target} | layer {best[0]} (best single) | {_cell(best[1]['values'])} | |")
+        lines.append(f"| {target} | ADDA (last layer) | {_cell([m['pearson'] for m in adda])} | |")
+        for (_, matched, _), entry in sorted(multi.items(), key=lambda kv: kv[0][1]):
+            delta = "" if best is None else f"{entry['pearson'] - best[1]['pearson']:+.3f}"
+            lines.append(f"| {target} | layers {matched.replace('+', ', ')} | {_cell(entry['values'], entry['collapsed'])} | {delta} |")
+    return lines if found else []
+
+
+# ------------------------------------------------------------------------------ label-free selection
+
+
+def selection_rows(results: Results) -> list[dict]:
+    """Every single-layer configuration (layer x lr), seeds averaged: the candidates a lab chooses among."""
+    rows = []
+    for target in results.targets:
+        for (method, matched, lr), entry in results.config_means(target).items():
+            rows.append({**entry, "target": target, "method": method, "matched": matched, "lr": lr})
+    return rows
+
+
+def selection_table(results: Results) -> tuple[list[str], dict[str, dict]]:
+    rows = selection_rows(results)
+    scores = {criterion: criterion_agreement(rows, criterion, "pearson") for criterion in CRITERIA}
+    lines = ["| criterion | Spearman with labelled Pearson | regret (Pearson lost) | targets | what it measures |", "|---|---|---|---|---|"]
+    for criterion, score in scores.items():
+        if score["targets"] == 0:
+            continue
+        label = f"`{criterion[3:]}`" + (" (published baseline)" if criterion == PUBLISHED_BASELINE else "")
+        lines.append(f"| {label} | {score['spearman']:.2f} | {score['regret']:.3f} | {score['targets']} | {CRITERIA[criterion]} |")
+    reference = reference_regrets(rows)
+    for name, value in reference.items():
+        lines.append(f"| {name} | — | {value:.3f} | {len({r['target'] for r in rows})} | no criterion |")
+    return lines, scores
+
+
+def reference_regrets(rows: list[dict]) -> dict[str, float]:
+    """Regret of choices that use no criterion: a random configuration (expected), always ADDA, always layer 0."""
+    random, adda, first = [], [], []
+    for target in sorted({r["target"] for r in rows}):
+        trials = [r for r in rows if r["target"] == target and not r["collapsed"] and math.isfinite(r["pearson"])]
+        if len(trials) < 3:
+            continue
+        best = max(r["pearson"] for r in trials)
+        random.append(best - float(np.mean([r["pearson"] for r in trials])))
+        for bucket, method, layer in ((adda, "adda", None), (first, None, 0)):
+            chosen = [r for r in trials if (method and r["method"] == method) or (layer is not None and r["layer"] == layer)]
+            if chosen:  # several learning rates: the expected regret over them
+                bucket.append(best - float(np.mean([r["pearson"] for r in chosen])))
+    return {"random configuration (expected)": float(np.mean(random)) if random else float("nan"),
+            "always ADDA": float(np.mean(adda)) if adda else float("nan"),
+            "always layer 0": float(np.mean(first)) if first else float("nan")}
+
+
+def predictor_table(results: Results) -> list[str]:
+    lines = ["| target | predicted layer (no training) | best layer (labelled) | Pearson at predicted | at best | regret |", "|---|---|---|---|---|---|"]
+    regrets = []
+    for target in results.targets:
+        profile = results.profiles.get(target)
+        lr = results.chosen_lr(target)
+        best = results.best_single(target, lr)
+        if profile is None or best is None or len(results.layers(target)) < 4:
+            continue
+        configs = results.config_means(target)
+        layer = profile["predicted_layer"]
+        # nearest swept layer when the predicted one was not swept
+        swept = min(results.layers(target), key=lambda l: abs(l - layer))
+        at = next((v for k, v in configs.items() if k[2] == lr and v["layer"] == swept), None)
+        if at is None:
+            continue
+        regret = best[1]["pearson"] - at["pearson"]
+        regrets.append(regret)
+        lines.append(f"| {target} | {layer}{'' if swept == layer else f' (swept: {swept})'} | {best[0]} | {at['pearson']:.3f} | "
+                     f"{best[1]['pearson']:.3f} | {regret:.3f} |")
+    if regrets:
+        lines.append(f"| **mean** | | | | | **{np.mean(regrets):.3f}** |")
+    return lines if regrets else []
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+
+def _figure(rows: int, columns: int, width: float = 3.6, height: float = 2.8):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+
+
+def plot_by_layer(results: Results, out: Path) -> Path | None:
+    targets = [t for t in results.targets if len(results.layers(t)) >= 4]
+    if not targets:
+        return None
+    figure, axes = _figure(len(results.markers), len(targets))
+    styles = {"unadapted": ("black", "--"), "adabn": ("tab:green", "--"), "histogram_matching": ("tab:purple", "--"),
+              "fda": ("tab:brown", "--"), "oracle": ("tab:red", ":")}
+    for col, target in enumerate(targets):
+        for row, marker in enumerate(results.markers):
+            axis = axes[row][col]
+            metric = f"pearson_{marker}"
+            for index, lr in enumerate(results.lrs(target)):
+                configs = results.config_means(target, metric=metric)
+                points = sorted((v["layer"], v["pearson"], float(np.nanstd(v["values"])), v["collapsed"]) for k, v in configs.items() if k[2] == lr)
+                if not points:
+                    continue
+                x, y, err, collapsed = zip(*points)
+                used = lr == results.chosen_lr(target)
+                axis.errorbar(x, y, yerr=err, marker="o", markersize=3, capsize=2, linewidth=1.6 if used else 0.8,
+                              alpha=1.0 if used else 0.5, label=f"LM-ADDA lr {lr:g}" + (" (used)" if used else ""), color=f"C{index}")
+                bad = [(a, b) for a, b, c in zip(x, y, collapsed) if c]
+                if bad:
+                    axis.scatter(*zip(*bad), marker="x", color="red", zorder=5, label="collapsed" if index == 0 else None)
+            for method, (colour, style) in styles.items():
+                values = [m.get(metric, float("nan")) for m in results.select(target, method)]
+                if values:
+                    axis.axhline(np.nanmean(values), color=colour, linestyle=style, linewidth=1, label=method)
+            label_axis(axis, f"{target} — {marker}", f"matched layer ({max(results.layers(target))} = ADDA)", "Pearson")
+    return save_grid(figure, axes, out)
+
+
+def plot_vs_magnitude(results: Results, out: Path) -> Path | None:
+    shifts = defaultdict(list)
+    for target in results.targets:
+        if results.shift_of(target) != "none":
+            shifts[results.shift_of(target)].append(target)
+    shifts = {s: sorted(ts, key=results.magnitude_of) for s, ts in shifts.items() if len(ts) >= 2}
+    if not shifts:
+        return None
+    figure, axes = _figure(len(results.markers), len(shifts))
+    for col, (shift, targets) in enumerate(shifts.items()):
+        for row, marker in enumerate(results.markers):
+            axis = axes[row][col]
+            metric = f"pearson_{marker}"
+            magnitudes = [results.magnitude_of(t) for t in targets]
+            curves = {name: [np.nanmean([m.get(metric, float("nan")) for m in results.select(t, name)] or [float("nan")]) for t in targets]
+                      for name in (*BASELINE_METHODS, "oracle")}
+            curves["ADDA"] = [np.nanmean([m.get(metric, float("nan")) for m in results.select(t, "adda", lr=results.chosen_lr(t))] or [float("nan")]) for t in targets]
+            best = []
+            for t in targets:
+                configs = {k: v for k, v in results.config_means(t, metric=metric).items() if k[2] == results.chosen_lr(t) and not v["collapsed"]}
+                best.append(max((v["pearson"] for v in configs.values()), default=float("nan")))
+            curves["LM-ADDA (best layer)"] = best
+            for name, values in curves.items():
+                if any(math.isfinite(v) for v in values):
+                    axis.plot(magnitudes, values, marker="o", markersize=3, label=name)
+            label_axis(axis, f"{shift} — {marker}", f"{shift} magnitude", "Pearson")
+    return save_grid(figure, axes, out)
+
+
+def plot_selection(results: Results, criteria: list[str], out: Path) -> Path | None:
+    """Per target: each criterion (x, lower is better) against the labelled Pearson (y) over layer x lr configurations."""
+    rows = selection_rows(results)
+    targets = [t for t in results.targets if sum(r["target"] == t for r in rows) >= 3]
+    criteria = [c for c in criteria if any(math.isfinite(r.get(c, float("nan"))) for r in rows)]
+    if not targets or not criteria:
+        return None
+    figure, axes = _figure(len(criteria), len(targets), width=3.0, height=2.5)
+    for col, target in enumerate(targets):
+        for row, criterion in enumerate(criteria):
+            axis = axes[row][col]
+            trials = [r for r in rows if r["target"] == target and math.isfinite(r.get(criterion, float("nan")))]
+            ok = [r for r in trials if not r["collapsed"]]
+            axis.scatter([r[criterion] for r in ok], [r["pearson"] for r in ok], s=10, c=[r["layer"] for r in ok], cmap="viridis", label="layer x lr")
+            bad = [r for r in trials if r["collapsed"]]
+            if bad:
+                axis.scatter([r[criterion] for r in bad], [r["pearson"] for r in bad], s=14, marker="x", color="red", label="collapsed")
+            rho = spearman([-r[criterion] for r in ok], [r["pearson"] for r in ok])
+            label_axis(axis, f"{target}\nSpearman {rho:.2f}", criterion[3:], "Pearson")
+            axis.title.set_fontsize(7)
+    return save_grid(figure, axes, out)
+
+
+def plot_profiles(results: Results, out: Path) -> Path | None:
+    targets = [t for t in results.targets if t in results.profiles and len(results.layers(t)) >= 4]
+    if not targets:
+        return None
+    figure, axes = _figure(1, len(targets), width=3.2, height=2.6)
+    for col, target in enumerate(targets):
+        axis = axes[0][col]
+        profile = results.profiles[target]["profile"]
+        axis.plot(range(len(profile)), profile, marker="o", markersize=3, color="tab:gray", label="discrepancy (unadapted)")
+        axis.axvline(results.profiles[target]["predicted_layer"], color="tab:gray", linestyle=":", label="predicted layer")
+        twin = axis.twinx()
+        configs = {k: v for k, v in results.config_means(target).items() if k[2] == results.chosen_lr(target)}
+        points = sorted((v["layer"], v["pearson"]) for v in configs.values())
+        if points:
+            twin.plot(*zip(*points), marker="s", markersize=3, color="tab:blue", label="Pearson after LM-ADDA")
+            twin.tick_params(labelsize=7)
+        label_axis(axis, target, "layer", "discrepancy")
+        if col == 0:
+            handles = axis.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+            labels = axis.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1]
+            axis.legend(handles, labels, fontsize=6, loc="upper right")
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=80)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return out
+
+
+# ------------------------------------------------------------------------------------- what held up
+
+
+def findings(results: Results, scores: dict[str, dict]) -> list[str]:
+    """Each claim the issue asks about, decided from the runs; a difference counts when it exceeds
+    the larger seed spread of the two things compared (one seed: no spread, said so)."""
+    lines = []
+    beats_unadapted, beats_adda, early = [], [], []
+    for target in results.targets:
+        lr = results.chosen_lr(target)
+        best = results.best_single(target, lr)
+        unadapted = _mean_std([m["pearson"] for m in results.select(target, "unadapted")])
+        if best is None or len(results.layers(target)) < 2:
+            continue
+        spread = float(np.nanstd(best[1]["values"])) if len(best[1]["values"]) > 1 else 0.0
+        gain = best[1]["pearson"] - unadapted[0]
+        beats_unadapted.append((target, gain, spread, best[0]))
+        adda = results.select(target, "adda", lr=lr)
+        if adda:
+            adda_mean, adda_std, _ = _mean_std([m["pearson"] for m in adda])
+            beats_adda.append((target, best[1]["pearson"] - adda_mean, max(spread, adda_std), best[0]))
+        if results.shift_of(target) == "overexposure":
+            early.append((target, best[0]))
+
+    def verdict(items, what):
+        held = [i for i in items if i[1] > max(i[2], 0.005)]
+        return f"{what}: **{len(held)} of {len(items)} targets**" + (
+            " (" + "; ".join(f"{t}: {g:+.3f} at layer {l}" for t, g, _, l in items) + ")" if items else "")
+
+    lines.append("- " + verdict(beats_unadapted, "Adaptation (best matched layer) beats the unadapted model by more than the seed spread"))
+    lines.append("- " + verdict(beats_adda, "LM-ADDA at some layer beats ADDA (the last layer) by more than the seed spread"))
+    if early:
+        depth = len(results.layers(early[0][0]))
+        lines.append(f"- Best matched layer for overexposure: " + ", ".join(f"{t}: layer {l}" for t, l in early)
+                     + f" (of {depth} swept); early (encoder layers 0-3) in {sum(l <= 3 for _, l in early)} of {len(early)}.")
+    ranked = sorted(((c, s) for c, s in scores.items() if s["targets"]), key=lambda cs: cs[1]["regret"])
+    if ranked:
+        best_name, best_score = ranked[0]
+        lines.append(f"- Lowest-regret label-free criterion: `{best_name[3:]}` (Spearman {best_score['spearman']:.2f}, regret "
+                     f"{best_score['regret']:.3f} over {best_score['targets']} targets).")
+    lines.append("- Caveat: the gains and regrets are measured with the labels the criteria do not see; "
+                 "with few seeds a difference below about twice the seed spread is not a finding.")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ document
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _relative(path: Path, document: Path) -> str:
+    try:
+        return str(path.relative_to(document.parent))
+    except ValueError:
+        return str(path)
+
+
+def experiment_section(spec: ExperimentSpec, config: StudyConfig) -> tuple[list[str], dict[str, dict]]:
+    models, profiles, artifacts = read_study(config.tracking_uri, experiment_name(spec))
+    lines = [f"## {spec.title}", "", spec.about.strip(), ""]
+    if not models:
+        return lines + [f"No results in MLflow yet: run `lmadda study --config ... --only {spec.name}`.", ""], {}
+    results = Results(models, profiles)
+    adapted = sum(m["method"] in (*ADAPTED, "lmadda_multi") for m in models)
+    seeds = sorted({m["seed"] for m in models})
+    lines += [f"{adapted} adapted models, seeds {', '.join(map(str, seeds))}; adaptation options {spec.adapt}. "
+              f"Pearson is per test image, averaged over markers ({', '.join(results.markers)}) and test images; "
+              "± is the standard deviation over seeds; * marks a collapsed run.", ""]
+    figures = config.figures
+    prefix = spec.name
+
+    lines += ["### Pearson by method", "", *main_table(results), "",
+              "ADDA and LM-ADDA at the learning rate the rule below picks; \"best LM-ADDA\" is the best layer by labelled "
+              "Pearson (an upper bound on what a lab without labels gets; the label-free section is the honest choice). "
+              "The oracle is the source model fine-tuned on target pairs (first seed only).", "",
+              "<details><summary>Per marker</summary>", "", *per_marker_table(results), "", "</details>", ""]
+    lr_lines = lr_table(results)
+    if len(lr_lines) > 2:
+        lines += ["### Learning-rate rule", "",
+                  "The paper keeps only learning rates that collapse at no layer; of those lmadda uses the largest "
+                  "(it moves the model most). When none is stable the smallest is used and the target is flagged.", "", *lr_lines, ""]
+    by_layer = layer_table(results)
+    if by_layer:
+        lines += ["### Pearson by matched layer", "", *by_layer, "", "Bold: the best layer per target.", ""]
+    figure = plot_by_layer(results, figures / f"{prefix}_pearson_by_layer.png")
+    if figure:
+        lines += [f"![Pearson by matched layer]({_relative(figure, config.document)})", ""]
+    figure = plot_vs_magnitude(results, figures / f"{prefix}_pearson_vs_magnitude.png")
+    if figure:
+        lines += ["### Pearson vs shift magnitude", "", f"![Pearson vs magnitude]({_relative(figure, config.document)})", ""]
+    multi = multi_layer_table(results)
+    if multi:
+        lines += ["### Single-layer vs multi-layer matching", "",
+                  "The paper's \"less is more\": matching one well-chosen layer against matching several at once "
+                  "(one discriminator per layer, equal weights).", "", *multi, ""]
+    if artifacts is not None and (artifacts / "panels").is_dir():
+        lines += ["### Sample panels", "", "Input, truth, unadapted and the best adapted layer, first marker, centre of the first test field.", ""]
+        for panel in sorted((artifacts / "panels").glob("*.png")):
+            copied = figures / f"{prefix}_{panel.name}"
+            copied.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(panel, copied)
+            lines += [f"![{panel.stem}]({_relative(copied, config.document)})", ""]
+
+    selection, scores = selection_table(results)
+    lines += ["### Choosing the layer without target labels", "",
+              "Each candidate is one (layer, learning rate) configuration, seeds averaged. Spearman: rank correlation of "
+              "the criterion (lower is better) with the labelled Pearson per target, averaged over targets; regret: "
+              "Pearson lost by taking the criterion's choice instead of the truly best configuration.", "", *selection, ""]
+    figure = plot_selection(results, [c for c in CRITERIA], figures / f"{prefix}_criteria.png")
+    if figure:
+        lines += [f"![criteria vs Pearson]({_relative(figure, config.document)})", ""]
+    predictor = predictor_table(results)
+    if predictor:
+        lines += ["**Zero-training layer predictor.** The unadapted source model runs once on source and target crops; "
+                  "the discrepancy after each layer is the mean channel shift in units of the source's spread; the "
+                  "predicted layer is the first that reaches half of the profile's maximum (a rule fixed before "
+                  "looking at any result).", "", *predictor, ""]
+        figure = plot_profiles(results, figures / f"{prefix}_profiles.png")
+        if figure:
+            lines += [f"![discrepancy profiles]({_relative(figure, config.document)})", ""]
+    lines += ["### What held up", "", *findings(results, scores), ""]
+    return lines, scores
+
+
+def write_study_document(config: StudyConfig) -> Path:
+    config.figures.mkdir(parents=True, exist_ok=True)
+    lines = ["# The study: LM-ADDA on simulated and real data", "",
+             f"Generated by `lmadda study --config docs/study.yaml` from the MLflow runs in `{config.tracking_uri.split('/')[-1]}` "
+             f"(lmadda {__version__}, commit {_git_commit()}, {datetime.now(timezone.utc):%Y-%m-%d}). Do not edit by hand: "
+             "change the config or the code and regenerate. `lmadda study --document-only` rewrites this file from the "
+             "tracking store without running anything.", ""]
+    for spec in config.experiments:
+        section, _ = experiment_section(spec, config)
+        lines += section
+    config.document.parent.mkdir(parents=True, exist_ok=True)
+    config.document.write_text("\n".join(lines).rstrip() + "\n")
+    return config.document

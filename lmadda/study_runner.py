@@ -1,0 +1,200 @@
+"""Run the experiments of a study config: data, source model, every grid, the label-free criteria.
+
+For one experiment:
+1. data: simulate it, or index a folder of real images in place;
+2. the source model, trained once (reused when its checkpoint exists);
+3. for each grid, seed and learning rate, `lmadda.study.run_study`: unadapted, baselines, LM-ADDA
+   at every layer (the last is ADDA), multi-layer sets, and, for the first seed and rate, the oracle;
+   each adapted model is scored by the label-free criteria on fixed target crops and its predictions
+   on those crops are kept for the ensemble criteria;
+4. the zero-training discrepancy profile of the source model per target, and the layer it predicts;
+5. the ensemble criteria (disagreement across seeds, and across layers), once their models exist;
+6. a sample panel per target: input, truth, unadapted, the best adapted layer.
+Everything lands in `out/<experiment>/results.parquet` as it is measured and in MLflow per model; a
+rerun skips what is done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
+from lmadda.data.dataset import target_from_model_range
+from lmadda.data.index import IndexSpec, index_folder
+from lmadda.data.manifest import Manifest
+from lmadda.data.synth import SynthConfig, synthesize
+from lmadda.errors import LmaddaError
+from lmadda.inference import predict_tiled
+from lmadda.report import sample_panel
+from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
+from lmadda.study import CRITERION_PREFIX, ImageSource, ResultTable, TargetDomain, run_study
+from lmadda.study_config import ExperimentSpec, StudyConfig
+from lmadda.study_tracking import StudyTracker, model_key
+from lmadda.training.adapt import AdaptConfig, adapt
+from lmadda.training.source import SourceTrainConfig, train_source
+
+
+def experiment_name(spec: ExperimentSpec) -> str:
+    return f"lmadda-study-{spec.name}"
+
+
+def prepare_manifest(spec: ExperimentSpec, out: Path, log=print) -> Path:
+    path = out / "data" / "manifest.parquet"
+    if spec.data.simulate is not None:
+        if not path.exists():
+            simulate = spec.data.simulate
+            _, seconds = synthesize(out / "data", SynthConfig(fields=simulate.fields, size=simulate.size, seed=simulate.seed))
+            log(f"[study:{spec.name}] simulated {simulate.fields} fields of {simulate.size} px in {seconds:.0f} s")
+        return path
+    index = spec.data.index
+    if not index.root.is_dir():
+        raise LmaddaError(f"experiment {spec.name}: data folder {index.root} not found; it is the shared sephaCe set "
+                          "(../shared/data/sephace/tif beside the repository), or leave this experiment out of the config")
+    manifest, _ = index_folder(index.root, IndexSpec(patterns=index.patterns, targets=index.targets, rename=index.rename,
+                                                     splits=index.splits, focus_round_um=index.focus_round_um))
+    manifest.save(path)  # re-indexed every run: cheap, and it follows the folder
+    return path
+
+
+def prepare_source(spec: ExperimentSpec, data: ImageSource, manifest_path: Path, out: Path, log=print) -> tuple[Path, SourceTrainConfig]:
+    path = out / "models" / "source.pt"
+    config = SourceTrainConfig(manifest=manifest_path, setting=spec.source.setting, markers=spec.source.markers, **spec.source.train)
+    if path.exists():
+        log(f"[study:{spec.name}] reusing source model {path}")
+        return path, config
+    markers, seed = config.markers, config.seed
+    images = (data.load(config.setting, "train", markers, seed=seed), data.load(config.setting, "val", markers, seed=seed + 1))
+    result = train_source(config, path, progress=False, data=images)
+    log(f"[study:{spec.name}] source model: validation Pearson {result.best_val_pearson:.3f} ({result.seconds:.0f} s) -> {path}")
+    return path, config
+
+
+class CriteriaRecorder:
+    """Scores every adapted model with the label-free criteria and keeps its predictions on the probe crops."""
+
+    def __init__(self, spec: ExperimentSpec, source: GeneratorCheckpoint, data: ImageSource, out: Path):
+        self.spec, self.source, self.data = spec, source, data
+        self.folder = out / "predictions"
+        self.probes: dict[str, SelectionProbe] = {}
+
+    def probe(self, domain: TargetDomain) -> SelectionProbe:
+        if domain.name not in self.probes:
+            criteria = self.spec.criteria
+            source_images = self.data.load(self.spec.source.setting, "train", percentiles=self.source.percentiles)
+            target_images = self.data.load(domain.setting, "train", shift=domain.shift, percentiles=self.source.percentiles)
+            self.probes[domain.name] = SelectionProbe(self.source.generator, source_images, target_images,
+                                                      crop_size=criteria.crop_size, crops=criteria.crops)
+        return self.probes[domain.name]
+
+    def __call__(self, domain: TargetDomain, tags: dict, generator) -> dict:
+        criteria, prediction = self.probe(domain).measure(generator)
+        path = self.prediction_path({"target": domain.name, **tags})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, prediction.astype(np.float16))
+        return {f"{CRITERION_PREFIX}{name}": value for name, value in criteria.items()}
+
+    def prediction_path(self, row: dict) -> Path:
+        return self.folder / (model_key(row).replace("|", "__").replace(":", "_").replace("+", "_") + ".npy")
+
+
+def ensemble_criteria(rows: list[dict], predictions: CriteriaRecorder) -> dict[str, dict[str, float]]:
+    """model key -> {lf_seed_disagreement, lf_layer_disagreement} from the kept predictions."""
+    models = {model_key(r): r for r in rows if r["method"] in ("lmadda", "adda", "lmadda_multi")}
+    loaded = {key: np.load(predictions.prediction_path(row)) for key, row in models.items() if predictions.prediction_path(row).exists()}
+    result: dict[str, dict[str, float]] = defaultdict(dict)
+    by_config: dict[tuple, list[str]] = defaultdict(list)
+    by_seed: dict[tuple, dict[str, np.ndarray]] = defaultdict(dict)
+    for key, row in models.items():
+        if key not in loaded:
+            continue
+        by_config[(row["target"], row["method"], row["matched"], row["lr"])].append(key)
+        if row["method"] != "lmadda_multi":
+            by_seed[(row["target"], row["lr"], row["seed"])][key] = loaded[key]
+    for keys in by_config.values():
+        value = seed_disagreement([loaded[key] for key in keys])
+        for key in keys:
+            result[key]["lf_seed_disagreement"] = value
+    for group in by_seed.values():
+        for key, value in layer_disagreement(group).items():
+            result[key]["lf_layer_disagreement"] = value
+    return result
+
+
+def _panel(spec: ExperimentSpec, source: GeneratorCheckpoint, data: ImageSource, domain: TargetDomain,
+           rows: list[dict], out: Path) -> Path | None:
+    """Input, truth, unadapted and the best single adapted layer (by labelled Pearson, re-adapted with its seed)."""
+    scores: dict[tuple, list[float]] = defaultdict(list)
+    for row in rows:
+        if row["target"] == domain.name and row["method"] in ("lmadda", "adda") and not row["collapsed"] and math.isfinite(row["pearson"]):
+            scores[(int(row["layer"]), row["lr"], row["seed"])].append(row["pearson"])
+    if not scores:
+        return None
+    layer, lr, seed = max(scores, key=lambda key: np.mean(scores[key]))
+    config = AdaptConfig(layer=[layer], lr=lr, seed=seed, **spec.adapt)
+    source_train = data.load(spec.source.setting, "train", percentiles=source.percentiles)
+    target_train = data.load(domain.setting, "train", shift=domain.shift, percentiles=source.percentiles, seed=seed)
+    adapted = adapt(source, source_train, target_train, config, progress=False).generator
+    image = data.load(domain.setting, "test", source.markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 7)[0]
+    # a 256-px window from the middle of the field keeps the panel small and legible
+    height, width = image.input.shape[1:]
+    size = min(256, height, width) // source.config.multiple * source.config.multiple
+    top, left = (height - size) // 2, (width - size) // 2
+    window = (slice(None), slice(top, top + size), slice(left, left + size))
+    marker = source.markers[0]
+    panels = [(f"input ({domain.name})", image.input[0][window[1:]]),
+              (f"truth ({marker})", target_from_model_range(image.target[window])[0]),
+              ("unadapted", target_from_model_range(predict_tiled(source.generator, image.input[window]))[0]),
+              (f"LM-ADDA layer {layer}", target_from_model_range(predict_tiled(adapted, image.input[window]))[0])]
+    name = domain.name.replace(":", "_").replace("+", "_")
+    return sample_panel(panels, out / "panels" / f"panel_{name}.png", title=f"{spec.title}: {domain.name}, test field {image.field}")
+
+
+def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[dict]:
+    start = time.perf_counter()
+    out = study.out / spec.name
+    manifest_path = prepare_manifest(spec, out, log)
+    data = ImageSource(Manifest.load(manifest_path), spec.data.validation_rows)
+    source_path, source_config = prepare_source(spec, data, manifest_path, out, log)
+    source = load_checkpoint(source_path)
+    tracker = StudyTracker(study.tracking_uri, experiment_name(spec), study.out)
+    recorder = CriteriaRecorder(spec, source, data, out)
+    table = ResultTable(out / "results.parquet")
+    tracker.sync(table.rows)  # rows a killed run measured but had not logged yet
+    oracle = None
+    if spec.oracle is not None:
+        oracle = source_config.model_copy(update={**spec.oracle, "init_from": source_path})
+        oracle = SourceTrainConfig.model_validate(oracle.model_dump())
+    for grid in spec.grids:
+        layers = grid.layer_list(source.generator.num_layers)
+        domains = [TargetDomain.parse(t) for t in grid.targets]
+        for seed in grid.seeds:
+            for lr in grid.lrs:
+                adapt_config = AdaptConfig(layer=[0], lr=lr, seed=seed, **spec.adapt)
+                first = seed == grid.seeds[0] and lr == grid.lrs[0]
+                rows = run_study(source, data, domains, layers, adapt_config, source_setting=spec.source.setting, out=out,
+                                 baselines=tuple(spec.baselines), layer_sets=grid.layer_sets, oracle=oracle if first else None,
+                                 on_model=recorder, progress=False, log=log)
+                tracker.sync(rows)
+        for domain in domains:
+            key = f"profile|{domain.name}"
+            if not tracker.has(key):
+                profile = recorder.probe(domain).discrepancy_profile()
+                tracker.log_profile(domain.name, profile, predict_layer(profile, spec.criteria.profile_fraction))
+    rows = ResultTable(out / "results.parquet").rows
+    for key, metrics in ensemble_criteria(rows, recorder).items():
+        tracker.add_metrics(key, metrics)
+    for grid in spec.grids:
+        for target in grid.targets:
+            domain = TargetDomain.parse(target)
+            name = domain.name.replace(":", "_").replace("+", "_")
+            if not (out / "panels" / f"panel_{name}.png").exists():
+                panel = _panel(spec, source, data, domain, rows, out)
+                if panel is not None:
+                    tracker.log_artifact(panel, "panels")
+    log(f"[study:{spec.name}] done in {time.perf_counter() - start:.0f} s; {len(rows)} result rows in {out / 'results.parquet'}")
+    return rows

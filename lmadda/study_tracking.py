@@ -1,0 +1,149 @@
+"""The study's results in MLflow: one experiment per study experiment, one run per evaluated model.
+
+A model run carries params (target, method, matched layers, lr, seed, shift) and metrics: Pearson,
+SSIM, PSNR and NRMSE per marker and averaged over the test images, the collapse flags and every
+label-free criterion (`lf_*`). A profile run per target holds the zero-training discrepancy profile
+(`discrepancy_<layer>`) and the layer it predicts. `docs/study.md` is written from these runs
+(`read_study`), so the document shows what the tracking store holds, not what a process remembered.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from lmadda.study import CRITERION_PREFIX
+from lmadda.tracking_store import ensure_experiment
+
+PARAMS = ("target", "setting", "shift", "magnitude", "method", "layer", "matched", "lr", "seed")
+METRICS = ("pearson", "ssim", "psnr", "nrmse")
+
+
+def model_key(row: dict) -> str:
+    lr = "-" if row.get("lr") is None or (isinstance(row["lr"], float) and math.isnan(row["lr"])) else f"{row['lr']:g}"
+    return f"{row['target']}|{row['method']}|{row.get('matched') or row['layer']}|{lr}|{row['seed']}"
+
+
+def _all_runs(client: MlflowClient, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float, np.floating)) and math.isfinite(float(value))
+
+
+class StudyTracker:
+    """Logs the models of one experiment; logging is idempotent (a model already logged is skipped)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, storage: Path):
+        self.experiment = ensure_experiment(tracking_uri, experiment, storage)
+        self.client = MlflowClient(tracking_uri)
+        self._runs: dict[str, str] = {}
+        for run in _all_runs(self.client, self.experiment.experiment_id):
+            if "lmadda.key" in run.data.tags:
+                self._runs[run.data.tags["lmadda.key"]] = run.info.run_id
+
+    def sync(self, rows: list[dict]) -> int:
+        """Log every model of `rows` (per image x marker) that has no run yet; returns how many were new."""
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for row in rows:
+            groups[model_key(row)].append(row)
+        new = 0
+        for key, group in groups.items():
+            if key not in self._runs:
+                self._log_model(key, group)
+                new += 1
+        return new
+
+    def _log_model(self, key: str, rows: list[dict]) -> None:
+        first = rows[0]
+        params = {name: first.get(name) for name in PARAMS}
+        params["matched"] = params["matched"] or str(first["layer"])
+        metrics: dict[str, float] = {}
+        for metric in METRICS:
+            values = [r[metric] for r in rows if _finite(r.get(metric))]
+            if values:
+                metrics[metric] = float(np.mean(values))
+            for marker in sorted({r["marker"] for r in rows}):
+                values = [r[metric] for r in rows if r["marker"] == marker and _finite(r.get(metric))]
+                if values:
+                    metrics[f"{metric}_{marker}"] = float(np.mean(values))
+        metrics["collapsed"] = float(bool(first.get("collapsed")))
+        metrics["d_saturated"] = float(bool(first.get("d_saturated")))
+        if _finite(first.get("seconds")):
+            metrics["seconds"] = float(first["seconds"])
+        metrics.update({k: float(v) for k, v in first.items() if k.startswith(CRITERION_PREFIX) and _finite(v)})
+        self._new_run(key, "model", params, metrics, name=key.replace("|", " "))
+
+    def _new_run(self, key: str, kind: str, params: dict, metrics: dict[str, float], name: str) -> None:
+        run = self.client.create_run(self.experiment.experiment_id, run_name=name,
+                                     tags={"lmadda.kind": kind, "lmadda.key": key})
+        self.client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                              params=[Param(k, "" if v is None else str(v)) for k, v in params.items()])
+        self.client.set_terminated(run.info.run_id)
+        self._runs[key] = run.info.run_id
+
+    def has(self, key: str) -> bool:
+        return key in self._runs
+
+    def add_metrics(self, key: str, metrics: dict[str, float]) -> None:
+        """Criteria that need several models (ensemble disagreement), added once they all exist."""
+        finite = [Metric(k, float(v), 0, 0) for k, v in metrics.items() if _finite(v)]
+        if key in self._runs and finite:
+            self.client.log_batch(self._runs[key], metrics=finite)
+
+    def log_profile(self, target: str, profile: list[float], predicted_layer: int) -> None:
+        key = f"profile|{target}"
+        if key in self._runs:
+            return
+        metrics = {f"discrepancy_{layer:02d}": value for layer, value in enumerate(profile) if _finite(value)}
+        metrics["predicted_layer"] = float(predicted_layer)
+        self._new_run(key, "profile", {"target": target}, metrics, name=f"profile {target}")
+
+    def log_artifact(self, path: Path, folder: str) -> None:
+        """Figures made while the models exist (sample panels) go to the experiment's own run."""
+        key = "experiment"
+        if key not in self._runs:
+            self._new_run(key, "experiment", {}, {}, name="experiment")
+        self.client.log_artifact(self._runs[key], str(path), folder)
+
+
+def read_study(tracking_uri: str, experiment: str) -> tuple[list[dict], list[dict], Path | None]:
+    """(model rows, profile rows, local artifact folder of the experiment run) from the tracking store."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return [], [], None
+    models, profiles, artifacts = [], [], None
+    for run in _all_runs(client, found.experiment_id):
+        kind = run.data.tags.get("lmadda.kind")
+        if kind == "model":
+            params = run.data.params
+            models.append({
+                "target": params["target"], "setting": params["setting"], "shift": params["shift"],
+                "magnitude": float(params["magnitude"]) if params.get("magnitude") not in ("", "None", None) else float("nan"),
+                "method": params["method"], "layer": int(params["layer"]), "matched": params["matched"],
+                "lr": float(params["lr"]) if params.get("lr") not in ("", "None", None) else None,
+                "seed": int(params["seed"]), **run.data.metrics,
+            })
+        elif kind == "profile":
+            metrics = run.data.metrics
+            layers = sorted(int(name.split("_")[1]) for name in metrics if name.startswith("discrepancy_"))
+            profiles.append({"target": run.data.params["target"], "predicted_layer": int(metrics["predicted_layer"]),
+                             "profile": [metrics[f"discrepancy_{layer:02d}"] for layer in layers]})
+        elif kind == "experiment" and run.info.artifact_uri.startswith("file:"):
+            from urllib.parse import unquote, urlparse
+
+            artifacts = Path(unquote(urlparse(run.info.artifact_uri).path))
+    return models, profiles, artifacts

@@ -1,0 +1,93 @@
+"""`lmadda study`: config validation, the image source, and the whole command on tiny simulated data."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lmadda.cli import main
+from lmadda.config import build_config
+from lmadda.errors import LmaddaError
+from lmadda.study_config import StudyConfig
+
+EXPERIMENT = {
+    "name": "tiny", "title": "Tiny simulated",
+    "data": {"simulate": {"fields": 12, "size": 64, "seed": 3}},
+    "source": {"setting": "phase_contrast", "markers": ["dapi", "cd29"],
+               "train": {"ngf": 4, "depth": 6, "ndf": 4, "crop_size": 64, "batch_size": 2, "epochs": 1, "crops_per_epoch": 4, "device": "cpu"}},
+    "grids": [{"targets": ["phase_contrast+overexposure:3", "bright_field"], "layers": [0, 2, 5, 11], "layer_sets": [[0, 5]],
+               "lrs": [2.0e-5], "seeds": [0, 1]}],
+    "adapt": {"steps": 2, "batch_size": 2, "crop_size": 64, "device": "cpu"},
+    "oracle": {"epochs": 1, "crops_per_epoch": 4},
+    "criteria": {"crops": 2, "crop_size": 64},
+}
+
+
+def _config(**changes) -> dict:
+    experiment = {**EXPERIMENT, **changes}
+    return {"experiments": [experiment]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"adapt": {"lr": 1e-3}}, "adapt.lr is set by the grids"),
+    ({"data": {"simulate": {"fields": 12}, "index": {"root": "x", "patterns": ["a"]}}}, "exactly one of data.simulate"),
+    ({"grids": [{"targets": ["bright_field"], "layer_sets": [[3, 3]]}]}, "needs at least two different layers"),
+    ({"grids": [{"targets": ["phase_contrast+overexposur:2"]}]}, "overexposur"),
+    ({"baselines": ["adabn", "cyclegan"]}, "unknown baseline"),
+    ({"name": "Has Spaces"}, "name"),
+])
+def test_bad_study_configs_name_the_problem(change, message):
+    with pytest.raises(LmaddaError, match=message):
+        build_config(StudyConfig, None, **_config(**change))
+
+
+def test_validation_rows_come_from_the_bottom_of_the_training_fields(tiny_synth):
+    from lmadda.study import ImageSource
+
+    whole = ImageSource(tiny_synth).load("phase_contrast", "train", ["dapi"])
+    carved = ImageSource(tiny_synth, validation_rows=0.25)
+    train, val = carved.load("phase_contrast", "train", ["dapi"]), carved.load("phase_contrast", "val", ["dapi"])
+    assert [i.input.shape[1] for i in train] == [48] * len(whole) and [i.input.shape[1] for i in val] == [16] * len(whole)
+    np.testing.assert_array_equal(np.concatenate([train[0].input, val[0].input], axis=1), whole[0].input)
+    np.testing.assert_array_equal(val[0].target, whole[0].target[:, 48:])
+    assert carved.load("phase_contrast", "test", ["dapi"])[0].input.shape[1] == 64  # test fields stay whole
+
+
+@pytest.mark.slow
+def test_study_runs_logs_to_mlflow_writes_the_document_and_reruns_nothing(tmp_path, capsys):
+    from lmadda.study_runner import experiment_name
+    from lmadda.study_tracking import read_study
+
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), "document": str(tmp_path / "docs" / "study.md"),
+                                      "figures": str(tmp_path / "docs" / "study"), **_config()}))
+    assert main(["study", "--config", str(config)]) == 0
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    models, profiles, artifacts = read_study(uri, experiment_name(build_config(StudyConfig, config).experiments[0]))
+    methods = {(m["target"], m["method"]) for m in models}
+    for target in ("phase_contrast+overexposure:3", "bright_field"):
+        assert {(target, m) for m in ("unadapted", "adabn", "histogram_matching", "fda", "lmadda", "adda", "lmadda_multi", "oracle")} <= methods
+    adapted = [m for m in models if m["method"] in ("lmadda", "adda")]
+    assert len(adapted) == 2 * 4 * 2  # targets x layers x seeds
+    assert all(np.isfinite(m["lf_output_w1"]) and np.isfinite(m["lf_seed_disagreement"]) and np.isfinite(m["lf_layer_disagreement"]) for m in adapted)
+    assert {p["target"] for p in profiles} == {"phase_contrast+overexposure:3", "bright_field"}
+    assert all(len(p["profile"]) == 12 and 0 <= p["predicted_layer"] < 12 for p in profiles)
+    assert len(list((artifacts / "panels").glob("*.png"))) == 2
+
+    document = (tmp_path / "docs" / "study.md").read_text()
+    for heading in ("### Pearson by method", "### Pearson by matched layer", "### Single-layer vs multi-layer matching",
+                    "### Choosing the layer without target labels", "### What held up", "(published baseline)"):
+        assert heading in document
+    figures = {p.name for p in (tmp_path / "docs" / "study").glob("*.png")}
+    assert {"tiny_pearson_by_layer.png", "tiny_criteria.png", "tiny_profiles.png"} <= figures
+    for name in figures:
+        assert f"study/{name}" in document
+
+    before = len(models)
+    (tmp_path / "docs" / "study.md").unlink()
+    assert main(["study", "--config", str(config)]) == 0  # everything done: nothing is adapted or logged again
+    assert len(read_study(uri, "lmadda-study-tiny")[0]) == before
+    assert (tmp_path / "docs" / "study.md").exists()
+    assert main(["study", "--config", str(config), "--only", "nope"]) == 2
+    assert "no such experiment" in capsys.readouterr().err
