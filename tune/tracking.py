@@ -18,6 +18,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from lmadda.errors import LmaddaError
+from lmadda.selection import DEFAULT_CRITERION
+from lmadda.tracking_store import ensure_experiment
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 ARTIFACT_DIR = "generator"
@@ -34,22 +36,6 @@ def model_name(marker: str) -> str:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def artifact_location(tracking_uri: str, storage_path: Path) -> str | None:
-    """Where a new experiment keeps its artifacts: beside a local SQLite store (MLflow's default is
-    ./mlruns in whatever directory the driver runs in); a tracking server decides for itself."""
-    if tracking_uri.startswith("sqlite:"):
-        return (Path(storage_path) / "mlartifacts").resolve().as_uri()
-    return None
-
-
-def ensure_experiment(tracking_uri: str, name: str, storage_path: Path):
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient()
-    if client.get_experiment_by_name(name) is None:
-        client.create_experiment(name, artifact_location=artifact_location(tracking_uri, storage_path))
-    return mlflow.set_experiment(name)
 
 
 def log_sweep(sweep, rows: list[dict], results_path: Path, log=print, *, unadapted: dict | None = None,
@@ -95,12 +81,20 @@ def log_sweep(sweep, rows: list[dict], results_path: Path, log=print, *, unadapt
         return parent.info.run_id
 
 
-def promote(tracking_uri: str, experiment: str, *, criterion: str = "pearson", log=print) -> list[dict]:
+def resolve_criterion(trial_metrics: list[dict[str, float]]) -> str:
+    """`auto`: the labelled Pearson where any trial has it, else the default label-free criterion."""
+    labelled = any(name.startswith("pearson_") and _finite(value) for metrics in trial_metrics for name, value in metrics.items())
+    return "pearson" if labelled else f"lf_{DEFAULT_CRITERION}"
+
+
+def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", log=print) -> list[dict]:
     """Register the best non-collapsed trial per (marker, target) and point alias <target> at it.
 
-    `criterion` is `pearson` (the labelled Pearson of the marker, maximised; needs target labels) or
-    a label-free criterion `lf_<name>` from `lmadda.selection` (minimised; needs none). Every choice
-    records the criterion and its value on the model version.
+    `criterion` is `pearson` (the labelled Pearson of the marker, maximised; needs target labels), a
+    label-free criterion `lf_<name>` from `lmadda.selection` (minimised; needs none), or `auto`:
+    `pearson` where the trials have target labels, otherwise the label-free criterion that chose best
+    in the study (`lmadda.selection.DEFAULT_CRITERION`, docs/study.md). Every choice records the
+    criterion and its value on the model version.
     """
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
@@ -108,6 +102,9 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "pearson", l
     if found is None:
         raise LmaddaError(f"no MLflow experiment {experiment!r} at {tracking_uri}; run a sweep first")
     runs = client.search_runs([found.experiment_id], "tags.`lmadda.kind` = 'trial' and tags.collapsed = 'false'", max_results=5000)
+    if criterion == "auto":
+        criterion = resolve_criterion([run.data.metrics for run in runs])
+        log(f"[promote] criterion: {criterion} ({'target labels found' if criterion == 'pearson' else 'no target labels: the label-free criterion docs/study.md found best'})")
     label_free = criterion.startswith("lf_")  # one value per model, lower is better
     best: dict[tuple[str, str], tuple[float, float, object]] = {}  # (score: higher is better, value, run)
     for run in runs:

@@ -23,8 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("--config", type=Path, help="sweep YAML (gives tracking URI and experiment)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default from --config)")
     promote.add_argument("--experiment", help="MLflow experiment (default from --config)")
-    promote.add_argument("--criterion", default="pearson", choices=["pearson", "lf_output_w1", "lf_probe_shift", "lf_flip_inconsistency"],
-                         help="pearson: labelled target Pearson (needs target labels); lf_*: label-free criteria (lmadda.selection)")
+    promote.add_argument("--criterion", default="auto", choices=["auto", "pearson", "lf_output_w1", "lf_probe_shift", "lf_flip_inconsistency"],
+                         help="pearson: labelled target Pearson (needs target labels); lf_*: label-free criteria (lmadda.selection); "
+                              "auto (default): pearson where the trials have target labels, else the label-free criterion "
+                              "docs/study.md found best")
     promote.set_defaults(func=run_promote)
 
     runs = subparsers.add_parser("runs", help="inspect MLflow runs")
