@@ -91,3 +91,20 @@ def test_study_runs_logs_to_mlflow_writes_the_document_and_reruns_nothing(tmp_pa
     assert (tmp_path / "docs" / "study.md").exists()
     assert main(["study", "--config", str(config), "--only", "nope"]) == 2
     assert "no such experiment" in capsys.readouterr().err
+
+
+def test_the_oracle_starts_from_the_source_weights_and_refuses_another_architecture(tiny_synth, tiny_source, tmp_path):
+    import torch
+
+    from lmadda.checkpoint import load_checkpoint
+    from lmadda.training.source import SourceTrainConfig, train_source
+
+    base = dict(manifest=tiny_synth.source, markers=["dapi", "cd29"], ndf=4, crop_size=64, batch_size=2, epochs=1,
+                crops_per_epoch=2, device="cpu", init_from=tiny_source)
+    result = train_source(SourceTrainConfig(**base, ngf=4, depth=6, lr=1e-12), progress=False)
+    start = load_checkpoint(tiny_source).generator.state_dict()
+    for name, tensor in result.checkpoint.generator.state_dict().items():
+        if tensor.is_floating_point() and "running" not in name:
+            torch.testing.assert_close(tensor, start[name], atol=1e-6, rtol=0)
+    with pytest.raises(LmaddaError, match="set ngf/depth/markers to match it"):
+        train_source(SourceTrainConfig(**base, ngf=8, depth=6), progress=False)
