@@ -107,7 +107,11 @@ class ResultTable:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_name(f".{self.path.name}.partial")
-            pq.write_table(pa.Table.from_pylist(self.rows), temporary)
+            # every row gets every column: pyarrow takes the columns from the first row, and the first
+            # rows (unadapted, baselines) have no criterion columns
+            criteria = sorted({k for row in self.rows for k in row if k.startswith(CRITERION_PREFIX)})
+            columns = RESULT_COLUMNS + criteria
+            pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in self.rows]), temporary)
             temporary.replace(self.path)
 
     def has(self, target: str, method: str, layer: int, lr: float | None, seed: int, matched: str | None = None) -> bool:

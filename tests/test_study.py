@@ -108,3 +108,14 @@ def test_the_oracle_starts_from_the_source_weights_and_refuses_another_architect
             torch.testing.assert_close(tensor, start[name], atol=1e-6, rtol=0)
     with pytest.raises(LmaddaError, match="set ngf/depth/markers to match it"):
         train_source(SourceTrainConfig(**base, ngf=8, depth=6), progress=False)
+
+
+def test_result_table_keeps_criterion_columns_that_the_first_rows_lack(tmp_path):
+    from lmadda.study import ResultTable
+
+    path = tmp_path / "results.parquet"
+    table = ResultTable(path)
+    table.add([{"target": "t", "method": "unadapted", "layer": -1, "seed": 0, "pearson": 0.5}])
+    table.add([{"target": "t", "method": "lmadda", "layer": 3, "seed": 0, "pearson": 0.6, "lf_output_w1": 0.1}])
+    again = ResultTable(path).rows
+    assert again[1]["lf_output_w1"] == pytest.approx(0.1) and again[0]["lf_output_w1"] is None
