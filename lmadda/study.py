@@ -33,7 +33,7 @@ from lmadda.training.source import SourceTrainConfig, train_source
 
 RESULT_COLUMNS = [
     "target", "setting", "shift", "magnitude", "method", "layer", "matched", "lr", "seed", "marker", "field",
-    "pearson", "ssim", "psnr", "nrmse", "collapsed", "d_saturated", "seconds",
+    "pearson", "ssim", "psnr", "nrmse", "collapsed", "d_saturated", "g_updates", "seconds",
 ]
 CRITERION_PREFIX = "lf_"  # label-free criterion columns (lmadda.selection), kept as they come
 
@@ -195,7 +195,7 @@ def run_study(
             config = adapt_config.model_copy(update={"layer": matched_layers})
             result = adapt(source, source_train, target_train, config, progress=progress)
             tags = dict(layer=layer, matched=matched, lr=config.lr, collapsed=result.collapsed,
-                        d_saturated=result.d_saturated, seconds=result.seconds)
+                        d_saturated=result.d_saturated, g_updates=result.g_updates, seconds=result.seconds)
             rows = evaluate_generator(result.generator, target_test, markers)
             if on_model is not None:
                 extra = on_model(domain, {**tags, "method": method, "seed": seed}, result.generator)

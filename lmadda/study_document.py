@@ -22,6 +22,7 @@ from lmadda.selection import criterion_agreement, spearman
 from lmadda.study_config import ExperimentSpec, StudyConfig
 from lmadda.study_runner import experiment_name
 from lmadda.study_tracking import read_study
+from lmadda.training.adapt import AdaptConfig
 
 BASELINE_METHODS = ("unadapted", "adabn", "histogram_matching", "fda")
 ADAPTED = ("lmadda", "adda")
@@ -42,12 +43,19 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
     return float(np.mean(finite)), float(np.std(finite)), len(finite)
 
 
-def _cell(values: list[float], collapsed: bool = False) -> str:
+def _cell(values: list[float], collapsed: bool = False, unmoved: bool = False) -> str:
     mean, std, n = _mean_std(values)
     if n == 0:
         return "—"
     text = f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"
-    return text + (" *" if collapsed else "")
+    return text + (" *" if collapsed else "") + (" °" if unmoved else "")
+
+
+def never_moved(runs: list[dict]) -> bool:
+    """True when G' took no step in any of these runs (the gate kept it at the source weights).
+    Runs logged before the counter existed have no `g_updates` and count as unknown, not unmoved."""
+    counts = [r.get("g_updates") for r in runs]
+    return bool(runs) and all(c is not None and math.isfinite(c) and c == 0 for c in counts)
 
 
 class Results:
@@ -128,7 +136,7 @@ def main_table(results: Results) -> list[str]:
         lr = results.chosen_lr(target)
         cells = [_cell([m["pearson"] for m in results.select(target, method)]) for method in BASELINE_METHODS]
         adda = results.select(target, "adda", lr=lr)
-        cells.append(_cell([m["pearson"] for m in adda], any(m["collapsed"] for m in adda)))
+        cells.append(_cell([m["pearson"] for m in adda], any(m["collapsed"] for m in adda), never_moved(adda)))
         best = results.best_single(target, lr)
         cells.append("—" if best is None else f"{_cell(best[1]['values'])} (L{best[0]})")
         cells.append(_cell([m["pearson"] for m in results.select(target, "oracle")]))
@@ -166,6 +174,27 @@ def lr_table(results: Results) -> list[str]:
     return lines
 
 
+def movement_table(results: Results) -> list[str]:
+    """How often G' moved at all: the gate lets G' step only while D tells the domains apart, so a
+    model with no G' step is the source model, and its Pearson says nothing about matching that layer."""
+    known = [m for m in results.models if m["method"] in (*ADAPTED, "lmadda_multi") and m.get("g_updates") is not None
+             and math.isfinite(m["g_updates"])]
+    if not known:
+        return []
+    lines = ["| target | learning rate | models where G' moved | median G' steps | layers where G' never moved (any seed) |",
+             "|---|---|---|---|---|"]
+    for target in results.targets:
+        for lr in results.lrs(target):
+            runs = [m for m in known if m["target"] == target and m["lr"] == lr]
+            if not runs:
+                continue
+            still = sorted({m["matched"] or str(m["layer"]) for m in runs if m["g_updates"] == 0}, key=lambda t: [int(x) for x in t.split("+")])
+            moved = sum(m["g_updates"] > 0 for m in runs)
+            lines.append(f"| {target} | {lr:g} | {moved} of {len(runs)} | {np.median([m['g_updates'] for m in runs]):.0f} | "
+                         f"{', '.join(still) or 'none'} |")
+    return lines
+
+
 def layer_table(results: Results) -> list[str]:
     """Pearson (mean over markers and seeds) per matched layer at the used rate, one column per target."""
     targets = [t for t in results.targets if len(results.layers(t)) >= 4]
@@ -178,7 +207,7 @@ def layer_table(results: Results) -> list[str]:
         for target in targets:
             runs = results.select(target, ADAPTED, lr=results.chosen_lr(target), layer=layer)
             best = results.best_single(target, results.chosen_lr(target))
-            text = _cell([r["pearson"] for r in runs], any(r["collapsed"] for r in runs))
+            text = _cell([r["pearson"] for r in runs], any(r["collapsed"] for r in runs), never_moved(runs))
             cells.append(f"**{text}**" if best is not None and best[0] == layer else text)
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     unadapted = [_cell([m["pearson"] for m in results.select(t, "unadapted")]) for t in targets]
@@ -486,6 +515,10 @@ def findings(results: Results, scores: dict[str, dict]) -> list[str]:
         text += (f". Without any criterion: always ADDA loses {reference['always ADDA']:.3f}, a random configuration "
                  f"{reference['random configuration (expected)']:.3f} on average")
         lines.append(text + ".")
+    known = [m for m in results.models if m["method"] in (*ADAPTED, "lmadda_multi") and math.isfinite(m.get("g_updates", float("nan")))]
+    if known:
+        lines.append(f"- G' moved at all in {sum(m['g_updates'] > 0 for m in known)} of {len(known)} adapted models; the others "
+                     "stayed the source model because the discriminator never passed the gate (table above).")
     lines.append("- Every comparison uses the target labels that the label-free criteria never see. "
                  f"A difference counts when it exceeds twice the seed spread and {NOISE_FLOOR}.")
     return lines
@@ -547,9 +580,18 @@ def experiment_section(spec: ExperimentSpec, config: StudyConfig) -> tuple[list[
                   "generator loss, or a saturated discriminator) and reports the best of those; the tables above and "
                   "below use, per target, the stable rate with the best mean Pearson over all layers (a choice that "
                   "uses labels, as the paper's does). When none is stable the smallest is used.", "", *lr_lines, ""]
+    movement = movement_table(results)
+    if movement:
+        adapt_options = AdaptConfig(layer=[0], **spec.adapt)
+        lines += ["### Did the adapted generator move?", "",
+                  f"G' steps only while the discriminator's running accuracy is at least the gate ({adapt_options.gate_accuracy}) "
+                  f"after {adapt_options.d_warmup_steps} D-only steps: when D cannot tell target from source features "
+                  f"within the {adapt_options.steps} steps, G' keeps "
+                  "the source weights and the \"adapted\" model is the unadapted one. Counted per model:", "", *movement, ""]
     by_layer = layer_table(results)
     if by_layer:
-        lines += ["### Pearson by matched layer", "", *by_layer, "", "Bold: the best layer per target.", ""]
+        lines += ["### Pearson by matched layer", "", *by_layer, "",
+                  "Bold: the best layer per target." + (" ° G' never moved in any seed: the model is the source model." if movement else ""), ""]
     figure = plot_by_layer(results, figures / f"{prefix}_pearson_by_layer.png")
     if figure:
         lines += [f"![Pearson by matched layer]({_relative(figure, config.document)})", ""]

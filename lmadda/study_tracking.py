@@ -81,6 +81,8 @@ class StudyTracker:
                     metrics[f"{metric}_{marker}"] = float(np.mean(values))
         metrics["collapsed"] = float(bool(first.get("collapsed")))
         metrics["d_saturated"] = float(bool(first.get("d_saturated")))
+        if _finite(first.get("g_updates")):
+            metrics["g_updates"] = float(first["g_updates"])
         if _finite(first.get("seconds")):
             metrics["seconds"] = float(first["seconds"])
         metrics.update({k: float(v) for k, v in first.items() if k.startswith(CRITERION_PREFIX) and _finite(v)})

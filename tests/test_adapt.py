@@ -116,9 +116,11 @@ def test_gating_and_warmup_hold_the_generator_until_the_discriminator_is_informa
     before = _snapshot(source.generator)
     gated = adapt(source, _images(0.0), _images(1.0, seed=1), _config(steps=4, gate_accuracy=1.0), progress=False)
     assert all(record["g_updates"] == 0.0 for record in gated.history)
+    assert gated.g_updates == 0 and gated.history[-1]["g_updates_total"] == 0  # the study reports such a model as unmoved
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, _snapshot(gated.generator)) for k in a)
     warming = adapt(source, _images(0.0), _images(1.0, seed=1), _config(steps=4, d_warmup_steps=2), progress=False)
     assert [record["g_updates"] for record in warming.history] == [0.0, 1.0]
+    assert warming.g_updates == 2 and [record["g_updates_total"] for record in warming.history] == [0, 2]
 
 
 def test_bad_adapt_options_are_rejected_by_name():
@@ -146,6 +148,7 @@ def test_adapter_state_resumes_step_history_and_weights():
     resumed = Adapter(source, _images(0.0), _images(1.0, seed=1), _config(steps=6))
     resumed.load_state_dict(state)
     assert resumed.step_number == 4 and len(resumed.result.history) == 2
+    assert resumed.result.g_updates == first.result.g_updates == 4
     assert all(torch.equal(a, b) for a, b in zip(first.target_generator.state_dict().values(), resumed.target_generator.state_dict().values()))
     while not resumed.finished:
         resumed.step()

@@ -70,6 +70,7 @@ def test_study_runs_logs_to_mlflow_writes_the_document_and_reruns_nothing(tmp_pa
         assert {(target, m) for m in ("unadapted", "adabn", "histogram_matching", "fda", "lmadda", "adda", "lmadda_multi", "oracle")} <= methods
     adapted = [m for m in models if m["method"] in ("lmadda", "adda")]
     assert len(adapted) == 2 * 4 * 2  # targets x layers x seeds
+    assert all(m["g_updates"] == int(m["g_updates"]) and 0 <= m["g_updates"] <= 6 for m in adapted)  # G' steps, logged per model
     assert all(np.isfinite(m["lf_output_w1"]) and np.isfinite(m["lf_seed_disagreement"]) and np.isfinite(m["lf_layer_disagreement"]) for m in adapted)
     assert {p["target"] for p in profiles} == {"phase_contrast+overexposure:3", "bright_field"}
     assert all(len(p["profile"]) == 12 and 0 <= p["predicted_layer"] < 12 for p in profiles)
@@ -77,7 +78,8 @@ def test_study_runs_logs_to_mlflow_writes_the_document_and_reruns_nothing(tmp_pa
 
     document = (tmp_path / "docs" / "study.md").read_text()
     for heading in ("### Pearson by method", "### Pearson by matched layer", "### Single-layer vs multi-layer matching",
-                    "### Choosing the layer without target labels", "### What held up", "(published baseline)"):
+                    "### Choosing the layer without target labels", "### What held up", "(published baseline)",
+                    "### Did the adapted generator move?"):
         assert heading in document
     figures = {p.name for p in (tmp_path / "docs" / "study").glob("*.png")}
     assert {"tiny_pearson_by_layer.png", "tiny_criteria.png", "tiny_profiles.png"} <= figures
@@ -119,3 +121,23 @@ def test_result_table_keeps_criterion_columns_that_the_first_rows_lack(tmp_path)
     table.add([{"target": "t", "method": "lmadda", "layer": 3, "seed": 0, "pearson": 0.6, "lf_output_w1": 0.1}])
     again = ResultTable(path).rows
     assert again[1]["lf_output_w1"] == pytest.approx(0.1) and again[0]["lf_output_w1"] is None
+
+
+def test_a_model_whose_generator_never_moved_is_marked_and_unknown_counts_are_not():
+    from lmadda.study_document import Results, layer_table, movement_table, never_moved
+
+    def model(layer, seed, g_updates):
+        run = {"target": "t", "shift": "none", "magnitude": float("nan"), "method": "adda" if layer == 15 else "lmadda",
+               "layer": layer, "matched": str(layer), "lr": 2e-5, "seed": seed, "pearson": 0.5 + layer / 100, "collapsed": False}
+        return run if g_updates is None else {**run, "g_updates": float(g_updates)}
+
+    assert never_moved([model(15, 0, 0), model(15, 1, 0)])
+    assert not never_moved([model(15, 0, 0), model(15, 1, 3)])
+    assert not never_moved([model(15, 0, None)])  # logged before the counter existed: unknown, not unmoved
+    results = Results([model(layer, seed, 0 if layer == 15 else 7) for layer in (0, 3, 7, 15) for seed in (0, 1)]
+                      + [{**model(-1, 0, None), "method": "unadapted"}], [])
+    assert "| t | 2e-05 | 6 of 8 | 7 | 15 |" in movement_table(results)
+    rows = {line.split(" | ")[0]: line for line in layer_table(results)}
+    assert rows["| 15"].endswith("° |") or "°**" in rows["| 15"]
+    assert "°" not in rows["| 3"]
+    assert movement_table(Results([model(3, 0, None)], [])) == []

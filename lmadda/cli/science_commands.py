@@ -118,7 +118,11 @@ def run_adapt(args: argparse.Namespace) -> int:
     save_checkpoint(args.out, result.checkpoint(source, config, target))
     state = f"COLLAPSED ({result.collapse_reason})" if result.collapsed else "ok"
     print(f"wrote {args.out}: layer {config.layer}, {result.steps_done} steps in {result.seconds:.0f} s, {state}"
-          + (", discriminator saturated" if result.d_saturated else ""))
+          + (", discriminator saturated" if result.d_saturated else "") + f"; G' updated at {result.g_updates} steps")
+    if result.g_updates == 0 and not result.collapsed:
+        print(f"warning: the discriminator never reached the gate accuracy ({config.gate_accuracy}), so G' never moved and "
+              f"{args.out} predicts exactly like the source model. Give it more --steps, or lower gate_accuracy in --config "
+              "(gate_accuracy: null updates G' at every step).")
     return 1 if result.collapsed else 0
 
 

@@ -105,6 +105,9 @@ class AdaptResult:
     collapse_reason: str = ""
     d_saturated: bool = False
     steps_done: int = 0
+    # G' steps taken: the gate holds G' still while D cannot tell the domains apart, so 0 means the
+    # adapted model is the source model (D found nothing to match within the steps given)
+    g_updates: int = 0
     seconds: float = 0.0
 
     def checkpoint(self, source: GeneratorCheckpoint, config: AdaptConfig, target_setting: str, **extra) -> GeneratorCheckpoint:
@@ -113,7 +116,7 @@ class AdaptResult:
             "method": method, "layer": config.layer[0] if len(config.layer) == 1 else list(config.layer),
             "adapt_config": config.model_dump(mode="json"), "collapsed": self.collapsed,
             "collapse_reason": self.collapse_reason, "d_saturated": self.d_saturated,
-            "steps_done": self.steps_done, "source_setting": source.setting,
+            "steps_done": self.steps_done, "g_updates": self.g_updates, "source_setting": source.setting,
             "source_metadata": {k: v for k, v in source.metadata.items() if k != "history"}, **extra,
         }
         return GeneratorCheckpoint(
@@ -309,6 +312,7 @@ class Adapter:
             loss_g.backward()
         if update_g:
             self.optimizer_g.step()
+            self.result.g_updates += 1
 
         self._sums["g_loss"] += g_value
         self._sums["d_loss"] += d_value
@@ -323,7 +327,8 @@ class Adapter:
         if not (step % config.log_every == 0 or step == config.steps or result.collapsed):
             return None
         count = (step - 1) % config.log_every + 1
-        record = {"step": step, **{k: v / count for k, v in self._sums.items()}, "d_running_acc": self.running_accuracy}
+        record = {"step": step, **{k: v / count for k, v in self._sums.items()}, "d_running_acc": self.running_accuracy,
+                  "g_updates_total": result.g_updates}
         self.saturated_logs = self.saturated_logs + 1 if record["d_acc"] >= config.saturation_accuracy else 0
         result.d_saturated = result.d_saturated or self.saturated_logs >= config.saturation_patience
         record.update({"collapsed": result.collapsed, "d_saturated": result.d_saturated})
@@ -344,6 +349,7 @@ class Adapter:
             "optimizer_g": self.optimizer_g.state_dict(), "optimizer_d": self.optimizer_d.state_dict(),
             "history": list(self.result.history), "collapsed": self.result.collapsed,
             "collapse_reason": self.result.collapse_reason, "d_saturated": self.result.d_saturated,
+            "g_updates": self.result.g_updates,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -359,6 +365,7 @@ class Adapter:
         self.result.steps_done = self.step_number
         self.result.collapsed, self.result.collapse_reason = state["collapsed"], state["collapse_reason"]
         self.result.d_saturated = state["d_saturated"]
+        self.result.g_updates = state.get("g_updates", 0)  # states written before the counter existed
         # the crop streams restart from the resumed step's epoch boundary; exact batches may differ
 
     def finish(self) -> AdaptResult:
