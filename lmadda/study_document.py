@@ -18,7 +18,8 @@ import numpy as np
 
 from lmadda import __version__
 from lmadda.report import label_axis, save_grid
-from lmadda.selection import criterion_agreement, spearman
+from lmadda.selection import CRITERIA as PER_TRIAL_CRITERIA
+from lmadda.selection import DEFAULT_CRITERION, criterion_agreement, spearman
 from lmadda.study_config import ExperimentSpec, StudyConfig
 from lmadda.study_runner import experiment_name
 from lmadda.study_tracking import read_study
@@ -467,11 +468,17 @@ def findings(results: Results, scores: dict[str, dict]) -> list[str]:
     ranked = sorted(((c, s) for c, s in scores.items() if s["targets"]), key=lambda cs: cs[1]["regret"])
     criterion = ranked[0][0] if ranked else None
     adda_gain, best_gain, free_gain, lm_vs_adda, early, multi = [], [], [], [], [], []
+    adda_still, oracle_below = [], []
     for target in results.targets:
         lr = results.chosen_lr(target)
         unadapted = _mean_std([m["pearson"] for m in results.select(target, "unadapted")])[0]
         adda = results.select(target, "adda", lr=lr)
         best = results.best_single(target, lr)
+        oracle = _mean_std([m["pearson"] for m in results.select(target, "oracle")])[0]
+        if oracle < unadapted - NOISE_FLOOR:
+            oracle_below.append(f"{target}: {oracle:.3f} vs {unadapted:.3f}")
+        if never_moved(adda):
+            adda_still.append(target)
         if adda:
             adda_mean = _mean_std([m["pearson"] for m in adda])[0]
             adda_gain.append((target, adda_mean - unadapted, _seed_std(adda), ""))
@@ -491,7 +498,12 @@ def findings(results: Results, scores: dict[str, dict]) -> list[str]:
                 spread = float(np.std(chosen["values"])) if len(chosen["values"]) > 1 else 0.0
                 free_gain.append((target, chosen["pearson"] - unadapted, spread, f"layer {chosen['layer']}"))
 
-    lines = [_verdict(adda_gain, "ADDA (no layer choice) beats the unadapted model"),
+    adda_line = _verdict(adda_gain, "ADDA (no layer choice) beats the unadapted model")
+    if adda_still:
+        adda_line += (f". In {len(adda_still)} of {len(adda_gain)} targets ADDA's G' never moved (its discriminator never "
+                      "passed the gate), so these say nothing about matching the last layer, only that D found no shift there "
+                      "within the steps given")
+    lines = [adda_line,
              _verdict(best_gain, "The best matched layer, chosen with labels (optimistic), beats the unadapted model")]
     if criterion is not None:
         lines.append(_verdict(free_gain, f"The layer chosen without labels (`{criterion[3:]}`) beats the unadapted model"))
@@ -519,8 +531,45 @@ def findings(results: Results, scores: dict[str, dict]) -> list[str]:
     if known:
         lines.append(f"- G' moved at all in {sum(m['g_updates'] > 0 for m in known)} of {len(known)} adapted models; the others "
                      "stayed the source model because the discriminator never passed the gate (table above).")
+    if oracle_below:
+        lines.append(f"- The oracle scores below the unadapted model on {len(oracle_below)} target(s) ({'; '.join(oracle_below)}): "
+                     "fine-tuned on the target pairs of the training fields only (likely overfitting them), it is no upper bound here.")
     lines.append("- Every comparison uses the target labels that the label-free criteria never see. "
                  f"A difference counts when it exceeds twice the seed spread and {NOISE_FLOOR}.")
+    return lines
+
+
+def default_criterion_section(regrets: dict[str, dict[str, float]]) -> list[str]:
+    """Which per-trial criterion `lmadda sweep promote` should use without labels, across the study's
+    experiments. `regrets` maps experiment -> {criterion or reference choice: regret}. Each experiment
+    counts once, however many targets it has: the real data set is small, but it is the one that looks
+    like a lab's microscope. Only per-trial criteria qualify (a sweep trial cannot see the other
+    trials' predictions, so the seed and layer disagreements are for the study only)."""
+    experiments = [name for name, values in regrets.items() if values]
+    if not experiments:
+        return []
+    names = [f"lf_{c}" for c in PER_TRIAL_CRITERIA] + ["always ADDA", "random configuration (expected)"]
+    lines = ["| choice | " + " | ".join(experiments) + " | mean |", "|---" * (len(experiments) + 2) + "|"]
+    means = {}
+    for name in names:
+        values = [regrets[e].get(name, float("nan")) for e in experiments]
+        means[name] = float(np.mean(values)) if all(math.isfinite(v) for v in values) else float("nan")
+        label = f"`{name[3:]}`" if name.startswith("lf_") else name
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {means[name]:.3f} |")
+    eligible = {c: means[f"lf_{c}"] for c in PER_TRIAL_CRITERIA if math.isfinite(means[f"lf_{c}"])}
+    lines.append("")
+    if not eligible:
+        return lines + ["No per-trial criterion has a regret on every experiment yet."]
+    best = min(eligible, key=eligible.get)
+    verdict = ("matches" if best == DEFAULT_CRITERION else
+               f"does NOT match: change `DEFAULT_CRITERION` in lmadda/selection.py to `{best}`")
+    lines.append(f"Lowest mean regret among per-trial criteria: `{best}` ({eligible[best]:.3f}). "
+                 f"`lmadda.selection.DEFAULT_CRITERION` is `{DEFAULT_CRITERION}`, which {verdict}.")
+    adda = means["always ADDA"]
+    if math.isfinite(adda) and adda <= eligible[best]:
+        lines.append(f"No criterion beats simply taking ADDA ({adda:.3f}) on this evidence (where ADDA's G' never moved, "
+                     "that is keeping the unadapted model). Promote still ranks by the criterion: a sweep that wants ADDA "
+                     "sweeps only the last layer.")
     return lines
 
 
@@ -554,7 +603,8 @@ def _relative(path: Path, document: Path) -> str:
         return str(path)
 
 
-def experiment_section(spec: ExperimentSpec, config: StudyConfig) -> tuple[list[str], dict[str, dict]]:
+def experiment_section(spec: ExperimentSpec, config: StudyConfig) -> tuple[list[str], dict[str, float]]:
+    """The document's section for one experiment, and the regret of each label-free choice there."""
     models, profiles, artifacts = read_study(config.tracking_uri, experiment_name(spec))
     lines = [f"## {spec.title}", "", spec.about.strip(), ""]
     if not models:
@@ -629,7 +679,8 @@ def experiment_section(spec: ExperimentSpec, config: StudyConfig) -> tuple[list[
         if figure:
             lines += [f"![discrepancy profiles]({_relative(figure, config.document)})", ""]
     lines += ["### What held up", "", *findings(results, scores), ""]
-    return lines, scores
+    regrets = {c: s["regret"] for c, s in scores.items() if s["targets"]} | reference_regrets(selection_rows(results))
+    return lines, regrets
 
 
 def write_study_document(config: StudyConfig) -> Path:
@@ -639,9 +690,16 @@ def write_study_document(config: StudyConfig) -> Path:
              f"(lmadda {__version__}, commit {_git_commit()}, {datetime.now(timezone.utc):%Y-%m-%d}). Do not edit by hand: "
              "change the config or the code and regenerate. `lmadda study --document-only` rewrites this file from the "
              "tracking store without running anything.", ""]
+    regrets = {}
     for spec in config.experiments:
-        section, _ = experiment_section(spec, config)
+        section, regrets[spec.name] = experiment_section(spec, config)
         lines += section
+    default = default_criterion_section(regrets)
+    if default:
+        lines += ["## The default label-free criterion", "",
+                  "`lmadda sweep promote` without target labels ranks trials by one per-trial criterion. Its regret "
+                  "(Pearson lost against the labelled best) in each experiment above, each experiment weighted once:", "",
+                  *default, ""]
     config.document.parent.mkdir(parents=True, exist_ok=True)
     config.document.write_text("\n".join(lines).rstrip() + "\n")
     return config.document

@@ -141,3 +141,44 @@ def test_a_model_whose_generator_never_moved_is_marked_and_unknown_counts_are_no
     assert rows["| 15"].endswith("° |") or "°**" in rows["| 15"]
     assert "°" not in rows["| 3"]
     assert movement_table(Results([model(3, 0, None)], [])) == []
+
+
+def test_the_default_criterion_section_ranks_per_trial_criteria_over_experiments_and_checks_the_default():
+    from lmadda.selection import CRITERIA, DEFAULT_CRITERION
+    from lmadda.study_document import default_criterion_section
+
+    others = [c for c in CRITERIA if c != DEFAULT_CRITERION]
+    # The default wins on the mean over experiments though another criterion wins the first experiment.
+    regrets = {"simulated": {f"lf_{DEFAULT_CRITERION}": 0.02, f"lf_{others[0]}": 0.01, f"lf_{others[1]}": 0.03,
+                             "lf_layer_disagreement": 0.0, "always ADDA": 0.05, "random configuration (expected)": 0.06},
+               "real": {f"lf_{DEFAULT_CRITERION}": 0.05, f"lf_{others[0]}": 0.20, f"lf_{others[1]}": 0.10,
+                        "lf_layer_disagreement": 0.0, "always ADDA": 0.09, "random configuration (expected)": 0.10}}
+    text = "\n".join(default_criterion_section(regrets))
+    assert f"| `{DEFAULT_CRITERION}` | 0.020 | 0.050 | 0.035 |" in text
+    assert f"Lowest mean regret among per-trial criteria: `{DEFAULT_CRITERION}` (0.035)" in text and "which matches" in text
+    assert "layer_disagreement" not in text  # needs every layer's model: not a per-trial criterion
+    assert "No criterion beats simply taking ADDA" not in text
+    # When another criterion wins, the document says which constant to change.
+    regrets["real"][f"lf_{others[0]}"] = 0.01
+    text = "\n".join(default_criterion_section(regrets))
+    assert f"does NOT match: change `DEFAULT_CRITERION` in lmadda/selection.py to `{others[0]}`" in text
+    regrets["simulated"]["always ADDA"] = regrets["real"]["always ADDA"] = 0.0
+    assert "No criterion beats simply taking ADDA (0.000)" in "\n".join(default_criterion_section(regrets))
+    assert default_criterion_section({"simulated": {}}) == []
+
+
+def test_findings_say_when_adda_never_moved_and_when_the_oracle_is_no_upper_bound():
+    from lmadda.study_document import Results, findings
+
+    def run(method, layer, pearson, seed=0, g_updates=None):
+        row = {"target": "t", "shift": "defocus", "magnitude": float("nan"), "method": method, "layer": layer,
+               "matched": str(layer), "lr": 2e-5 if layer >= 0 else float("nan"), "seed": seed, "pearson": pearson, "collapsed": False}
+        return row if g_updates is None else {**row, "g_updates": float(g_updates)}
+
+    models = [run("unadapted", -1, 0.5), run("oracle", -1, 0.4),
+              *(run("adda", 15, 0.5, seed, 0) for seed in (0, 1)),
+              *(run("lmadda", 3, 0.7, seed, 12) for seed in (0, 1))]
+    text = "\n".join(findings(Results(models, []), {}))
+    assert "In 1 of 1 targets ADDA's G' never moved" in text
+    assert "The oracle scores below the unadapted model on 1 target(s) (t: 0.400 vs 0.500)" in text
+    assert "beats ADDA: **1 of 1 targets**" in text
