@@ -248,7 +248,9 @@ def selection_rows(results: Results) -> list[dict]:
     return rows
 
 
-def selection_table(results: Results) -> tuple[list[str], dict[str, dict]]:
+def selection_table(results: Results) -> tuple[list[str], dict[str, dict], dict[str, float]]:
+    """The criteria table, each criterion's agreement with the labelled Pearson, and the regret of the
+    choices that use no criterion (`reference_regrets`)."""
     rows = selection_rows(results)
     scores = {criterion: criterion_agreement(rows, criterion, "pearson") for criterion in CRITERIA}
     lines = ["| criterion | Spearman with labelled Pearson | regret (Pearson lost) | targets | what it measures |", "|---|---|---|---|---|"]
@@ -260,7 +262,7 @@ def selection_table(results: Results) -> tuple[list[str], dict[str, dict]]:
     reference = reference_regrets(rows)
     for name, value in reference.items():
         lines.append(f"| {name} | — | {value:.3f} | {len({r['target'] for r in rows})} | no criterion |")
-    return lines, scores
+    return lines, scores, reference
 
 
 def reference_regrets(rows: list[dict]) -> dict[str, float]:
@@ -460,7 +462,7 @@ def label_free_choice(results: Results, target: str, criterion: str) -> dict | N
     return min(configs, key=lambda v: v[criterion]) if configs else None
 
 
-def findings(results: Results, scores: dict[str, dict]) -> list[str]:
+def findings(results: Results, scores: dict[str, dict], reference: dict[str, float]) -> list[str]:
     """Each claim the issue asks about, decided from the runs. A difference counts when it exceeds twice
     the seed spread and NOISE_FLOOR; with one seed only the floor applies. Choosing the best of many
     layers by labelled Pearson is optimistic (the maximum of noisy values), so the claims about
@@ -523,7 +525,6 @@ def findings(results: Results, scores: dict[str, dict]) -> list[str]:
         if baseline.get("targets"):
             text += (f"; the published baseline, seed disagreement: Spearman {baseline['spearman']:.2f}, regret {baseline['regret']:.3f} "
                      f"over {baseline['targets']} targets")
-        reference = reference_regrets(selection_rows(results))
         text += (f". Without any criterion: always ADDA loses {reference['always ADDA']:.3f}, a random configuration "
                  f"{reference['random configuration (expected)']:.3f} on average")
         lines.append(text + ".")
@@ -661,7 +662,7 @@ def experiment_section(spec: ExperimentSpec, config: StudyConfig) -> tuple[list[
             shutil.copyfile(panel, copied)
             lines += [f"![{panel.stem}]({_relative(copied, config.document)})", ""]
 
-    selection, scores = selection_table(results)
+    selection, scores, reference = selection_table(results)
     lines += ["### Choosing the layer without target labels", "",
               "Each candidate is one (layer, learning rate) configuration, seeds averaged. Spearman: rank correlation of "
               "the criterion (lower is better) with the labelled Pearson per target, averaged over targets; regret: "
@@ -678,9 +679,8 @@ def experiment_section(spec: ExperimentSpec, config: StudyConfig) -> tuple[list[
         figure = plot_profiles(results, figures / f"{prefix}_profiles.png")
         if figure:
             lines += [f"![discrepancy profiles]({_relative(figure, config.document)})", ""]
-    lines += ["### What held up", "", *findings(results, scores), ""]
-    regrets = {c: s["regret"] for c, s in scores.items() if s["targets"]} | reference_regrets(selection_rows(results))
-    return lines, regrets
+    lines += ["### What held up", "", *findings(results, scores, reference), ""]
+    return lines, {c: s["regret"] for c, s in scores.items() if s["targets"]} | reference
 
 
 def write_study_document(config: StudyConfig) -> Path:

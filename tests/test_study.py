@@ -178,7 +178,7 @@ def test_findings_say_when_adda_never_moved_and_when_the_oracle_is_no_upper_boun
     models = [run("unadapted", -1, 0.5), run("oracle", -1, 0.4),
               *(run("adda", 15, 0.5, seed, 0) for seed in (0, 1)),
               *(run("lmadda", 3, 0.7, seed, 12) for seed in (0, 1))]
-    text = "\n".join(findings(Results(models, []), {}))
+    text = "\n".join(findings(Results(models, []), {}, {}))
     assert "In 1 of 1 targets ADDA's G' never moved" in text
     assert "The oracle scores below the unadapted model on 1 target(s) (t: 0.400 vs 0.500)" in text
     assert "beats ADDA: **1 of 1 targets**" in text
