@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,6 +24,23 @@ from lmadda.inference import default_device
 from lmadda.models.generator import UNetGenerator
 
 BASELINES = ("unadapted", "adabn", "histogram_matching", "fda")
+
+InputTransform = Callable[[np.ndarray], np.ndarray]
+
+
+def build_baseline(name: str, generator: UNetGenerator, source_train: list[LoadedImage], target_train: list[LoadedImage], *,
+                   seed: int = 0) -> tuple[UNetGenerator, InputTransform | None]:
+    """The (generator, input transform) pair that evaluates baseline `name`: one construction for every caller
+    (the study, `lmadda evaluate`), so the same seed gives the same baseline everywhere."""
+    if name == "unadapted":
+        return generator, None
+    if name == "adabn":
+        return adabn(generator, target_train), None
+    if name == "histogram_matching":
+        return generator, HistogramMatcher(source_train)
+    if name == "fda":
+        return generator, FourierAmplitudeTransfer(source_train, seed=seed)
+    raise LmaddaError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
 
 
 @torch.no_grad()
@@ -43,7 +62,6 @@ def adabn(generator: UNetGenerator, target_images: list[LoadedImage], *, tile: i
     norms = [m for m in adapted.modules() if isinstance(m, nn.BatchNorm2d)]
     for norm in norms:
         norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over all target batches
         norm.train()
     tiles = []
     for image in target_images:
@@ -56,13 +74,24 @@ def adabn(generator: UNetGenerator, target_images: list[LoadedImage], *, tile: i
     if not tiles:
         raise LmaddaError("AdaBN needs at least one target image")
     for start in range(0, len(tiles), batch_size):
-        adapted(torch.from_numpy(np.stack(tiles[start : start + batch_size])).to(device))
+        batch = tiles[start : start + batch_size]
+        # Weight each batch by its tiles (momentum None would weight a short last batch like a full one),
+        # so every running mean is exactly the mean of that layer's input over all target tiles in this
+        # pass; the running variance is the tile-weighted mean of the per-batch variances.
+        for norm in norms:
+            norm.momentum = len(batch) / (start + len(batch))
+        adapted(torch.from_numpy(np.stack(batch)).to(device))
     adapted.eval()
     return adapted.cpu()
 
 
 class HistogramMatcher:
-    """Quantile mapping of target inputs onto the pooled source input distribution."""
+    """Quantile mapping of target inputs onto the pooled source input distribution.
+
+    Each distinct target value goes to the source quantile at its position in the image's empirical CDF,
+    so equal inputs give equal outputs (as scikit-image's `exposure.match_histograms`): a saturated block
+    stays one value instead of being spread over a range in raster order.
+    """
 
     def __init__(self, source_images: list[LoadedImage], quantiles: int = 1001):
         if not source_images:
@@ -71,16 +100,54 @@ class HistogramMatcher:
         self.levels = np.linspace(0.0, 1.0, quantiles)
         self.source_values = np.quantile(pooled, self.levels)
 
+    @classmethod
+    def from_source_values(cls, source_values: list[float]) -> "HistogramMatcher":
+        """The matcher a checkpoint carries (`as_correction`): the pooled source quantiles, evenly spaced."""
+        values = np.asarray(source_values, dtype=np.float64)
+        if values.ndim != 1 or values.size < 2 or not np.all(np.isfinite(values)) or np.any(np.diff(values) < 0):
+            raise LmaddaError("the checkpoint's histogram-matching correction is damaged (source quantiles must be a finite, "
+                              "non-decreasing list); re-export the model with `lmadda adapt --layer auto`")
+        matcher = cls.__new__(cls)
+        matcher.levels = np.linspace(0.0, 1.0, values.size)
+        matcher.source_values = values
+        return matcher
+
+    def as_correction(self) -> dict:
+        """What a checkpoint stores so that `lmadda predict` and the endpoint apply this correction too."""
+        return {"kind": "histogram_matching", "source_values": [float(v) for v in self.source_values]}
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        flat = image.ravel()
-        ranks = np.empty(flat.size, np.float64)
-        order = np.argsort(flat, kind="stable")
-        ranks[order] = np.linspace(0.0, 1.0, flat.size)
-        return np.interp(ranks, self.levels, self.source_values).reshape(image.shape).astype(np.float32)
+        _, inverse, counts = np.unique(image.ravel(), return_inverse=True, return_counts=True)
+        # A tied block takes the middle of the CDF range it spans (its mid-rank), not the top as scikit-image
+        # does: a saturated block holding the brightest 30% of pixels then lands on the source's 85th
+        # percentile, the average of where its pixels would go if they were distinct, rather than on the
+        # source maximum (one extreme pixel); and distinct values get the symmetric positions (i + 0.5) / N.
+        positions = (np.cumsum(counts) - counts / 2.0) / image.size
+        matched = np.interp(positions, self.levels, self.source_values)
+        return matched[inverse.ravel()].reshape(image.shape).astype(np.float32)
+
+
+def input_correction(metadata: dict) -> InputTransform | None:
+    """The input correction a checkpoint carries (chosen by the label-free selector), or None.
+
+    Only corrections that are small enough to store travel with a model: histogram matching keeps its
+    1001 source quantiles. FDA needs source images at run time, so it is a study baseline only.
+    """
+    spec = metadata.get("input_correction")
+    if not spec:
+        return None
+    if spec.get("kind") != "histogram_matching":
+        raise LmaddaError(f"the checkpoint asks for input correction {spec.get('kind')!r}, which this lmadda cannot apply; "
+                          "upgrade lmadda or re-export the model")
+    return HistogramMatcher.from_source_values(spec.get("source_values") or [])
 
 
 class FourierAmplitudeTransfer:
-    """FDA: replace the lowest frequencies' amplitude (a square of half-width beta * size) with a source image's."""
+    """FDA: replace the lowest frequencies' amplitude (a square of half-width beta * size) with a source image's.
+
+    The source image paired with a target image is drawn from `seed` and a hash of the target's pixels, so
+    it is the same whatever order, or whichever caller (study, `lmadda evaluate`), transforms the images.
+    """
 
     def __init__(self, source_images: list[LoadedImage], beta: float = 0.01, seed: int = 0):
         if not 0 < beta < 0.5:
@@ -89,17 +156,23 @@ class FourierAmplitudeTransfer:
             raise LmaddaError("FDA needs source images")
         self.sources = [image.input for image in source_images]
         self.beta = beta
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
-    def _source_like(self, shape: tuple[int, ...]) -> np.ndarray:
-        source = self.sources[int(self.rng.integers(len(self.sources)))]
+    def source_index(self, image: np.ndarray) -> int:
+        """Which source image `image` takes its low-frequency amplitude from."""
+        digest = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=8).digest()
+        rng = np.random.default_rng([self.seed, int.from_bytes(digest, "little")])
+        return int(rng.integers(len(self.sources)))
+
+    def _source_like(self, image: np.ndarray) -> np.ndarray:
+        source, shape = self.sources[self.source_index(image)], image.shape
         reps = (1, -(-shape[1] // source.shape[1]), -(-shape[2] // source.shape[2]))
         return np.tile(source, reps)[:, : shape[1], : shape[2]]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         # Swap in non-negative 0..1 units, as FDA does on 0..255 images: in the zero-centred model range
         # a dark image's DC term has phase pi, and the source's DC amplitude would flip its brightness.
-        source = (self._source_like(image.shape) + 1.0) / 2.0
+        source = (self._source_like(image) + 1.0) / 2.0
         image = (image + 1.0) / 2.0
         target_spectrum = np.fft.fftshift(np.fft.fft2(image), axes=(-2, -1))
         source_amplitude = np.abs(np.fft.fftshift(np.fft.fft2(source), axes=(-2, -1)))

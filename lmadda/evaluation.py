@@ -1,13 +1,20 @@
-"""Evaluate a generator on held-out images: per-image, per-marker metrics as table rows."""
+"""Evaluate generators on held-out images: per-image, per-marker metrics as table rows; and checkpoints
+(with the test-time baselines) as `lmadda evaluate` does, into one Parquet table."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from lmadda.data.dataset import LoadedImage, target_from_model_range
+from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.data.dataset import LoadedImage, load_images, target_from_model_range
+from lmadda.data.manifest import Manifest
+from lmadda.errors import LmaddaError
 from lmadda.inference import predict_tiled
 from lmadda.metrics import nrmse, pearson, psnr, ssim
 from lmadda.models.generator import UNetGenerator
@@ -45,3 +52,83 @@ def evaluate_generator(
                 "psnr": psnr(p, t, data_range=1.0), "nrmse": nrmse(p, t),
             })
     return rows
+
+
+# How the study seeds each split's shifted images (lmadda.study.run_study: train `seed`, val `seed + 1`,
+# test `seed + 7`); `lmadda evaluate --seed` uses the same, so its rows reproduce the study's.
+SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 7}
+
+
+def checkpoint_tags(checkpoint: GeneratorCheckpoint, name: str) -> dict:
+    """The result-table columns a checkpoint's own metadata gives: which model it is and how its adaptation went.
+
+    `checkpoint` is `name` (the path it was given as), so two checkpoints of one method and layer stay apart."""
+    from lmadda.study import matched_name
+
+    metadata = checkpoint.metadata
+    method = metadata.get("method", "source")
+    layers = metadata.get("layer", -1)
+    layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+    matched = matched_name(layers) if method != "source" else None
+    if method == "lmadda" and len(layers) > 1:
+        method = "lmadda_multi"  # as the study names multi-layer matching
+    g_updates = metadata.get("g_updates")
+    return dict(checkpoint=name, method="unadapted" if method == "source" else method, layer=max(layers), matched=matched,
+                lr=metadata.get("adapt_config", {}).get("lr"), collapsed=bool(metadata.get("collapsed", False)),
+                d_saturated=metadata.get("d_saturated"), g_updates=None if g_updates is None else int(g_updates))
+
+
+def evaluate_checkpoints(
+    checkpoints: list[tuple[str, GeneratorCheckpoint]],
+    manifest: Manifest,
+    target: str,
+    *,
+    split: str = "test",
+    baselines: list[str] = (),
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Result rows (the study's columns + `checkpoint`) for each (name, checkpoint) on `target`'s `split`,
+    and, for source checkpoints, the test-time `baselines` built as the study builds them with `seed`."""
+    from lmadda.baselines import build_baseline
+    from lmadda.study import TargetDomain, _tag
+
+    domain = TargetDomain.parse(target)
+    rows: list[dict] = []
+    for name, checkpoint in checkpoints:
+        images = load_images(manifest, domain.setting, split, checkpoint.markers, shift=domain.shift,
+                             percentiles=checkpoint.percentiles, seed=seed + SPLIT_SEED_OFFSET[split])
+        tags = checkpoint_tags(checkpoint, name)
+        variants = [(tags.pop("method"), checkpoint.generator, None)]
+        if variants[0][0] == "unadapted" and baselines:
+            source_setting = checkpoint.metadata.get("train_config", {}).get("setting", checkpoint.setting)
+            source_train = load_images(manifest, source_setting, "train", percentiles=checkpoint.percentiles)
+            target_train = load_images(manifest, domain.setting, "train", shift=domain.shift, percentiles=checkpoint.percentiles, seed=seed)
+            variants += [(baseline, *build_baseline(baseline, checkpoint.generator, source_train, target_train, seed=seed))
+                         for baseline in baselines if baseline != "unadapted"]
+        for method, generator, transform in variants:
+            measured = evaluate_generator(generator, images, checkpoint.markers, device=device, input_transform=transform)
+            rows += _tag(measured, domain, method=method, seed=seed, **tags)
+            log(f"evaluated {name} as {method}: {len(measured)} rows")
+    return rows
+
+
+def write_results(rows: list[dict], path: Path, *, overwrite: bool = False) -> Path:
+    """Write result rows as a Parquet table at once and atomically; an existing `path` only with `overwrite`."""
+    from lmadda.study import CRITERION_PREFIX, RESULT_COLUMNS
+
+    path = Path(path)
+    refuse_existing(path, overwrite)
+    columns = ["checkpoint", *RESULT_COLUMNS]
+    columns += sorted({k for row in rows for k in row if k.startswith(CRITERION_PREFIX)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial")
+    pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), temporary)
+    temporary.replace(path)
+    return path
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    if Path(path).exists() and not overwrite:
+        raise LmaddaError(f"results table {path} already exists; pass --overwrite to replace it, or choose another --out")

@@ -134,11 +134,21 @@ def predict_file(
         raise LmaddaError(
             f"{input_path} has {raw.channels} channel(s); the model {checkpoint_path} expects {checkpoint.config.in_channels}"
         )
-    normalised, _ = normalise(raw.pixels, checkpoint.percentiles)
     prediction = predict_tiled(
-        checkpoint.generator, to_model_range(normalised), tile=tile, overlap=overlap, batch_size=batch_size, device=device
+        checkpoint.generator, model_input(raw.pixels, checkpoint), tile=tile, overlap=overlap, batch_size=batch_size, device=device
     )
     return write_prediction(output_path, target_from_model_range(prediction), checkpoint)
+
+
+def model_input(pixels: np.ndarray, checkpoint) -> np.ndarray:
+    """Camera pixels -> the generator's input: the source model's normalisation, then the checkpoint's
+    input correction when the label-free choice was one (histogram matching onto the source domain)."""
+    from lmadda.baselines import input_correction
+
+    normalised, _ = normalise(pixels, checkpoint.percentiles)
+    image = to_model_range(normalised)
+    correction = input_correction(checkpoint.metadata)
+    return image if correction is None else correction(image)
 
 
 def to_camera_units(prediction01: np.ndarray, checkpoint) -> np.ndarray:

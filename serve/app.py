@@ -31,10 +31,9 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from lmadda.checkpoint import GeneratorCheckpoint
-from lmadda.data.dataset import target_from_model_range, to_model_range
-from lmadda.data.normalise import normalise
+from lmadda.data.dataset import target_from_model_range
 from lmadda.errors import LmaddaError
-from lmadda.inference import TilePlan, default_device, to_camera_units
+from lmadda.inference import TilePlan, default_device, model_input, to_camera_units
 from serve.codec import RequestError, check_body_size, check_channels, check_name, decode_request_image, encode_tiff, parse_markers
 from serve.registry import StainModels
 
@@ -113,8 +112,7 @@ class StainService:
 
     async def stain_image(self, checkpoint: GeneratorCheckpoint, pixels: np.ndarray) -> np.ndarray:
         """`lmadda predict`'s arithmetic: normalise, tile, blend, back to the marker's camera units."""
-        normalised, _ = normalise(pixels, checkpoint.percentiles)
-        plan = TilePlan(to_model_range(normalised), checkpoint.config, tile=self.tile, overlap=self.overlap)
+        plan = TilePlan(model_input(pixels, checkpoint), checkpoint.config, tile=self.tile, overlap=self.overlap)
         for origins, tiles in plan.batches(self.tile_batch):
             if self.micro_batch:  # tiles of concurrent requests share a forward
                 plan.add(origins, await self.forward_tiles((checkpoint, tiles)))

@@ -65,7 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--shift")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--baselines", type=_csv, default=[], help="for source checkpoints: adabn,histogram_matching,fda")
-    evaluate.add_argument("--out", type=Path, required=True, help="results table (.parquet)")
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="seeds the shifted images and FDA's choice of source image as the study's seed does (default 0, the study's first)")
+    evaluate.add_argument("--device")
+    evaluate.add_argument("--out", type=Path, required=True, help="results table (.parquet), one row per checkpoint x method x image x marker")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically, once all is evaluated)")
     evaluate.set_defaults(func=run_evaluate)
 
     report = subparsers.add_parser("report", help="turn a results table into a summary and plots (PNG)")
@@ -127,52 +131,28 @@ def run_adapt(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from lmadda.baselines import BASELINES, FourierAmplitudeTransfer, HistogramMatcher, adabn
+    from lmadda.baselines import BASELINES
     from lmadda.checkpoint import load_checkpoint
-    from lmadda.data.dataset import load_images
     from lmadda.data.manifest import Manifest
-    from lmadda.evaluation import evaluate_generator
+    from lmadda.evaluation import evaluate_checkpoints, refuse_existing, write_results
     from lmadda.report import summary_table
-    from lmadda.study import ResultTable, TargetDomain, _tag
 
     unknown = set(args.baselines) - set(BASELINES)
     if unknown:
         raise LmaddaError(f"unknown baseline(s) {sorted(unknown)}; known: {', '.join(BASELINES)}")
     if args.out.suffix != ".parquet":
         raise LmaddaError(f"--out {args.out}: results are a Parquet table; name it *.parquet")
-    domain = TargetDomain.parse(f"{args.setting}+{args.shift}" if args.shift else args.setting)
+    refuse_existing(args.out, args.overwrite)  # before any work, not after it
+    names = [str(path) for path in args.checkpoints]
+    if len(set(names)) < len(names):
+        raise LmaddaError(f"checkpoint(s) {sorted({n for n in names if names.count(n) > 1})} given twice; name each once")
     manifest = Manifest.load(args.manifest)
-    table = ResultTable(args.out)
-    checkpoints = [(path, load_checkpoint(path)) for path in args.checkpoints]
-    for path, checkpoint in checkpoints:
-        images = load_images(manifest, domain.setting, args.split, checkpoint.markers, shift=domain.shift, percentiles=checkpoint.percentiles)
-        method = checkpoint.metadata.get("method", "source")
-        layer = checkpoint.metadata.get("layer", -1)
-        layer = layer if isinstance(layer, int) else max(layer)
-        tags = dict(layer=layer, lr=checkpoint.metadata.get("adapt_config", {}).get("lr"), seed=0,
-                    collapsed=checkpoint.metadata.get("collapsed", False))
-        methods = [("unadapted" if method == "source" else method, None)]
-        if method == "source" and args.baselines:
-            source_setting = checkpoint.metadata.get("train_config", {}).get("setting", checkpoint.setting)
-            source_train = load_images(manifest, source_setting, "train", percentiles=checkpoint.percentiles)
-            target_train = load_images(manifest, domain.setting, "train", shift=domain.shift, percentiles=checkpoint.percentiles)
-            for baseline in args.baselines:
-                if baseline == "adabn":
-                    methods.append(("adabn", ("model", adabn(checkpoint.generator, target_train))))
-                elif baseline == "histogram_matching":
-                    methods.append(("histogram_matching", ("transform", HistogramMatcher(source_train))))
-                elif baseline == "fda":
-                    methods.append(("fda", ("transform", FourierAmplitudeTransfer(source_train))))
-        for name, variant in methods:
-            generator, transform = checkpoint.generator, None
-            if variant and variant[0] == "model":
-                generator = variant[1]
-            elif variant:
-                transform = variant[1]
-            rows = evaluate_generator(generator, images, checkpoint.markers, input_transform=transform)
-            table.add(_tag(rows, domain, method=name, **tags))
-            print(f"evaluated {path.name} as {name}: {len(rows)} rows")
-    print(summary_table(table.rows))
+    checkpoints = [(str(path), load_checkpoint(path)) for path in args.checkpoints]
+    target = f"{args.setting}+{args.shift}" if args.shift else args.setting
+    rows = evaluate_checkpoints(checkpoints, manifest, target, split=args.split, baselines=args.baselines, seed=args.seed, device=args.device)
+    for name, _ in checkpoints:
+        print(f"\n{name}\n" + summary_table([row for row in rows if row["checkpoint"] == name]))
+    write_results(rows, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
