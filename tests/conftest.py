@@ -11,6 +11,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # The real set lives in ../shared beside the project; LMADDA_SEPHACE_DIR points elsewhere.
 SEPHACE_DIR = Path(os.environ.get("LMADDA_SEPHACE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "sephace"))
+COLICOORDS_DIR = Path(os.environ.get("LMADDA_COLICOORDS_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "colicoords"))
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +28,14 @@ def sephace_dir() -> Path:
     if not (SEPHACE_DIR / "tif").is_dir():
         pytest.skip(f"real sephaCe data not found at {SEPHACE_DIR} (expected in ../shared/data/sephace beside the project, or set LMADDA_SEPHACE_DIR)")
     return SEPHACE_DIR
+
+
+@pytest.fixture(scope="session")
+def colicoords_dir() -> Path:
+    if not all((COLICOORDS_DIR / name / "brightfield").is_dir() for name in ("ds1", "ds2", "ds4")):
+        pytest.skip(f"real ColiCoords data not found at {COLICOORDS_DIR} (expected in ../shared/data/colicoords beside the project, "
+                    "or set LMADDA_COLICOORDS_DIR)")
+    return COLICOORDS_DIR
 
 
 @pytest.fixture(scope="session")

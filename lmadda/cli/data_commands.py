@@ -25,6 +25,11 @@ def _fractions(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def _acquisition_fractions(text: str) -> tuple[str, tuple[float, float, float]]:
+    acquisition, fractions = _key_value(text)
+    return acquisition, _fractions(fractions)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="index, inspect and simulate paired microscopy data")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -35,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Build a manifest from a folder of images. Each --pattern is a regular expression matched "
             "against the path relative to DIR, with named groups (?P<field>...) and (?P<channel>...), "
-            "optionally (?P<z>...) focus in micrometres and (?P<split>...). Channels named by --target "
+            "optionally (?P<z>...) focus in micrometres, (?P<split>...) and (?P<acquisition>...) for folders "
+            "of several experiments whose fields share file names (fields become <acquisition>_<field>, input "
+            "settings <setting>_<acquisition>, split fractions apply per acquisition). Channels named by --target "
             "are fluorescence markers; all other channels are input settings."
         ),
         epilog=(
@@ -49,10 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     index.add_argument("--rename", action="append", default=[], type=_key_value, metavar="CHANNEL=SETTING", help="name an input channel's setting")
     index.add_argument("--split", action="append", default=[], type=_key_value, metavar="FIELD=SPLIT", help="put a field in train/val/test")
     index.add_argument("--split-fractions", type=_fractions, default=(0.7, 0.15, 0.15), help="train,val,test fractions for unassigned fields")
+    index.add_argument("--acquisition-fractions", action="append", default=[], type=_acquisition_fractions,
+                       metavar="ACQUISITION=TRAIN,VAL,TEST", help="split fractions of one acquisition (e.g. ds4=0.8,0.2,0)")
     index.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
     index.add_argument("--bit-depth", type=int, default=None, help="camera bit depth when lower than the storage type (e.g. 12)")
     index.add_argument("--pixel-size-um", type=float, default=None)
     index.add_argument("--focus-round", type=float, default=1.0, metavar="UM", help="round defocus names to this step in micrometres")
+    index.add_argument("--in-focus", action="append", default=[], type=_key_value, metavar="CHANNEL=Z",
+                       help="the in-focus plane of CHANNEL's focus stacks: a z in micrometres, or median (default) | min | max")
     index.add_argument("--out", type=Path, required=True, help="manifest file to write (.parquet)")
     index.set_defaults(func=run_index)
 
@@ -77,8 +88,8 @@ def run_index(args: argparse.Namespace) -> int:
         raise LmaddaError(f"--out {args.out}: a manifest is a Parquet file; name it *.parquet")
     spec = IndexSpec(
         patterns=args.pattern, targets=dict(args.target), rename=dict(args.rename), splits=dict(args.split),
-        split_fractions=args.split_fractions, seed=args.seed, bit_depth=args.bit_depth, pixel_size_um=args.pixel_size_um,
-        focus_round_um=args.focus_round,
+        split_fractions=args.split_fractions, acquisition_fractions=dict(args.acquisition_fractions), seed=args.seed,
+        bit_depth=args.bit_depth, pixel_size_um=args.pixel_size_um, focus_round_um=args.focus_round, in_focus=dict(args.in_focus),
     )
     manifest, unmatched = index_folder(args.folder, spec)
     path = manifest.save(args.out)

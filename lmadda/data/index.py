@@ -6,8 +6,13 @@ groups:
     channel  (required) a name for what the file shows; names listed as targets become markers,
              all others are input settings
     z        (optional) focus position in micrometres; files of one (field, channel) form a focus
-             stack whose median z is in focus, others become `<setting>_defocus_m10um` / `_p10um`
+             stack whose in-focus plane is its median z (or, per channel, `in_focus`: a z, or
+             min | max | median); the others become `<setting>_defocus_m10um` / `_p10um`
     split    (optional) train | val | test
+    acquisition (optional) for folders holding several experiments whose fields share file names
+             (`ds1/brightfield/00001.tif`, `ds4/brightfield/00001.tif`): the field becomes
+             `<acquisition>_<field>`, each input setting `<setting>_<acquisition>` (one setting per
+             acquisition; markers stay shared), and split fractions apply per acquisition
 Files that match no pattern are reported, not silently dropped.
 """
 
@@ -33,10 +38,12 @@ class IndexSpec:
     rename: dict[str, str] = field(default_factory=dict)  # channel name -> setting
     splits: dict[str, str] = field(default_factory=dict)  # field -> split
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    acquisition_fractions: dict[str, tuple[float, float, float]] = field(default_factory=dict)  # acquisition -> fractions
     seed: int = 0
     bit_depth: int | None = None
     pixel_size_um: float | None = None
     focus_round_um: float = 1.0  # stage positions are noisy: name defocus to this step
+    in_focus: dict[str, float | str] = field(default_factory=dict)  # channel -> in-focus z, or median | min | max
 
     def compiled(self) -> list[re.Pattern]:
         if not self.patterns:
@@ -70,6 +77,27 @@ def assign_splits(fields: list[str], fractions: tuple[float, float, float], seed
     return dict(zip(ordered, names))
 
 
+FOCUS_RULES = {"median": median, "min": min, "max": max}
+
+
+def _focus_plane(rule: float | str, planes: list[float], channel: str, field_id: str, step: float) -> float:
+    """The in-focus z of one (field, channel) stack: by a rule, or a given z that must be one of its planes."""
+    if isinstance(rule, str):
+        try:
+            return FOCUS_RULES[rule](planes)
+        except KeyError:
+            try:
+                rule = float(rule)
+            except ValueError:
+                raise LmaddaError(f"in-focus plane {rule!r} of channel {channel!r}: give a z in micrometres or one of "
+                                  f"{', '.join(FOCUS_RULES)}") from None
+    if not any(abs(z - rule) <= step / 2 for z in planes):
+        raise LmaddaError(f"in-focus z {rule:g} of channel {channel!r} is no plane of field {field_id!r}'s stack (planes "
+                          f"{', '.join(f'{z:g}' for z in sorted(planes))}; within half the focus rounding, {step:g} um); "
+                          "give one of them, or median | min | max")
+    return rule
+
+
 def _defocus_setting(setting: str, dz: float, step: float) -> str:
     microns = round(round(abs(dz) / step) * step)
     if microns == 0:
@@ -84,6 +112,10 @@ def index_folder(root: str | Path, spec: IndexSpec) -> tuple[Manifest, list[str]
         raise LmaddaError(f"focus rounding {spec.focus_round_um} um must be positive (e.g. 1 or 5)")
     if not root.is_dir():
         raise LmaddaError(f"{root}: not a folder; give the folder that holds the images")
+    if spec.bit_depth is not None and not 1 <= spec.bit_depth <= 32:
+        raise LmaddaError(f"bit depth {spec.bit_depth} must be the camera's bits per pixel, 1 to 32 (e.g. 12 or 14 for data in uint16)")
+    if spec.pixel_size_um is not None and not spec.pixel_size_um > 0:
+        raise LmaddaError(f"pixel size {spec.pixel_size_um} um must be positive (e.g. 0.65)")
     patterns = spec.compiled()
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
     if not files:
@@ -102,18 +134,34 @@ def index_folder(root: str | Path, spec: IndexSpec) -> tuple[Manifest, list[str]
             z_value = float(z) if z is not None else None
         except ValueError as error:
             raise LmaddaError(f"{relative}: focus group z={z!r} is not a number") from error
-        matched.append({"path": relative, "field": groups["field"], "channel": groups["channel"], "z": z_value, "split": groups.get("split")})
+        acquisition = groups.get("acquisition")
+        field_id = groups["field"] if acquisition is None else f"{acquisition}_{groups['field']}"
+        matched.append({"path": relative, "field": field_id, "channel": groups["channel"], "z": z_value, "split": groups.get("split"),
+                        "acquisition": acquisition})
     if not matched:
         raise LmaddaError(f"{root}: none of {len(files)} images matched the patterns {spec.patterns}; first file: {unmatched[0]}")
     unknown_targets = set(spec.targets) - {m["channel"] for m in matched}
     if unknown_targets:
         raise LmaddaError(f"--target names {sorted(unknown_targets)} match no file; channels found: {sorted({m['channel'] for m in matched})}")
 
-    # Focus stacks: the median z of each (field, channel) is the in-focus plane.
+    # Focus stacks: the in-focus plane of each (field, channel) stack, by default its median z.
     stacks: dict[tuple[str, str], list[float]] = {}
     for m in matched:
         if m["z"] is not None:
             stacks.setdefault((m["field"], m["channel"]), []).append(m["z"])
+    stacked = sorted({channel for _, channel in stacks})
+    unknown_focus = set(spec.in_focus) - set(stacked)
+    if unknown_focus:
+        raise LmaddaError(f"in-focus plane given for {sorted(unknown_focus)}, which {'has' if len(unknown_focus) == 1 else 'have'} "
+                          f"no focus stack (a z group); channels with stacks: {', '.join(stacked) or '(none)'}")
+    in_focus = {key: _focus_plane(spec.in_focus.get(key[1], "median"), planes, key[1], key[0], spec.focus_round_um)
+                for key, planes in stacks.items()}
+    acquisitions = {m["field"]: m["acquisition"] for m in matched}
+    unknown_acquisitions = set(spec.acquisition_fractions) - set(acquisitions.values())
+    if unknown_acquisitions:
+        found = sorted(a for a in set(acquisitions.values()) if a is not None)
+        raise LmaddaError(f"split fractions given for acquisition(s) {sorted(unknown_acquisitions)}, which no file has; "
+                          + (f"acquisitions: {', '.join(found)}" if found else "add an (?P<acquisition>...) group to the pattern"))
 
     fields = sorted({m["field"] for m in matched})
     splits = {f: s for f, s in ((m["field"], m["split"]) for m in matched) if s}
@@ -124,8 +172,9 @@ def index_folder(root: str | Path, spec: IndexSpec) -> tuple[Manifest, list[str]
     for f, s in splits.items():
         if s not in SPLITS:
             raise LmaddaError(f"field {f!r}: unknown split {s!r}; allowed: {', '.join(SPLITS)}")
-    unassigned = [f for f in fields if f not in splits]
-    splits.update(assign_splits(unassigned, spec.split_fractions, spec.seed))
+    for acquisition in sorted(set(acquisitions.values()), key=str):  # one group (None) without an acquisition group
+        unassigned = [f for f in fields if f not in splits and acquisitions[f] == acquisition]
+        splits.update(assign_splits(unassigned, spec.acquisition_fractions.get(acquisition, spec.split_fractions), spec.seed))
 
     rows = []
     for m in matched:
@@ -133,9 +182,12 @@ def index_folder(root: str | Path, spec: IndexSpec) -> tuple[Manifest, list[str]
         if channel in spec.targets:
             role, setting, marker = "target", None, check_name("marker", spec.targets[channel])
         else:
-            setting = check_name("setting", spec.rename.get(channel, channel).lower())
+            setting = spec.rename.get(channel, channel).lower()
+            if m["acquisition"] is not None:
+                setting = f"{setting}_{m['acquisition'].lower()}"
+            setting = check_name("setting", setting)
             if m["z"] is not None:
-                setting = _defocus_setting(setting, m["z"] - median(stacks[(m["field"], channel)]), spec.focus_round_um)
+                setting = _defocus_setting(setting, m["z"] - in_focus[(m["field"], channel)], spec.focus_round_um)
             role, marker = "input", None
         rows.append(
             ManifestRow(
