@@ -153,3 +153,37 @@ def test_adapter_state_resumes_step_history_and_weights():
     while not resumed.finished:
         resumed.step()
     assert resumed.step_number == 6 and len(resumed.finish().history) == 3
+
+
+def test_paper_recipe_is_adda_as_published_and_refuses_stabilisers():
+    paper = AdaptConfig(layer=15, recipe="paper")
+    assert (paper.lr, paper.d_lr, paper.gate_accuracy, paper.d_warmup_steps, paper.source_anchor) == (2e-4, None, None, 0, 0.0)
+    assert AdaptConfig(layer=3, recipe="paper", lr=1e-4).lr == 1e-4  # the learning rate is still a sweep axis
+    with pytest.raises(ValueError, match="recipe 'paper' is ADDA as published and fixes gate_accuracy"):
+        AdaptConfig(layer=15, recipe="paper", gate_accuracy=0.6)
+
+
+def test_faithful_adda_moves_the_adapted_generator_at_every_step():
+    source = _source()
+    config = AdaptConfig(layer=source.generator.last_layer, recipe="paper", steps=6, batch_size=2, crop_size=32, log_every=2, device="cpu")
+    result = adapt(source, _images(0.0), _images(1.5, seed=1), config, progress=False)
+    assert result.g_updates == 6  # no gate, no warm-up: never silently the unadapted model
+    changed = [not torch.equal(a, b) for a, b in zip(source.generator.parameters(), result.generator.parameters())]
+    assert any(changed)
+    assert result.checkpoint(source, config, "target").metadata["recipe"] == "paper"
+
+
+def _anchor_drift(anchor: float) -> float:
+    """How far G' moves away from G on source images at the cut after a strong, ungated adaptation."""
+    source = _source()
+    config = _config(layer=2, steps=12, source_anchor=anchor, lr=5e-2)
+    result = adapt(source, _images(0.0), _images(3.0, seed=1), config, progress=False)
+    x = torch.from_numpy(np.stack([image.input for image in _images(0.0, seed=5)]))
+    with torch.no_grad():
+        before = source.generator.forward_to(2, x).tensors()
+        after = result.generator.forward_to(2, x).tensors()
+    return float(np.mean([(after[k] - before[k]).abs().mean().item() for k in before]))
+
+
+def test_source_anchor_keeps_the_adapted_generator_close_to_the_source_on_source_images():
+    assert _anchor_drift(100.0) < 0.5 * _anchor_drift(0.0)

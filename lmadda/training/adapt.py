@@ -19,6 +19,13 @@ Multi-layer matching (`layer: [3, 7]`, optional `layer_weights`) trains layers 0
 activation of each listed layer; the paper reports that one layer beats several, and this makes
 that comparison runnable.
 
+Recipes. `recipe: paper` is ADDA as published (Tzeng 2017) moved to layer l: one Adam setting for G'
+and D, G' updated at every step, nothing else. `recipe: lmadda` (default) adds this project's
+stabilisers, each an option measured in docs/method.md: a slower G' than D (TTUR), a D warm-up, an
+accuracy gate that holds G' still while D cannot tell the domains apart, and a source anchor that
+keeps what G' sends across the cut for *source* images equal to what G sends, a label-free guard
+against the drift that lets G' fool D by erasing the stain.
+
 Cost: the target branch runs only layers 0..l and the source branch runs them under `no_grad`, so a
 step at an early layer is much cheaper than a step at the last.
 """
@@ -40,8 +47,12 @@ from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage, UnpairedCrops
 from lmadda.errors import LmaddaError
 from lmadda.models.discriminators import FeatureDiscriminator
-from lmadda.models.generator import UNetGenerator, init_weights
+from lmadda.models.generator import CutState, UNetGenerator, init_weights
 from lmadda.training.common import Progress, autocast_for, endless, resolve_device, seed_everything
+
+
+# ADDA as published (Tzeng et al. 2017): one Adam setting for both players, G' updated at every step.
+PAPER_RECIPE = {"lr": 2e-4, "d_lr": None, "gate_accuracy": None, "d_warmup_steps": 0, "source_anchor": 0.0}
 
 
 class AdaptConfig(BaseModel):
@@ -49,6 +60,8 @@ class AdaptConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    recipe: Literal["lmadda", "paper"] = Field("lmadda", description="paper: ADDA as published at layer l (no gate, no warm-up, "
+                                                                      "no anchor, G' and D at 2e-4); lmadda: the measured stabilisers")
     layer: list[int] = Field(description="matched layer(s), 0..2*depth-1; the last layer is ADDA")
     layer_weights: list[float] | None = Field(None, description="weights of the matched layers (multi-layer matching)")
     match: Literal["activation", "cut"] = Field("activation", description="match the layer activation only, or every tensor crossing the cut")
@@ -67,6 +80,8 @@ class AdaptConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="one-sided: D's 'source' label is 1 - this")
     gate_accuracy: float | None = Field(0.6, ge=0.5, le=1.0, description="update G' only while D's running accuracy is at least this (0.6 as in pytorch-adapt); None: always")
     d_warmup_steps: int = Field(10, ge=0, description="D-only steps before G' starts to move")
+    source_anchor: float = Field(0.0, ge=0, description="weight of an L1 term keeping G'(x) = G(x) across the cut for source "
+                                                        "images x (0: off); a label-free guard against drift")
     bn_mode: Literal["frozen", "train"] = Field("frozen", description="BatchNorm of the trained layers: keep source statistics, or re-estimate them on target batches")
     log_every: int = Field(10, ge=1)
     collapse_g_loss: float = Field(20.0, gt=0, description="generator loss above this (or non-finite) marks the run collapsed")
@@ -81,6 +96,18 @@ class AdaptConfig(BaseModel):
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, int) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _paper_recipe(cls, values):
+        """`recipe: paper` fixes the stabilisers off; setting one of them as well is a contradiction, not a tweak."""
+        if not isinstance(values, dict) or values.get("recipe") != "paper":
+            return values
+        clash = sorted(k for k in PAPER_RECIPE if k != "lr" and k in values and values[k] != PAPER_RECIPE[k])
+        if clash:
+            raise ValueError(f"recipe 'paper' is ADDA as published and fixes {', '.join(clash)}; "
+                             "remove them, or use recipe 'lmadda' to set them")
+        return {**PAPER_RECIPE, **values}
 
     @model_validator(mode="after")
     def _weights_match_layers(self) -> "AdaptConfig":
@@ -113,7 +140,7 @@ class AdaptResult:
     def checkpoint(self, source: GeneratorCheckpoint, config: AdaptConfig, target_setting: str, **extra) -> GeneratorCheckpoint:
         method = "adda" if config.layer == [self.generator.last_layer] else "lmadda"
         metadata = {
-            "method": method, "layer": config.layer[0] if len(config.layer) == 1 else list(config.layer),
+            "method": method, "recipe": config.recipe, "layer": config.layer[0] if len(config.layer) == 1 else list(config.layer),
             "adapt_config": config.model_dump(mode="json"), "collapsed": self.collapsed,
             "collapse_reason": self.collapse_reason, "d_saturated": self.d_saturated,
             "steps_done": self.steps_done, "g_updates": self.g_updates, "source_setting": source.setting,
@@ -127,8 +154,16 @@ class AdaptResult:
 
 def matched_features(generator: UNetGenerator, x: torch.Tensor, config: AdaptConfig) -> dict[str, torch.Tensor]:
     """The tensors D compares, by name: 'layer<l>' for each matched layer (+ 'skip<i>' with match='cut')."""
+    return features_of(cut_state(generator, x, config), config)
+
+
+def cut_state(generator: UNetGenerator, x: torch.Tensor, config: AdaptConfig) -> CutState:
+    """Layers 0..cut of `generator` on `x`, recording the other matched layers."""
+    return generator.forward_to(config.cut, x, record=tuple(l for l in config.layer if l != config.cut))
+
+
+def features_of(state: CutState, config: AdaptConfig) -> dict[str, torch.Tensor]:
     others = tuple(l for l in config.layer if l != config.cut)
-    state = generator.forward_to(config.cut, x, record=others)
     features = {f"layer{config.cut}": state.activation}
     features.update({f"layer{l}": state.recorded[l] for l in others})
     if config.match == "cut":
@@ -148,8 +183,19 @@ class MatchedFeatures(nn.Module):
         self.generator = generator
         self.config = config
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return matched_features(self.generator, x, self.config)
+    def forward(self, x: torch.Tensor, anchor: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The matched features of `x`, and every tensor crossing the cut for the source batch `anchor`.
+
+        Both batches go through one forward (DDP allows one forward per backward). G' runs in eval
+        mode, so joining them changes nothing, except that with bn_mode 'train' the anchor's source
+        images join the BatchNorm batch.
+        """
+        if anchor is None:
+            return matched_features(self.generator, x, self.config), {}
+        batch = x.shape[0]
+        state = cut_state(self.generator, torch.cat([x, anchor]), self.config)
+        features = features_of(state, self.config)
+        return {n: t[:batch] for n, t in features.items()}, {n: t[batch:] for n, t in state.tensors().items()}
 
 
 class FeatureDiscriminators(nn.ModuleDict):
@@ -275,9 +321,11 @@ class Adapter:
         step = self.step_number
         x_source = next(self.source_batches).to(device)
         x_target = next(self.target_batches).to(device)
+        anchored = config.source_anchor > 0
         with torch.no_grad():
-            source_features = matched_features(self.source_generator, x_source, config)
-        target_features = self.target_features(x_target)
+            source_state = cut_state(self.source_generator, x_source, config)
+            source_features = features_of(source_state, config)
+        target_features, anchor_tensors = self.target_features(x_target, x_source if anchored else None)
 
         # 1. Discriminator: source features are real, adapted target features are fake.
         #    (one forward over both batches: a DDP-wrapped D allows one forward per backward)
@@ -302,6 +350,10 @@ class Adapter:
         for name, weight in self.weights.items():
             loss_g = loss_g + weight * bce(logits[name], torch.ones_like(logits[name]))
         g_value, d_value = loss_g.item(), loss_d.item()
+        if anchored:  # G' must still do to source images what G does: fooling D by erasing content costs here
+            reference = source_state.tensors()
+            anchor_loss = torch.stack([(anchor_tensors[n] - reference[n]).abs().mean() for n in reference]).mean()
+            loss_g = loss_g + config.source_anchor * anchor_loss
         non_finite = float(not (math.isfinite(g_value) and math.isfinite(d_value)))
         over_bound = float(g_value > config.collapse_g_loss)
         if self.reduce is not None:  # every worker decides (and logs) on the same numbers
