@@ -20,8 +20,9 @@ from lmadda.data.dataset import target_from_model_range, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
 from lmadda.inference import predict_tiled
-from lmadda.report import sample_panel, summary_table, write_report
+from lmadda.report import choice_lines, sample_panel, summary_table, write_report
 from lmadda.study import TargetDomain, run_study
+from lmadda.study_config import SelectionSpec
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 
@@ -71,9 +72,14 @@ def run_demo(config: DemoConfig, log=print) -> Path:
     domains = [TargetDomain.parse(t) for t in config.targets]
     adapt_config = AdaptConfig(layer=[config.layers[0]], steps=config.adapt_steps, lr=config.adapt_lr, seed=config.seed)
     rows = run_study(source, manifest, domains, config.layers, adapt_config, source_setting="phase_contrast", out=out,
+                     paper_layers=[source.generator.last_layer], selector_options=SelectionSpec().options(),
                      oracle=source_config if config.oracle else None, save_models=True, log=log)
     log("")
     log(summary_table(rows))
+    log("")
+    log("Which model to use, chosen without target labels (lmadda.selector; Pearson on the test fields):")
+    for line in choice_lines(rows):
+        log(f"  {line}")
     for path in write_report(rows, out / "report"):
         log(f"[demo] wrote {path}")
     for domain in domains:

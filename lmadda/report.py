@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-METHOD_ORDER = ["unadapted", "adabn", "histogram_matching", "fda", "lmadda", "adda", "oracle"]
+METHOD_ORDER = ["unadapted", "adabn", "histogram_matching", "fda", "lmadda", "adda", "lmadda_paper", "adda_paper", "label_free", "oracle"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -31,7 +31,27 @@ def aggregate(rows: list[dict], metric: str = "pearson") -> dict[tuple, tuple[fl
 
 
 def _method_label(method: str, layer: int) -> str:
-    return f"{method} L{layer}" if layer >= 0 and method in ("lmadda", "adda") else method
+    if method == "label_free":
+        return "label-free choice"
+    return f"{method} L{layer}" if layer >= 0 and method in ("lmadda", "adda", "lmadda_paper", "adda_paper") else method
+
+
+def choice_lines(rows: list[dict]) -> list[str]:
+    """Per target: the label-free choice beside the unadapted model and the best cheap baseline (test Pearson)."""
+    lines = []
+    for target in sorted({r["target"] for r in rows if r["method"] == "label_free"}):
+        def mean(method: str, **match) -> float:
+            values = [r["pearson"] for r in rows if r["target"] == target and r["method"] == method
+                      and all(r.get(k) == v for k, v in match.items())]
+            return _mean_std(values)[0]
+
+        chosen = sorted({(r["seed"], r["chosen"], bool(r["fell_back"])) for r in rows if r["target"] == target and r["method"] == "label_free"})
+        baselines = {m: mean(m) for m in ("adabn", "histogram_matching", "fda") if math.isfinite(mean(m))}
+        best = max(baselines, key=baselines.get) if baselines else None
+        picks = ", ".join(f"{name}{' (fell back)' if fell_back else ''}" for _, name, fell_back in chosen)
+        lines.append(f"{target}: label-free choice {mean('label_free'):.3f} [{picks}] | unadapted {mean('unadapted'):.3f}"
+                     + (f" | best cheap baseline {best} {baselines[best]:.3f}" if best else ""))
+    return lines
 
 
 def summary_table(rows: list[dict], metric: str = "pearson") -> str:

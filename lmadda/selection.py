@@ -40,12 +40,7 @@ from lmadda.data.dataset import LoadedImage, target_from_model_range
 from lmadda.inference import predict_tiled
 from lmadda.models.generator import UNetGenerator
 
-CRITERIA = ("output_w1", "probe_shift", "flip_inconsistency")  # all: lower is better
-# What `lmadda sweep promote` uses when the trials have no target labels: the per-trial criterion
-# with the lowest selection regret in docs/study.md, averaged over its experiments (simulated and the
-# real sephaCe defocus). probe_shift chose best on simulated data but no better than chance on the
-# real data; flip_inconsistency beat random choice on both. The document says if this goes stale.
-DEFAULT_CRITERION = "flip_inconsistency"
+CRITERIA = ("output_w1", "probe_shift", "flip_inconsistency")  # all: lower is better; the choice itself is lmadda.selector's
 
 
 def _crops(images: list[LoadedImage], size: int, count: int, seed: int) -> np.ndarray:

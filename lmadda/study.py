@@ -11,6 +11,7 @@ to a Parquet table after every model, atomically, so an interrupted study keeps 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmadda.baselines import FourierAmplitudeTransfer, HistogramMatcher, adabn
+from lmadda.baselines import build_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
 from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
@@ -28,13 +29,19 @@ from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.models.generator import UNetGenerator
+from lmadda.selector import Candidate, Choice, Observation, Selector
 from lmadda.training.adapt import AdaptConfig, adapt
 from lmadda.training.source import SourceTrainConfig, train_source
 
 RESULT_COLUMNS = [
     "target", "setting", "shift", "magnitude", "method", "layer", "matched", "lr", "seed", "marker", "field",
-    "pearson", "ssim", "psnr", "nrmse", "collapsed", "d_saturated", "g_updates", "seconds",
+    "pearson", "ssim", "psnr", "nrmse", "collapsed", "d_saturated", "g_updates", "seconds", "chosen", "fell_back",
 ]
+LABEL_FREE = "label_free"  # the selector's choice among the candidates of one (target, seed), as its own rows
+# Methods the selector may choose: what a checkpoint can carry. FDA needs source images at run time,
+# so it is reported as a baseline but is no candidate; multi-layer sets are a comparison, not a product.
+CANDIDATE_FAMILIES = {"unadapted": "unadapted", "adabn": "adabn", "histogram_matching": "histogram_matching",
+                      "lmadda": "lmadda", "adda": "lmadda", "lmadda_paper": "paper", "adda_paper": "paper"}
 CRITERION_PREFIX = "lf_"  # label-free criterion columns (lmadda.selection), kept as they come
 
 
@@ -114,10 +121,38 @@ class ResultTable:
             pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in self.rows]), temporary)
             temporary.replace(self.path)
 
+    def has_choice(self, target: str, seed: int) -> bool:
+        """Whether the label-free choice of (target, seed) is in the table (its layer is the chosen model's)."""
+        return any(r["target"] == target and r["method"] == LABEL_FREE and r["seed"] == seed for r in self.rows)
+
     def has(self, target: str, method: str, layer: int, lr: float | None, seed: int, matched: str | None = None) -> bool:
         return any(r["target"] == target and r["method"] == method and r["layer"] == layer
                    and (lr is None or r["lr"] == lr) and r["seed"] == seed
                    and (matched is None or r.get("matched") == matched) for r in self.rows)
+
+
+PAPER_FIXED = ("lr", "d_lr", "gate_accuracy", "d_warmup_steps", "source_anchor", "recipe")
+
+
+def candidate_name(method: str, matched: str, lr: float | None) -> str:
+    """How a model is named among the label-free candidates: 'lmadda:3@2e-05', 'adda_paper:15@0.0002'."""
+    return f"{method}:{matched}@{lr:g}"
+
+
+def label_free_rows(rows: list[dict], target: str, seed: int, selection: Path, selector: Selector) -> tuple[list[dict], Choice]:
+    """The selector's choice among the observed candidates of (target, seed), as copies of the chosen model's rows."""
+    observations = {path.stem: Observation.load(path) for path in sorted(selection.glob("*.npz"))}
+    choice = selector.choose(observations)
+    chosen = []
+    for row in rows:
+        if row["target"] != target or row["seed"] != seed or row["method"] not in CANDIDATE_FAMILIES:
+            continue
+        name = row["method"] if row["layer"] == -1 else candidate_name(row["method"], row.get("matched") or str(row["layer"]), row["lr"])
+        if name == choice.chosen:
+            chosen.append({k: v for k, v in row.items() if k not in ("target", "setting", "shift", "magnitude", "method", "seed")
+                           and not k.startswith(CRITERION_PREFIX)})
+    (selection / "choice.json").write_text(json.dumps(choice.as_dict(), indent=1))
+    return chosen, choice
 
 
 def _tag(rows: list[dict], domain: TargetDomain, target: str | None = None, **tags) -> list[dict]:
@@ -140,6 +175,9 @@ def run_study(
     out: Path | None = None,
     baselines: tuple[str, ...] = ("adabn", "histogram_matching", "fda"),
     layer_sets: list[list[int]] = (),
+    paper_layers: list[int] = (),
+    selector_options: dict | None = None,
+    choose: bool = True,
     oracle: SourceTrainConfig | None = None,
     save_models: bool = False,
     on_model: ModelCallback | None = None,
@@ -150,6 +188,12 @@ def run_study(
     """Run every (domain, method, layer); returns all rows (also written to `out`/results.parquet).
 
     `layer_sets` adds multi-layer matching (method `lmadda_multi`, one discriminator per layer).
+    `paper_layers` adapts those layers with the published recipe too (`adda_paper`, `lmadda_paper`).
+    `selector_options` (Selector keywords) turns on the label-free choice: every candidate (unadapted,
+    AdaBN, histogram matching, each adapted model) is observed on fixed unlabelled target crops, kept
+    on disk in `out`/selection, and once a domain's candidates exist the choice lands as rows of
+    method `label_free`, the chosen candidate's test rows with `chosen` and `fell_back` set (`choose`
+    False defers it, for a caller that adds more candidates of the same seed in a later call).
     `on_model(domain, tags, generator)` sees every adapted generator and returns extra columns for
     its rows (the label-free criteria); `on_rows(rows)` gets the rows of each model as they land.
     """
@@ -177,23 +221,44 @@ def run_study(
             mean = np.nanmean([r["pearson"] for r in rows])
             log(f"[study] {domain.name:34s} {method:18s} layer {tags.get('matched', layer)!s:>8s} lr {tags.get('lr') or '-'!s:7s} Pearson {mean:.3f}")
 
-        if not table.has(domain.name, "unadapted", -1, None, seed):
-            record("unadapted", evaluate_generator(source.generator, target_test, markers))
-        if "adabn" in baselines and not table.has(domain.name, "adabn", -1, None, seed):
-            record("adabn", evaluate_generator(adabn(source.generator, target_train), target_test, markers))
-        if "histogram_matching" in baselines and not table.has(domain.name, "histogram_matching", -1, None, seed):
-            record("histogram_matching", evaluate_generator(source.generator, target_test, markers, input_transform=HistogramMatcher(source_train)))
-        if "fda" in baselines and not table.has(domain.name, "fda", -1, None, seed):
-            record("fda", evaluate_generator(source.generator, target_test, markers, input_transform=FourierAmplitudeTransfer(source_train, seed=seed)))
+        selection = out / "selection" / domain.name.replace(":", "_") / f"seed{seed}" if selector_options is not None and out else None
+        selector: Selector | None = None
 
-        matchings = [("adda" if layer == source.generator.last_layer else "lmadda", [layer]) for layer in layers]
-        matchings += [("lmadda_multi", sorted(layer_set)) for layer_set in layer_sets]
-        for method, matched_layers in matchings:
-            layer, matched = max(matched_layers), matched_name(matched_layers)
-            if table.has(domain.name, method, layer, adapt_config.lr, seed, matched):
+        def observe(name: str, method: str, generator: UNetGenerator, transform=None) -> None:
+            """Keep what the label-free choice needs of a candidate, once."""
+            nonlocal selector
+            path = selection / f"{name}.npz" if selection is not None and method in CANDIDATE_FAMILIES else None
+            if path is None or path.exists():
+                return
+            if selector is None:
+                selector = Selector(source.generator, source_train, target_train, seed=seed, **selector_options)
+            selector.observe(Candidate(name, generator, transform, family=CANDIDATE_FAMILIES[method])).save(path)
+
+        for name in ("unadapted", *baselines):
+            done = table.has(domain.name, name, -1, None, seed)
+            if done and (selection is None or name not in CANDIDATE_FAMILIES or (selection / f"{name}.npz").exists()):
                 continue
-            config = adapt_config.model_copy(update={"layer": matched_layers})
+            generator, transform = build_baseline(name, source.generator, source_train, target_train, seed=seed)
+            if not done:
+                record(name, evaluate_generator(generator, target_test, markers, input_transform=transform))
+            observe(name, name, generator, transform)
+
+        last = source.generator.last_layer
+        matchings = [("adda" if layer == last else "lmadda", [layer], adapt_config) for layer in layers]
+        paper = AdaptConfig.model_validate({**adapt_config.model_dump(exclude=set(PAPER_FIXED)), "recipe": "paper"})
+        matchings += [("adda_paper" if layer == last else "lmadda_paper", [layer], paper) for layer in paper_layers]
+        matchings += [("lmadda_multi", sorted(layer_set), adapt_config) for layer_set in layer_sets]
+        for method, matched_layers, base_config in matchings:
+            layer, matched = max(matched_layers), matched_name(matched_layers)
+            candidate = candidate_name(method, matched, base_config.lr)
+            done = table.has(domain.name, method, layer, base_config.lr, seed, matched)
+            if done and (selection is None or method not in CANDIDATE_FAMILIES or (selection / f"{candidate}.npz").exists()):
+                continue
+            config = base_config.model_copy(update={"layer": matched_layers})
             result = adapt(source, source_train, target_train, config, progress=progress)
+            observe(candidate, method, result.generator)
+            if done:  # measured in an earlier run that predates the label-free choice: observed now, not re-logged
+                continue
             tags = dict(layer=layer, matched=matched, lr=config.lr, collapsed=result.collapsed,
                         d_saturated=result.d_saturated, g_updates=result.g_updates, seconds=result.seconds)
             rows = evaluate_generator(result.generator, target_test, markers)
@@ -203,7 +268,16 @@ def run_study(
             record(method, rows, **tags)
             if save_models and out is not None and len(matched_layers) == 1:
                 checkpoint = result.checkpoint(source, config, domain.name, target=domain.name)
-                save_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{layer:02d}.pt", checkpoint)
+                recipe = "_paper" if config.recipe == "paper" else ""
+                save_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{layer:02d}{recipe}.pt", checkpoint)
+
+        if choose and selection is not None and not table.has_choice(domain.name, seed):
+            selector = selector or Selector(source.generator, source_train, target_train, seed=seed, **selector_options)
+            rows, choice = label_free_rows(table.rows, domain.name, seed, selection, selector)
+            if rows:
+                record(LABEL_FREE, rows, layer=rows[0]["layer"], matched=choice.chosen, lr=rows[0].get("lr"),
+                       chosen=choice.chosen, fell_back=choice.fell_back)
+                log(f"[study] {domain.name:34s} label-free choice: {choice.chosen} ({choice.reason})")
 
         if oracle is not None and not table.has(domain.name, "oracle", -1, None, seed):
             start = time.perf_counter()

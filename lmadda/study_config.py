@@ -1,6 +1,7 @@
 """The study config: which experiments `lmadda study` runs and where the document goes.
 
-    out: study-out                        # results, models, MLflow store (not committed)
+    title: The study                      # the document's title (its provenance names this config file)
+    out: study-out                        # results, models, MLflow store (not committed); failures.json per experiment
     document: docs/study.md               # regenerated from the MLflow results
     figures: docs/study                   # small PNGs beside it (committed)
     experiments:
@@ -13,17 +14,26 @@
         oracle: {epochs: 2}              # fine-tuned from the source model on target pairs; omit for none
 
 Relative paths are taken from the directory `lmadda study` runs in (the repository root).
+The whole config is checked when it loads, before any work: source.train, adapt and oracle as the
+configs they become, crop sizes against the generator's 2**depth, and (simulated data) every crop
+against the fields it is cut from after validation_rows and any scale shift; real images are checked
+once indexed, before the source model trains.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmadda.baselines import BASELINES
+from lmadda.selector import DEFAULT_SCORE, SCORES
+from lmadda.config import describe_validation_error
 from lmadda.data.shifts import Shift
+from lmadda.training.adapt import AdaptConfig
+from lmadda.training.source import SourceTrainConfig
 
 
 class _Strict(BaseModel):
@@ -43,8 +53,28 @@ class IndexFolderSpec(_Strict):
     patterns: list[str] = Field(min_length=1)
     targets: dict[str, str] = Field(default_factory=dict)
     rename: dict[str, str] = Field(default_factory=dict)
-    splits: dict[str, str] = Field(default_factory=dict)
+    splits: dict[str, str] = Field(default_factory=dict, description="field -> train | val | test (with an acquisition "
+                                                                     "group the field is <acquisition>_<field>)")
+    split_fractions: tuple[float, float, float] = Field((0.7, 0.15, 0.15), description="train, val, test fractions of the "
+                                                                                        "fields `splits` leaves out (per acquisition)")
+    acquisition_fractions: dict[str, tuple[float, float, float]] = Field(
+        default_factory=dict, description="split fractions of one acquisition, e.g. {ds4: [0.8, 0.2, 0]}")
+    seed: int = Field(0, description="seed of the split assignment")
+    bit_depth: int | None = Field(None, ge=1, le=32, description="bits the camera used when fewer than the storage type "
+                                                                 "(14-bit data in uint16): sets where overexposure saturates")
+    pixel_size_um: float | None = Field(None, gt=0)
     focus_round_um: float = Field(1.0, gt=0)
+    in_focus: dict[str, float | Literal["median", "min", "max"]] = Field(
+        default_factory=dict, description="channel -> the in-focus plane of its focus stacks: a z, or median | min | max "
+                                          "(default median)")
+
+    def index_spec(self):
+        from lmadda.data.index import IndexSpec
+
+        return IndexSpec(patterns=self.patterns, targets=self.targets, rename=self.rename, splits=self.splits,
+                         split_fractions=self.split_fractions, acquisition_fractions=self.acquisition_fractions, seed=self.seed,
+                         bit_depth=self.bit_depth, pixel_size_um=self.pixel_size_um, focus_round_um=self.focus_round_um,
+                         in_focus=self.in_focus)
 
 
 class DataSpec(_Strict):
@@ -72,6 +102,8 @@ class Grid(_Strict):
     layer_sets: list[list[int]] = Field(default_factory=list, description="multi-layer matching: each set trained as one model")
     lrs: list[float] = Field(default_factory=lambda: [2e-5], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    paper_layers: list[int] | Literal["last"] = Field("last", description="layers also adapted with the published recipe "
+                                                                            "(recipe: paper); 'last' is ADDA as published")
 
     @field_validator("targets")
     @classmethod
@@ -99,10 +131,14 @@ class Grid(_Strict):
 
     def layer_list(self, num_layers: int) -> list[int]:
         layers = list(range(num_layers)) if self.layers == "all" else self.layers
-        bad = [layer for layer in layers + [l for s in self.layer_sets for l in s] if not 0 <= layer < num_layers]
+        bad = [layer for layer in layers + [l for s in self.layer_sets for l in s] + self.paper_layer_list(num_layers)
+               if not 0 <= layer < num_layers]
         if bad:
             raise ValueError(f"layers {bad} do not exist: the generator has layers 0..{num_layers - 1}")
         return layers
+
+    def paper_layer_list(self, num_layers: int) -> list[int]:
+        return [num_layers - 1] if self.paper_layers == "last" else list(self.paper_layers)
 
 
 class CriteriaSpec(_Strict):
@@ -110,6 +146,20 @@ class CriteriaSpec(_Strict):
     crop_size: int = Field(256, ge=16)
     profile_fraction: float = Field(0.5, gt=0, le=1, description="zero-training predictor: first layer reaching this fraction "
                                                                   "of the discrepancy profile's maximum")
+
+
+class SelectionSpec(_Strict):
+    """The label-free choice among every candidate of a target (lmadda.selector.Selector)."""
+
+    score: Literal[SCORES] = Field(DEFAULT_SCORE, description="what the selector ranks candidates by")
+    crops: int = Field(16, ge=4, description="fixed unlabelled target crops the candidates are scored on")
+    crop_size: int = Field(128, ge=16)
+    min_win_fraction: float = Field(0.75, gt=0.5, le=1.0, description="the chosen model must beat the unadapted one on this "
+                                                                       "fraction of the crops, or the choice falls back to it")
+    min_gain: float = Field(0.05, ge=0, description="and improve its mean score by this fraction")
+
+    def options(self) -> dict:
+        return self.model_dump()
 
 
 class ExperimentSpec(_Strict):
@@ -124,6 +174,123 @@ class ExperimentSpec(_Strict):
     oracle: dict | None = Field(None, description="SourceTrainConfig options of the oracle, fine-tuned from the source model "
                                                   "on target pairs (the first seed only); omit for none")
     criteria: CriteriaSpec = CriteriaSpec()
+    selection: SelectionSpec = SelectionSpec()
+
+    @model_validator(mode="after")
+    def _typed_options(self) -> "ExperimentSpec":
+        """source.train, adapt and oracle are checked as the configs they become, before any work is done."""
+        self.source_train_config()
+        self.adapt_config()
+        self.oracle_config()
+        num_layers = self.source_train_config().generator_config().num_layers
+        for grid in self.grids:
+            try:
+                grid.layer_list(num_layers)
+            except ValueError as error:
+                raise ValueError(f"experiment {self.name}: {error} (depth {num_layers // 2}); list layers of that range "
+                                 "or set source.train.depth") from None
+        if self.data.simulate is not None:
+            size = self.data.simulate.size
+            self.check_field_size(size, size)
+        else:
+            self.check_crop_multiples()
+        return self
+
+    def _typed(self, model: type[BaseModel], where: str, options: dict):
+        try:
+            return model.model_validate(options)
+        except ValidationError as error:
+            raise ValueError(describe_validation_error(error, model, f"experiment {self.name}: {where}")) from None
+
+    def source_train_config(self, manifest: Path = Path("manifest.parquet")) -> SourceTrainConfig:
+        taken = {"manifest", "setting", "markers"} & set(self.source.train)
+        if taken:
+            raise ValueError(f"experiment {self.name}: source.train.{sorted(taken)[0]} comes from the experiment "
+                             "(data and source.setting/markers); remove it from source.train")
+        options = {**self.source.train, "manifest": manifest, "setting": self.source.setting, "markers": self.source.markers}
+        return self._typed(SourceTrainConfig, "source.train", options)
+
+    def adapt_config(self) -> AdaptConfig:
+        return self._typed(AdaptConfig, "adapt", {**self.adapt, "layer": [0]})
+
+    def oracle_config(self) -> SourceTrainConfig | None:
+        if self.oracle is None:
+            return None
+        fixed = {"manifest", "setting", "markers", "shift", "init_from", "ngf", "depth"} & set(self.oracle)
+        if fixed:
+            raise ValueError(f"experiment {self.name}: oracle.{sorted(fixed)[0]} is fixed: the oracle is the source model "
+                             "fine-tuned on each target's pairs; remove it from oracle (set ngf/depth in source.train)")
+        source = self.source_train_config()
+        return self._typed(SourceTrainConfig, "oracle", {**source.model_dump(), **self.oracle})
+
+    @property
+    def multiple(self) -> int:
+        """Crops must be multiples of this: 2**depth of the source generator."""
+        return self.source_train_config().generator_config().multiple
+
+    def _crops(self) -> dict[str, tuple[int, int]]:
+        """option -> (crop size, the smallest it may be)."""
+        m = self.multiple
+        crops = {"source.train.crop_size": (self.source_train_config().crop_size, m),
+                 "adapt.crop_size": (self.adapt_config().crop_size, m),
+                 "criteria.crop_size": (self.criteria.crop_size, m * math.ceil(16 / m))}
+        if self.oracle is not None:
+            crops["oracle.crop_size"] = (self.oracle_config().crop_size, m)
+        return crops
+
+    def check_crop_multiples(self) -> None:
+        m = self.multiple
+        for option, (crop, lowest) in self._crops().items():
+            if crop % m:
+                suggestion = max(lowest, crop // m * m)
+                raise ValueError(f"experiment {self.name}: {option} {crop} is not a multiple of {m} (2**depth of the source "
+                                 f"generator, depth {int(math.log2(m))}); use {option} {suggestion}")
+
+    def _scales(self) -> dict[str, float]:
+        """Target -> how much it scales images (a scale shift below 1 shrinks the fields)."""
+        scales = {}
+        for grid in self.grids:
+            for target in grid.targets:
+                _, _, shift = target.partition("+")
+                parsed = Shift.parse(shift) if shift else None
+                scales[target] = parsed.magnitude if parsed is not None and parsed.name == "scale" else 1.0
+        return scales
+
+    def check_field_size(self, height: int, width: int, data: str | None = None) -> None:
+        """Every crop fits every image it is cut from: the training rows and width (and the validation rows, with
+        data.validation_rows) of the source and of each target, after any scale shift. `data` names real images."""
+        self.check_crop_multiples()
+        m, fraction = self.multiple, self.data.validation_rows
+        val_rows = int(round(height * fraction))
+        crops = self._crops()
+        areas = [("train", height - val_rows, "training rows" if fraction else "height"), ("width", width, "width")]
+        if fraction:
+            areas.append(("val", val_rows, "validation rows"))
+        fits: dict[str, list[tuple[int, str, str, float]]] = {option: [] for option in crops}  # (pixels, area, whose, scale)
+        for option in crops:
+            for target, scale in {"": 1.0, **self._scales()}.items():
+                if option == "adapt.crop_size" and not target or option == "source.train.crop_size" and target:
+                    continue
+                for area, extent, what in areas:
+                    if area == "val" and option in ("adapt.crop_size", "criteria.crop_size"):
+                        continue  # adaptation and the criteria crop training fields only
+                    fits[option].append((int(round(extent * scale)), area,
+                                         f"{what} of {'target ' + target if target else 'the source'}", scale))
+        for option, (crop, lowest) in crops.items():
+            px, _, what, scale = min(fits[option])
+            if px >= crop:
+                continue
+            fix = [f"use {option} {px // m * m}"] if px // m * m >= lowest else []
+            if self.data.simulate is not None:  # a size at which every crop fits, not only this one
+                size = max(_smallest_size(crops[o][0], area, s, fraction) for o in crops for _, area, _, s in fits[o])
+                fix.append(f"use fields of at least {size} px (data.simulate.size: {size})")
+            else:
+                fix.append("leave that target out" if scale < 1 else "larger images")
+            given = f"data.simulate.size {height}" if data is None else f"{data}: {height} x {width} px"
+            shrink = f", shrunk by its scale:{scale:g} shift" if scale < 1 else ""
+            rows = f", data.validation_rows {fraction:g}" if fraction and "rows" in what else ""
+            raise ValueError(f"experiment {self.name}: the {what} {'are' if 'rows' in what else 'is'} {px} px "
+                             f"({given}{rows}{shrink}), fewer than {option} {crop}; {' or '.join(fix)}")
 
     @field_validator("baselines")
     @classmethod
@@ -142,7 +309,20 @@ class ExperimentSpec(_Strict):
         return adapt
 
 
+def _smallest_size(crop: int, area: str, scale: float, validation_rows: float) -> int:
+    """The smallest square field (a multiple of 8; data.simulate allows 64 px up) whose `area` holds `crop` after scaling by `scale`."""
+    def extent(size: int) -> int:
+        val_rows = int(round(size * validation_rows))
+        return {"train": size - val_rows, "width": size, "val": val_rows}[area]
+
+    size = max(64, math.ceil(crop / scale / 8) * 8)
+    while int(round(extent(size) * scale)) < crop:
+        size += 8
+    return size
+
+
 class StudyConfig(_Strict):
+    title: str = Field("The study: LM-ADDA on simulated and real data", description="the document's title")
     out: Path = Path("study-out")
     document: Path = Path("docs/study.md")
     figures: Path = Path("docs/study")

@@ -1,4 +1,4 @@
-"""docs/study.md and its figures, written from the study's MLflow runs (`lmadda study`).
+"""The study document (its config's `document`, e.g. docs/study.md) and its figures, written from the study's MLflow runs (`lmadda study`).
 
 Every number in the document is computed here from the tracking store; the statements under
 "What held up" are computed too (a claim holds when its gain exceeds the seeds' spread), so the
@@ -19,9 +19,11 @@ import numpy as np
 from lmadda import __version__
 from lmadda.report import label_axis, save_grid
 from lmadda.selection import CRITERIA as PER_TRIAL_CRITERIA
-from lmadda.selection import DEFAULT_CRITERION, criterion_agreement, spearman
+from lmadda.selection import criterion_agreement, spearman
 from lmadda.study_config import ExperimentSpec, StudyConfig
+from lmadda.study_failures import failed_targets_section
 from lmadda.study_runner import experiment_name
+from lmadda.study_summary import choice_table, summary_records, verdict, write_summary
 from lmadda.study_tracking import read_study
 from lmadda.training.adapt import AdaptConfig
 
@@ -540,40 +542,6 @@ def findings(results: Results, scores: dict[str, dict], reference: dict[str, flo
     return lines
 
 
-def default_criterion_section(regrets: dict[str, dict[str, float]]) -> list[str]:
-    """Which per-trial criterion `lmadda sweep promote` should use without labels, across the study's
-    experiments. `regrets` maps experiment -> {criterion or reference choice: regret}. Each experiment
-    counts once, however many targets it has: the real data set is small, but it is the one that looks
-    like a lab's microscope. Only per-trial criteria qualify (a sweep trial cannot see the other
-    trials' predictions, so the seed and layer disagreements are for the study only)."""
-    experiments = [name for name, values in regrets.items() if values]
-    if not experiments:
-        return []
-    names = [f"lf_{c}" for c in PER_TRIAL_CRITERIA] + ["always ADDA", "random configuration (expected)"]
-    lines = ["| choice | " + " | ".join(experiments) + " | mean |", "|---" * (len(experiments) + 2) + "|"]
-    means = {}
-    for name in names:
-        values = [regrets[e].get(name, float("nan")) for e in experiments]
-        means[name] = float(np.mean(values)) if all(math.isfinite(v) for v in values) else float("nan")
-        label = f"`{name[3:]}`" if name.startswith("lf_") else name
-        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {means[name]:.3f} |")
-    eligible = {c: means[f"lf_{c}"] for c in PER_TRIAL_CRITERIA if math.isfinite(means[f"lf_{c}"])}
-    lines.append("")
-    if not eligible:
-        return lines + ["No per-trial criterion has a regret on every experiment yet."]
-    best = min(eligible, key=eligible.get)
-    verdict = ("matches" if best == DEFAULT_CRITERION else
-               f"does NOT match: change `DEFAULT_CRITERION` in lmadda/selection.py to `{best}`")
-    lines.append(f"Lowest mean regret among per-trial criteria: `{best}` ({eligible[best]:.3f}). "
-                 f"`lmadda.selection.DEFAULT_CRITERION` is `{DEFAULT_CRITERION}`, which {verdict}.")
-    adda = means["always ADDA"]
-    if math.isfinite(adda) and adda <= eligible[best]:
-        lines.append(f"No criterion beats simply taking ADDA ({adda:.3f}) on this evidence (where ADDA's G' never moved, "
-                     "that is keeping the unadapted model). Promote still ranks by the criterion: a sweep that wants ADDA "
-                     "sweeps only the last layer.")
-    return lines
-
-
 # ------------------------------------------------------------------------------------------ document
 
 
@@ -595,21 +563,25 @@ def shrink_png(path: Path, colours: int = 64) -> Path:
     return path
 
 
-def _relative(path: Path, document: Path) -> str:
-    """The figure's path as the document links it (every linked figure is shrunk first)."""
-    shrink_png(path)
+def _relative_path(path: Path, document: Path) -> str:
     try:
         return str(path.relative_to(document.parent))
     except ValueError:
         return str(path)
 
 
-def experiment_section(spec: ExperimentSpec, config: StudyConfig) -> tuple[list[str], dict[str, float]]:
+def _relative(path: Path, document: Path) -> str:
+    """The figure's path as the document links it (every linked figure is shrunk first)."""
+    shrink_png(path)
+    return _relative_path(path, document)
+
+
+def experiment_section(spec: ExperimentSpec, config: StudyConfig, config_path: Path | str = "...") -> tuple[list[str], dict[str, float]]:
     """The document's section for one experiment, and the regret of each label-free choice there."""
     models, profiles, artifacts = read_study(config.tracking_uri, experiment_name(spec))
-    lines = [f"## {spec.title}", "", spec.about.strip(), ""]
+    lines = [f"## {spec.title}", "", spec.about.strip(), "", *failed_targets_section(config.out / spec.name)]
     if not models:
-        return lines + [f"No results in MLflow yet: run `lmadda study --config ... --only {spec.name}`.", ""], {}
+        return lines + [f"No results in MLflow yet: run `lmadda study --config {config_path} --only {spec.name}`.", ""], {}
     results = Results(models, profiles)
     adapted = sum(m["method"] in (*ADAPTED, "lmadda_multi") for m in models)
     seeds = sorted({m["seed"] for m in models})
@@ -683,23 +655,32 @@ def experiment_section(spec: ExperimentSpec, config: StudyConfig) -> tuple[list[
     return lines, {c: s["regret"] for c, s in scores.items() if s["targets"]} | reference
 
 
-def write_study_document(config: StudyConfig) -> Path:
+def write_study_document(config: StudyConfig, config_path: Path | str = "...") -> Path:
+    """`config_path`: the config file as `lmadda study --config` was given it (the document's provenance)."""
     config.figures.mkdir(parents=True, exist_ok=True)
-    lines = ["# The study: LM-ADDA on simulated and real data", "",
-             f"Generated by `lmadda study --config docs/study.yaml` from the MLflow runs in `{config.tracking_uri.split('/')[-1]}` "
+    lines = [f"# {config.title}", "",
+             f"Generated by `lmadda study --config {config_path}` from the MLflow runs in `{config.tracking_uri.split('/')[-1]}` "
              f"(lmadda {__version__}, commit {_git_commit()}, {datetime.now(timezone.utc):%Y-%m-%d}). Do not edit by hand: "
-             "change the config or the code and regenerate. `lmadda study --document-only` rewrites this file from the "
-             "tracking store without running anything.", ""]
-    regrets = {}
+             f"change the config or the code and regenerate. `lmadda study --config {config_path} --document-only` rewrites "
+             "this file from the tracking store without running anything.", ""]
+    sections, records = [], []
     for spec in config.experiments:
-        section, regrets[spec.name] = experiment_section(spec, config)
-        lines += section
-    default = default_criterion_section(regrets)
-    if default:
-        lines += ["## The default label-free criterion", "",
-                  "`lmadda sweep promote` without target labels ranks trials by one per-trial criterion. Its regret "
-                  "(Pearson lost against the labelled best) in each experiment above, each experiment weighted once:", "",
-                  *default, ""]
+        section, _ = experiment_section(spec, config, config_path)
+        sections += section
+        records += summary_records(spec.name, read_study(config.tracking_uri, experiment_name(spec))[0])
+    if records:
+        summary = write_summary(records, config.figures / "summary.json")
+        lines += ["## Which model to use: the label-free choice", "",
+                  "For every target, `lmadda.selector` chose among the unadapted model, AdaBN, histogram matching and every "
+                  "adapted model (LM-ADDA at each layer, ADDA with this project's recipe and as published) without target "
+                  "labels, and kept the unadapted model unless a candidate was confidently better (docs/method.md). The same "
+                  "selector backs `lmadda adapt --layer auto` and `lmadda sweep promote`. Test Pearson, averaged over markers, "
+                  "test images and seeds; \"best with labels\" is the best single model by test Pearson, an optimistic bound "
+                  "no lab without labels can reach; gap recovered is (choice - unadapted) / (oracle - unadapted). "
+                  f"Machine-readable: [{summary.name}]({_relative_path(summary, config.document)}).", "",
+                  *choice_table(records), "", "**The bars set for the label-free choice** (issue \"Adaptation that pays off\"):", "",
+                  *verdict(records), ""]
+    lines += sections
     config.document.parent.mkdir(parents=True, exist_ok=True)
     config.document.write_text("\n".join(lines).rstrip() + "\n")
     return config.document

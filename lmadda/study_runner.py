@@ -25,7 +25,8 @@ import numpy as np
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.data.dataset import target_from_model_range
-from lmadda.data.index import IndexSpec, index_folder
+from lmadda.data.index import index_folder
+from lmadda.data.io import read_image
 from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
 from lmadda.errors import LmaddaError
@@ -34,6 +35,7 @@ from lmadda.report import sample_panel
 from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
 from lmadda.study import CRITERION_PREFIX, ImageSource, ResultTable, TargetDomain, run_study
 from lmadda.study_config import ExperimentSpec, StudyConfig
+from lmadda.study_failures import RECOVERABLE, FailureLog
 from lmadda.study_tracking import StudyTracker, model_key
 from lmadda.training.adapt import AdaptConfig, adapt
 from lmadda.training.source import SourceTrainConfig, train_source
@@ -53,12 +55,28 @@ def prepare_manifest(spec: ExperimentSpec, out: Path, log=print) -> Path:
         return path
     index = spec.data.index
     if not index.root.is_dir():
-        raise LmaddaError(f"experiment {spec.name}: data folder {index.root} not found; it is the shared sephaCe set "
-                          "(../shared/data/sephace/tif beside the repository), or leave this experiment out of the config")
-    manifest, _ = index_folder(index.root, IndexSpec(patterns=index.patterns, targets=index.targets, rename=index.rename,
-                                                     splits=index.splits, focus_round_um=index.focus_round_um))
+        raise LmaddaError(f"experiment {spec.name}: data folder {index.root} not found; set data.index.root to the folder "
+                          "of images (a relative path starts where `lmadda study` runs), or leave this experiment out of the config")
+    manifest, _ = index_folder(index.root, index.index_spec())
+    check_indexed_data(spec, manifest)
     manifest.save(path)  # re-indexed every run: cheap, and it follows the folder
     return path
+
+
+def check_indexed_data(spec: ExperimentSpec, manifest: Manifest) -> None:
+    """Before any training: the settings exist, and every crop fits the smallest image of the settings used."""
+    settings = {spec.source.setting} | {TargetDomain.parse(t).setting for grid in spec.grids for t in grid.targets}
+    missing = sorted(settings - set(manifest.settings))
+    if missing:
+        raise LmaddaError(f"experiment {spec.name}: setting(s) {', '.join(missing)} not in the indexed data {spec.data.index.root}; "
+                          f"its settings: {', '.join(manifest.settings)} (check source.setting, the grids' targets and data.index)")
+    shapes = [read_image(manifest.resolve(row), bit_depth=row.bit_depth).pixels.shape[1:]
+              for row in manifest.rows if row.role == "input" and row.setting in settings]
+    height, width = min(h for h, _ in shapes), min(w for _, w in shapes)
+    try:
+        spec.check_field_size(height, width, data=f"the smallest image in {spec.data.index.root}")
+    except ValueError as error:
+        raise LmaddaError(str(error)) from None
 
 
 def prepare_source(spec: ExperimentSpec, data: ImageSource, manifest_path: Path, out: Path, log=print) -> tuple[Path, SourceTrainConfig]:
@@ -69,7 +87,14 @@ def prepare_source(spec: ExperimentSpec, data: ImageSource, manifest_path: Path,
         return path, config
     markers, seed = config.markers, config.seed
     images = (data.load(config.setting, "train", markers, seed=seed), data.load(config.setting, "val", markers, seed=seed + 1))
-    result = train_source(config, path, progress=False, data=images)
+    def epoch_done(record: dict, state: dict) -> None:
+        losses = ", ".join(f"{key} {record[key]:.3f}" for key in ("g_l1", "g_gan", "d_loss") if key in record)
+        log(f"[study:{spec.name}] source epoch {record['epoch']}/{config.epochs}: {losses}, "
+            f"validation Pearson {record['val_pearson']:.3f} ({time.perf_counter() - start:.0f} s)")
+
+    log(f"[study:{spec.name}] training the source model {config.setting} -> {', '.join(markers)}: {config.epochs} epochs")
+    start = time.perf_counter()
+    result = train_source(config, path, progress=False, data=images, on_epoch=epoch_done)
     log(f"[study:{spec.name}] source model: validation Pearson {result.best_val_pearson:.3f} ({result.seconds:.0f} s) -> {path}")
     return path, config
 
@@ -157,6 +182,7 @@ def _panel(spec: ExperimentSpec, source: GeneratorCheckpoint, data: ImageSource,
 def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[dict]:
     start = time.perf_counter()
     out = study.out / spec.name
+    failures = FailureLog(out, spec.name)  # this run's failures; a rerun retries every target
     manifest_path = prepare_manifest(spec, out, log)
     data = ImageSource(Manifest.load(manifest_path), spec.data.validation_rows)
     source_path, source_config = prepare_source(spec, data, manifest_path, out, log)
@@ -176,14 +202,27 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
             for lr in grid.lrs:
                 adapt_config = AdaptConfig(layer=[0], lr=lr, seed=seed, **spec.adapt)
                 first = seed == grid.seeds[0] and lr == grid.lrs[0]
-                rows = run_study(source, data, domains, layers, adapt_config, source_setting=spec.source.setting, out=out,
-                                 baselines=tuple(spec.baselines), layer_sets=grid.layer_sets, oracle=oracle if first else None,
-                                 on_model=recorder, progress=False, log=log)
-                tracker.sync(rows)
+                for domain in domains:  # one target at a time: a target that fails is recorded, the others go on
+                    if failures.failed(domain.name):
+                        continue
+                    try:
+                        rows = run_study(source, data, [domain], layers, adapt_config, source_setting=spec.source.setting, out=out,
+                                         baselines=tuple(spec.baselines), layer_sets=grid.layer_sets,
+                                         paper_layers=grid.paper_layer_list(source.generator.num_layers),
+                                         selector_options=spec.selection.options(), choose=lr == grid.lrs[-1],
+                                         oracle=oracle if first else None, on_model=recorder, progress=False, log=log)
+                    except RECOVERABLE as error:
+                        failures.record(domain.name, f"adapting (seed {seed}, lr {lr:g})", error, log)
+                        continue
+                    tracker.sync(rows)
         for domain in domains:
             key = f"profile|{domain.name}"
-            if not tracker.has(key):
-                profile = recorder.probe(domain).discrepancy_profile()
+            if not tracker.has(key) and not failures.failed(domain.name):
+                try:
+                    profile = recorder.probe(domain).discrepancy_profile()
+                except RECOVERABLE as error:
+                    failures.record(domain.name, "measuring its discrepancy profile", error, log)
+                    continue
                 tracker.log_profile(domain.name, profile, predict_layer(profile, spec.criteria.profile_fraction))
     rows = ResultTable(out / "results.parquet").rows
     for key, metrics in ensemble_criteria(rows, recorder).items():
@@ -192,9 +231,14 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
         for target in grid.targets:
             domain = TargetDomain.parse(target)
             name = domain.name.replace(":", "_").replace("+", "_")
-            if not (out / "panels" / f"panel_{name}.png").exists():
-                panel = _panel(spec, source, data, domain, rows, out)
+            if not (out / "panels" / f"panel_{name}.png").exists() and not failures.failed(domain.name):
+                try:
+                    panel = _panel(spec, source, data, domain, rows, out)
+                except RECOVERABLE as error:
+                    failures.record(domain.name, "drawing its sample panel", error, log)
+                    continue
                 if panel is not None:
                     tracker.log_artifact(panel, "panels")
-    log(f"[study:{spec.name}] done in {time.perf_counter() - start:.0f} s; {len(rows)} result rows in {out / 'results.parquet'}")
+    failed = f"; failed targets: {', '.join(e['target'] for e in failures.entries)} ({failures.path})" if failures.entries else ""
+    log(f"[study:{spec.name}] done in {time.perf_counter() - start:.0f} s; {len(rows)} result rows in {out / 'results.parquet'}{failed}")
     return rows

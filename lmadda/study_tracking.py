@@ -83,6 +83,8 @@ class StudyTracker:
         metrics["d_saturated"] = float(bool(first.get("d_saturated")))
         if _finite(first.get("g_updates")):
             metrics["g_updates"] = float(first["g_updates"])
+        if first.get("fell_back") is not None:  # a label-free choice: did it keep the unadapted model?
+            metrics["fell_back"] = float(bool(first["fell_back"]))
         if _finite(first.get("seconds")):
             metrics["seconds"] = float(first["seconds"])
         metrics.update({k: float(v) for k, v in first.items() if k.startswith(CRITERION_PREFIX) and _finite(v)})

@@ -44,6 +44,27 @@ def test_source_adapt_evaluate_report_predict(tiny_synth, source_model, capsys):
     assert read_image(folder / "stain.tif").pixels.shape == (2, 64, 64)
 
 
+def test_adapt_layer_auto_writes_the_label_free_choice_as_a_usable_checkpoint(tiny_synth, source_model, capsys):
+    from lmadda.checkpoint import load_checkpoint
+
+    folder, source = source_model
+    adapt_config = folder / "auto.yaml"
+    adapt_config.write_text(yaml.safe_dump({"steps": 2, "batch_size": 2, "crop_size": 64, "device": "cpu"}))
+    chosen = folder / "chosen.pt"
+    assert main(["adapt", str(source), "--manifest", str(tiny_synth.source), "--setting", "phase_contrast", "--shift", "overexposure:3",
+                 "--layer", "auto", "--config", str(adapt_config), "--out", str(chosen)]) == 0
+    out = capsys.readouterr().out
+    assert "label-free choice" in out and "consensus per candidate" in out
+    choice = load_checkpoint(chosen).metadata["label_free_choice"]
+    # unadapted, AdaBN, histogram matching and LM-ADDA at the auto layers of a depth-6 model (0, 1, 2, 3, 5, 8, 11)
+    assert set(choice["means"]) == {"unadapted", "adabn", "histogram_matching", "lmadda:0", "lmadda:1", "lmadda:2", "lmadda:3",
+                                    "lmadda:5", "lmadda:8", "adda:11"}
+    assert choice["chosen"] in choice["means"] and choice["reason"]
+    image = tiny_synth.resolve(tiny_synth.inputs("phase_contrast", "test")[0])
+    assert main(["predict", str(chosen), str(image), str(folder / "auto_stain.tif"), "--tile", "64"]) == 0
+    assert read_image(folder / "auto_stain.tif").pixels.shape == (2, 64, 64)
+
+
 def test_study_writes_every_method_and_resumes_without_redoing(tiny_synth, source_model):
     from lmadda.checkpoint import load_checkpoint
     from lmadda.study import TargetDomain, run_study

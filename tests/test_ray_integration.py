@@ -11,6 +11,8 @@ import yaml
 import mlflow
 import pyarrow.parquet as pq
 import pytest
+
+from lmadda.errors import LmaddaError
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -94,6 +96,17 @@ def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_sessi
     best = min(table, key=lambda r: r["lf_output_w1"])
     assert all(p["lf_output_w1"] == pytest.approx(best["lf_output_w1"]) for p in relabelled)  # the lowest one, not the highest
     assert client.get_model_version_by_alias("lmadda-dapi", "phase_contrast-overexposure-2").tags["criterion"] == "lf_output_w1"
+
+    # Without labels: the one label-free selector, over the unadapted model, the cheap corrections and both trials.
+    with pytest.raises(LmaddaError, match="needs the sweep config"):
+        promote(sweep.tracking_uri, sweep.experiment, criterion="label_free", log=lambda *_: None)
+    chosen = promote(sweep.tracking_uri, sweep.experiment, criterion="label_free", sweep=sweep, log=lambda *_: None)
+    assert {p["model"] for p in chosen} == {"lmadda-dapi", "lmadda-cd29"} and len({p["chosen"] for p in chosen}) == 1
+    assert chosen[0]["chosen"] in {"unadapted", "adabn", "histogram_matching"} | {f"lmadda:{l}@0.0001/seed0" for l in (1, 11)}
+    version = client.get_model_version_by_alias("lmadda-cd29", "phase_contrast-overexposure-2")
+    assert version.tags["criterion"] == "label_free" and version.tags["chosen"] == chosen[0]["chosen"] and version.tags["reason"]
+    served = load_checkpoint(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "served")))
+    assert served.metadata["label_free_choice"]["chosen"] == chosen[0]["chosen"]
 
 
 def test_stopper_ends_a_diverging_trial_and_the_table_marks_it_collapsed(ray_session, tiny_synth, tiny_source, tmp_path):

@@ -70,6 +70,12 @@ def test_study_runs_logs_to_mlflow_writes_the_document_and_reruns_nothing(tmp_pa
         assert {(target, m) for m in ("unadapted", "adabn", "histogram_matching", "fda", "lmadda", "adda", "lmadda_multi", "oracle")} <= methods
     adapted = [m for m in models if m["method"] in ("lmadda", "adda")]
     assert len(adapted) == 2 * 4 * 2  # targets x layers x seeds
+    paper = [m for m in models if m["method"] == "adda_paper"]
+    assert len(paper) == 2 * 2 and all(m["g_updates"] == 2 for m in paper)  # ADDA as published: G' steps every step
+    choices = [m for m in models if m["method"] == "label_free"]
+    assert sorted((m["target"], m["seed"]) for m in choices) == sorted((t, s) for t in ("phase_contrast+overexposure:3", "bright_field")
+                                                                         for s in (0, 1))
+    assert all(m["fell_back"] in (0.0, 1.0) and m["matched"] for m in choices)
     assert all(m["g_updates"] == int(m["g_updates"]) and 0 <= m["g_updates"] <= 6 for m in adapted)  # G' steps, logged per model
     assert all(np.isfinite(m["lf_output_w1"]) and np.isfinite(m["lf_seed_disagreement"]) and np.isfinite(m["lf_layer_disagreement"]) for m in adapted)
     assert {p["target"] for p in profiles} == {"phase_contrast+overexposure:3", "bright_field"}
@@ -143,28 +149,30 @@ def test_a_model_whose_generator_never_moved_is_marked_and_unknown_counts_are_no
     assert movement_table(Results([model(3, 0, None)], [])) == []
 
 
-def test_the_default_criterion_section_ranks_per_trial_criteria_over_experiments_and_checks_the_default():
-    from lmadda.selection import CRITERIA, DEFAULT_CRITERION
-    from lmadda.study_document import default_criterion_section
+def _model(target, method, pearson, seed=0, layer=-1, lr=None, **extra):
+    return {"target": target, "method": method, "pearson": pearson, "seed": seed, "layer": layer, "lr": lr, **extra}
 
-    others = [c for c in CRITERIA if c != DEFAULT_CRITERION]
-    # The default wins on the mean over experiments though another criterion wins the first experiment.
-    regrets = {"simulated": {f"lf_{DEFAULT_CRITERION}": 0.02, f"lf_{others[0]}": 0.01, f"lf_{others[1]}": 0.03,
-                             "lf_layer_disagreement": 0.0, "always ADDA": 0.05, "random configuration (expected)": 0.06},
-               "real": {f"lf_{DEFAULT_CRITERION}": 0.05, f"lf_{others[0]}": 0.20, f"lf_{others[1]}": 0.10,
-                        "lf_layer_disagreement": 0.0, "always ADDA": 0.09, "random configuration (expected)": 0.10}}
-    text = "\n".join(default_criterion_section(regrets))
-    assert f"| `{DEFAULT_CRITERION}` | 0.020 | 0.050 | 0.035 |" in text
-    assert f"Lowest mean regret among per-trial criteria: `{DEFAULT_CRITERION}` (0.035)" in text and "which matches" in text
-    assert "layer_disagreement" not in text  # needs every layer's model: not a per-trial criterion
-    assert "No criterion beats simply taking ADDA" not in text
-    # When another criterion wins, the document says which constant to change.
-    regrets["real"][f"lf_{others[0]}"] = 0.01
-    text = "\n".join(default_criterion_section(regrets))
-    assert f"does NOT match: change `DEFAULT_CRITERION` in lmadda/selection.py to `{others[0]}`" in text
-    regrets["simulated"]["always ADDA"] = regrets["real"]["always ADDA"] = 0.0
-    assert "No criterion beats simply taking ADDA (0.000)" in "\n".join(default_criterion_section(regrets))
-    assert default_criterion_section({"simulated": {}}) == []
+
+def test_the_summary_scores_the_label_free_choice_against_the_bars_the_issue_set():
+    from lmadda.study_summary import summary_records, verdict
+
+    models = []
+    for target, unadapted, cheap, chosen, oracle in [("a", 0.10, 0.30, 0.40, 0.50),   # recovers 75 %, beats the cheap ones
+                                                     ("b", 0.20, 0.50, 0.35, 0.60),   # 37 %, below histogram matching
+                                                     ("c", 0.70, 0.69, 0.70, 0.72)]:  # oracle gap < 0.05: not judged
+        models += [_model(target, "unadapted", unadapted), _model(target, "histogram_matching", cheap), _model(target, "oracle", oracle),
+                   _model(target, "adda_paper", unadapted, layer=15, lr=2e-4), _model(target, "lmadda", chosen, layer=1, lr=2e-5)]
+        models += [_model(target, "label_free", chosen, seed=s, layer=1, lr=2e-5, matched="lmadda:1@2e-05", fell_back=0.0) for s in (0, 1, 2)]
+    records = {r["target"]: r for r in summary_records("x", models)}
+    assert records["a"]["gap_recovered_label_free"] == 0.75 and records["c"]["gap_recovered_label_free"] is None
+    assert records["a"]["label_free"] == {"method": "lmadda", "layer": 1, "pearson": 0.4, "fell_back": False,
+                                          "choices": ["lmadda:1@2e-05"] * 3}
+    assert records["b"]["best_labelled"] == {"method": "histogram_matching", "layer": -1, "pearson": 0.5}
+    assert records["a"]["adda"] == 0.1 and records["a"]["histogram"] == 0.3
+    lines = "\n".join(verdict(list(records.values())))
+    assert "oracle gap of at least 0.05: 2 of 3" in lines
+    assert "Recovers at least 60% of the gap: 1 of 2 (bar: 2) — **not met**; not on x/b" in lines
+    assert "Worse than the unadapted model by more than 0.01: 0 of 2 (bar: 0) — met" in lines
 
 
 def test_findings_say_when_adda_never_moved_and_when_the_oracle_is_no_upper_bound():
@@ -182,3 +190,88 @@ def test_findings_say_when_adda_never_moved_and_when_the_oracle_is_no_upper_boun
     assert "In 1 of 1 targets ADDA's G' never moved" in text
     assert "The oracle scores below the unadapted model on 1 target(s) (t: 0.400 vs 0.500)" in text
     assert "beats ADDA: **1 of 1 targets**" in text
+
+
+def _prepared_experiment(tmp_path, tiny_synth, tiny_source, **changes):
+    """A study config whose data and source model already exist in its out folder (nothing is trained)."""
+    import shutil
+
+    config = build_config(StudyConfig, None, out=str(tmp_path / "out"), document=str(tmp_path / "docs" / "lab.md"),
+                          figures=str(tmp_path / "docs" / "lab"), title="Our lab's adaptation study",
+                          **_config(**changes)).resolved(tmp_path)
+    out = config.out / "tiny"
+    tiny_synth.save(out / "data" / "manifest.parquet")
+    (out / "models").mkdir(parents=True)
+    shutil.copyfile(tiny_source, out / "models" / "source.pt")
+    return config
+
+
+def test_a_failing_target_is_recorded_with_its_reason_and_the_study_and_its_document_go_on(tiny_synth, tiny_source, tmp_path, monkeypatch):
+    import json
+
+    import lmadda.study_runner as runner
+    from lmadda.study_document import write_study_document
+
+    config = _prepared_experiment(tmp_path, tiny_synth, tiny_source, oracle=None,
+                                  grids=[{"targets": ["phase_contrast+overexposure:3", "bright_field"], "layers": [0], "seeds": [0, 1]}])
+    studied = []
+
+    def run_study(source, data, domains, *args, **kwargs):
+        studied.append((domains[0].name, kwargs.get("oracle")))
+        if domains[0].name == "bright_field":
+            raise LmaddaError("bright_field: the camera was off")
+        return []
+
+    monkeypatch.setattr(runner, "run_study", run_study)
+    logged = []
+    runner.run_experiment(config.experiments[0], config, log=logged.append)
+    assert [name for name, _ in studied] == ["phase_contrast+overexposure:3", "bright_field", "phase_contrast+overexposure:3"]
+    failures = json.loads((config.out / "tiny" / "failures.json").read_text())
+    assert failures == [{"target": "bright_field", "stage": "adapting (seed 0, lr 2e-05)", "error": "LmaddaError: bright_field: the camera was off"}]
+    assert any("bright_field failed while adapting" in line for line in logged)
+    assert "failed targets: bright_field" in logged[-1]
+
+    document = write_study_document(config, "lab/study.yaml").read_text()
+    assert document.startswith("# Our lab's adaptation study\n")
+    assert "`lmadda study --config lab/study.yaml`" in document and "docs/study.yaml" not in document
+    assert "### Failed targets" in document and "| bright_field | adapting (seed 0, lr 2e-05) | LmaddaError: bright_field: the camera was off |" in document
+
+    monkeypatch.setattr(runner, "run_study", lambda *args, **kwargs: [])
+    runner.run_experiment(config.experiments[0], config, log=logged.append)  # a rerun retries the target, and it works now
+    assert not (config.out / "tiny" / "failures.json").exists()
+
+
+def test_source_training_in_the_study_logs_each_epoch(tiny_synth, tmp_path):
+    from lmadda.study import ImageSource
+    from lmadda.study_runner import prepare_source
+
+    spec = build_config(StudyConfig, None, **_config()).experiments[0]
+    logged = []
+    prepare_source(spec, ImageSource(tiny_synth), tiny_synth.source, tmp_path, log=logged.append)
+    assert any("source epoch 1/1: g_l1" in line and "validation Pearson" in line for line in logged)
+
+
+def test_indexed_data_is_checked_for_settings_and_crop_sizes_before_any_training(tmp_path):
+    from lmadda.data.io import write_tiff
+    from lmadda.study_runner import prepare_manifest
+
+    for field in ("w0", "w1", "w2"):
+        for channel in ("phase", "dapi"):
+            write_tiff(tmp_path / "images" / f"{field}_{channel}.tif", np.ones((48, 64)), dtype="uint16")
+    index = {"root": str(tmp_path / "images"), "patterns": [r"(?P<field>w\d)_(?P<channel>[a-z]+)\.tif$"], "targets": {"dapi": "dapi"},
+             "rename": {"phase": "phase_contrast"}, "bit_depth": 12}
+    spec = build_config(StudyConfig, None, **_config(data={"index": index}, oracle=None,
+                                                     grids=[{"targets": ["phase_contrast+overexposure:2"]}])).experiments[0]
+    with pytest.raises(LmaddaError, match=r"the height of the source is 48 px \(the smallest image in .*: 48 x 64 px\), fewer than "
+                                          r"source.train.crop_size 64; larger images"):
+        prepare_manifest(spec, tmp_path / "out")
+    bad = build_config(StudyConfig, None, **_config(data={"index": index}, grids=[{"targets": ["bright_field"]}])).experiments[0]
+    with pytest.raises(LmaddaError, match=r"setting\(s\) bright_field not in the indexed data.*its settings: phase_contrast"):
+        prepare_manifest(bad, tmp_path / "out")
+    from lmadda.data.manifest import Manifest
+
+    for field in ("w0", "w1", "w2"):
+        for channel in ("phase", "dapi"):
+            write_tiff(tmp_path / "images" / f"{field}_{channel}.tif", np.ones((64, 64)), dtype="uint16")
+    manifest = Manifest.load(prepare_manifest(spec, tmp_path / "out"))
+    assert {r.bit_depth for r in manifest.rows} == {12}

@@ -33,11 +33,9 @@ def test_report_writes_figures_per_rate_the_best_table_and_the_selection(tmp_pat
     assert "collapse at no layer" in summary and "+0.090" in summary
 
 
-def test_auto_promotion_uses_labels_where_they_exist_and_the_study_criterion_otherwise():
-    from lmadda.selection import CRITERIA, DEFAULT_CRITERION
-    from tune.tracking import resolve_criterion
+def test_auto_promotion_uses_labels_where_they_exist_and_the_label_free_selector_otherwise():
+    from tune.tracking import LABEL_FREE, resolve_criterion
 
-    assert DEFAULT_CRITERION in CRITERIA  # every sweep trial records it
     assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": 0.8}]) == "pearson"
-    assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": float("nan")}]) == f"lf_{DEFAULT_CRITERION}"
-    assert resolve_criterion([{"lf_output_w1": 0.1}, {"g_loss": 1.0}]) == f"lf_{DEFAULT_CRITERION}"
+    assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": float("nan")}]) == LABEL_FREE
+    assert resolve_criterion([{"lf_output_w1": 0.1}, {"g_loss": 1.0}]) == LABEL_FREE

@@ -18,7 +18,6 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from lmadda.errors import LmaddaError
-from lmadda.selection import DEFAULT_CRITERION
 from lmadda.tracking_store import ensure_experiment
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -81,20 +80,24 @@ def log_sweep(sweep, rows: list[dict], results_path: Path, log=print, *, unadapt
         return parent.info.run_id
 
 
+LABEL_FREE = "label_free"
+
+
 def resolve_criterion(trial_metrics: list[dict[str, float]]) -> str:
-    """`auto`: the labelled Pearson where any trial has it, else the default label-free criterion."""
+    """`auto`: the labelled Pearson where any trial has it, else the label-free selector."""
     labelled = any(name.startswith("pearson_") and _finite(value) for metrics in trial_metrics for name, value in metrics.items())
-    return "pearson" if labelled else f"lf_{DEFAULT_CRITERION}"
+    return "pearson" if labelled else LABEL_FREE
 
 
-def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", log=print) -> list[dict]:
+def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", sweep=None, log=print) -> list[dict]:
     """Register the best non-collapsed trial per (marker, target) and point alias <target> at it.
 
-    `criterion` is `pearson` (the labelled Pearson of the marker, maximised; needs target labels), a
-    label-free criterion `lf_<name>` from `lmadda.selection` (minimised; needs none), or `auto`:
-    `pearson` where the trials have target labels, otherwise the label-free criterion that chose best
-    in the study (`lmadda.selection.DEFAULT_CRITERION`, docs/study.md). Every choice records the
-    criterion and its value on the model version.
+    `criterion` is `pearson` (the labelled Pearson of the marker, maximised; needs target labels),
+    `label_free` (lmadda.selector over the unadapted model, AdaBN, histogram matching and every trial,
+    falling back to the unadapted model when nothing is confidently better; needs the sweep config
+    `sweep` for the source model and the unlabelled target images), one per-trial criterion `lf_<name>`
+    from `lmadda.selection` (minimised; for comparison), or `auto`: `pearson` where the trials have
+    target labels, otherwise `label_free`. Every version records the criterion and its value or choice.
     """
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient()
@@ -104,7 +107,9 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", log=
     runs = client.search_runs([found.experiment_id], "tags.`lmadda.kind` = 'trial' and tags.collapsed = 'false'", max_results=5000)
     if criterion == "auto":
         criterion = resolve_criterion([run.data.metrics for run in runs])
-        log(f"[promote] criterion: {criterion} ({'target labels found' if criterion == 'pearson' else 'no target labels: the label-free criterion docs/study.md found best'})")
+        log(f"[promote] criterion: {criterion} ({'target labels found' if criterion == 'pearson' else 'no target labels: the label-free selector'})")
+    if criterion == LABEL_FREE:
+        return _promote_label_free(client, found.experiment_id, runs, sweep, log)
     label_free = criterion.startswith("lf_")  # one value per model, lower is better
     best: dict[tuple[str, str], tuple[float, float, object]] = {}  # (score: higher is better, value, run)
     for run in runs:
@@ -122,22 +127,45 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", log=
                              if criterion == "pearson" else "the trials predate label-free criteria: re-run the sweep"))
     promoted = []
     for (marker, target), (_, value, run) in sorted(best.items()):
-        name = model_name(marker)
-        artifacts = client.list_artifacts(run.info.run_id, ARTIFACT_DIR)
-        if not artifacts:
-            raise LmaddaError(f"run {run.info.run_id} has no generator artifact to register")
-        try:
-            client.get_registered_model(name)
-        except mlflow.exceptions.MlflowException:
-            client.create_registered_model(name, description=f"lmadda generators predicting {marker}; aliases name microscope settings")
-        version = client.create_model_version(name, f"runs:/{run.info.run_id}/{artifacts[0].path}", run_id=run.info.run_id,
-                                              tags={"criterion": criterion, "criterion_value": f"{value:.6f}", "target": target,
-                                                    "layer": run.data.tags.get("layer", ""), "marker": marker})
-        alias = alias_for(target)
-        client.set_registered_model_alias(name, alias, version.version)
-        promoted.append({"model": name, "alias": alias, "version": version.version, "run_id": run.info.run_id, criterion: value})
+        entry = _register(client, marker, target, run.info.run_id,
+                          {"criterion": criterion, "criterion_value": f"{value:.6f}", "layer": run.data.tags.get("layer", "")})
+        promoted.append({**entry, criterion: value})
         shown = f"{criterion} {value:.4f}" if label_free else f"{criterion}_{marker} {value:.3f}"
-        log(f"[promote] models:/{name}@{alias} -> version {version.version} (layer {run.data.tags.get('layer')}, {shown})")
+        log(f"[promote] models:/{entry['model']}@{entry['alias']} -> version {entry['version']} (layer {run.data.tags.get('layer')}, {shown})")
+    return promoted
+
+
+def _register(client: MlflowClient, marker: str, target: str, run_id: str, tags: dict) -> dict:
+    name = model_name(marker)
+    artifacts = client.list_artifacts(run_id, ARTIFACT_DIR)
+    if not artifacts:
+        raise LmaddaError(f"run {run_id} has no generator artifact to register")
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name, description=f"lmadda generators predicting {marker}; aliases name microscope settings")
+    version = client.create_model_version(name, f"runs:/{run_id}/{artifacts[0].path}", run_id=run_id, tags={"target": target, "marker": marker, **tags})
+    alias = alias_for(target)
+    client.set_registered_model_alias(name, alias, version.version)
+    return {"model": name, "alias": alias, "version": version.version, "run_id": run_id}
+
+
+def _promote_label_free(client: MlflowClient, experiment_id: str, runs: list, sweep, log) -> list[dict]:
+    from tune.label_free_promotion import choose_per_target, log_choice_checkpoint
+
+    if sweep is None:
+        raise LmaddaError("the label-free choice needs the sweep config (--config): it scores the unadapted model, the cheap "
+                          "corrections and every trial on the sweep's unlabelled target images")
+    promoted = []
+    for target, chosen in choose_per_target(client, runs, sweep, ARTIFACT_DIR, log).items():
+        choice, trial = chosen["choice"], chosen["run"]
+        run_id = log_choice_checkpoint(client, experiment_id, target, chosen["checkpoint"], ARTIFACT_DIR)
+        tags = {"criterion": LABEL_FREE, "chosen": choice.chosen, "fell_back": str(choice.fell_back).lower(),
+                "reason": choice.reason[:5000], "trial_run": trial.info.run_id if trial is not None else ""}
+        for marker in chosen["checkpoint"].markers:
+            entry = _register(client, marker, target, run_id, tags)
+            promoted.append({**entry, "chosen": choice.chosen, "fell_back": choice.fell_back})
+            log(f"[promote] models:/{entry['model']}@{entry['alias']} -> version {entry['version']} ({choice.chosen})")
     return promoted
 
 

@@ -12,11 +12,13 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _layers(text: str) -> list[int]:
+def _layers(text: str) -> list[int] | str:
+    if text.strip() == "auto":
+        return "auto"
     try:
         return [int(part) for part in _csv(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} must be layer numbers separated by commas, e.g. 3 or 3,7") from None
+        raise argparse.ArgumentTypeError(f"{text!r} must be layer numbers separated by commas, e.g. 3 or 3,7, or auto") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     adapt.add_argument("--setting", required=True, help="target input setting, e.g. bright_field")
     adapt.add_argument("--shift", help="shift applied to the target setting's images, e.g. overexposure:2")
     adapt.add_argument("--source-manifest", type=Path, help="manifest of the source images (default: --manifest)")
-    adapt.add_argument("--layer", type=_layers, help="matched layer(s), e.g. 7 or 3,7")
+    adapt.add_argument("--layer", type=_layers, help="matched layer(s), e.g. 7 or 3,7; 'auto': adapt at several layers and let the "
+                                                    "label-free selector choose among them, AdaBN, histogram matching and the "
+                                                    "unadapted model (it keeps the unadapted model unless one is confidently better)")
     adapt.add_argument("--config", type=Path, help="YAML/JSON file with AdaptConfig options")
     adapt.add_argument("--steps", type=int)
     adapt.add_argument("--lr", type=float)
@@ -110,15 +114,26 @@ def run_adapt(args: argparse.Namespace) -> int:
     from lmadda.training.adapt import AdaptConfig, adapt
 
     source = load_checkpoint(args.source)
-    config = build_config(AdaptConfig, args.config, layer=args.layer, steps=args.steps, lr=args.lr, match=args.match, seed=args.seed, device=args.device, precision=args.precision)
+    auto = args.layer == "auto"
+    config = build_config(AdaptConfig, args.config, layer=[0] if auto else args.layer, steps=args.steps, lr=args.lr, match=args.match, seed=args.seed, device=args.device, precision=args.precision)
     source_setting = source.metadata.get("train_config", {}).get("setting", source.setting)
     manifest = Manifest.load(args.manifest)
     source_manifest = Manifest.load(args.source_manifest) if args.source_manifest else manifest
     shift = Shift.parse(args.shift) if args.shift else None
     source_images = load_images(source_manifest, source_setting, "train", percentiles=source.percentiles)
     target_images = load_images(manifest, args.setting, "train", shift=shift, percentiles=source.percentiles, seed=config.seed)
-    result = adapt(source, source_images, target_images, config)
     target = args.setting if shift is None else f"{args.setting}+{shift}"
+    if auto:
+        from lmadda.study_config import SelectionSpec
+        from lmadda.training.auto import adapt_and_choose
+
+        chosen = adapt_and_choose(source, source_images, target_images, config, target, selector_options=SelectionSpec().options())
+        save_checkpoint(args.out, chosen.checkpoint)
+        scores = ", ".join(f"{name} {value:.4f}" for name, value in sorted(chosen.choice.means.items(), key=lambda kv: kv[1]))
+        print(f"wrote {args.out}: label-free choice {chosen.choice.chosen}{' (kept the unadapted model)' if chosen.choice.fell_back else ''}: "
+              f"{chosen.choice.reason}\n{chosen.choice.score} per candidate (lower is better): {scores}")
+        return 0
+    result = adapt(source, source_images, target_images, config)
     save_checkpoint(args.out, result.checkpoint(source, config, target))
     state = f"COLLAPSED ({result.collapse_reason})" if result.collapsed else "ok"
     print(f"wrote {args.out}: layer {config.layer}, {result.steps_done} steps in {result.seconds:.0f} s, {state}"

@@ -1,4 +1,4 @@
-"""`lmadda study`: run the study's experiments and regenerate docs/study.md from their MLflow results."""
+"""`lmadda study`: run a study config's experiments and regenerate its document from their MLflow results."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     study = subparsers.add_parser(
-        "study", help="run the study (docs/study.yaml) and regenerate docs/study.md with its tables and figures",
+        "study", help="run a study config's experiments (default docs/study.yaml) and regenerate its document with tables and figures",
         description="Runs every experiment of the config that is not finished (a rerun skips finished models), logs each "
                     "model to MLflow, then writes the document and its figures from the MLflow results.")
     study.add_argument("--config", type=Path, default=Path("docs/study.yaml"))
@@ -22,6 +22,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     from lmadda.errors import LmaddaError
     from lmadda.study_config import StudyConfig
     from lmadda.study_document import write_study_document
+    from lmadda.study_failures import RECOVERABLE, FailureLog, read_failures
     from lmadda.study_runner import run_experiment
 
     config = build_config(StudyConfig, None, **read_config_file(args.config)).resolved(Path.cwd())
@@ -33,6 +34,15 @@ def run_study_command(args: argparse.Namespace) -> int:
     if not args.document_only:
         for experiment in config.experiments:
             if experiment.name in only:
-                run_experiment(experiment, config)
-    print(f"wrote {write_study_document(config)}")
+                try:
+                    run_experiment(experiment, config)
+                except RECOVERABLE as error:  # the experiment as a whole (its data or source model): the others go on
+                    FailureLog(config.out / experiment.name, experiment.name, fresh=False).record(
+                        "(the whole experiment)", "preparing its data or source model", error)
+    print(f"wrote {write_study_document(config, args.config)}")
+    failed = {e.name: len(read_failures(config.out / e.name)) for e in config.experiments if e.name in only}
+    if not args.document_only and any(failed.values()):
+        print(f"finished with failures ({', '.join(f'{name}: {n}' for name, n in failed.items() if n)}): see \"Failed targets\" "
+              f"in the document and failures.json under {config.out}; fix the cause and rerun (finished models are kept)")
+        return 1
     return 0

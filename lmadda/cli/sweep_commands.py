@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmadda.selector import PROMOTION_CRITERIA
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     sweep = subparsers.add_parser("sweep", help="layer x lr x shift-magnitude sweeps on Ray Tune, results in MLflow")
@@ -23,10 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     promote.add_argument("--config", type=Path, help="sweep YAML (gives tracking URI and experiment)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default from --config)")
     promote.add_argument("--experiment", help="MLflow experiment (default from --config)")
-    promote.add_argument("--criterion", default="auto", choices=["auto", "pearson", "lf_output_w1", "lf_probe_shift", "lf_flip_inconsistency"],
-                         help="pearson: labelled target Pearson (needs target labels); lf_*: label-free criteria (lmadda.selection); "
-                              "auto (default): pearson where the trials have target labels, else the label-free criterion "
-                              "docs/study.md found best")
+    promote.add_argument("--criterion", default="auto", choices=PROMOTION_CRITERIA,
+                         help="pearson: labelled target Pearson (needs target labels); label_free: the label-free selector over "
+                              "the unadapted model, AdaBN, histogram matching and every trial (needs --config; keeps the "
+                              "unadapted model unless a candidate is confidently better); lf_*: one per-trial criterion, for "
+                              "comparison; auto (default): pearson where the trials have target labels, else label_free")
     promote.set_defaults(func=run_promote)
 
     runs = subparsers.add_parser("runs", help="inspect MLflow runs")
@@ -56,7 +59,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     rows = run_sweep(sweep, resume=args.resume or (args.reuse and sweep_exists(sweep)))
     print(format_sweep_table(rows))
     if args.promote:
-        promote(sweep.tracking_uri, sweep.experiment)
+        promote(sweep.tracking_uri, sweep.experiment, sweep=sweep)
     return 0
 
 
@@ -69,7 +72,7 @@ def run_promote(args: argparse.Namespace) -> int:
     experiment = args.experiment or (sweep.experiment if sweep else None)
     if not tracking_uri or not experiment:
         raise LmaddaError("give --config, or both --tracking-uri and --experiment")
-    promote(tracking_uri, experiment, criterion=args.criterion)
+    promote(tracking_uri, experiment, criterion=args.criterion, sweep=sweep)
     return 0
 
 

@@ -1,0 +1,212 @@
+"""The label-free choice: which model should a lab use for a new setting, adapted or not?
+
+The candidates are every model lmadda can give a lab for the setting: the unadapted source model,
+the cheap corrections (AdaBN, histogram matching, FDA) and the adapted generators (LM-ADDA at its
+layers, ADDA). None of them may be judged by target labels, since a lab has none. The selector
+scores each candidate on fixed crops of the unlabelled target images, per crop, and
+
+1. takes the candidate with the best (lowest) mean score;
+2. keeps it only if it is *confidently* better than the unadapted model: better on at least
+   `min_win_fraction` of the crops and by at least `min_gain` of the unadapted model's score;
+   otherwise it falls back to the unadapted model ("don't adapt") and says why.
+
+The scores (all lower is better, all label-free; docs/method.md has how each was measured against
+labelled Pearson and why the default was chosen):
+
+- `consensus`: distance of a candidate's prediction to the pixel-wise median of the predictions of
+  the candidate *families* (unadapted, each correction, the adapted models). Errors that a domain
+  shift causes differ between methods that correct it in different places; the stain itself is what
+  they share (the ensemble-agreement idea of SIT-ADDA-Auto, across methods rather than seeds).
+- `output_w1`: the W1 distance between a candidate's predicted stain intensities on a target crop
+  and the source model's predictions on source crops (a good model predicts stains that look like
+  stains).
+- `feature_gap`: how far a target crop's bottleneck channel means sit from the source crops', in
+  units of the source spread (leftover domain shift where every input has been summarised).
+- `flip`: how much the prediction changes when the crop is mirrored (no preferred orientation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmadda.data.dataset import LoadedImage, target_from_model_range
+from lmadda.evaluation import InputTransform
+from lmadda.models.generator import UNetGenerator
+from lmadda.selection import CRITERIA
+
+SCORES = ("consensus", "output_w1", "feature_gap", "flip")
+# `lmadda sweep promote --criterion`: labelled Pearson, this selector, or one per-trial criterion (for comparison)
+PROMOTION_CRITERIA = ("auto", "pearson", "label_free", *(f"lf_{name}" for name in CRITERIA))
+DEFAULT_SCORE = "consensus"
+UNADAPTED = "unadapted"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model a lab could use: a generator, and the input correction applied before it (if any)."""
+
+    name: str  # unique, e.g. "unadapted", "histogram_matching", "lmadda:3"
+    generator: UNetGenerator
+    input_transform: InputTransform | None = None
+    family: str = ""  # candidates of one family share one vote in the consensus (default: the name before ':')
+
+    @property
+    def family_name(self) -> str:
+        return self.family or self.name.split(":")[0]
+
+
+@dataclass
+class Choice:
+    """The selector's answer, with the evidence a lab can read."""
+
+    chosen: str
+    fell_back: bool
+    reason: str
+    score: str
+    means: dict[str, float] = field(default_factory=dict)  # mean score per candidate
+    win_fraction: dict[str, float] = field(default_factory=dict)  # fraction of crops where it beats the unadapted model
+
+    def as_dict(self) -> dict:
+        return {"chosen": self.chosen, "fell_back": self.fell_back, "reason": self.reason, "score": self.score,
+                "means": self.means, "win_fraction": self.win_fraction}
+
+
+def _crops(images: list[LoadedImage], size: int, count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    crops = []
+    for index in range(count):
+        image = images[index % len(images)].input
+        top = int(rng.integers(0, image.shape[1] - size + 1))
+        left = int(rng.integers(0, image.shape[2] - size + 1))
+        crops.append(image[:, top:top + size, left:left + size])
+    return np.stack(crops).astype(np.float32)
+
+
+@dataclass
+class Observation:
+    """What the selector needs of one candidate: its outputs on the fixed target crops.
+
+    Small enough to keep on disk (float16), so a study that resumes can still choose among models it
+    adapted in an earlier run.
+    """
+
+    family: str
+    predicted: np.ndarray  # (N, C, H, W) predictions in 0..1 target units
+    mirrored: np.ndarray  # predictions of the mirrored crops, mirrored back
+    means: np.ndarray  # (N, channels) bottleneck channel means
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.partial.npz")
+        np.savez(temporary, family=np.array(self.family), predicted=self.predicted.astype(np.float16),
+                 mirrored=self.mirrored.astype(np.float16), means=self.means.astype(np.float32))
+        temporary.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "Observation":
+        with np.load(path) as data:
+            return cls(str(data["family"]), data["predicted"].astype(np.float32), data["mirrored"].astype(np.float32),
+                       data["means"].astype(np.float32))
+
+
+@torch.no_grad()
+def _run(generator: UNetGenerator, crops: np.ndarray, transform: InputTransform | None, bottleneck: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predictions (0..1 target units), bottleneck channel means and mirrored predictions of the crops."""
+    was_training = generator.training
+    generator.eval()
+    device = next(generator.parameters()).device
+    inputs = np.stack([transform(c) for c in crops]) if transform is not None else crops
+    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32)).to(device)
+    predicted = target_from_model_range(generator(x).float().cpu().numpy())
+    means = generator.forward_to(bottleneck, x).activation.mean(dim=(2, 3)).float().cpu().numpy()
+    mirrored = target_from_model_range(generator(torch.flip(x, dims=[-1])).float().cpu().numpy())[..., ::-1]
+    generator.train(was_training)
+    return predicted, means, np.ascontiguousarray(mirrored)
+
+
+def _w1_to_pool(values: np.ndarray, pool: np.ndarray, quantiles: int = 128) -> float:
+    levels = (np.arange(quantiles) + 0.5) / quantiles
+    return float(np.mean(np.abs(np.quantile(values, levels) - np.quantile(pool, levels))))
+
+
+class Selector:
+    """Fixed crops of source and unlabelled target images; `scores(candidates)` and `choose(candidates)`."""
+
+    def __init__(self, source: UNetGenerator, source_images: list[LoadedImage], target_images: list[LoadedImage], *,
+                 crop_size: int = 128, crops: int = 16, seed: int = 0, score: str = DEFAULT_SCORE,
+                 min_win_fraction: float = 0.75, min_gain: float = 0.05):
+        if score not in SCORES:
+            raise ValueError(f"unknown selection score {score!r}; known: {', '.join(SCORES)}")
+        if not source_images or not target_images:
+            raise ValueError("the selector needs source images and unlabelled target images")
+        sizes = [s for image in source_images + target_images for s in image.input.shape[1:]]
+        size = min(crop_size, *sizes)
+        size -= size % source.config.multiple
+        if size <= 0:
+            raise ValueError(f"images ({min(sizes)} px) are smaller than the model's input multiple {source.config.multiple}")
+        self.score, self.min_win_fraction, self.min_gain = score, min_win_fraction, min_gain
+        self.bottleneck = source.config.depth - 1
+        self.target_crops = _crops(target_images, size, crops, seed + 1)
+        source_crops = _crops(source_images, size, crops, seed)
+        predicted, means, _ = _run(source, source_crops, None, self.bottleneck)
+        self.source_pool = predicted  # (N, C, H, W): what stains look like in the source domain
+        self.source_mean, self.source_spread = means.mean(axis=0), means.std(axis=0) + 1e-6
+
+    def observe(self, candidate: Candidate) -> Observation:
+        predicted, means, mirrored = _run(candidate.generator, self.target_crops, candidate.input_transform, self.bottleneck)
+        return Observation(candidate.family_name, predicted, mirrored, means)
+
+    def per_crop(self, candidates: list[Candidate] | dict[str, Observation]) -> dict[str, dict[str, np.ndarray]]:
+        """score name -> candidate name -> per-crop values (lower is better)."""
+        if isinstance(candidates, dict):
+            observations = candidates
+        else:
+            names = [c.name for c in candidates]
+            if len(set(names)) != len(names):
+                raise ValueError(f"candidate names must be unique, got {names}")
+            observations = {c.name: self.observe(c) for c in candidates}
+        families: dict[str, list[np.ndarray]] = {}
+        for observation in observations.values():
+            families.setdefault(observation.family, []).append(observation.predicted)
+        # one vote per family: its own median, so twelve adapted layers do not outvote one correction
+        votes = np.stack([np.median(np.stack(members), axis=0) for members in families.values()])
+        consensus = np.median(votes, axis=0)
+        result: dict[str, dict[str, np.ndarray]] = {s: {} for s in SCORES}
+        channels = self.source_pool.shape[1]
+        for name, observation in observations.items():
+            predicted, means, mirrored = observation.predicted, observation.means, observation.mirrored
+            result["consensus"][name] = np.abs(predicted - consensus).mean(axis=(1, 2, 3))
+            result["output_w1"][name] = np.array([np.mean([_w1_to_pool(p[ch], self.source_pool[:, ch]) for ch in range(channels)])
+                                                  for p in predicted])
+            result["feature_gap"][name] = (np.abs(means - self.source_mean) / self.source_spread).mean(axis=1)
+            result["flip"][name] = np.abs(mirrored - predicted).mean(axis=(1, 2, 3))
+        return result
+
+    def choose(self, candidates: list[Candidate] | dict[str, Observation]) -> Choice:
+        if UNADAPTED not in (candidates if isinstance(candidates, dict) else [c.name for c in candidates]):
+            raise ValueError("the candidates must include the unadapted model: 'don't adapt' is always an answer")
+        return decide(self.per_crop(candidates)[self.score], self.score, min_win_fraction=self.min_win_fraction, min_gain=self.min_gain)
+
+
+def decide(per_crop: dict[str, np.ndarray], score: str, *, min_win_fraction: float = 0.75, min_gain: float = 0.05) -> Choice:
+    """The best candidate by mean score, kept only when it is confidently better than the unadapted model."""
+    means = {name: float(np.mean(values)) for name, values in per_crop.items()}
+    base = per_crop[UNADAPTED]
+    wins = {name: float(np.mean(values < base)) for name, values in per_crop.items()}
+    best = min(means, key=means.get)
+    if best == UNADAPTED:
+        return Choice(UNADAPTED, True, f"no candidate scores better than the unadapted model on {score}", score, means, wins)
+    gain = (means[UNADAPTED] - means[best]) / max(abs(means[UNADAPTED]), 1e-12)
+    if wins[best] < min_win_fraction:
+        return Choice(UNADAPTED, True, f"{best} is better on only {wins[best]:.0%} of the target crops "
+                                       f"(needs {min_win_fraction:.0%}): not confidently better, keep the unadapted model", score, means, wins)
+    if gain < min_gain:
+        return Choice(UNADAPTED, True, f"{best} improves {score} by only {gain:.1%} (needs {min_gain:.0%}): "
+                                       "the target looks like the source domain already, keep the unadapted model", score, means, wins)
+    return Choice(best, False, f"{best} improves {score} by {gain:.0%} over the unadapted model and wins on "
+                               f"{wins[best]:.0%} of the target crops", score, means, wins)

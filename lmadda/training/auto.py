@@ -1,0 +1,73 @@
+"""`lmadda adapt --layer auto`: adapt at several layers, then let the label-free selector pick the model.
+
+The candidates are the unadapted source model, AdaBN, histogram matching and LM-ADDA at each of
+`auto_layers` (the last is ADDA). `lmadda.selector` scores them on unlabelled target crops and keeps
+the unadapted model unless one is confidently better. Whatever it picks is written as one checkpoint
+a lab can use as it is: an adapted generator, AdaBN's generator, or the source generator carrying the
+histogram-matching correction (applied by `lmadda predict` and the endpoint). The checkpoint records
+the choice, its reason and every candidate's score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from lmadda.baselines import HistogramMatcher, build_baseline
+from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.data.dataset import LoadedImage
+from lmadda.selector import UNADAPTED, Candidate, Choice, Selector
+from lmadda.training.adapt import AdaptConfig, adapt
+
+CHEAP_CANDIDATES = ("adabn", "histogram_matching")  # what a checkpoint can carry; FDA needs source images at run time
+
+
+def auto_layers(num_layers: int) -> list[int]:
+    """The first encoder layers (where contrast and exposure shifts enter), the bottleneck, a decoder layer and the last (ADDA)."""
+    depth = num_layers // 2
+    return sorted({layer for layer in (0, 1, 2, 3, depth - 1, depth + depth // 2 - 1, num_layers - 1) if 0 <= layer < num_layers})
+
+
+def checkpoint_for(source: GeneratorCheckpoint, choice: Choice, generator, source_images: list[LoadedImage],
+                   target_setting: str, adapted: GeneratorCheckpoint | None = None) -> GeneratorCheckpoint:
+    """The chosen model as a checkpoint: an adapted one as it is, or one made for the unadapted model or a cheap correction."""
+    if adapted is None:
+        metadata = {**{k: v for k, v in source.metadata.items() if k != "history"}, "method": choice.chosen}
+        if choice.chosen == "histogram_matching":
+            metadata["input_correction"] = HistogramMatcher(source_images).as_correction()
+        adapted = GeneratorCheckpoint(generator=generator, markers=source.markers, setting=target_setting, percentiles=source.percentiles,
+                                      target_norm=source.target_norm, target_dtype=source.target_dtype, metadata=metadata)
+    adapted.metadata["label_free_choice"] = choice.as_dict()
+    return adapted
+
+
+@dataclass
+class AutoResult:
+    checkpoint: GeneratorCheckpoint
+    choice: Choice
+    adapted: dict[str, object]  # candidate name -> AdaptResult of each adaptation
+
+
+def adapt_and_choose(source: GeneratorCheckpoint, source_images: list[LoadedImage], target_images: list[LoadedImage],
+                     config: AdaptConfig, target_setting: str, *, layers: list[int] | None = None, selector_options: dict | None = None,
+                     progress: bool = True, log: Callable[[str], None] = print) -> AutoResult:
+    layers = layers or auto_layers(source.generator.num_layers)
+    candidates = [Candidate(UNADAPTED, source.generator)]
+    for name in CHEAP_CANDIDATES:
+        generator, transform = build_baseline(name, source.generator, source_images, target_images, seed=config.seed)
+        candidates.append(Candidate(name, generator, transform))
+    adapted, checkpoints = {}, {}
+    for layer in layers:
+        layer_config = config.model_copy(update={"layer": [layer]})
+        result = adapt(source, source_images, target_images, layer_config, progress=progress)
+        method = "adda" if layer == source.generator.last_layer else "lmadda"
+        name = f"{method}:{layer}"
+        log(f"[auto] layer {layer}: {result.steps_done} steps, G' updated at {result.g_updates}" + (" COLLAPSED" if result.collapsed else ""))
+        adapted[name] = result
+        if not result.collapsed:  # a collapsed run is never a candidate
+            candidates.append(Candidate(name, result.generator, family="lmadda"))
+            checkpoints[name] = result.checkpoint(source, layer_config, target_setting)
+    choice = Selector(source.generator, source_images, target_images, seed=config.seed, **(selector_options or {})).choose(candidates)
+    generator = next(c.generator for c in candidates if c.name == choice.chosen)
+    checkpoint = checkpoint_for(source, choice, generator, source_images, target_setting, checkpoints.get(choice.chosen))
+    return AutoResult(checkpoint, choice, adapted)

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+import torch
+
+from lmadda.baselines import HistogramMatcher
+from lmadda.selector import UNADAPTED, Candidate, Observation, Selector, decide
+from test_adapt import _images, _source
+
+
+def test_decide_takes_the_best_candidate_only_when_it_wins_on_most_crops_by_a_margin():
+    base = np.full(8, 1.0)
+    clear = decide({UNADAPTED: base, "lmadda:3": np.full(8, 0.5)}, "consensus")
+    assert (clear.chosen, clear.fell_back) == ("lmadda:3", False)
+    assert "wins on 100% of the target crops" in clear.reason
+    lucky = np.array([0.1, 0.1, 2.0, 2.0, 2.0, 0.1, 0.1, 0.1])  # better on average, worse on 3 of 8 crops
+    shaky = decide({UNADAPTED: base, "adabn": lucky}, "consensus")
+    assert (shaky.chosen, shaky.fell_back) == (UNADAPTED, True) and "only 62% of the target crops" in shaky.reason
+    tiny = decide({UNADAPTED: base, "adabn": base - 0.01}, "consensus")
+    assert (tiny.chosen, tiny.fell_back) == (UNADAPTED, True) and "looks like the source domain already" in tiny.reason
+    none = decide({UNADAPTED: base, "fda": base + 1}, "consensus")
+    assert (none.chosen, none.fell_back) == (UNADAPTED, True)
+
+
+def _damaged(generator, scale: float):
+    damaged = type(generator)(generator.config)
+    damaged.load_state_dict(generator.state_dict())
+    with torch.no_grad():
+        for parameter in damaged.layers[0].parameters():
+            parameter.add_(scale * torch.randn_like(parameter))
+    return damaged.eval()
+
+
+def test_on_an_in_domain_target_the_selector_keeps_the_unadapted_model():
+    source = _source()
+    torch.manual_seed(1)
+    source_images, target_images = _images(0.0, n=6), _images(0.0, n=6, seed=9)  # same distribution: nothing to adapt to
+    candidates = [Candidate(UNADAPTED, source.generator), Candidate("histogram_matching", source.generator, HistogramMatcher(source_images)),
+                  Candidate("lmadda:0", _damaged(source.generator, 0.5), family="lmadda"),
+                  Candidate("lmadda:1", _damaged(source.generator, 0.8), family="lmadda")]
+    for score in ("consensus", "output_w1", "feature_gap"):
+        choice = Selector(source.generator, source_images, target_images, crop_size=32, crops=8, score=score).choose(candidates)
+        assert choice.chosen == UNADAPTED and choice.fell_back, (score, choice.reason)
+        assert set(choice.means) == {c.name for c in candidates}
+
+
+def test_observations_survive_a_round_trip_and_give_the_same_choice(tmp_path):
+    source = _source()
+    source_images, target_images = _images(0.0), _images(1.5, seed=1)
+    selector = Selector(source.generator, source_images, target_images, crop_size=32, crops=4)
+    candidates = [Candidate(UNADAPTED, source.generator), Candidate("lmadda:1", _damaged(source.generator, 0.3), family="lmadda")]
+    kept = {c.name: Observation.load(selector.observe(c).save(tmp_path / f"{c.name}.npz")) for c in candidates}
+    assert kept["lmadda:1"].family == "lmadda"
+    assert selector.choose(kept).means == pytest.approx(selector.choose(candidates).means, rel=1e-2)
+
+
+def test_the_selector_refuses_candidates_without_the_unadapted_model():
+    source = _source()
+    selector = Selector(source.generator, _images(0.0), _images(1.5, seed=1), crop_size=32, crops=4)
+    with pytest.raises(ValueError, match="'don't adapt' is always an answer"):
+        selector.choose([Candidate("adabn", source.generator)])

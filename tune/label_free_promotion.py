@@ -1,0 +1,90 @@
+"""Promotion without target labels: the one label-free selector (lmadda.selector) over every candidate.
+
+For each target of a sweep, the candidates are the unadapted source model, AdaBN, histogram
+matching and every non-collapsed trial's adapted generator. The selector scores them on fixed crops
+of the unlabelled target training images and keeps the unadapted model unless a candidate is
+confidently better. The chosen model is registered under the target's alias for every marker:
+a trial's own generator artifact, or, when the choice is the unadapted model or a cheap correction,
+a checkpoint made for it (the source generator, AdaBN's generator, or the source generator with the
+histogram-matching correction that `lmadda predict` and the endpoint then apply), logged to a
+`choice` run of the sweep's experiment. Every version records the choice and its reason.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from lmadda.baselines import build_baseline
+from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
+from lmadda.data.dataset import load_images
+from lmadda.data.manifest import Manifest
+from lmadda.data.shifts import Shift
+from lmadda.errors import LmaddaError
+from lmadda.selector import UNADAPTED, Candidate, Selector
+from lmadda.study import CANDIDATE_FAMILIES
+from lmadda.study_config import SelectionSpec
+from lmadda.training.auto import CHEAP_CANDIDATES, checkpoint_for
+from tune.sweep_config import SweepConfig
+
+def _trial_candidate(client: MlflowClient, run, folder: Path, artifact_dir: str) -> tuple[Candidate, GeneratorCheckpoint]:
+    artifacts = client.list_artifacts(run.info.run_id, artifact_dir)
+    if not artifacts:
+        raise LmaddaError(f"trial run {run.info.run_id} has no generator artifact; re-run the sweep")
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifacts[0].path, dst_path=str(folder / run.info.run_id))
+    checkpoint = load_checkpoint(path)
+    params = run.data.params
+    name = f"lmadda:{params.get('layer')}@{float(params.get('lr')):g}/seed{params.get('seed')}"
+    return Candidate(name, checkpoint.generator, family=CANDIDATE_FAMILIES["lmadda"]), checkpoint
+
+
+def choose_per_target(client: MlflowClient, runs: list, sweep: SweepConfig, artifact_dir: str, log=print) -> dict[str, dict]:
+    """target -> {'choice': Choice, 'run': the chosen trial run or None, 'checkpoint': the model to register}."""
+    if not sweep.source.checkpoint.is_file():
+        raise LmaddaError(f"source checkpoint {sweep.source.checkpoint} not found: the label-free choice compares every trial "
+                          "with the unadapted model, so it needs the sweep's source model")
+    source = load_checkpoint(sweep.source.checkpoint)
+    manifest = Manifest.load(sweep.data.manifest)
+    source_train = load_images(manifest, sweep.data.source_setting, "train", percentiles=source.percentiles)
+    by_target: dict[str, list] = defaultdict(list)
+    for run in runs:
+        by_target[run.data.tags["target"]].append(run)
+    options = SelectionSpec().options()
+    chosen: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for target, target_runs in sorted(by_target.items()):
+            magnitude = target_runs[0].data.params.get("magnitude")
+            shift = Shift.parse(f"{sweep.data.shift}:{float(magnitude):g}") if sweep.data.shift and magnitude not in (None, "", "None") else None
+            target_train = load_images(manifest, sweep.data.target_setting, "train", shift=shift, percentiles=source.percentiles)
+            candidates = [Candidate(UNADAPTED, source.generator)]
+            models: dict[str, tuple[object, GeneratorCheckpoint | None]] = {UNADAPTED: (None, None)}
+            for name in CHEAP_CANDIDATES:
+                generator, transform = build_baseline(name, source.generator, source_train, target_train)
+                candidates.append(Candidate(name, generator, transform))
+                models[name] = (None, None)
+            for run in target_runs:
+                candidate, checkpoint = _trial_candidate(client, run, Path(folder), artifact_dir)
+                candidates.append(candidate)
+                models[candidate.name] = (run, checkpoint)
+            choice = Selector(source.generator, source_train, target_train, **options).choose(candidates)
+            run, checkpoint = models[choice.chosen]
+            generator = next(c.generator for c in candidates if c.name == choice.chosen)
+            checkpoint = checkpoint_for(source, choice, generator, source_train, target, checkpoint)
+            log(f"[promote] {target}: label-free choice {choice.chosen} ({choice.reason})")
+            chosen[target] = {"choice": choice, "run": run, "checkpoint": checkpoint}
+    return chosen
+
+
+def log_choice_checkpoint(client: MlflowClient, experiment_id: str, target: str, checkpoint: GeneratorCheckpoint, artifact_dir: str) -> str:
+    """A `choice` run holding the checkpoint made for a non-trial choice; returns its run id."""
+    run = client.create_run(experiment_id, run_name=f"label-free choice {target}",
+                            tags={"lmadda.kind": "choice", "target": target, "chosen": checkpoint.metadata["label_free_choice"]["chosen"]})
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_checkpoint(Path(folder) / "generator.pt", checkpoint)
+        client.log_artifact(run.info.run_id, str(path), artifact_dir)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
