@@ -23,10 +23,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The science in one process, then the layer sweep through Ray Tune + MLflow (tune/configs/quick.yaml),
-# then the HTTP endpoint on the promoted models: one image stained through it, written beside its input.
+# promoted without target labels (the label-free selector, as a lab would), then the HTTP endpoint on
+# the promoted models: one image stained through it, written beside its input.
 demo: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/lmadda demo --out $(DEMO_OUT)
-	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/lmadda sweep run --config tune/configs/quick.yaml --num-cpus 2 --reuse --promote
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/lmadda sweep run --config tune/configs/quick.yaml --num-cpus 2 --reuse
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/lmadda sweep promote --config tune/configs/quick.yaml --criterion label_free
 	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/lmadda serve --demo $(DEMO_OUT) --num-cpus 2
 
 test: $(STAMP)

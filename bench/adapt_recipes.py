@@ -81,9 +81,9 @@ def main() -> None:
                     config = AdaptConfig(**{**spec.adapt, **options, "layer": [layer], "seed": seed})
                     start = time.perf_counter()
                     result = adapt(source, source_train, target_train, config, progress=False)
-                    pearson = _mean(evaluate_generator(result.generator, target_val, source.markers))
+                    pearson = _mean(evaluate_generator(result.generator, target_val, source.markers, input_transform=result.input_correction))
                     table[(target, name, layer)].append(pearson)
-                    candidates.append(Candidate(f"{name}:{layer}:s{seed}", result.generator, family=name))
+                    candidates.append(Candidate(f"{name}:{layer}:s{seed}", result.generator, result.input_correction, family=name))
                     val_pearson[candidates[-1].name] = pearson
                     record = {"experiment": spec.name, "target": target, "recipe": name, "options": options, "layer": layer, "seed": seed,
                               "val_pearson": pearson, "unadapted": _mean(reference["unadapted"]), "g_updates": result.g_updates,
@@ -97,12 +97,13 @@ def main() -> None:
         best = max(val_pearson, key=val_pearson.get)
         print(f"  best by validation labels: {best} {val_pearson[best]:.3f}")
         for score in SCORES:
-            choice = decide(per_crop[score], score)
+            choice = decide(per_crop[score], score, floor=None if score == "consensus" else selector.floor[score])
             print(f"  {score:12s} chooses {choice.chosen:24s} val {val_pearson[choice.chosen]:.3f} "
                   f"(regret {val_pearson[best] - val_pearson[choice.chosen]:.3f}); {choice.reason}")
         with Path(args.out).with_name("adapt_recipes_selection.jsonl").open("a") as handle:
             handle.write(json.dumps({"experiment": spec.name, "target": target, "val_pearson": val_pearson,
-                                     "per_crop": {s: {n: v.tolist() for n, v in per_crop[s].items()} for s in SCORES}}) + "\n")
+                                     "per_crop": {s: {n: v.tolist() for n, v in per_crop[s].items()} for s in SCORES},
+                                     "floor": {s: v.tolist() for s, v in selector.floor.items() if s != "consensus"}}) + "\n")
     print("\nmean over seeds (validation Pearson)")
     for (target, name, layer), values in table.items():
         print(f"{target:36s} {name:12s} layer {layer:2d}: {np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})")

@@ -22,8 +22,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def aggregate(rows: list[dict], metric: str = "pearson") -> dict[tuple, tuple[float, float, int, bool]]:
     """(target, marker, method, layer) -> (mean, std, n images, collapsed) over images and seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
+    checkpoints = defaultdict(set)  # `lmadda evaluate` tables name each model's checkpoint: same-layer models stay apart
     for row in rows:
-        groups[(row["target"], row["marker"], row["method"], int(row["layer"]))].append(row)
+        checkpoints[(row["target"], row["method"], int(row["layer"]))].add(row.get("checkpoint"))
+    for row in rows:
+        method = row["method"]
+        if len(checkpoints[(row["target"], method, int(row["layer"]))]) > 1:
+            method = f"{method} [{Path(row['checkpoint']).name}]"
+        groups[(row["target"], row["marker"], method, int(row["layer"]))].append(row)
     return {
         key: (*_mean_std([r[metric] for r in group]), len(group), any(bool(r.get("collapsed")) for r in group))
         for key, group in groups.items()
@@ -33,7 +39,8 @@ def aggregate(rows: list[dict], metric: str = "pearson") -> dict[tuple, tuple[fl
 def _method_label(method: str, layer: int) -> str:
     if method == "label_free":
         return "label-free choice"
-    return f"{method} L{layer}" if layer >= 0 and method in ("lmadda", "adda", "lmadda_paper", "adda_paper") else method
+    family = method.split(" [")[0]
+    return f"{method} L{layer}" if layer >= 0 and family in ("lmadda", "adda", "lmadda_paper", "adda_paper") else method
 
 
 def choice_lines(rows: list[dict]) -> list[str]:
@@ -62,7 +69,7 @@ def summary_table(rows: list[dict], metric: str = "pearson") -> str:
     lines = [f"{metric}: mean ± std over test images (* = run flagged collapsed)"]
     for target in targets:
         methods = sorted({(meth, layer) for t, _, meth, layer in stats if t == target},
-                         key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[1]))
+                         key=lambda k: (METHOD_ORDER.index(k[0].split(" [")[0]) if k[0].split(" [")[0] in METHOD_ORDER else 99, k[1], k[0]))
         lines += ["", f"{target}", f"  {'method':20s}" + "".join(f"{m:>18s}" for m in markers)]
         for method, layer in methods:
             cells = []

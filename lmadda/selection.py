@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lmadda.data.dataset import LoadedImage, target_from_model_range
+from lmadda.evaluation import InputTransform
 from lmadda.inference import predict_tiled
 from lmadda.models.generator import UNetGenerator
 
@@ -61,15 +62,20 @@ def wasserstein_1d(a: np.ndarray, b: np.ndarray, quantiles: int = 256) -> float:
     return float(np.mean(np.abs(np.quantile(a, levels) - np.quantile(b, levels))))
 
 
+def _corrected(crops: np.ndarray, transform: InputTransform | None) -> np.ndarray:
+    return crops if transform is None else np.stack([transform(crop) for crop in crops]).astype(np.float32)
+
+
 @torch.no_grad()
-def _predict(generator: UNetGenerator, crops: np.ndarray) -> np.ndarray:
+def _predict(generator: UNetGenerator, crops: np.ndarray, transform: InputTransform | None = None) -> np.ndarray:
+    crops = _corrected(crops, transform)
     return np.stack([target_from_model_range(predict_tiled(generator, crop, tile=crop.shape[-1], device="cpu")) for crop in crops])
 
 
 @torch.no_grad()
-def _channel_means(generator: UNetGenerator, crops: np.ndarray, layer: int) -> np.ndarray:
+def _channel_means(generator: UNetGenerator, crops: np.ndarray, layer: int, transform: InputTransform | None = None) -> np.ndarray:
     generator.eval()
-    activation = generator.forward_to(layer, torch.from_numpy(crops)).activation
+    activation = generator.forward_to(layer, torch.from_numpy(_corrected(crops, transform))).activation
     return activation.mean(dim=(2, 3)).numpy()  # (N, C)
 
 
@@ -82,10 +88,12 @@ def label_free_criteria(
     crop_size: int = 256,
     crops: int = 8,
     seed: int = 0,
+    input_transform: InputTransform | None = None,
 ) -> dict[str, float]:
-    """Every criterion in CRITERIA for one adapted model (CPU, a few seconds at demo scale)."""
+    """Every criterion in CRITERIA for one adapted model (CPU, a few seconds at demo scale); `input_transform`:
+    the model's own input correction, if it carries one."""
     probe = SelectionProbe(source, source_images, target_images, crop_size=crop_size, crops=crops, seed=seed)
-    return probe.measure(adapted)[0]
+    return probe.measure(adapted, input_transform)[0]
 
 
 def channel_mean_shift(source_means: np.ndarray, target_means: np.ndarray) -> float:
@@ -115,11 +123,11 @@ class SelectionProbe:
         self.probe_layer = source.config.depth - 1  # the bottleneck: where every input has been summarised
         self.source_means = _channel_means(source, self.source_crops, self.probe_layer)
 
-    def measure(self, adapted: UNetGenerator) -> tuple[dict[str, float], np.ndarray]:
-        predicted = _predict(adapted, self.target_crops)
+    def measure(self, adapted: UNetGenerator, transform: InputTransform | None = None) -> tuple[dict[str, float], np.ndarray]:
+        predicted = _predict(adapted, self.target_crops, transform)
         output_w1 = float(np.mean([wasserstein_1d(self.reference[:, c], predicted[:, c]) for c in range(self.reference.shape[1])]))
-        probe_shift = channel_mean_shift(self.source_means, _channel_means(adapted, self.target_crops, self.probe_layer))
-        mirrored = _predict(adapted, self.target_crops[..., ::-1].copy())[..., ::-1]
+        probe_shift = channel_mean_shift(self.source_means, _channel_means(adapted, self.target_crops, self.probe_layer, transform))
+        mirrored = _predict(adapted, self.target_crops[..., ::-1].copy(), transform)[..., ::-1]
         flip_inconsistency = float(np.mean(np.abs(mirrored - predicted)))
         return {"output_w1": output_w1, "probe_shift": probe_shift, "flip_inconsistency": flip_inconsistency}, predicted
 

@@ -41,7 +41,7 @@ from lmadda.selection import CRITERIA
 SCORES = ("consensus", "output_w1", "feature_gap", "flip")
 # `lmadda sweep promote --criterion`: labelled Pearson, this selector, or one per-trial criterion (for comparison)
 PROMOTION_CRITERIA = ("auto", "pearson", "label_free", *(f"lf_{name}" for name in CRITERIA))
-DEFAULT_SCORE = "consensus"
+DEFAULT_SCORE = "feature_gap"
 UNADAPTED = "unadapted"
 
 
@@ -135,31 +135,44 @@ def _w1_to_pool(values: np.ndarray, pool: np.ndarray, quantiles: int = 128) -> f
 
 
 class Selector:
-    """Fixed crops of source and unlabelled target images; `scores(candidates)` and `choose(candidates)`."""
+    """Fixed crops of source and unlabelled target images; `per_crop(candidates)` and `choose(candidates)`."""
 
     def __init__(self, source: UNetGenerator, source_images: list[LoadedImage], target_images: list[LoadedImage], *,
                  crop_size: int = 128, crops: int = 16, seed: int = 0, score: str = DEFAULT_SCORE,
-                 min_win_fraction: float = 0.75, min_gain: float = 0.05):
+                 min_win_fraction: float = 0.75, min_gain: float = 0.25):
         if score not in SCORES:
             raise ValueError(f"unknown selection score {score!r}; known: {', '.join(SCORES)}")
         if not source_images or not target_images:
             raise ValueError("the selector needs source images and unlabelled target images")
-        sizes = [s for image in source_images + target_images for s in image.input.shape[1:]]
-        size = min(crop_size, *sizes)
-        size -= size % source.config.multiple
-        if size <= 0:
-            raise ValueError(f"images ({min(sizes)} px) are smaller than the model's input multiple {source.config.multiple}")
+        multiple = source.config.multiple
+        smallest = min(s for image in source_images + target_images for s in image.input.shape[1:])
+        if smallest < multiple:
+            raise ValueError(f"images ({smallest} px) are smaller than the model's input multiple {multiple} (2**depth)")
+        size = min(max(crop_size, multiple), smallest) // multiple * multiple  # crops are multiples of 2**depth
         self.score, self.min_win_fraction, self.min_gain = score, min_win_fraction, min_gain
         self.bottleneck = source.config.depth - 1
         self.target_crops = _crops(target_images, size, crops, seed + 1)
-        source_crops = _crops(source_images, size, crops, seed)
-        predicted, means, _ = _run(source, source_crops, None, self.bottleneck)
+        predicted, means, _ = _run(source, _crops(source_images, size, crops, seed), None, self.bottleneck)
         self.source_pool = predicted  # (N, C, H, W): what stains look like in the source domain
         self.source_mean, self.source_spread = means.mean(axis=0), means.std(axis=0) + 1e-6
+        # The floor: the source model on other source crops, scored like a candidate. A target whose unadapted
+        # score sits within this is already in domain; a gain is measured against the excess over it.
+        held_out = _run(source, _crops(source_images, size, crops, seed + 2), None, self.bottleneck)
+        self.floor = self._scores(Observation("source", held_out[0], held_out[2], held_out[1]), consensus=None)
 
     def observe(self, candidate: Candidate) -> Observation:
         predicted, means, mirrored = _run(candidate.generator, self.target_crops, candidate.input_transform, self.bottleneck)
         return Observation(candidate.family_name, predicted, mirrored, means)
+
+    def _scores(self, observation: Observation, consensus: np.ndarray | None) -> dict[str, np.ndarray]:
+        predicted, means, mirrored = observation.predicted, observation.means, observation.mirrored
+        channels = self.source_pool.shape[1]
+        return {
+            "consensus": np.abs(predicted - consensus).mean(axis=(1, 2, 3)) if consensus is not None else np.zeros(len(predicted)),
+            "output_w1": np.array([np.mean([_w1_to_pool(p[ch], self.source_pool[:, ch]) for ch in range(channels)]) for p in predicted]),
+            "feature_gap": (np.abs(means - self.source_mean) / self.source_spread).mean(axis=1),
+            "flip": np.abs(mirrored - predicted).mean(axis=(1, 2, 3)),
+        }
 
     def per_crop(self, candidates: list[Candidate] | dict[str, Observation]) -> dict[str, dict[str, np.ndarray]]:
         """score name -> candidate name -> per-crop values (lower is better)."""
@@ -176,37 +189,50 @@ class Selector:
         # one vote per family: its own median, so twelve adapted layers do not outvote one correction
         votes = np.stack([np.median(np.stack(members), axis=0) for members in families.values()])
         consensus = np.median(votes, axis=0)
-        result: dict[str, dict[str, np.ndarray]] = {s: {} for s in SCORES}
-        channels = self.source_pool.shape[1]
+        result: dict[str, dict[str, np.ndarray]] = {score: {} for score in SCORES}
         for name, observation in observations.items():
-            predicted, means, mirrored = observation.predicted, observation.means, observation.mirrored
-            result["consensus"][name] = np.abs(predicted - consensus).mean(axis=(1, 2, 3))
-            result["output_w1"][name] = np.array([np.mean([_w1_to_pool(p[ch], self.source_pool[:, ch]) for ch in range(channels)])
-                                                  for p in predicted])
-            result["feature_gap"][name] = (np.abs(means - self.source_mean) / self.source_spread).mean(axis=1)
-            result["flip"][name] = np.abs(mirrored - predicted).mean(axis=(1, 2, 3))
+            for score, values in self._scores(observation, consensus).items():
+                result[score][name] = values
         return result
 
     def choose(self, candidates: list[Candidate] | dict[str, Observation]) -> Choice:
         if UNADAPTED not in (candidates if isinstance(candidates, dict) else [c.name for c in candidates]):
             raise ValueError("the candidates must include the unadapted model: 'don't adapt' is always an answer")
-        return decide(self.per_crop(candidates)[self.score], self.score, min_win_fraction=self.min_win_fraction, min_gain=self.min_gain)
+        floor = None if self.score == "consensus" else self.floor[self.score]  # consensus has no in-domain reference
+        return decide(self.per_crop(candidates)[self.score], self.score, floor=floor,
+                      min_win_fraction=self.min_win_fraction, min_gain=self.min_gain)
 
 
-def decide(per_crop: dict[str, np.ndarray], score: str, *, min_win_fraction: float = 0.75, min_gain: float = 0.05) -> Choice:
-    """The best candidate by mean score, kept only when it is confidently better than the unadapted model."""
+def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | None = None,
+           min_win_fraction: float = 0.75, min_gain: float = 0.25) -> Choice:
+    """The best candidate by mean score, kept only when it is confidently better than the unadapted model.
+
+    `floor`: the score of the source model on held-out source crops, the in-domain level. With it, the
+    target must look shifted (the unadapted model above the floor's median on `min_win_fraction` of the
+    crops) and the gain is the fraction of the excess over the floor that the candidate removes;
+    without it, the fraction of the unadapted model's score. Either way the gain must reach `min_gain`
+    and the candidate must beat the unadapted model on `min_win_fraction` of the crops.
+    """
     means = {name: float(np.mean(values)) for name, values in per_crop.items()}
     base = per_crop[UNADAPTED]
     wins = {name: float(np.mean(values < base)) for name, values in per_crop.items()}
+    if floor is not None:
+        shifted = float(np.mean(base > np.median(floor)))
+        if shifted < min_win_fraction:
+            return Choice(UNADAPTED, True, f"the target looks like the source domain: the unadapted model's {score} exceeds the "
+                                           f"source's own level on only {shifted:.0%} of the target crops; nothing to adapt to",
+                          score, means, wins)
     best = min(means, key=means.get)
     if best == UNADAPTED:
         return Choice(UNADAPTED, True, f"no candidate scores better than the unadapted model on {score}", score, means, wins)
-    gain = (means[UNADAPTED] - means[best]) / max(abs(means[UNADAPTED]), 1e-12)
+    excess = means[UNADAPTED] - (float(np.mean(floor)) if floor is not None else 0.0)
+    gain = (means[UNADAPTED] - means[best]) / max(excess, 1e-12)
+    unit = "of the unadapted model's excess over the source level" if floor is not None else "of the unadapted model's score"
     if wins[best] < min_win_fraction:
         return Choice(UNADAPTED, True, f"{best} is better on only {wins[best]:.0%} of the target crops "
                                        f"(needs {min_win_fraction:.0%}): not confidently better, keep the unadapted model", score, means, wins)
     if gain < min_gain:
-        return Choice(UNADAPTED, True, f"{best} improves {score} by only {gain:.1%} (needs {min_gain:.0%}): "
-                                       "the target looks like the source domain already, keep the unadapted model", score, means, wins)
-    return Choice(best, False, f"{best} improves {score} by {gain:.0%} over the unadapted model and wins on "
+        return Choice(UNADAPTED, True, f"{best} removes only {gain:.0%} {unit} (needs {min_gain:.0%}): "
+                                       "not enough to change models, keep the unadapted model", score, means, wins)
+    return Choice(best, False, f"{best} removes {min(gain, 9.99):.0%} {unit} in {score} and beats the unadapted model on "
                                f"{wins[best]:.0%} of the target crops", score, means, wins)

@@ -27,7 +27,7 @@ from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
-from lmadda.evaluation import evaluate_generator
+from lmadda.evaluation import InputTransform, evaluate_generator
 from lmadda.models.generator import UNetGenerator
 from lmadda.selector import Candidate, Choice, Observation, Selector
 from lmadda.training.adapt import AdaptConfig, adapt
@@ -80,7 +80,7 @@ def _rows_of(image: LoadedImage, fraction: float, bottom: bool) -> LoadedImage:
 
 
 RowsCallback = Callable[[list[dict]], None]
-ModelCallback = Callable[["TargetDomain", dict, UNetGenerator], dict]
+ModelCallback = Callable[["TargetDomain", dict, UNetGenerator, "InputTransform | None"], dict]
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class ResultTable:
                    and (matched is None or r.get("matched") == matched) for r in self.rows)
 
 
-PAPER_FIXED = ("lr", "d_lr", "gate_accuracy", "d_warmup_steps", "source_anchor", "recipe")
+PAPER_FIXED = ("lr", "d_lr", "gate_accuracy", "d_warmup_steps", "source_anchor", "input_correction", "recipe")
 
 
 def candidate_name(method: str, matched: str, lr: float | None) -> str:
@@ -194,7 +194,7 @@ def run_study(
     on disk in `out`/selection, and once a domain's candidates exist the choice lands as rows of
     method `label_free`, the chosen candidate's test rows with `chosen` and `fell_back` set (`choose`
     False defers it, for a caller that adds more candidates of the same seed in a later call).
-    `on_model(domain, tags, generator)` sees every adapted generator and returns extra columns for
+    `on_model(domain, tags, generator, input_transform)` sees every adapted model and returns extra columns for
     its rows (the label-free criteria); `on_rows(rows)` gets the rows of each model as they land.
     """
     data = manifest if isinstance(manifest, ImageSource) else ImageSource(manifest)
@@ -256,14 +256,14 @@ def run_study(
                 continue
             config = base_config.model_copy(update={"layer": matched_layers})
             result = adapt(source, source_train, target_train, config, progress=progress)
-            observe(candidate, method, result.generator)
+            observe(candidate, method, result.generator, result.input_correction)
             if done:  # measured in an earlier run that predates the label-free choice: observed now, not re-logged
                 continue
             tags = dict(layer=layer, matched=matched, lr=config.lr, collapsed=result.collapsed,
                         d_saturated=result.d_saturated, g_updates=result.g_updates, seconds=result.seconds)
-            rows = evaluate_generator(result.generator, target_test, markers)
+            rows = evaluate_generator(result.generator, target_test, markers, input_transform=result.input_correction)
             if on_model is not None:
-                extra = on_model(domain, {**tags, "method": method, "seed": seed}, result.generator)
+                extra = on_model(domain, {**tags, "method": method, "seed": seed}, result.generator, result.input_correction)
                 rows = [{**row, **extra} for row in rows]
             record(method, rows, **tags)
             if save_models and out is not None and len(matched_layers) == 1:

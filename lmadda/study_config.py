@@ -153,10 +153,11 @@ class SelectionSpec(_Strict):
 
     score: Literal[SCORES] = Field(DEFAULT_SCORE, description="what the selector ranks candidates by")
     crops: int = Field(16, ge=4, description="fixed unlabelled target crops the candidates are scored on")
-    crop_size: int = Field(128, ge=16)
+    crop_size: int = Field(128, ge=16, description="crop side; raised to the model multiple 2**depth where smaller")
     min_win_fraction: float = Field(0.75, gt=0.5, le=1.0, description="the chosen model must beat the unadapted one on this "
                                                                        "fraction of the crops, or the choice falls back to it")
-    min_gain: float = Field(0.05, ge=0, description="and improve its mean score by this fraction")
+    min_gain: float = Field(0.25, ge=0, description="and remove this fraction of the unadapted model's excess over the "
+                                                     "source's own level (the whole score for consensus)")
 
     def options(self) -> dict:
         return self.model_dump()

@@ -116,8 +116,8 @@ class CriteriaRecorder:
                                                       crop_size=criteria.crop_size, crops=criteria.crops)
         return self.probes[domain.name]
 
-    def __call__(self, domain: TargetDomain, tags: dict, generator) -> dict:
-        criteria, prediction = self.probe(domain).measure(generator)
+    def __call__(self, domain: TargetDomain, tags: dict, generator, input_transform=None) -> dict:
+        criteria, prediction = self.probe(domain).measure(generator, input_transform)
         path = self.prediction_path({"target": domain.name, **tags})
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, prediction.astype(np.float16))
@@ -163,7 +163,8 @@ def _panel(spec: ExperimentSpec, source: GeneratorCheckpoint, data: ImageSource,
     config = AdaptConfig(layer=[layer], lr=lr, seed=seed, **spec.adapt)
     source_train = data.load(spec.source.setting, "train", percentiles=source.percentiles)
     target_train = data.load(domain.setting, "train", shift=domain.shift, percentiles=source.percentiles, seed=seed)
-    adapted = adapt(source, source_train, target_train, config, progress=False).generator
+    result = adapt(source, source_train, target_train, config, progress=False)
+    adapted, correct = result.generator, result.input_correction or (lambda image: image)
     image = data.load(domain.setting, "test", source.markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 7)[0]
     # a 256-px window from the middle of the field keeps the panel small and legible
     height, width = image.input.shape[1:]
@@ -174,7 +175,7 @@ def _panel(spec: ExperimentSpec, source: GeneratorCheckpoint, data: ImageSource,
     panels = [(f"input ({domain.name})", image.input[0][window[1:]]),
               (f"truth ({marker})", target_from_model_range(image.target[window])[0]),
               ("unadapted", target_from_model_range(predict_tiled(source.generator, image.input[window]))[0]),
-              (f"LM-ADDA layer {layer}", target_from_model_range(predict_tiled(adapted, image.input[window]))[0])]
+              (f"LM-ADDA layer {layer}", target_from_model_range(predict_tiled(adapted, correct(image.input[window])))[0])]
     name = domain.name.replace(":", "_").replace("+", "_")
     return sample_panel(panels, out / "panels" / f"panel_{name}.png", title=f"{spec.title}: {domain.name}, test field {image.field}")
 

@@ -187,3 +187,17 @@ def _anchor_drift(anchor: float) -> float:
 
 def test_source_anchor_keeps_the_adapted_generator_close_to_the_source_on_source_images():
     assert _anchor_drift(100.0) < 0.5 * _anchor_drift(0.0)
+
+
+def test_input_correction_adapts_on_histogram_matched_targets_and_the_checkpoint_carries_it():
+    from lmadda.baselines import input_correction
+
+    source = _source()
+    config = _config(input_correction="histogram_matching")
+    result = adapt(source, _images(0.0), _images(3.0, seed=1), config, progress=False)
+    carried = input_correction(result.checkpoint(source, config, "target").metadata)
+    image = _images(3.0, seed=2)[0].input
+    np.testing.assert_array_equal(carried(image), result.input_correction(image))
+    assert abs(float(carried(image).mean())) < 0.5  # the +3 offset is gone before G' sees the image
+    with pytest.raises(ValueError, match="fixes input_correction"):
+        AdaptConfig(layer=3, recipe="paper", input_correction="histogram_matching")

@@ -83,3 +83,13 @@ def test_source_baselines_reproduce_the_studys_rows_for_the_same_seed(tiny_synth
     assert set(study_rows) == {key(r) for r in evaluated}
     for row in evaluated:
         assert row["pearson"] == pytest.approx(study_rows[key(row)]["pearson"], abs=1e-6), key(row)
+
+
+def test_the_report_keeps_two_checkpoints_of_the_same_method_and_layer_apart():
+    from lmadda.report import summary_table
+
+    rows = [{"target": "t", "marker": "dapi", "method": "lmadda", "layer": 3, "pearson": value, "checkpoint": path}
+            for path, value in (("runs/a.pt", 0.2), ("runs/b.pt", 0.8))]
+    table = summary_table(rows)
+    assert "lmadda [a.pt] L3" in table and "lmadda [b.pt] L3" in table
+    assert "0.200 ± 0.000" in table and "0.800 ± 0.000" in table

@@ -11,12 +11,17 @@ def test_decide_takes_the_best_candidate_only_when_it_wins_on_most_crops_by_a_ma
     base = np.full(8, 1.0)
     clear = decide({UNADAPTED: base, "lmadda:3": np.full(8, 0.5)}, "consensus")
     assert (clear.chosen, clear.fell_back) == ("lmadda:3", False)
-    assert "wins on 100% of the target crops" in clear.reason
+    assert "beats the unadapted model on 100% of the target crops" in clear.reason
     lucky = np.array([0.1, 0.1, 2.0, 2.0, 2.0, 0.1, 0.1, 0.1])  # better on average, worse on 3 of 8 crops
     shaky = decide({UNADAPTED: base, "adabn": lucky}, "consensus")
     assert (shaky.chosen, shaky.fell_back) == (UNADAPTED, True) and "only 62% of the target crops" in shaky.reason
     tiny = decide({UNADAPTED: base, "adabn": base - 0.01}, "consensus")
-    assert (tiny.chosen, tiny.fell_back) == (UNADAPTED, True) and "looks like the source domain already" in tiny.reason
+    assert (tiny.chosen, tiny.fell_back) == (UNADAPTED, True) and "removes only 1% of the unadapted model's score" in tiny.reason
+    # with the source's own level as the floor, the gain counts against the excess over it
+    floor = np.full(8, 0.9)
+    assert decide({UNADAPTED: base, "adabn": base - 0.05}, "feature_gap", floor=floor).chosen == "adabn"  # half the excess
+    in_domain = decide({UNADAPTED: floor + 0.01 * np.sign(np.arange(8) - 3.5), "adabn": floor - 0.5}, "feature_gap", floor=floor)
+    assert (in_domain.chosen, in_domain.fell_back) == (UNADAPTED, True) and "looks like the source domain" in in_domain.reason
     none = decide({UNADAPTED: base, "fda": base + 1}, "consensus")
     assert (none.chosen, none.fell_back) == (UNADAPTED, True)
 

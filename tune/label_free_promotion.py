@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.tracking import MlflowClient
 
 from lmadda.baselines import build_baseline
@@ -25,6 +26,7 @@ from lmadda.data.dataset import load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
+from lmadda.evaluation import evaluate_generator
 from lmadda.selector import UNADAPTED, Candidate, Selector
 from lmadda.study import CANDIDATE_FAMILIES
 from lmadda.study_config import SelectionSpec
@@ -75,8 +77,29 @@ def choose_per_target(client: MlflowClient, runs: list, sweep: SweepConfig, arti
             generator = next(c.generator for c in candidates if c.name == choice.chosen)
             checkpoint = checkpoint_for(source, choice, generator, source_train, target, checkpoint)
             log(f"[promote] {target}: label-free choice {choice.chosen} ({choice.reason})")
+            shown = labelled_view(candidates, choice.chosen, manifest, sweep.data.target_setting, shift, source)
+            if shown:
+                log(f"[promote] {target}: test Pearson, measured after the choice: {shown}")
             chosen[target] = {"choice": choice, "run": run, "checkpoint": checkpoint}
     return chosen
+
+
+def labelled_view(candidates: list[Candidate], chosen: str, manifest: Manifest, setting: str, shift: Shift | None, source) -> str:
+    """Where the target has labelled test images: each candidate's Pearson, for the reader (the choice never sees it)."""
+    try:
+        images = load_images(manifest, setting, "test", source.markers, shift=shift, percentiles=source.percentiles)
+    except LmaddaError:
+        return ""  # no labels: nothing to show
+    scores = {c.name: float(np.nanmean([r["pearson"] for r in evaluate_generator(c.generator, images, source.markers,
+                                                                                   input_transform=c.input_transform)]))
+              for c in candidates}
+    trials = {name: value for name, value in scores.items() if name.startswith("lmadda:")}
+    best_trial = max(trials, key=trials.get) if trials else None
+    parts = [f"chosen ({chosen}) {scores[chosen]:.3f}", f"unadapted {scores[UNADAPTED]:.3f}"]
+    parts += [f"{name} {scores[name]:.3f}" for name in CHEAP_CANDIDATES]
+    if best_trial:
+        parts.append(f"best trial ({best_trial}) {trials[best_trial]:.3f}")
+    return " | ".join(parts)
 
 
 def log_choice_checkpoint(client: MlflowClient, experiment_id: str, target: str, checkpoint: GeneratorCheckpoint, artifact_dir: str) -> str:

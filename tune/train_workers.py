@@ -114,13 +114,14 @@ def source_worker(config: dict) -> None:
     train_source(train_config, progress=False, data=(train_images, val_images), hooks=hooks, resume=resume, on_epoch=report)
 
 
-def labelled_pearson(generator: UNetGenerator, manifest: Manifest, setting: str, shift: Shift | None, source) -> dict[str, float]:
+def labelled_pearson(generator: UNetGenerator, manifest: Manifest, setting: str, shift: Shift | None, source,
+                     input_transform=None) -> dict[str, float]:
     """Pearson per marker on the target's labelled test split; empty when the target has no labels."""
     try:
         images = load_images(manifest, setting, "test", source.markers, shift=shift, percentiles=source.percentiles)
     except LmaddaError:
         return {}  # no paired target images: a label-free criterion has to choose
-    rows = evaluate_generator(generator, images, source.markers)
+    rows = evaluate_generator(generator, images, source.markers, input_transform=input_transform)
     metrics = {f"pearson_{m}": float(np.nanmean([r["pearson"] for r in rows if r["marker"] == m])) for m in source.markers}
     metrics["pearson"] = float(np.nanmean(list(metrics.values())))
     return metrics
@@ -193,9 +194,11 @@ def run_adaptation(config: dict, *, world_size: int, rank: int, device: torch.de
                 torch.save(adapter.state_dict(), Path(folder) / STATE_FILE)
                 result = adapter.finish()
                 if adapter.finished:  # the last report carries the evaluations: labelled where labels exist, label-free always
-                    metrics.update(labelled_pearson(result.generator, manifest, config["target_setting"], shift, source))
+                    metrics.update(labelled_pearson(result.generator, manifest, config["target_setting"], shift, source,
+                                                    result.input_correction))
                     criteria = label_free_criteria(source.generator, result.generator, source_images, target_images,
-                                                   crop_size=adapt_config.crop_size, seed=adapt_config.seed)
+                                                   crop_size=adapt_config.crop_size, seed=adapt_config.seed,
+                                                   input_transform=result.input_correction)
                     metrics.update({f"lf_{name}": value for name, value in criteria.items()})
                 save_checkpoint(Path(folder) / GENERATOR_FILE, result.checkpoint(
                     source, adapt_config.model_copy(update={"batch_size": effective_batch}), target_name, **tags))

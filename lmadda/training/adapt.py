@@ -33,6 +33,7 @@ step at an early layer is much cheaper than a step at the last.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
+from lmadda.baselines import HistogramMatcher
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage, UnpairedCrops
 from lmadda.errors import LmaddaError
@@ -52,7 +54,7 @@ from lmadda.training.common import Progress, autocast_for, endless, resolve_devi
 
 
 # ADDA as published (Tzeng et al. 2017): one Adam setting for both players, G' updated at every step.
-PAPER_RECIPE = {"lr": 2e-4, "d_lr": None, "gate_accuracy": None, "d_warmup_steps": 0, "source_anchor": 0.0}
+PAPER_RECIPE = {"lr": 2e-4, "d_lr": None, "gate_accuracy": None, "d_warmup_steps": 0, "source_anchor": 0.0, "input_correction": None}
 
 
 class AdaptConfig(BaseModel):
@@ -80,6 +82,9 @@ class AdaptConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="one-sided: D's 'source' label is 1 - this")
     gate_accuracy: float | None = Field(0.6, ge=0.5, le=1.0, description="update G' only while D's running accuracy is at least this (0.6 as in pytorch-adapt); None: always")
     d_warmup_steps: int = Field(10, ge=0, description="D-only steps before G' starts to move")
+    input_correction: Literal["histogram_matching"] | None = Field(None, description="correct target inputs first (histogram "
+                                                                                  "matching onto the source), then match features; "
+                                                                                  "the checkpoint carries the correction")
     source_anchor: float = Field(0.0, ge=0, description="weight of an L1 term keeping G'(x) = G(x) across the cut for source "
                                                         "images x (0: off); a label-free guard against drift")
     bn_mode: Literal["frozen", "train"] = Field("frozen", description="BatchNorm of the trained layers: keep source statistics, or re-estimate them on target batches")
@@ -136,6 +141,7 @@ class AdaptResult:
     # adapted model is the source model (D found nothing to match within the steps given)
     g_updates: int = 0
     seconds: float = 0.0
+    input_correction: HistogramMatcher | None = None  # applied to target inputs before G' (config.input_correction)
 
     def checkpoint(self, source: GeneratorCheckpoint, config: AdaptConfig, target_setting: str, **extra) -> GeneratorCheckpoint:
         method = "adda" if config.layer == [self.generator.last_layer] else "lmadda"
@@ -146,6 +152,8 @@ class AdaptResult:
             "steps_done": self.steps_done, "g_updates": self.g_updates, "source_setting": source.setting,
             "source_metadata": {k: v for k, v in source.metadata.items() if k != "history"}, **extra,
         }
+        if self.input_correction is not None:
+            metadata["input_correction"] = self.input_correction.as_correction()
         return GeneratorCheckpoint(
             generator=self.generator, markers=source.markers, setting=target_setting,
             percentiles=source.percentiles, target_norm=source.target_norm, target_dtype=source.target_dtype, metadata=metadata,
@@ -286,6 +294,9 @@ class Adapter:
         crops = max(64, config.batch_size)
         self.source_batches = endless(UnpairedCrops(source_images, config.crop_size, length=crops, seed=config.seed),
                                       config.batch_size, config.seed, sampler_factory)
+        self.input_correction = HistogramMatcher(source_images) if config.input_correction == "histogram_matching" else None
+        if self.input_correction is not None:  # G' learns on corrected inputs, as it will see them in use
+            target_images = [dataclasses.replace(image, input=self.input_correction(image.input)) for image in target_images]
         self.target_batches = endless(UnpairedCrops(target_images, config.crop_size, length=crops, seed=config.seed + 1),
                                       config.batch_size, config.seed + 1, sampler_factory)
 
@@ -305,7 +316,7 @@ class Adapter:
         self.step_number = 0
         self.running_accuracy = 0.5
         self.saturated_logs = 0
-        self.result = AdaptResult(generator=self.target_generator)
+        self.result = AdaptResult(generator=self.target_generator, input_correction=self.input_correction)
         self._sums = {"g_loss": 0.0, "d_loss": 0.0, "d_acc": 0.0, "g_updates": 0.0}
 
     def step(self) -> dict | None:

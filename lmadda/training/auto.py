@@ -65,7 +65,7 @@ def adapt_and_choose(source: GeneratorCheckpoint, source_images: list[LoadedImag
         log(f"[auto] layer {layer}: {result.steps_done} steps, G' updated at {result.g_updates}" + (" COLLAPSED" if result.collapsed else ""))
         adapted[name] = result
         if not result.collapsed:  # a collapsed run is never a candidate
-            candidates.append(Candidate(name, result.generator, family="lmadda"))
+            candidates.append(Candidate(name, result.generator, result.input_correction, family="lmadda"))
             checkpoints[name] = result.checkpoint(source, layer_config, target_setting)
     choice = Selector(source.generator, source_images, target_images, seed=config.seed, **(selector_options or {})).choose(candidates)
     generator = next(c.generator for c in candidates if c.name == choice.chosen)
