@@ -44,7 +44,7 @@ from lmadda.models.generator import UNetGenerator
 CRITERIA = ("output_w1", "probe_shift", "flip_inconsistency")  # all: lower is better; the choice itself is lmadda.selector's
 
 
-def _crops(images: list[LoadedImage], size: int, count: int, seed: int) -> np.ndarray:
+def fixed_crops(images: list[LoadedImage], size: int, count: int, seed: int) -> np.ndarray:
     """`count` fixed random crops of the inputs, (N, C, size, size) in model units."""
     rng = np.random.default_rng(seed)
     crops = []
@@ -117,8 +117,8 @@ class SelectionProbe:
         if size <= 0:
             raise ValueError(f"images are smaller than the model's input multiple {source.config.multiple}")
         self.source = source
-        self.source_crops = _crops(source_images, size, crops, seed)
-        self.target_crops = _crops(target_images, size, crops, seed + 1)
+        self.source_crops = fixed_crops(source_images, size, crops, seed)
+        self.target_crops = fixed_crops(target_images, size, crops, seed + 1)
         self.reference = _predict(source, self.source_crops)  # what stains look like in the source domain
         self.probe_layer = source.config.depth - 1  # the bottleneck: where every input has been summarised
         self.source_means = _channel_means(source, self.source_crops, self.probe_layer)

@@ -36,7 +36,7 @@ import torch
 from lmadda.data.dataset import LoadedImage, target_from_model_range
 from lmadda.evaluation import InputTransform
 from lmadda.models.generator import UNetGenerator
-from lmadda.selection import CRITERIA
+from lmadda.selection import CRITERIA, fixed_crops
 
 SCORES = ("consensus", "output_w1", "feature_gap", "flip")
 # `lmadda sweep promote --criterion`: labelled Pearson, this selector, or one per-trial criterion (for comparison)
@@ -73,17 +73,6 @@ class Choice:
     def as_dict(self) -> dict:
         return {"chosen": self.chosen, "fell_back": self.fell_back, "reason": self.reason, "score": self.score,
                 "means": self.means, "win_fraction": self.win_fraction}
-
-
-def _crops(images: list[LoadedImage], size: int, count: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    crops = []
-    for index in range(count):
-        image = images[index % len(images)].input
-        top = int(rng.integers(0, image.shape[1] - size + 1))
-        left = int(rng.integers(0, image.shape[2] - size + 1))
-        crops.append(image[:, top:top + size, left:left + size])
-    return np.stack(crops).astype(np.float32)
 
 
 @dataclass
@@ -151,13 +140,13 @@ class Selector:
         size = min(max(crop_size, multiple), smallest) // multiple * multiple  # crops are multiples of 2**depth
         self.score, self.min_win_fraction, self.min_gain = score, min_win_fraction, min_gain
         self.bottleneck = source.config.depth - 1
-        self.target_crops = _crops(target_images, size, crops, seed + 1)
-        predicted, means, _ = _run(source, _crops(source_images, size, crops, seed), None, self.bottleneck)
+        self.target_crops = fixed_crops(target_images, size, crops, seed + 1)
+        predicted, means, _ = _run(source, fixed_crops(source_images, size, crops, seed), None, self.bottleneck)
         self.source_pool = predicted  # (N, C, H, W): what stains look like in the source domain
         self.source_mean, self.source_spread = means.mean(axis=0), means.std(axis=0) + 1e-6
         # The floor: the source model on other source crops, scored like a candidate. A target whose unadapted
         # score sits within this is already in domain; a gain is measured against the excess over it.
-        held_out = _run(source, _crops(source_images, size, crops, seed + 2), None, self.bottleneck)
+        held_out = _run(source, fixed_crops(source_images, size, crops, seed + 2), None, self.bottleneck)
         self.floor = self._scores(Observation("source", held_out[0], held_out[2], held_out[1]), consensus=None)
 
     def observe(self, candidate: Candidate) -> Observation:

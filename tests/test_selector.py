@@ -63,3 +63,13 @@ def test_the_selector_refuses_candidates_without_the_unadapted_model():
     selector = Selector(source.generator, _images(0.0), _images(1.5, seed=1), crop_size=32, crops=4)
     with pytest.raises(ValueError, match="'don't adapt' is always an answer"):
         selector.choose([Candidate("adabn", source.generator)])
+
+
+def test_the_demo_prints_the_label_free_choice_beside_the_unadapted_model_and_the_best_cheap_baseline():
+    from lmadda.report import choice_lines
+
+    rows = [{"target": "t", "method": m, "pearson": p, "seed": 0, "chosen": c, "fell_back": f}
+            for m, p, c, f in [("unadapted", 0.5, None, None), ("adabn", 0.6, None, None), ("histogram_matching", 0.7, None, None),
+                               ("label_free", 0.7, "histogram_matching", False)]]
+    assert choice_lines(rows) == ["t: label-free choice 0.700 [histogram_matching] | unadapted 0.500 | "
+                                  "best cheap baseline histogram_matching 0.700"]
