@@ -68,15 +68,17 @@ def main() -> None:
         domain = TargetDomain.parse(target)
         target_train = data.load(domain.setting, "train", shift=domain.shift, percentiles=source.percentiles)
         target_val = data.load(domain.setting, "val", source.markers, shift=domain.shift, percentiles=source.percentiles, seed=1)
+        # the study's candidates (FDA needs source images at run time: a reference, never a candidate)
         candidates = [Candidate("unadapted", source.generator), Candidate("adabn", adabn(source.generator, target_train)),
-                      Candidate("histogram_matching", source.generator, HistogramMatcher(source_train)),
-                      Candidate("fda", source.generator, FourierAmplitudeTransfer(source_train))]
+                      Candidate("histogram_matching", source.generator, HistogramMatcher(source_train))]
         reference = {c.name: evaluate_generator(c.generator, target_val, source.markers, input_transform=c.input_transform)
                      for c in candidates}
+        reference["fda"] = evaluate_generator(source.generator, target_val, source.markers, input_transform=FourierAmplitudeTransfer(source_train))
         val_pearson = {name: _mean(rows) for name, rows in reference.items()}
         print(f"\n{target} (validation, {len(target_val)} fields): " + "  ".join(f"{k} {_mean(v):.3f}" for k, v in reference.items()), flush=True)
         for name, options in recipes.items():
-            for layer in args.layers:
+            options = dict(options)
+            for layer in options.pop("layers", args.layers):  # a recipe may name its own layers: {"recipe": "paper", "layers": [15]}
                 for seed in args.seeds:
                     config = AdaptConfig(**{**spec.adapt, **options, "layer": [layer], "seed": seed})
                     start = time.perf_counter()
@@ -94,6 +96,7 @@ def main() -> None:
                           f"{record['seconds']:.0f} s{', collapsed' if result.collapsed else ''})", flush=True)
         selector = Selector(source.generator, source_train, target_train, crops=args.crops)
         per_crop = selector.per_crop(candidates)
+        val_pearson = {name: value for name, value in val_pearson.items() if name != "fda"}
         best = max(val_pearson, key=val_pearson.get)
         print(f"  best by validation labels: {best} {val_pearson[best]:.3f}")
         for score in SCORES:

@@ -29,15 +29,19 @@ def main() -> None:
     targets = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     latest = {(t["experiment"], t["target"]): t for t in targets}  # a re-run target replaces its earlier record
     print(f"{len(latest)} targets: " + ", ".join(f"{e}/{t}" for e, t in latest))
-    print(f"\n{'score':12s} {'win':>5s} {'gain':>5s} {'regret':>7s} {'harm':>5s} {'recovered':>9s}  choices")
-    for score in SCORES:
+    print(f"\n{'score (+guard)':22s} {'win':>5s} {'gain':>5s} {'regret':>7s} {'harm':>5s} {'recovered':>9s}  choices")
+    for score, guard in [(score, None) for score in SCORES] + [("feature_gap", "consensus"), ("output_w1", "consensus")]:
         for win, gain in RULES:
             regrets, harms, recovered, picks = [], 0, [], []
             for (experiment, target), record in latest.items():
                 pearson = record["val_pearson"]
-                per_crop = {name: np.asarray(values) for name, values in record["per_crop"][score].items()}
+                # the study's candidates: FDA needs source images at run time, so no checkpoint carries it
+                per_crop = {name: np.asarray(values) for name, values in record["per_crop"][score].items() if name != "fda"}
                 floor = record.get("floor", {}).get(score)  # targets recorded before the floor existed have none
-                choice = decide(per_crop, score, floor=None if floor is None else np.asarray(floor), min_win_fraction=win, min_gain=gain)
+                guarded = None if guard is None else {n: np.asarray(v) for n, v in record["per_crop"][guard].items() if n != "fda"}
+                choice = decide(per_crop, score, floor=None if floor is None else np.asarray(floor), guard=guarded,
+                                min_win_fraction=win, min_gain=gain)
+                pearson = {name: value for name, value in pearson.items() if name != "fda"}
                 best = max(pearson.values())
                 chosen, base = pearson[choice.chosen], pearson[UNADAPTED]
                 regrets.append(best - chosen)
@@ -45,7 +49,8 @@ def main() -> None:
                 if best - base >= 0.05:
                     recovered.append((chosen - base) / (best - base))
                 picks.append(choice.chosen.split(":")[0] + (":" + choice.chosen.split(":")[1] if ":" in choice.chosen else ""))
-            print(f"{score:12s} {win:5.2f} {gain:5.2f} {np.mean(regrets):7.3f} {harms:5d} "
+            label = score + (f"+{guard}" if guard else "")
+            print(f"{label:22s} {win:5.2f} {gain:5.2f} {np.mean(regrets):7.3f} {harms:5d} "
                   f"{np.mean(recovered) if recovered else float('nan'):9.0%}  {', '.join(picks)}")
 
 

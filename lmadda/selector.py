@@ -128,9 +128,9 @@ class Selector:
 
     def __init__(self, source: UNetGenerator, source_images: list[LoadedImage], target_images: list[LoadedImage], *,
                  crop_size: int = 128, crops: int = 16, seed: int = 0, score: str = DEFAULT_SCORE,
-                 min_win_fraction: float = 0.75, min_gain: float = 0.25):
-        if score not in SCORES:
-            raise ValueError(f"unknown selection score {score!r}; known: {', '.join(SCORES)}")
+                 min_win_fraction: float = 0.75, min_gain: float = 0.25, guard: str | None = None):
+        if score not in SCORES or guard not in (None, *SCORES):
+            raise ValueError(f"unknown selection score {score!r} or guard {guard!r}; known: {', '.join(SCORES)}")
         if not source_images or not target_images:
             raise ValueError("the selector needs source images and unlabelled target images")
         multiple = source.config.multiple
@@ -138,7 +138,7 @@ class Selector:
         if smallest < multiple:
             raise ValueError(f"images ({smallest} px) are smaller than the model's input multiple {multiple} (2**depth)")
         size = min(max(crop_size, multiple), smallest) // multiple * multiple  # crops are multiples of 2**depth
-        self.score, self.min_win_fraction, self.min_gain = score, min_win_fraction, min_gain
+        self.score, self.min_win_fraction, self.min_gain, self.guard = score, min_win_fraction, min_gain, guard
         self.bottleneck = source.config.depth - 1
         self.target_crops = fixed_crops(target_images, size, crops, seed + 1)
         predicted, means, _ = _run(source, fixed_crops(source_images, size, crops, seed), None, self.bottleneck)
@@ -188,11 +188,12 @@ class Selector:
         if UNADAPTED not in (candidates if isinstance(candidates, dict) else [c.name for c in candidates]):
             raise ValueError("the candidates must include the unadapted model: 'don't adapt' is always an answer")
         floor = None if self.score == "consensus" else self.floor[self.score]  # consensus has no in-domain reference
-        return decide(self.per_crop(candidates)[self.score], self.score, floor=floor,
+        scores = self.per_crop(candidates)
+        return decide(scores[self.score], self.score, floor=floor, guard=scores[self.guard] if self.guard else None,
                       min_win_fraction=self.min_win_fraction, min_gain=self.min_gain)
 
 
-def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | None = None,
+def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | None = None, guard: dict[str, np.ndarray] | None = None,
            min_win_fraction: float = 0.75, min_gain: float = 0.25) -> Choice:
     """The best candidate by mean score, kept only when it is confidently better than the unadapted model.
 
@@ -201,6 +202,9 @@ def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | N
     crops) and the gain is the fraction of the excess over the floor that the candidate removes;
     without it, the fraction of the unadapted model's score. Either way the gain must reach `min_gain`
     and the candidate must beat the unadapted model on `min_win_fraction` of the crops.
+    `guard` (per-crop consensus distances): a second, independent signal that must not object. A
+    candidate farther from the other methods' consensus than the unadapted model on most crops is
+    passed over for the next best, however source-like it looks.
     """
     means = {name: float(np.mean(values)) for name, values in per_crop.items()}
     base = per_crop[UNADAPTED]
@@ -211,17 +215,24 @@ def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | N
             return Choice(UNADAPTED, True, f"the target looks like the source domain: the unadapted model's {score} exceeds the "
                                            f"source's own level on only {shifted:.0%} of the target crops; nothing to adapt to",
                           score, means, wins)
-    best = min(means, key=means.get)
-    if best == UNADAPTED:
-        return Choice(UNADAPTED, True, f"no candidate scores better than the unadapted model on {score}", score, means, wins)
-    excess = means[UNADAPTED] - (float(np.mean(floor)) if floor is not None else 0.0)
-    gain = (means[UNADAPTED] - means[best]) / max(excess, 1e-12)
+    excess = max(means[UNADAPTED] - (float(np.mean(floor)) if floor is not None else 0.0), 1e-12)
     unit = "of the unadapted model's excess over the source level" if floor is not None else "of the unadapted model's score"
-    if wins[best] < min_win_fraction:
-        return Choice(UNADAPTED, True, f"{best} is better on only {wins[best]:.0%} of the target crops "
-                                       f"(needs {min_win_fraction:.0%}): not confidently better, keep the unadapted model", score, means, wins)
-    if gain < min_gain:
-        return Choice(UNADAPTED, True, f"{best} removes only {gain:.0%} {unit} (needs {min_gain:.0%}): "
-                                       "not enough to change models, keep the unadapted model", score, means, wins)
-    return Choice(best, False, f"{best} removes {min(gain, 9.99):.0%} {unit} in {score} and beats the unadapted model on "
-                               f"{wins[best]:.0%} of the target crops", score, means, wins)
+    refusals = []
+    for name in sorted((n for n in means if means[n] < means[UNADAPTED]), key=means.get):
+        gain = (means[UNADAPTED] - means[name]) / excess
+        if wins[name] < min_win_fraction:
+            refusals.append(f"{name} is better on only {wins[name]:.0%} of the target crops (needs {min_win_fraction:.0%})")
+        elif gain < min_gain:
+            refusals.append(f"{name} removes only {gain:.0%} {unit} (needs {min_gain:.0%})")
+        elif guard is not None and float(np.mean(guard[name] < guard[UNADAPTED])) < 0.5:
+            refusals.append(f"{name} looks source-like but sits farther from the other methods' consensus than the unadapted "
+                            f"model on {1 - float(np.mean(guard[name] < guard[UNADAPTED])):.0%} of the crops")
+        else:
+            passed = "; passed over: " + "; ".join(refusals) if refusals else ""
+            return Choice(name, False, f"{name} removes {min(gain, 9.99):.0%} {unit} in {score} and beats the unadapted model on "
+                                       f"{wins[name]:.0%} of the target crops{passed}", score, means, wins)
+        if guard is None:
+            break  # without a second signal only the best candidate is considered
+    if not refusals:
+        return Choice(UNADAPTED, True, f"no candidate scores better than the unadapted model on {score}", score, means, wins)
+    return Choice(UNADAPTED, True, "; ".join(refusals[:3]) + ": not confidently better, keep the unadapted model", score, means, wins)

@@ -111,6 +111,14 @@ class ResultTable:
     def add(self, rows: list[dict]) -> None:
         self.rows.extend({**{column: row.get(column) for column in RESULT_COLUMNS},
                           **{k: v for k, v in row.items() if k.startswith(CRITERION_PREFIX)}} for row in rows)
+        self._write()
+
+    def replace(self, rows: list[dict]) -> None:
+        """Keep only `rows` (e.g. without the label-free choices, to make them again)."""
+        self.rows = list(rows)
+        self._write()
+
+    def _write(self) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_name(f".{self.path.name}.partial")
@@ -282,10 +290,13 @@ def run_study(
         if oracle is not None and not table.has(domain.name, "oracle", -1, None, seed):
             start = time.perf_counter()
             oracle_config = oracle.model_copy(update={"setting": domain.setting, "shift": str(domain.shift) if domain.shift else None})
-            oracle_data = (
-                data.load(domain.setting, "train", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed),
-                data.load(domain.setting, "val", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 1),
-            )
+            train_pairs = data.load(domain.setting, "train", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed)
+            try:
+                val_pairs = data.load(domain.setting, "val", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 1)
+            except LmaddaError:  # a target without validation fields: the oracle keeps its best epoch on its own training pairs
+                log(f"[study] {domain.name}: no validation fields, the oracle picks its epoch on its training pairs")
+                val_pairs = train_pairs
+            oracle_data = (train_pairs, val_pairs)
             trained = train_source(oracle_config, progress=progress, data=oracle_data)
             record("oracle", evaluate_generator(trained.checkpoint.generator, target_test, markers), seconds=time.perf_counter() - start)
     return table.rows

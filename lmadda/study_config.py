@@ -156,6 +156,8 @@ class SelectionSpec(_Strict):
     crop_size: int = Field(128, ge=16, description="crop side; raised to the model multiple 2**depth where smaller")
     min_win_fraction: float = Field(0.75, gt=0.5, le=1.0, description="the chosen model must beat the unadapted one on this "
                                                                        "fraction of the crops, or the choice falls back to it")
+    guard: Literal[SCORES] | None = Field(None, description="a second score that must not object: a candidate worse than "
+                                                             "the unadapted model on it on most crops is passed over")
     min_gain: float = Field(0.25, ge=0, description="and remove this fraction of the unadapted model's excess over the "
                                                      "source's own level (the whole score for consensus)")
 

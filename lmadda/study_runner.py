@@ -33,7 +33,7 @@ from lmadda.errors import LmaddaError
 from lmadda.inference import predict_tiled
 from lmadda.report import sample_panel
 from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
-from lmadda.study import CRITERION_PREFIX, ImageSource, ResultTable, TargetDomain, run_study
+from lmadda.study import CRITERION_PREFIX, LABEL_FREE, ImageSource, ResultTable, TargetDomain, run_study
 from lmadda.study_config import ExperimentSpec, StudyConfig
 from lmadda.study_failures import RECOVERABLE, FailureLog
 from lmadda.study_tracking import StudyTracker, model_key
@@ -178,6 +178,18 @@ def _panel(spec: ExperimentSpec, source: GeneratorCheckpoint, data: ImageSource,
               (f"LM-ADDA layer {layer}", target_from_model_range(predict_tiled(adapted, correct(image.input[window])))[0])]
     name = domain.name.replace(":", "_").replace("+", "_")
     return sample_panel(panels, out / "panels" / f"panel_{name}.png", title=f"{spec.title}: {domain.name}, test field {image.field}")
+
+
+def forget_choices(spec: ExperimentSpec, study: StudyConfig, log=print) -> int:
+    """Drop the experiment's label-free choices (rows and MLflow runs) so that the next run makes them again
+    from the kept observations; every model and its other rows stay. Returns how many choices were dropped."""
+    out = study.out / spec.name
+    table = ResultTable(out / "results.parquet")
+    dropped = {model_key(row) for row in table.rows if row["method"] == LABEL_FREE}
+    table.replace([row for row in table.rows if row["method"] != LABEL_FREE])
+    StudyTracker(study.tracking_uri, experiment_name(spec), study.out).forget(dropped)
+    log(f"[study:{spec.name}] {len(dropped)} label-free choices dropped; they are made again from the kept observations")
+    return len(dropped)
 
 
 def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[dict]:

@@ -98,6 +98,11 @@ class StudyTracker:
         self.client.set_terminated(run.info.run_id)
         self._runs[key] = run.info.run_id
 
+    def forget(self, keys: set[str]) -> None:
+        """Delete the runs of these models (MLflow keeps them as deleted runs, out of every search)."""
+        for key in keys & set(self._runs):
+            self.client.delete_run(self._runs.pop(key))
+
     def has(self, key: str) -> bool:
         return key in self._runs
 

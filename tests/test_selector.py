@@ -73,3 +73,16 @@ def test_the_demo_prints_the_label_free_choice_beside_the_unadapted_model_and_th
                                ("label_free", 0.7, "histogram_matching", False)]]
     assert choice_lines(rows) == ["t: label-free choice 0.700 [histogram_matching] | unadapted 0.500 | "
                                   "best cheap baseline histogram_matching 0.700"]
+
+
+def test_a_guard_passes_over_a_source_looking_candidate_that_the_other_methods_disagree_with():
+    base = np.full(8, 1.0)
+    scores = {UNADAPTED: base, "lmadda:1": np.full(8, 0.2), "adabn": np.full(8, 0.4)}
+    consensus = {UNADAPTED: np.full(8, 0.3), "lmadda:1": np.full(8, 0.6), "adabn": np.full(8, 0.1)}
+    assert decide(scores, "feature_gap").chosen == "lmadda:1"
+    guarded = decide(scores, "feature_gap", guard=consensus)
+    assert (guarded.chosen, guarded.fell_back) == ("adabn", False)
+    assert "passed over: lmadda:1 looks source-like but sits farther from the other methods' consensus" in guarded.reason
+    consensus["adabn"] = np.full(8, 0.9)
+    alone = decide(scores, "feature_gap", guard=consensus)
+    assert (alone.chosen, alone.fell_back) == (UNADAPTED, True)

@@ -97,6 +97,9 @@ def test_study_runs_logs_to_mlflow_writes_the_document_and_reruns_nothing(tmp_pa
     assert main(["study", "--config", str(config)]) == 0  # everything done: nothing is adapted or logged again
     assert len(read_study(uri, "lmadda-study-tiny")[0]) == before
     assert (tmp_path / "docs" / "study.md").exists()
+    assert main(["study", "--config", str(config), "--rechoose"]) == 0  # choices made again from the kept observations
+    again = read_study(uri, "lmadda-study-tiny")[0]
+    assert len(again) == before and sorted(m["seed"] for m in again if m["method"] == "label_free") == [0, 0, 1, 1]
     assert main(["study", "--config", str(config), "--only", "nope"]) == 2
     assert "no such experiment" in capsys.readouterr().err
 

@@ -14,6 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     study.add_argument("--config", type=Path, default=Path("docs/study.yaml"))
     study.add_argument("--only", default=None, help="comma-separated experiment names to run (the document still covers all)")
     study.add_argument("--document-only", action="store_true", help="run nothing; rewrite the document from MLflow")
+    study.add_argument("--rechoose", action="store_true",
+                       help="make the label-free choices again (after changing `selection` in the config): the kept candidate "
+                            "observations are scored anew, nothing is adapted again")
     study.set_defaults(func=run_study_command)
 
 
@@ -23,7 +26,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     from lmadda.study_config import StudyConfig
     from lmadda.study_document import write_study_document
     from lmadda.study_failures import RECOVERABLE, FailureLog, read_failures
-    from lmadda.study_runner import run_experiment
+    from lmadda.study_runner import forget_choices, run_experiment
 
     config = build_config(StudyConfig, None, **read_config_file(args.config)).resolved(Path.cwd())
     names = [e.name for e in config.experiments]
@@ -31,9 +34,13 @@ def run_study_command(args: argparse.Namespace) -> int:
     unknown = sorted(set(only) - set(names))
     if unknown:
         raise LmaddaError(f"--only {','.join(unknown)}: no such experiment in {args.config}; it has {', '.join(names)}")
+    if args.rechoose and args.document_only:
+        raise LmaddaError("--rechoose makes the choices again, --document-only runs nothing: give one of them")
     if not args.document_only:
         for experiment in config.experiments:
             if experiment.name in only:
+                if args.rechoose:
+                    forget_choices(experiment, config)
                 try:
                     run_experiment(experiment, config)
                 except RECOVERABLE as error:  # the experiment as a whole (its data or source model): the others go on
