@@ -41,7 +41,7 @@ from lmadda.selection import CRITERIA, fixed_crops
 SCORES = ("consensus", "output_w1", "feature_gap", "flip")
 # `lmadda sweep promote --criterion`: labelled Pearson, this selector, or one per-trial criterion (for comparison)
 PROMOTION_CRITERIA = ("auto", "pearson", "label_free", *(f"lf_{name}" for name in CRITERIA))
-DEFAULT_SCORE = "feature_gap"
+DEFAULT_SCORE = "output_w1"
 UNADAPTED = "unadapted"
 
 

@@ -54,7 +54,7 @@ def test_adapt_layer_auto_writes_the_label_free_choice_as_a_usable_checkpoint(ti
     assert main(["adapt", str(source), "--manifest", str(tiny_synth.source), "--setting", "phase_contrast", "--shift", "overexposure:3",
                  "--layer", "auto", "--config", str(adapt_config), "--out", str(chosen)]) == 0
     out = capsys.readouterr().out
-    assert "label-free choice" in out and "feature_gap per candidate" in out
+    assert "label-free choice" in out and "output_w1 per candidate" in out
     choice = load_checkpoint(chosen).metadata["label_free_choice"]
     # unadapted, AdaBN, histogram matching and LM-ADDA at the auto layers of a depth-6 model (0, 1, 2, 3, 5, 8, 11)
     assert set(choice["means"]) == {"unadapted", "adabn", "histogram_matching", "lmadda:0", "lmadda:1", "lmadda:2", "lmadda:3",
