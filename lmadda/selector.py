@@ -36,7 +36,7 @@ import torch
 from lmadda.data.dataset import LoadedImage, target_from_model_range
 from lmadda.evaluation import InputTransform
 from lmadda.models.generator import UNetGenerator
-from lmadda.selection import CRITERIA, fixed_crops
+from lmadda.selection import CRITERIA, fixed_crops, wasserstein_1d
 
 SCORES = ("consensus", "output_w1", "feature_gap", "flip")
 # `lmadda sweep promote --criterion`: labelled Pearson, this selector, or one per-trial criterion (for comparison)
@@ -118,11 +118,6 @@ def _run(generator: UNetGenerator, crops: np.ndarray, transform: InputTransform 
     return predicted, means, np.ascontiguousarray(mirrored)
 
 
-def _w1_to_pool(values: np.ndarray, pool: np.ndarray, quantiles: int = 128) -> float:
-    levels = (np.arange(quantiles) + 0.5) / quantiles
-    return float(np.mean(np.abs(np.quantile(values, levels) - np.quantile(pool, levels))))
-
-
 class Selector:
     """Fixed crops of source and unlabelled target images; `per_crop(candidates)` and `choose(candidates)`."""
 
@@ -158,7 +153,8 @@ class Selector:
         channels = self.source_pool.shape[1]
         return {
             "consensus": np.abs(predicted - consensus).mean(axis=(1, 2, 3)) if consensus is not None else np.zeros(len(predicted)),
-            "output_w1": np.array([np.mean([_w1_to_pool(p[ch], self.source_pool[:, ch]) for ch in range(channels)]) for p in predicted]),
+            "output_w1": np.array([np.mean([wasserstein_1d(p[ch], self.source_pool[:, ch], quantiles=128) for ch in range(channels)])
+                                   for p in predicted]),
             "feature_gap": (np.abs(means - self.source_mean) / self.source_spread).mean(axis=1),
             "flip": np.abs(mirrored - predicted).mean(axis=(1, 2, 3)),
         }
@@ -220,13 +216,14 @@ def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | N
     refusals = []
     for name in sorted((n for n in means if means[n] < means[UNADAPTED]), key=means.get):
         gain = (means[UNADAPTED] - means[name]) / excess
+        closer = float(np.mean(guard[name] < guard[UNADAPTED])) if guard is not None else 1.0  # crops where it agrees better
         if wins[name] < min_win_fraction:
             refusals.append(f"{name} is better on only {wins[name]:.0%} of the target crops (needs {min_win_fraction:.0%})")
         elif gain < min_gain:
             refusals.append(f"{name} removes only {gain:.0%} {unit} (needs {min_gain:.0%})")
-        elif guard is not None and float(np.mean(guard[name] < guard[UNADAPTED])) < 0.5:
+        elif closer < 0.5:
             refusals.append(f"{name} looks source-like but sits farther from the other methods' consensus than the unadapted "
-                            f"model on {1 - float(np.mean(guard[name] < guard[UNADAPTED])):.0%} of the crops")
+                            f"model on {1 - closer:.0%} of the crops")
         else:
             passed = "; passed over: " + "; ".join(refusals) if refusals else ""
             return Choice(name, False, f"{name} removes {min(gain, 9.99):.0%} {unit} in {score} and beats the unadapted model on "

@@ -20,7 +20,6 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from lmadda.baselines import build_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
 from lmadda.data.dataset import load_images
 from lmadda.data.manifest import Manifest
@@ -30,7 +29,7 @@ from lmadda.evaluation import evaluate_generator
 from lmadda.selector import UNADAPTED, Candidate, Selector
 from lmadda.study import CANDIDATE_FAMILIES
 from lmadda.study_config import SelectionSpec
-from lmadda.training.auto import CHEAP_CANDIDATES, checkpoint_for
+from lmadda.training.auto import CHEAP_CANDIDATES, baseline_candidates, checkpoint_for
 from tune.sweep_config import SweepConfig
 
 def _trial_candidate(client: MlflowClient, run, folder: Path, artifact_dir: str) -> tuple[Candidate, GeneratorCheckpoint]:
@@ -62,20 +61,15 @@ def choose_per_target(client: MlflowClient, runs: list, sweep: SweepConfig, arti
             magnitude = target_runs[0].data.params.get("magnitude")
             shift = Shift.parse(f"{sweep.data.shift}:{float(magnitude):g}") if sweep.data.shift and magnitude not in (None, "", "None") else None
             target_train = load_images(manifest, sweep.data.target_setting, "train", shift=shift, percentiles=source.percentiles)
-            candidates = [Candidate(UNADAPTED, source.generator)]
-            models: dict[str, tuple[object, GeneratorCheckpoint | None]] = {UNADAPTED: (None, None)}
-            for name in CHEAP_CANDIDATES:
-                generator, transform = build_baseline(name, source.generator, source_train, target_train)
-                candidates.append(Candidate(name, generator, transform))
-                models[name] = (None, None)
+            candidates = baseline_candidates(source, source_train, target_train)
+            trials: dict[str, tuple[object, GeneratorCheckpoint]] = {}
             for run in target_runs:
                 candidate, checkpoint = _trial_candidate(client, run, Path(folder), artifact_dir)
                 candidates.append(candidate)
-                models[candidate.name] = (run, checkpoint)
+                trials[candidate.name] = (run, checkpoint)
             choice = Selector(source.generator, source_train, target_train, **options).choose(candidates)
-            run, checkpoint = models[choice.chosen]
-            generator = next(c.generator for c in candidates if c.name == choice.chosen)
-            checkpoint = checkpoint_for(source, choice, generator, source_train, target, checkpoint)
+            run, checkpoint = trials.get(choice.chosen, (None, None))
+            checkpoint = checkpoint_for(source, choice, candidates, target, checkpoint)
             log(f"[promote] {target}: label-free choice {choice.chosen} ({choice.reason})")
             shown = labelled_view(candidates, choice.chosen, manifest, sweep.data.target_setting, shift, source)
             if shown:

@@ -28,14 +28,26 @@ def auto_layers(num_layers: int) -> list[int]:
     return sorted({layer for layer in (0, 1, 2, 3, depth - 1, depth + depth // 2 - 1, num_layers - 1) if 0 <= layer < num_layers})
 
 
-def checkpoint_for(source: GeneratorCheckpoint, choice: Choice, generator, source_images: list[LoadedImage],
-                   target_setting: str, adapted: GeneratorCheckpoint | None = None) -> GeneratorCheckpoint:
-    """The chosen model as a checkpoint: an adapted one as it is, or one made for the unadapted model or a cheap correction."""
+def baseline_candidates(source: GeneratorCheckpoint, source_images: list[LoadedImage], target_images: list[LoadedImage], *,
+                        seed: int = 0) -> list[Candidate]:
+    """The candidates that need no adaptation: the unadapted model ("don't adapt") and each cheap correction."""
+    candidates = [Candidate(UNADAPTED, source.generator)]
+    for name in CHEAP_CANDIDATES:
+        generator, transform = build_baseline(name, source.generator, source_images, target_images, seed=seed)
+        candidates.append(Candidate(name, generator, transform))
+    return candidates
+
+
+def checkpoint_for(source: GeneratorCheckpoint, choice: Choice, candidates: list[Candidate], target_setting: str,
+                   adapted: GeneratorCheckpoint | None = None) -> GeneratorCheckpoint:
+    """The chosen model as a checkpoint: an adapted one as it is, or one made for the unadapted model or a cheap
+    correction (carrying the chosen candidate's own histogram-matching correction)."""
     if adapted is None:
+        candidate = next(c for c in candidates if c.name == choice.chosen)
         metadata = {**{k: v for k, v in source.metadata.items() if k != "history"}, "method": choice.chosen}
-        if choice.chosen == "histogram_matching":
-            metadata["input_correction"] = HistogramMatcher(source_images).as_correction()
-        adapted = GeneratorCheckpoint(generator=generator, markers=source.markers, setting=target_setting, percentiles=source.percentiles,
+        if isinstance(candidate.input_transform, HistogramMatcher):
+            metadata["input_correction"] = candidate.input_transform.as_correction()
+        adapted = GeneratorCheckpoint(generator=candidate.generator, markers=source.markers, setting=target_setting, percentiles=source.percentiles,
                                       target_norm=source.target_norm, target_dtype=source.target_dtype, metadata=metadata)
     adapted.metadata["label_free_choice"] = choice.as_dict()
     return adapted
@@ -52,10 +64,7 @@ def adapt_and_choose(source: GeneratorCheckpoint, source_images: list[LoadedImag
                      config: AdaptConfig, target_setting: str, *, layers: list[int] | None = None, selector_options: dict | None = None,
                      progress: bool = True, log: Callable[[str], None] = print) -> AutoResult:
     layers = layers or auto_layers(source.generator.num_layers)
-    candidates = [Candidate(UNADAPTED, source.generator)]
-    for name in CHEAP_CANDIDATES:
-        generator, transform = build_baseline(name, source.generator, source_images, target_images, seed=config.seed)
-        candidates.append(Candidate(name, generator, transform))
+    candidates = baseline_candidates(source, source_images, target_images, seed=config.seed)
     adapted, checkpoints = {}, {}
     for layer in layers:
         layer_config = config.model_copy(update={"layer": [layer]})
@@ -68,6 +77,5 @@ def adapt_and_choose(source: GeneratorCheckpoint, source_images: list[LoadedImag
             candidates.append(Candidate(name, result.generator, result.input_correction, family="lmadda"))
             checkpoints[name] = result.checkpoint(source, layer_config, target_setting)
     choice = Selector(source.generator, source_images, target_images, seed=config.seed, **(selector_options or {})).choose(candidates)
-    generator = next(c.generator for c in candidates if c.name == choice.chosen)
-    checkpoint = checkpoint_for(source, choice, generator, source_images, target_setting, checkpoints.get(choice.chosen))
+    checkpoint = checkpoint_for(source, choice, candidates, target_setting, checkpoints.get(choice.chosen))
     return AutoResult(checkpoint, choice, adapted)
