@@ -176,6 +176,11 @@ def test_the_summary_scores_the_label_free_choice_against_the_bars_the_issue_set
     assert "oracle gap of at least 0.05: 2 of 3" in lines
     assert "Recovers at least 60% of the gap: 1 of 2 (bar: 2) — **not met**; not on x/b" in lines
     assert "Worse than the unadapted model by more than 0.01: 0 of 2 (bar: 0) — met" in lines
+    # b's best model with labels (histogram matching, 0.50) recovers 75 %: the choice, not the adaptation, fell short
+    assert "Even the best single model chosen with test labels recovers 75% on x/b." in lines
+    assert "No candidate gets there" not in lines
+    weak = {**records["b"], "best_labelled": {"method": "lmadda", "layer": 1, "pearson": 0.35}}
+    assert "No candidate gets there, so no label-free rule" in "\n".join(verdict([records["a"], weak]))
 
 
 def test_findings_say_when_adda_never_moved_and_when_the_oracle_is_no_upper_bound():
