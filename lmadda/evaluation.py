@@ -124,11 +124,22 @@ def write_results(rows: list[dict], path: Path, *, overwrite: bool = False) -> P
     columns += sorted({k for row in rows for k in row if k.startswith(CRITERION_PREFIX)})
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.partial")
-    pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), temporary)
-    temporary.replace(path)
+    try:
+        pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), temporary)
+        temporary.replace(path)
+    except OSError as error:
+        raise LmaddaError(f"cannot write {path}: {error.strerror or error}") from error
+    finally:
+        temporary.unlink(missing_ok=True)  # gone already after the rename
     return path
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
-    if Path(path).exists() and not overwrite:
+    path = Path(path)
+    if path.is_dir():  # --overwrite cannot replace a folder by a table: say so before any work
+        raise LmaddaError(f"--out {path} is a folder; name the results table file, e.g. {path / 'results.parquet'}")
+    existing = next((folder for folder in path.parents if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise LmaddaError(f"--out {path}: {existing} is a file, not a folder; choose an --out in a folder")
+    if path.exists() and not overwrite:
         raise LmaddaError(f"results table {path} already exists; pass --overwrite to replace it, or choose another --out")

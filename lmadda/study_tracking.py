@@ -18,7 +18,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from lmadda.study import CRITERION_PREFIX
-from lmadda.tracking_store import ensure_experiment
+from lmadda.tracking_store import FINISHED, all_runs, ensure_experiment, one_finished_run_per_key, relocate_artifacts
 
 PARAMS = ("target", "setting", "shift", "magnitude", "method", "layer", "matched", "lr", "seed")
 METRICS = ("pearson", "ssim", "psnr", "nrmse")
@@ -27,16 +27,6 @@ METRICS = ("pearson", "ssim", "psnr", "nrmse")
 def model_key(row: dict) -> str:
     lr = "-" if row.get("lr") is None or (isinstance(row["lr"], float) and math.isnan(row["lr"])) else f"{row['lr']:g}"
     return f"{row['target']}|{row['method']}|{row.get('matched') or row['layer']}|{lr}|{row['seed']}"
-
-
-def _all_runs(client: MlflowClient, experiment_id: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def _finite(value) -> bool:
@@ -49,10 +39,10 @@ class StudyTracker:
     def __init__(self, tracking_uri: str, experiment: str, storage: Path):
         self.experiment = ensure_experiment(tracking_uri, experiment, storage)
         self.client = MlflowClient(tracking_uri)
-        self._runs: dict[str, str] = {}
-        for run in _all_runs(self.client, self.experiment.experiment_id):
-            if "lmadda.key" in run.data.tags:
-                self._runs[run.data.tags["lmadda.key"]] = run.info.run_id
+        # A model counts as logged once its run has FINISHED; a run an interrupted study left RUNNING is
+        # deleted here, so the model is logged again whole.
+        kept = one_finished_run_per_key(self.client, all_runs(self.client, self.experiment.experiment_id), "lmadda.key")
+        self._runs: dict[str, str] = {key: run.info.run_id for key, run in kept.items()}
 
     def sync(self, rows: list[dict]) -> int:
         """Log every model of `rows` (per image x marker) that has no run yet; returns how many were new."""
@@ -130,12 +120,15 @@ class StudyTracker:
 
 def read_study(tracking_uri: str, experiment: str) -> tuple[list[dict], list[dict], Path | None]:
     """(model rows, profile rows, local artifact folder of the experiment run) from the tracking store."""
+    relocate_artifacts(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return [], [], None
     models, profiles, artifacts = [], [], None
-    for run in _all_runs(client, found.experiment_id):
+    for run in all_runs(client, found.experiment_id):
+        if run.info.status != FINISHED:
+            continue  # left by an interrupted study; the next run of the study logs it again
         kind = run.data.tags.get("lmadda.kind")
         if kind == "model":
             params = run.data.params

@@ -93,3 +93,25 @@ def test_the_report_keeps_two_checkpoints_of_the_same_method_and_layer_apart():
     table = summary_table(rows)
     assert "lmadda [a.pt] L3" in table and "lmadda [b.pt] L3" in table
     assert "0.200 ± 0.000" in table and "0.800 ± 0.000" in table
+
+
+@pytest.mark.parametrize("out, make, extra, message", [
+    ("notes.txt", "file", [], "--out {out}: results are a Parquet table; name it *.parquet"),
+    ("old.parquet", "file", [], "results table {out} already exists; pass --overwrite"),
+    ("tables.parquet", "folder", ["--overwrite"], "--out {out} is a folder; name the results table file"),
+    ("notes.txt/r.parquet", None, [], "notes.txt is a file, not a folder"),
+])
+def test_an_out_that_cannot_take_the_table_is_refused_in_one_line_before_any_work(tmp_path, capsys, out, make, extra, message):
+    (tmp_path / "notes.txt").write_text("not a table")
+    path = tmp_path / out
+    if make == "file":
+        path.write_text("not a table")
+    elif make == "folder":
+        path.mkdir()
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    # the checkpoint does not exist: a refusal naming --out shows that no work was started
+    code = main(["evaluate", str(tmp_path / "missing.pt"), "--manifest", str(tmp_path / "m.parquet"), "--setting", "bright_field",
+                 "--out", str(path), *extra])
+    assert code == 2
+    assert message.format(out=path) in capsys.readouterr().err
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before  # nothing written, no .partial

@@ -17,8 +17,10 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
 from lmadda.errors import LmaddaError
-from lmadda.tracking_store import ensure_experiment
+from lmadda.tracking_store import FINISHED, all_runs, delete_run, ensure_experiment, one_finished_run_per_key, relocate_artifacts
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 ARTIFACT_DIR = "generator"
@@ -39,28 +41,42 @@ def _finite(value) -> bool:
 
 def log_sweep(sweep, rows: list[dict], results_path: Path, log=print, *, unadapted: dict | None = None,
               report_files: list[Path] = ()) -> str:
-    """Log every trial as a nested run; return the parent run id. A resumed sweep logs only new trials."""
+    """Log every trial as a nested run; return the parent run id. A resumed sweep logs only new trials.
+
+    Runs are created with their tags, and a trial counts as logged only once its run has FINISHED:
+    a run a killed driver left behind (RUNNING, or untagged from before tags were set at creation) is
+    deleted here and its trial logged again, so any kill and resume ends with one finished run per trial.
+    """
     experiment = ensure_experiment(sweep.tracking_uri, sweep.experiment, sweep.storage_path)
     client = MlflowClient()
-    logged = {r.data.tags.get("lmadda.trial_key") for r in client.search_runs([experiment.experiment_id], "tags.`lmadda.kind` = 'trial'", max_results=5000)}
-    parents = client.search_runs([experiment.experiment_id], f"tags.`lmadda.kind` = 'sweep' and tags.`lmadda.sweep` = '{sweep.name}'")
-    with mlflow.start_run(run_id=parents[0].info.run_id) if parents else mlflow.start_run(run_name=sweep.name) as parent:
-        mlflow.set_tag("lmadda.sweep", sweep.name)
-        if not parents:
+    runs = all_runs(client, experiment.experiment_id)
+    parents = sorted((r for r in runs if r.data.tags.get("lmadda.kind") == "sweep" and r.data.tags.get("lmadda.sweep") == sweep.name),
+                     key=lambda r: r.info.start_time or 0)
+    parent_id = parents[0].info.run_id if parents else None
+    for run in runs:
+        tags = run.data.tags
+        untagged_child = parent_id is not None and tags.get(MLFLOW_PARENT_RUN_ID) == parent_id
+        untagged_parent = tags.get(MLFLOW_RUN_NAME) == sweep.name and run.info.status != FINISHED
+        if "lmadda.kind" not in tags and (untagged_child or untagged_parent):
+            log(f"[sweep] MLflow: deleting run {run.info.run_id} ({tags.get(MLFLOW_RUN_NAME)}), left without tags by an interrupted sweep")
+            delete_run(client, run)
+    logged = one_finished_run_per_key(client, [r for r in runs if r.data.tags.get("lmadda.kind") == "trial"], "lmadda.trial_key", log)
+    sweep_tags = {"lmadda.kind": "sweep", "lmadda.sweep": sweep.name}
+    with mlflow.start_run(run_id=parent_id) if parent_id else mlflow.start_run(run_name=sweep.name, tags=sweep_tags) as parent:
+        if not parent_id:
             mlflow.log_params({"sweep": sweep.name, "source_checkpoint": str(sweep.source.checkpoint), "manifest": str(sweep.data.manifest),
-                           "source_setting": sweep.data.source_setting, "target_setting": sweep.data.target_setting,
+                               "source_setting": sweep.data.source_setting, "target_setting": sweep.data.target_setting,
                                "shift": sweep.data.shift or "none", "trials": len(rows)})
-        mlflow.set_tag("lmadda.kind", "sweep")
         for row in rows:
             key = f"{sweep.name}/{row['target']}/L{row['layer']}/lr{row['lr']:g}/s{row['seed']}"
             if key in logged or not row.get("_history"):
                 continue  # already logged by an earlier run of this sweep, or never started
-            with mlflow.start_run(run_name=f"{row['target']}-L{row['layer']}-lr{row['lr']:g}-s{row['seed']}", nested=True):
+            tags = {"lmadda.kind": "trial", "lmadda.trial_key": key, "lmadda.sweep": sweep.name, "setting": row["setting"], "shift": row["shift"],
+                    "target": row["target"], "layer": str(row["layer"]), "collapsed": str(row["collapsed"]).lower(),
+                    "collapse_reason": row["collapse_reason"], "markers": ",".join(k[8:] for k in row if k.startswith("pearson_"))}
+            with mlflow.start_run(run_name=f"{row['target']}-L{row['layer']}-lr{row['lr']:g}-s{row['seed']}", nested=True, tags=tags):
                 mlflow.log_params({"layer": row["layer"], "lr": row["lr"], "seed": row["seed"], "target": row["target"],
                                    "magnitude": row["magnitude"], **{f"adapt.{k}": v for k, v in sweep.adapt.items()}})
-                mlflow.set_tags({"lmadda.kind": "trial", "lmadda.trial_key": key, "setting": row["setting"], "shift": row["shift"], "target": row["target"],
-                                 "layer": str(row["layer"]), "collapsed": str(row["collapsed"]).lower(),
-                                 "collapse_reason": row["collapse_reason"], "markers": ",".join(k[8:] for k in row if k.startswith("pearson_"))})
                 for record in row.get("_history", []):
                     step = int(record.get("step", 0) or 0)
                     metrics = {k: float(record[k]) for k in ("g_loss", "d_loss", "d_acc", "d_running_acc", "g_updates") if _finite(record.get(k))}
@@ -100,11 +116,14 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", swee
     target labels, otherwise `label_free`. Every version records the criterion and its value or choice.
     """
     mlflow.set_tracking_uri(tracking_uri)
+    relocate_artifacts(tracking_uri, log)
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise LmaddaError(f"no MLflow experiment {experiment!r} at {tracking_uri}; run a sweep first")
-    runs = client.search_runs([found.experiment_id], "tags.`lmadda.kind` = 'trial' and tags.collapsed = 'false'", max_results=5000)
+    # FINISHED only: a trial run an interrupted sweep left RUNNING may lack its generator (`sweep run --reuse` deletes it).
+    runs = client.search_runs([found.experiment_id], "tags.`lmadda.kind` = 'trial' and tags.collapsed = 'false' and attributes.status = 'FINISHED'",
+                              max_results=5000)
     if criterion == "auto":
         criterion = resolve_criterion([run.data.metrics for run in runs])
         log(f"[promote] criterion: {criterion} ({'target labels found' if criterion == 'pearson' else 'no target labels: the label-free selector'})")
@@ -172,6 +191,7 @@ def _promote_label_free(client: MlflowClient, experiment_id: str, runs: list, sw
 def compare_runs(tracking_uri: str, experiment: str) -> str:
     """The comparison table of an experiment's trial runs, from `mlflow.search_runs`."""
     mlflow.set_tracking_uri(tracking_uri)
+    relocate_artifacts(tracking_uri)
     frame = mlflow.search_runs(experiment_names=[experiment], filter_string="tags.`lmadda.kind` = 'trial'")
     if frame.empty:
         raise LmaddaError(f"no trial runs in MLflow experiment {experiment!r} at {tracking_uri}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 
@@ -52,18 +53,36 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.demo is not None and tracking_uri is None:
         tracking_uri = f"sqlite:///{(args.demo / 'sweeps' / 'mlflow.db').resolve()}"
     demo_input = _demo_input(args.demo) if args.demo is not None else None  # before Ray: fail fast on a missing demo
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         ray.init(num_cpus=args.num_cpus, log_to_driver=False)
-    url = start_local(args.config or DEFAULT_CONFIG, host=args.host, port=args.port, tracking_uri=tracking_uri)
-    print(f"[serve] endpoint at {url}  (POST {url}/v1/stain, GET {url}/v1/models, docs at {url}/docs)")
+    stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler
     try:
+        url = start_local(args.config or DEFAULT_CONFIG, host=args.host, port=args.port, tracking_uri=tracking_uri)
+        print(f"[serve] endpoint at {url}  (POST {url}/v1/stain, GET {url}/v1/models, docs at {url}/docs)")
         if demo_input is not None:
             return _stain_demo_image(url, *demo_input)
-        print("[serve] Ctrl-C stops it")
+        print("[serve] Ctrl-C or SIGTERM stops it")
         while True:
             time.sleep(3600)
     finally:
         serve.shutdown()
+        if started_ray:  # not left to atexit: the local instance's agents go with it, whatever stopped us
+            ray.shutdown()
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop `lmadda serve` exactly as Ctrl-C does (KeyboardInterrupt, then the `finally`).
+
+    Ray's driver handles SIGTERM by aborting the process, which skips Serve's and Ray's shutdown and left
+    the local instance's dashboard and runtime-env agents running. A second SIGTERM while shutting
+    down is ignored, so it cannot cut the shutdown short (SIGKILL still can).
+    """
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _demo_input(demo_out: Path) -> tuple[Path, str]:

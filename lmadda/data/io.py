@@ -6,6 +6,7 @@ sensor maximum the stored values can reach, because overexposure saturates at th
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,62 @@ def decode_image(data: bytes, kind: str, name: str, *, bit_depth: int | None = N
     return RawImage(pixels=np.ascontiguousarray(chw), sensor_max=sensor_max, dtype=array.dtype.name, path=path)
 
 
+def check_image_output(path: str | Path, *, channels: int = 1, dtype: str = "uint16") -> Path:
+    """Refuse, before any work, an output that cannot be written as the image its extension names."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise LmaddaError(f"{path} is a folder; name the output image file, e.g. {path / 'stain.tif'}")
+    existing = next((folder for folder in path.parents if folder.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise LmaddaError(f"{path}: {existing} is a file, not a folder; choose an output in a folder")
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise LmaddaError(f"{path}: cannot write {suffix or 'a file without extension'}; lmadda writes "
+                          f"{', '.join(SUPPORTED_SUFFIXES)} (TIFF for any number of markers and pixel types)")
+    if suffix in PNG_SUFFIXES:
+        if channels != 1:
+            raise LmaddaError(f"{path}: a PNG holds one grey channel, and this image has {channels} (one per marker); "
+                              "write a .tif, or use a single-marker model")
+        if np.dtype(dtype).name not in ("uint8", "uint16"):
+            raise LmaddaError(f"{path}: a PNG holds 8- or 16-bit integers, and this image is {np.dtype(dtype).name}; write a .tif")
+    return path
+
+
+def write_image(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", metadata: dict | None = None) -> Path:
+    """Write (H, W) or (C, H, W) pixels in the format the extension names: TIFF (.tif/.tiff) or PNG (.png)."""
+    array = np.asarray(pixels)
+    check_image_output(path, channels=array.shape[0] if array.ndim == 3 else 1, dtype=dtype)
+    if Path(path).suffix.lower() in PNG_SUFFIXES:
+        return write_png(path, array, dtype=dtype, metadata=metadata)
+    return write_tiff(path, array, dtype=dtype, metadata=metadata)
+
+
+def _clipped(pixels: np.ndarray, dtype: str) -> np.ndarray:
+    target_dtype = np.dtype(dtype)
+    array = np.asarray(pixels)
+    if target_dtype.kind in "ui":
+        info = np.iinfo(target_dtype)
+        array = np.clip(np.rint(array), info.min, info.max)
+    return array.astype(target_dtype)
+
+
+def _write_atomically(path: Path, write) -> Path:
+    """`write(temporary)`, then rename into place; on any failure (a full disk, Ctrl-C) no partial file is left."""
+    if path.is_dir():
+        raise LmaddaError(f"{path} is a folder; name the output image file, e.g. {path / 'stain.tif'}")
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        temporary.replace(path)
+    except OSError as error:
+        raise LmaddaError(f"cannot write {path}: {error.strerror or error}") from error
+    finally:
+        with contextlib.suppress(OSError):  # gone already after the rename, or its folder could not be made
+            temporary.unlink(missing_ok=True)
+    return path
+
+
 def write_tiff(
     path: str | Path,
     pixels: np.ndarray,
@@ -139,15 +196,7 @@ def write_tiff(
     The write goes to a temporary file first and is renamed into place, so an interrupted write
     never leaves a truncated image where a good one was.
     """
-    path = Path(path)
-    target_dtype = np.dtype(dtype)
-    array = np.asarray(pixels)
-    if target_dtype.kind in "ui":
-        info = np.iinfo(target_dtype)
-        array = np.clip(np.rint(array), info.min, info.max)
-    array = array.astype(target_dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
+    array = _clipped(pixels, dtype)
     kwargs: dict = {}
     if ome:
         kwargs["ome"] = True
@@ -155,6 +204,20 @@ def write_tiff(
     else:
         kwargs["metadata"] = metadata or None
         kwargs["photometric"] = "minisblack"
-    tifffile.imwrite(temporary, array, **kwargs)
-    temporary.replace(path)
-    return path
+    return _write_atomically(Path(path), lambda temporary: tifffile.imwrite(temporary, array, **kwargs))
+
+
+def write_png(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", metadata: dict | None = None) -> Path:
+    """Write one grey channel as an 8- or 16-bit PNG (clipped like `write_tiff`); metadata as text chunks."""
+    import json
+
+    from PIL import Image, PngImagePlugin
+
+    array = np.asarray(pixels)
+    check_image_output(path, channels=array.shape[0] if array.ndim == 3 else 1, dtype=dtype)
+    array = _clipped(array.reshape(array.shape[-2:]), dtype)
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    image = Image.fromarray(array)  # uint8 -> mode L, uint16 -> mode I;16
+    return _write_atomically(Path(path), lambda temporary: image.save(temporary, format="PNG", pnginfo=info))

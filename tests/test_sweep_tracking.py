@@ -1,0 +1,156 @@
+"""A sweep's MLflow runs after any kill and resume: exactly one FINISHED run per trial, no orphans.
+
+The sweep's trials are fake rows (no Ray): what is under test is `tune.tracking.log_sweep`, the step
+that turns a finished grid into MLflow runs, and that a killed driver re-runs on `--resume`/`--reuse`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="module")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store: creating its tables takes seconds, copying it none."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def root(tmp_path, migrated_store) -> Path:
+    (tmp_path / "sweeps").mkdir()
+    shutil.copy(migrated_store, tmp_path / "sweeps" / "mlflow.db")
+    return tmp_path
+
+
+def fake_sweep(root: Path) -> SimpleNamespace:
+    """What `log_sweep` reads of a SweepConfig (no torch import: the killed child starts in a second)."""
+    storage = root / "sweeps"
+    return SimpleNamespace(
+        name="killed", storage_path=storage, tracking_uri=f"sqlite:///{storage / 'mlflow.db'}", experiment="lmadda-killed",
+        source=SimpleNamespace(checkpoint=root / "source.pt"), adapt={"steps": 4},
+        data=SimpleNamespace(manifest=root / "manifest.parquet", source_setting="phase_contrast", target_setting="phase_contrast",
+                             shift="overexposure"))
+
+
+def fake_rows(root: Path) -> list[dict]:
+    """Two finished trials, each with a short curve, a Pearson and a generator file."""
+    rows = []
+    for layer in (1, 11):
+        generator = root / f"trial{layer}" / "generator.pt"
+        generator.parent.mkdir(parents=True, exist_ok=True)
+        generator.write_bytes(b"weights")
+        rows.append({"target": "phase_contrast+overexposure:2", "setting": "phase_contrast", "shift": "overexposure", "magnitude": 2.0,
+                     "layer": layer, "lr": 1e-4, "seed": 0, "steps_done": 4, "collapsed": False, "collapse_reason": "",
+                     "generator_path": str(generator), "pearson_dapi": 0.5,
+                     "_history": [{"step": 2, "g_loss": 1.0, "d_loss": 0.7, "d_acc": 0.5}, {"step": 4, "g_loss": 0.9, "d_loss": 0.6, "d_acc": 0.6}]})
+    (root / "results.parquet").write_bytes(b"table")
+    return rows
+
+
+def log(root: Path) -> str:
+    from tune.tracking import log_sweep
+
+    return log_sweep(fake_sweep(root), fake_rows(root), root / "results.parquet", log=lambda *_: None)
+
+
+# Run in a child process that dies like SIGKILL (no `finally`, no atexit) right after the
+# `count`-th call of `mlflow.<function>` returns.
+KILLED_DRIVER = """
+import os, sys
+from pathlib import Path
+import mlflow
+sys.path.insert(0, {tests!r})
+from test_sweep_tracking import log
+function, count = {function!r}, {count}
+original, calls = getattr(mlflow, function), []
+def dying(*args, **kwargs):
+    result = original(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == count:
+        os._exit(9)
+    return result
+setattr(mlflow, function, dying)
+log(Path({root!r}))
+"""
+
+
+def _store(root: Path):
+    from mlflow.tracking import MlflowClient
+
+    from tune.tracking import log_sweep  # noqa: F401  (sets MLFLOW_DISABLE_TELEMETRY before the client)
+
+    sweep = fake_sweep(root)
+    client = MlflowClient(sweep.tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.experiment)
+    return client, client.search_runs([experiment.experiment_id], max_results=100)
+
+
+def _assert_one_finished_run_per_trial(root: Path) -> None:
+    client, runs = _store(root)
+    assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status, r.data.tags.get("lmadda.kind")) for r in runs]
+    trials = [r for r in runs if r.data.tags.get("lmadda.kind") == "trial"]
+    assert sorted(r.data.tags["lmadda.trial_key"] for r in trials) == [
+        "killed/phase_contrast+overexposure:2/L1/lr0.0001/s0", "killed/phase_contrast+overexposure:2/L11/lr0.0001/s0"]
+    assert len(runs) == 3  # the two trials and their sweep run, nothing else
+    for trial in trials:
+        assert [a.path for a in client.list_artifacts(trial.info.run_id, "generator")] == ["generator/generator.pt"]
+        assert trial.data.metrics["pearson_dapi"] == 0.5
+    # no artifact folder of a deleted run is left beside the store
+    folders = {p.name for p in (root / "sweeps" / "mlartifacts").iterdir()}
+    assert folders <= {r.info.run_id for r in runs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("function, count", [
+    ("start_run", 1),      # the sweep run created, nothing else
+    ("start_run", 2),      # the first trial's run created, nothing logged in it
+    ("log_artifact", 1),   # the first trial's generator logged, its run not ended
+    ("log_metrics", 5),    # in the second trial's curve
+], ids=lambda value: str(value))
+def test_a_sweep_killed_while_logging_resumes_to_one_finished_run_per_trial(root, function, count):
+    script = KILLED_DRIVER.format(tests=str(Path(__file__).parent), function=function, count=count, root=str(root))
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert killed.returncode == 9, killed.stderr
+    log(root)  # the resume
+    _assert_one_finished_run_per_trial(root)
+    log(root)  # and a second resume changes nothing
+    _assert_one_finished_run_per_trial(root)
+
+
+def test_an_untagged_running_orphan_from_an_older_kill_is_deleted_on_resume(root):
+    """The store the issue found: a RUNNING run without tags, named like a finished trial, under the sweep run."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    parent_id = log(root)
+    client, runs = _store(root)
+    finished = next(r for r in runs if r.data.tags.get("lmadda.kind") == "trial")
+    orphan = client.create_run(finished.info.experiment_id, run_name=finished.info.run_name, tags={MLFLOW_PARENT_RUN_ID: parent_id})
+    (root / "sweeps" / "mlartifacts" / orphan.info.run_id / "artifacts").mkdir(parents=True)  # its empty folder
+    log(root)
+    _assert_one_finished_run_per_trial(root)
+
+
+def test_promote_reads_finished_trials_only(root):
+    """A trial run left RUNNING (no generator yet) is never registered."""
+    from tune.tracking import promote
+
+    log(root)
+    client, runs = _store(root)
+    trial = next(r for r in runs if r.data.tags.get("lmadda.kind") == "trial")
+    client.update_run(trial.info.run_id, "RUNNING")
+    sweep = fake_sweep(root)
+    promoted = promote(sweep.tracking_uri, sweep.experiment, criterion="pearson", log=lambda *_: None)
+    assert [p["run_id"] for p in promoted] != [trial.info.run_id] and len(promoted) == 1
