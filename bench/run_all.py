@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("train_throughput", ["--quick"]),
     ("inference_tiling", []),
     ("serve_latency", ["--requests", "200", "--concurrency", "8"]),
+    ("abuse", []),  # bounded DoS cases against a loopback endpoint: statuses, times, replica peak memory
     ("sweep_overhead", ["--steps", "40"]),
 ]
 

@@ -11,13 +11,18 @@ One deployment, `StainService`, behind a FastAPI ingress:
   one serving;
 - the image is tiled exactly as `lmadda predict` tiles it (`lmadda.inference.TilePlan`), and tiles
   of concurrent requests for the same model are micro-batched into one forward (`@serve.batch`);
-- requests beyond `max_in_flight` per replica get 503 with Retry-After instead of queueing without
-  bound; an optional bearer token (environment variable `token_env`) guards every /v1 route.
+- the body is read first, under a byte limit kept while streaming and a time limit
+  (`body_timeout_s`), and only then does a request count against `max_in_flight` (beyond it, 503
+  with Retry-After), so clients that stall or stream without end hold no compute slot; the image's
+  declared pixel count is checked (`max_megapixels`) before it is decoded;
+- a bearer token guards every /v1 route (`serve/auth.py`): a replica behind a non-loopback address
+  without one refuses to start unless the config says `allow_unauthenticated: true`;
+- `POST /v1/reload` bumps a stamp held by a tiny `ReloadStamp` deployment, which every replica reads
+  at most once a second, so all replicas re-read the registry, not only the one that got the POST.
 """
 
 
 import asyncio
-import hmac
 import logging
 import os
 import tempfile
@@ -27,18 +32,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import target_from_model_range
 from lmadda.errors import LmaddaError
 from lmadda.inference import TilePlan, default_device, model_input, to_camera_units
-from serve.codec import RequestError, check_body_size, check_channels, check_name, decode_request_image, encode_tiff, parse_markers
+from serve.auth import resolve_auth
+from serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers, read_body
 from serve.registry import StainModels
 
 logger = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 8  # generators kept per replica (LRU); a 16-layer ngf=64 generator is ~200 MB
+TILES_PER_FORWARD = 16  # most tiles in one micro-batched forward (or tile_batch, if larger): bounds its memory
 app = FastAPI(title="lmadda virtual staining", version="1",
               description="Post a label-free microscopy image (TIFF or PNG body); get the predicted fluorescence stains as a TIFF.")
 
@@ -51,21 +62,91 @@ def error_response(error: RequestError) -> JSONResponse:
     return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers or None)
 
 
+# Every error body is {"error": ...}, the routing ones too (FastAPI's own are {"detail": ...}).
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    routes = "POST /v1/stain, GET /v1/models, POST /v1/reload, GET /healthz, GET /readyz, GET /docs"
+    message = {404: f"no route {request.url.path}; routes: {routes}",
+               405: f"{request.method} is not allowed on {request.url.path}; routes: {routes}"}.get(error.status_code, str(error.detail))
+    return JSONResponse({"error": message}, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+
+@app.exception_handler(RequestValidationError)
+async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+    return JSONResponse({"error": f"invalid request ({problems})"}, status_code=400)
+
+
+def openapi_with_bearer() -> dict:
+    """The OpenAPI document with the bearer scheme declared on the /v1 routes. Deliberately open,
+    like /docs: it describes the public API only (routes and parameters), never models, versions
+    or the registry, so clients can discover how to call before they hold a token."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        for path, operations in schema["paths"].items():
+            if path.startswith("/v1/"):
+                for operation in operations.values():
+                    operation["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = openapi_with_bearer
+RELOAD_CHECK_S = 1.0  # how often a replica reads the shared reload stamp: one cheap call a second at most
+
+
+def proxy_host() -> str:
+    """The address Serve's proxies listen on (http_options.host), asked of the controller once at start-up."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().http_config.host
+
+
+@serve.deployment(name="ReloadStamp", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+class ReloadStamp:
+    """A counter that `POST /v1/reload` bumps and every StainService replica polls, so a reload
+    reaches all replicas (a handle call reaches only one)."""
+
+    def __init__(self):
+        self.stamp = 0
+
+    def bump(self) -> int:
+        self.stamp += 1
+        return self.stamp
+
+    def current(self) -> int:
+        return self.stamp
+
+
 @serve.deployment(name="StainService", max_ongoing_requests=32)
 @serve.ingress(app)
 class StainService:
     def __init__(self, tracking_uri: str | None = None, *, cache_dir: str | None = None, refresh_s: float = 30.0,
-                 max_body_mb: float = 256.0, max_in_flight: int = 8, tile: int = 256, overlap: float = 0.25,
-                 tile_batch: int = 4, micro_batch: bool = True, token_env: str = "LMADDA_SERVE_TOKEN"):
+                 max_body_mb: float = 80.0, max_in_flight: int = 8, tile: int = 256, overlap: float = 0.25,
+                 tile_batch: int = 4, micro_batch: bool = True, token_env: str = "LMADDA_SERVE_TOKEN",
+                 token_sha256: str | None = None, allow_unauthenticated: bool = False, body_timeout_s: float = 20.0,
+                 max_megapixels: float = 17.0, min_side: int = 32, stamp=None):
+        host = proxy_host()
+        # Before anything else: a replica that would be open to the network without saying so must not start.
+        self.auth = resolve_auth(host=host, token_env=token_env, environ=os.environ, token_sha256=token_sha256,
+                                 allow_unauthenticated=allow_unauthenticated)
+        logger.info("lmadda endpoint: %s", self.auth.describe(host))
         self.models = StainModels(tracking_uri or default_tracking_uri(),
                                   cache_dir or Path(tempfile.gettempdir()) / "lmadda-serve-models", refresh_s)
         self.max_bytes = int(max_body_mb * 2**20)
+        self.body_timeout_s, self.max_megapixels, self.min_side = body_timeout_s, max_megapixels, min_side
         self.max_in_flight = max_in_flight
         self.tile, self.overlap, self.tile_batch, self.micro_batch = tile, overlap, tile_batch, micro_batch
-        self.token = os.environ.get(token_env) or None
+        if tile_batch > TILES_PER_FORWARD:  # one call must fit in a batch, or Serve refuses it
+            self.forward_tiles.set_max_batch_size(tile_batch)
         self.device = default_device()
         self.in_flight = 0
         self.serving: dict[tuple[str, str], str] = {}  # (marker, setting) -> model id of the last good load
+        # model id -> (when, why) of its last failed load: retried after refresh_s or a reload, not per request
+        self.failed: dict[str, tuple[float, str]] = {}
+        self.stamp, self.seen_stamp, self.next_stamp_check = stamp, None, 0.0
+        self.stamp_lock = asyncio.Lock()  # requests that arrive during a stamp check wait for its reload
 
     # -- models ---------------------------------------------------------------------------------
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
@@ -74,27 +155,71 @@ class StainService:
         checkpoint.generator.eval().to(self.device)
         return checkpoint
 
-    async def model_for(self, marker: str, setting: str) -> tuple[str, GeneratorCheckpoint]:
-        """The current champion for (marker, setting); on a failed load, the previous good version."""
+    async def model_for(self, marker: str, setting: str) -> tuple[str, GeneratorCheckpoint, str]:
+        """(served model id, its checkpoint, promoted model id) for (marker, setting): the current
+        champion, or on a failed load the previous good version."""
         ref = self.models.resolve(marker, setting)
-        try:
-            checkpoint = await self.get_model(ref.model_id)
-            self.serving[(marker, setting)] = ref.model_id
-            return ref.model_id, checkpoint
-        except Exception as error:  # a broken new version must not take the service down
-            previous = self.serving.get((marker, setting))
-            logger.error("loading %s failed (%s); %s", ref.model_id, error, f"serving {previous}" if previous else "nothing to fall back to")
-            if previous is None or previous == ref.model_id:
-                raise RequestError(503, f"model {ref.model_id} for {marker}@{setting} cannot be loaded; the operator has been logged the cause",
-                                   {"Retry-After": "30"}) from error
-            return previous, await self.get_model(previous)
+        failed = self.failed.get(ref.model_id)
+        if failed is None or time.monotonic() - failed[0] >= self.models.refresh_s:
+            try:
+                checkpoint = await self.get_model(ref.model_id)
+                self.serving[(marker, setting)] = ref.model_id
+                self.failed.pop(ref.model_id, None)
+                return ref.model_id, checkpoint, ref.model_id
+            except Exception as error:  # a broken new version must not take the service down
+                self.failed[ref.model_id] = (time.monotonic(), type(error).__name__)
+                previous = self.serving.get((marker, setting))
+                logger.error("loading %s failed (%s); %s", ref.model_id, error, f"serving {previous}" if previous else "nothing to fall back to")
+        previous = self.serving.get((marker, setting))
+        if previous is None or previous == ref.model_id:
+            raise RequestError(503, f"model {ref.model_id} for {marker}@{setting} cannot be loaded; the operator has been logged the cause",
+                               {"Retry-After": "30"})
+        return previous, await self.get_model(previous), ref.model_id
+
+    def served_state(self, marker: str, setting: str, promoted: str) -> tuple[str | None, str]:
+        """(served version, why it is or is not the promoted one) on this replica, for /v1/models."""
+        served = self.serving.get((marker, setting))
+        failed = self.failed.get(promoted)
+        version = served.partition("/")[2] if served else None
+        if failed is not None:
+            fallback = f"serving version {version}" if served and served != promoted else "nothing to fall back to: requests get 503"
+            return (version if served != promoted else None), f"the promoted version failed to load ({failed[1]}; see the replica log); {fallback}"
+        if served is None:
+            return None, "not loaded on this replica yet: the next request loads the promoted version"
+        if served != promoted:
+            return version, "the promoted version changed since the last request; the next request loads it"
+        return version, "serving the promoted version"
+
+    async def follow_reloads(self) -> None:
+        """Re-read the registry when any replica got POST /v1/reload: the shared stamp changed. Read at
+        most once every RELOAD_CHECK_S, so the cost per request is a clock read."""
+        if self.stamp is None or (time.monotonic() < self.next_stamp_check and not self.stamp_lock.locked()):
+            return
+        async with self.stamp_lock:  # without it, requests racing the check would resolve the old aliases
+            if time.monotonic() < self.next_stamp_check:  # checked while this request waited
+                return
+            self.next_stamp_check = time.monotonic() + RELOAD_CHECK_S
+            try:
+                stamp = await self.stamp.current.remote()
+            except Exception as error:  # the stamp replica restarting must not fail a request; refresh_s still applies
+                logger.warning("reading the reload stamp failed (%s); aliases refresh every %s s meanwhile", error, self.models.refresh_s)
+                return
+            if self.seen_stamp is not None and stamp != self.seen_stamp:
+                await self.reload_here()
+            self.seen_stamp = stamp
+
+    async def reload_here(self) -> dict:
+        self.failed.clear()  # a reload retries every failed version now (the operator may have fixed it)
+        return await asyncio.to_thread(self.models.refresh, True)
 
     # -- inference --------------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, generator, tiles: np.ndarray) -> np.ndarray:
         return generator(torch.from_numpy(tiles).to(self.device)).float().cpu().numpy()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    # batch_size_fn counts tiles: each call carries up to tile_batch of them, so counting calls let
+    # 16 calls make a 64-tile forward.
+    @serve.batch(max_batch_size=TILES_PER_FORWARD, batch_wait_timeout_s=0.002, batch_size_fn=lambda items: sum(len(t) for _, t in items))
     async def forward_tiles(self, items: list[tuple[GeneratorCheckpoint, np.ndarray]]) -> list[np.ndarray]:
         """Micro-batching: tiles of concurrent requests for the same generator run as one forward."""
         outputs: list[np.ndarray | None] = [None] * len(items)
@@ -122,30 +247,36 @@ class StainService:
 
     # -- routes -----------------------------------------------------------------------------------
     def authorise(self, request: Request) -> None:
-        if self.token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+        if not self.auth.accepts(request.headers.get("authorization", "")):
             raise RequestError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
 
     @app.post("/v1/stain", summary="Predict stains for one label-free image",
               response_class=Response, responses={200: {"content": {"image/tiff": {}}}})
     async def stain(self, request: Request, setting: str | None = None, marker: str | None = None) -> Response:
-        if self.in_flight >= self.max_in_flight:
-            return error_response(RequestError(503, f"busy: {self.in_flight} requests in progress on this replica; retry shortly", {"Retry-After": "1"}))
-        self.in_flight += 1
         started = time.perf_counter()
         try:
             self.authorise(request)
             setting = check_name("setting", setting or request.headers.get("x-lmadda-setting", ""))
             markers = parse_markers(marker or request.headers.get("x-lmadda-marker", "dapi"))
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit():  # refuse before reading it into memory
-                check_body_size(int(declared), self.max_bytes)
-            image = decode_request_image(await request.body(), request.headers.get("content-type"), max_bytes=self.max_bytes)
-            channels, described, versions, dtypes = [], [], [], set()
+            payload = await read_body(request.stream(), declared_length=request.headers.get("content-length"),
+                                      max_bytes=self.max_bytes, timeout_s=self.body_timeout_s)
+        except RequestError as error:
+            return error_response(error)
+        except ClientDisconnect:  # nobody reads this answer; it only ends the request
+            return error_response(RequestError(400, "the client disconnected before the body arrived"))
+        # Counted only once the body is here: a client that stalls mid-body holds no compute slot.
+        if self.in_flight >= self.max_in_flight:
+            return error_response(RequestError(503, f"busy: {self.in_flight} requests in progress on this replica; retry shortly", {"Retry-After": "1"}))
+        self.in_flight += 1
+        try:
+            await self.follow_reloads()
+            image = decode_request_image(payload, request.headers.get("content-type"), max_bytes=self.max_bytes,
+                                         max_megapixels=self.max_megapixels, min_side=self.min_side)
+            channels, described, versions, dtypes, fallbacks = [], [], [], set(), []
             for name in markers:
-                model_id, checkpoint = await self.model_for(name, setting)
+                model_id, checkpoint, promoted = await self.model_for(name, setting)
+                if model_id != promoted:
+                    fallbacks.append(f"{promoted} failed to load, served {model_id}")
                 check_channels(image, checkpoint.config.in_channels)
                 if name not in checkpoint.markers:
                     raise RequestError(500, f"model {model_id} does not predict {name} (it predicts {checkpoint.markers})")
@@ -160,7 +291,8 @@ class StainService:
             body = encode_tiff(np.stack(channels) if len(channels) > 1 else channels[0], dtype, metadata)
             return Response(body, media_type="image/tiff", headers={
                 "X-Lmadda-Models": ",".join(versions), "X-Lmadda-Setting": setting, "X-Lmadda-Markers": ",".join(markers),
-                "X-Lmadda-Seconds": f"{time.perf_counter() - started:.4f}"})
+                "X-Lmadda-Seconds": f"{time.perf_counter() - started:.4f}",
+                **({"X-Lmadda-Fallback": "; ".join(fallbacks)} if fallbacks else {})})
         except RequestError as error:
             return error_response(error)
         except LmaddaError as error:
@@ -168,17 +300,20 @@ class StainService:
         finally:
             self.in_flight -= 1
 
-    @app.get("/v1/models", summary="Settings and markers served, with registry versions and selection metrics")
+    @app.get("/v1/models", summary="Settings and markers: the promoted and the served version (and why they differ), selection metrics")
     async def list_models(self, request: Request) -> JSONResponse:
         try:
             self.authorise(request)
         except RequestError as error:
             return error_response(error)
+        await self.follow_reloads()
         table = await asyncio.to_thread(self.models.refresh)
-        return JSONResponse({"models": [
-            {"marker": ref.marker, "setting": ref.setting, "model": ref.name, "version": ref.version,
-             "uri": f"models:/{ref.name}@{ref.setting}", "tags": dict(ref.tags)}
-            for ref in sorted(table.values(), key=lambda r: (r.marker, r.setting))]})
+        rows = []
+        for ref in sorted(table.values(), key=lambda r: (r.marker, r.setting)):
+            served, status = self.served_state(ref.marker, ref.setting, ref.model_id)
+            rows.append({"marker": ref.marker, "setting": ref.setting, "model": ref.name, "promoted_version": ref.version,
+                         "served_version": served, "status": status, "uri": f"models:/{ref.name}@{ref.setting}", "tags": dict(ref.tags)})
+        return JSONResponse({"models": rows})
 
     @app.post("/v1/reload", summary="Re-read the registry aliases now (after promoting a new champion)")
     async def reload(self, request: Request) -> JSONResponse:
@@ -186,35 +321,51 @@ class StainService:
             self.authorise(request)
         except RequestError as error:
             return error_response(error)
-        table = await asyncio.to_thread(self.models.refresh, True)
-        return JSONResponse({"models": len(table)})
+        if self.stamp is not None:  # the other replicas see the new stamp within RELOAD_CHECK_S
+            self.seen_stamp = await self.stamp.bump.remote()
+        table = await self.reload_here()
+        return JSONResponse({"models": len(table), "replicas": f"every replica re-reads the registry within {RELOAD_CHECK_S:g} s"})
 
     @app.get("/healthz", summary="Liveness")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    # /healthz and /readyz stay open for probes (a kubelet sends no token). /readyz therefore says
+    # only ready or not and a count: the cause of a failure (which can name the registry's address
+    # or credentials in a URI) goes to the replica log, not to an anonymous caller.
     @app.get("/readyz", summary="Readiness: the registry answers and holds at least one model")
     async def readyz(self) -> JSONResponse:
         try:
             table = await asyncio.to_thread(self.models.refresh)
         except Exception as error:  # an unreachable registry is not ready, whatever the cause
-            return JSONResponse({"status": "registry unreachable", "detail": str(error)}, status_code=503)
+            logger.error("readiness: the registry %s is unreachable (%s)", self.models.tracking_uri, error)
+            return JSONResponse({"status": "registry unreachable; the replica log has the cause"}, status_code=503)
         if not table:
             return JSONResponse({"status": "no models registered; promote a sweep first"}, status_code=503)
         return JSONResponse({"status": "ready", "models": len(table)})
 
 
 ARG_NAMES = ("tracking_uri", "cache_dir", "refresh_s", "max_body_mb", "max_in_flight", "tile", "overlap", "tile_batch",
-             "micro_batch", "token_env")
+             "micro_batch", "token_env", "token_sha256", "allow_unauthenticated", "body_timeout_s", "max_megapixels", "min_side")
+BOOLEAN_ARGS = ("micro_batch", "allow_unauthenticated")
 
 
 def check_args(args: dict) -> dict:
     unknown = set(args) - set(ARG_NAMES)
     if unknown:
         raise ValueError(f"unknown serve args {sorted(unknown)}; known: {', '.join(ARG_NAMES)}")
+    for name in BOOLEAN_ARGS:  # YAML's "false" in quotes is a string, and a string is true: refuse it
+        if name in args and not isinstance(args[name], bool):
+            raise ValueError(f"serve arg {name} is {args[name]!r}; write true or false without quotes")
     return args
+
+
+def application(args: dict, deployment: dict | None = None) -> serve.Application:
+    """StainService with `args` (and deployment options), bound to the shared reload stamp."""
+    service = StainService.options(**deployment) if deployment else StainService
+    return service.bind(**check_args(args), stamp=ReloadStamp.bind())
 
 
 def build_app(args: dict) -> serve.Application:
     """The application builder `serve run serve/config.yaml` calls with the config's `args`."""
-    return StainService.bind(**check_args(args))
+    return application(args)

@@ -7,9 +7,11 @@ camera units and dtype, with the model versions and normalisation in its metadat
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,18 +62,86 @@ def check_body_size(size: int, max_bytes: int) -> None:
                                 "tile it or ask the operator to raise max_body_mb")
 
 
-def decode_request_image(body: bytes, content_type: str | None, *, max_bytes: int) -> RawImage:
-    """The request body as a (C, H, W) image in camera units; 413/415/400 with a clear message otherwise."""
+async def read_body(chunks: AsyncIterator[bytes], *, declared_length: str | None, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole request body, read under two limits so that no client can hold a replica's memory or
+    its slots: 413 as soon as the bytes received pass `max_bytes` (a chunked body declares no length,
+    so the limit is kept while streaming), and 408 when the body takes longer than `timeout_s` to
+    arrive (a client that sends headers and then stalls)."""
+    if declared_length and declared_length.isdigit():  # refuse before reading it into memory
+        check_body_size(int(declared_length), max_bytes)
+    parts: list[bytes] = []
+    received = 0
+
+    async def collect() -> None:
+        nonlocal received
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > max_bytes:
+                raise RequestError(413, f"the body passed the limit of {max_bytes / 2**20:.0f} MiB while streaming; "
+                                        "send a smaller image or ask the operator to raise max_body_mb")
+            parts.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {timeout_s:g} s ({received} bytes received); "
+                                "send it without pauses, or ask the operator to raise body_timeout_s") from None
+    return b"".join(parts)
+
+
+def declared_pixels(body: bytes, kind: str) -> tuple[tuple[int, ...], int]:
+    """The shape and sample count an image declares in its header, read without decoding the pixels
+    (a 150 KiB zlib TIFF can declare 8192x8192 and take gigabytes to decode). (shape, 0) when the
+    header cannot be read: the decoder then gives its own 400."""
+    try:
+        if kind == "tiff":
+            with tifffile.TiffFile(io.BytesIO(body)) as file:
+                series = file.series[0]  # what tifffile.imread (and so decode_image) decodes
+                return tuple(series.shape), int(series.size)
+        from PIL import Image
+
+        with Image.open(io.BytesIO(body)) as image:  # reads the header only
+            shape = (image.height, image.width, len(image.getbands()))
+            return shape, shape[0] * shape[1] * shape[2]
+    except Exception as error:
+        if type(error).__name__ == "DecompressionBombError":  # PIL's own limit, above ours by default
+            raise RequestError(413, f"the image declares more pixels than the decoder accepts ({error}); tile it into smaller images") from error
+        return (), 0
+
+
+def check_pixel_count(body: bytes, kind: str, max_megapixels: float) -> None:
+    """413 for an image that declares more than `max_megapixels` million samples, before it is decoded."""
+    shape, count = declared_pixels(body, kind)
+    if count > max_megapixels * 1e6:
+        raise RequestError(413, f"the image declares shape {'x'.join(map(str, shape))} = {count / 1e6:.1f} megapixels; the limit is "
+                                f"{max_megapixels:g} (max_megapixels): tile it into smaller images or ask the operator to raise max_megapixels")
+
+
+def check_image_size(image: RawImage, min_side: int) -> None:
+    """400 for an image smaller than `min_side` on a side: it holds no cell to stain, and it would be
+    padded to a whole tile (a 1x1 image costs a full forward and returns a constant)."""
+    height, width = image.pixels.shape[1:]
+    if min(height, width) < min_side:
+        raise RequestError(400, f"the image is {height}x{width} pixels; the endpoint needs at least {min_side}x{min_side} "
+                                "(min_side): send the whole field of view")
+
+
+def decode_request_image(body: bytes, content_type: str | None, *, max_bytes: int, max_megapixels: float = 17.0,
+                         min_side: int = 1) -> RawImage:
+    """The request body as a (C, H, W) image in camera units; 413/415/400 with a clear message otherwise.
+    The pixel limit is checked on the header, before a single pixel is decoded."""
     kind = CONTENT_TYPES.get((content_type or "").split(";")[0].strip().lower())
     if kind is None:
         raise RequestError(415, f"Content-Type {content_type!r} is not supported: send the raw image bytes as image/tiff or image/png")
     check_body_size(len(body), max_bytes)
+    check_pixel_count(body, kind, max_megapixels)
     try:
         image = decode_image(body, kind, "request body")
     except LmaddaError as error:
         raise RequestError(400, str(error)) from error
     if np.dtype(image.dtype).kind not in "uif":
         raise RequestError(400, f"pixel type {image.dtype} is not supported: send unsigned integer (8/16-bit) or float images")
+    check_image_size(image, min_side)
     return image
 
 

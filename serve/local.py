@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -27,21 +29,38 @@ def read_serve_config(path: Path = DEFAULT_CONFIG) -> dict:
             "name": app.get("name", "lmadda"), "route_prefix": app.get("route_prefix", "/")}
 
 
+def with_launcher_token(args: dict, host: str, environ: Mapping[str, str]) -> dict:
+    """`args` plus the digest of this shell's token, so that it reaches every replica wherever Ray
+    places it (a replica reads its node's environment, not this shell's); LmaddaError, before Ray
+    starts, for a non-loopback address without a token unless the config allows it."""
+    from serve.auth import resolve_auth, token_digest
+
+    token_env = args.get("token_env", "LMADDA_SERVE_TOKEN")
+    token = environ.get(token_env, "").strip()
+    if token and not args.get("token_sha256"):
+        args = {**args, "token_sha256": token_digest(token)}
+    resolve_auth(host=host, token_env=token_env, environ=environ, token_sha256=args.get("token_sha256"),
+                 allow_unauthenticated=args.get("allow_unauthenticated", False))
+    return args
+
+
 def start_local(config_path: Path = DEFAULT_CONFIG, *, host: str | None = None, port: int | None = None,
                 deployment: dict | None = None, **overrides) -> str:
     """Start Serve with the config's application (args overridden by `overrides`, deployment options
     by `deployment`); return its URL."""
     from ray import serve
 
-    from serve.app import StainService, check_args
+    from serve.app import application, check_args
 
     config = read_serve_config(config_path)
+    host = host or config["http_options"].get("host", "127.0.0.1")
+    port = port or int(config["http_options"].get("port", 8000))
     try:
         args = check_args({**config["args"], **{k: v for k, v in overrides.items() if v is not None}})
     except ValueError as error:
         raise LmaddaError(f"{config_path}: {error}") from error
-    host = host or config["http_options"].get("host", "127.0.0.1")
-    port = port or int(config["http_options"].get("port", 8000))
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(StainService.options(**{**config["deployment"], **(deployment or {})}).bind(**args), name=config["name"], route_prefix=config["route_prefix"])
+    args = with_launcher_token(args, host, os.environ)
+    timeout = config["http_options"].get("request_timeout_s")
+    serve.start(http_options={"host": host, "port": port, **({"request_timeout_s": timeout} if timeout else {})})
+    serve.run(application(args, {**config["deployment"], **(deployment or {})}), name=config["name"], route_prefix=config["route_prefix"])
     return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"

@@ -3,10 +3,20 @@
 A (marker, setting) pair resolves to a registered version through its alias; the version's
 generator is downloaded once into a cache folder named by model and version (never by user input)
 and loaded with lmadda's own checkpoint loader, so it accepts any image size.
+
+The cache is verified, not trusted: each download records the file's size and SHA-256 beside it
+(and is checked against the version's `sha256` tag when the registry has one); a cached file that
+no longer matches, or that fails to load, is thrown away and downloaded again. So a corrupt
+download does not outlive the fix of the file in the registry.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -17,9 +27,22 @@ from mlflow.tracking import MlflowClient
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.errors import LmaddaError
+from lmadda.tracking_store import relocate_artifacts
 from serve.codec import RequestError
 
+logger = logging.getLogger("ray.serve")
+
 MODEL_PREFIX = "lmadda-"
+CACHE_RECORD = ".lmadda-cache.json"  # {"file", "size", "sha256"} of the downloaded generator
+SHA256_TAG = "sha256"  # an optional model-version tag: the generator file's SHA-256, checked on download
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -43,6 +66,7 @@ class StainModels:
         self.tracking_uri = tracking_uri
         self.cache_dir = Path(cache_dir)
         self.refresh_s = refresh_s
+        relocate_artifacts(tracking_uri)  # a moved or copied local store: its artifacts are where it is now
         self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self._lock = threading.Lock()
         self._table: dict[tuple[str, str], ModelRef] = {}
@@ -74,19 +98,55 @@ class StainModels:
         return ref
 
     def load(self, model_id: str) -> GeneratorCheckpoint:
-        """Download (once) and load the generator of `model_id` ('lmadda-<marker>/<version>')."""
+        """Load the generator of `model_id` ('lmadda-<marker>/<version>') from the cache, downloading it
+        when absent; a cached copy that fails verification or loading is downloaded again once."""
         name, _, version = model_id.partition("/")
         if not (name.startswith(MODEL_PREFIX) and version.isdigit()):
             raise LmaddaError(f"malformed model id {model_id!r}")
         folder = self.cache_dir / name / version
-        found = sorted(folder.rglob("*.pt")) if folder.is_dir() else []
-        if not found:
-            uri = self._client.get_model_version_download_uri(name, version)
-            partial = self.cache_dir / name / f".{version}.partial"
-            partial.mkdir(parents=True, exist_ok=True)
-            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(partial), tracking_uri=self.tracking_uri)
-            partial.replace(folder)  # a complete download only, so a crash never leaves a half file in the cache
-            found = sorted(folder.rglob("*.pt"))
+        if folder.is_dir():
+            try:
+                return load_checkpoint(self._verified(folder, model_id))
+            except LmaddaError as error:  # a poisoned or stale cache: the registry's copy decides
+                logger.warning("cached %s is unusable (%s); downloading it again", model_id, error)
+                shutil.rmtree(folder, ignore_errors=True)
+        self._download(name, version, folder)
+        return load_checkpoint(self._verified(folder, model_id))
+
+    def _download(self, name: str, version: str, folder: Path) -> None:
+        """Download into a partial folder, record size and hash, then rename into place (a crash never
+        leaves a half file in the cache)."""
+        uri = self._client.get_model_version_download_uri(name, version)
+        (self.cache_dir / name).mkdir(parents=True, exist_ok=True)
+        # One partial folder per download: replicas on one node share the cache and may race.
+        partial = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=self.cache_dir / name))
+        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(partial), tracking_uri=self.tracking_uri)
+        found = sorted(partial.rglob("*.pt"))
         if len(found) != 1:
-            raise LmaddaError(f"model {model_id} holds {len(found)} checkpoint files; expected one generator .pt")
-        return load_checkpoint(found[0])
+            shutil.rmtree(partial, ignore_errors=True)
+            raise LmaddaError(f"model {name}/{version} holds {len(found)} checkpoint files; expected one generator .pt")
+        expected = (self._client.get_model_version(name, version).tags or {}).get(SHA256_TAG)
+        actual = file_sha256(found[0])
+        if expected and expected.lower() != actual:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise LmaddaError(f"model {name}/{version}: the download's SHA-256 {actual[:12]}... differs from the registered "
+                              f"{expected[:12]}...; the registry's file is damaged: register the generator again")
+        record = {"file": found[0].relative_to(partial).as_posix(), "size": found[0].stat().st_size, "sha256": actual}
+        (partial / CACHE_RECORD).write_text(json.dumps(record))
+        try:
+            partial.replace(folder)
+        except OSError:  # another replica put its (verified) copy there first
+            shutil.rmtree(partial, ignore_errors=True)
+
+    @staticmethod
+    def _verified(folder: Path, model_id: str) -> Path:
+        """The cached generator file, after checking its size and SHA-256 against the download record."""
+        try:
+            record = json.loads((folder / CACHE_RECORD).read_text())
+            path = folder / record["file"]
+            size = path.stat().st_size
+        except (OSError, ValueError, KeyError) as error:
+            raise LmaddaError(f"cache of {model_id} at {folder} has no valid download record ({error})") from error
+        if size != record["size"] or file_sha256(path) != record["sha256"]:
+            raise LmaddaError(f"cached {model_id} at {path} changed since it was downloaded (size {size}, recorded {record['size']})")
+        return path

@@ -74,3 +74,31 @@ def test_response_tiff_keeps_dtype_range_and_metadata():
     assert array[0].tolist() == [[0, 65535], [1, 3]]  # clipped to the dtype's range, rounded
     metadata = decode_response_metadata(body)
     assert metadata["lmadda_setting"] == "bright_field" and metadata["lmadda_models"][0]["model"] == "lmadda-dapi/3"
+
+
+def _bomb(kind: str, side: int = 8192) -> bytes:
+    """A small body that declares side x side pixels (zeros compress ~1000:1)."""
+    buffer = io.BytesIO()
+    if kind == "tiff":
+        tifffile.imwrite(buffer, np.zeros((side, side), np.uint16), compression="zlib", rowsperstrip=side)
+    else:
+        Image.fromarray(np.zeros((side, side), np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["tiff", "png"])
+def test_a_decompression_bomb_is_refused_from_its_header_before_decoding(kind, monkeypatch):
+    import serve.codec
+
+    body = _bomb(kind)
+    assert len(body) < 200 * 1024
+    monkeypatch.setattr(serve.codec, "decode_image", lambda *a, **k: pytest.fail("decoded a bomb"))
+    status, message = _status(lambda: decode_request_image(body, f"image/{kind}", max_bytes=256 * MIB, max_megapixels=17))
+    assert status == 413 and "8192x8192" in message and "67.1 megapixels" in message and "max_megapixels" in message
+
+
+def test_images_below_the_minimum_side_are_refused_and_the_limit_is_named():
+    for shape in [(1, 1), (2, 2), (31, 200)]:
+        status, message = _status(lambda: decode_request_image(_tiff(np.ones(shape, np.uint16)), "image/tiff", max_bytes=MIB, min_side=32))
+        assert status == 400 and f"{shape[0]}x{shape[1]} pixels" in message and "at least 32x32" in message
+    assert decode_request_image(_tiff(np.ones((32, 32), np.uint16)), "image/tiff", max_bytes=MIB, min_side=32).pixels.shape == (1, 32, 32)

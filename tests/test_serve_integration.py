@@ -1,6 +1,8 @@
 """The staining endpoint on a real Ray Serve instance, models from a temporary MLflow registry (slow)."""
 
 import io
+import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -166,6 +168,12 @@ def test_models_health_and_a_promoted_champion_served_after_reload(endpoint, tmp
     assert _post(f"{url}/v1/reload", b"", "application/json")[0] == 200
     kept = _post(f"{url}/v1/stain?setting=phase_contrast&marker=dapi", _tiff(image))
     assert kept[0] == 200 and kept[1]["x-lmadda-models"] == f"lmadda-dapi/{version.version}"
+    assert "failed to load" in kept[1]["x-lmadda-fallback"]
+    # ... and /v1/models says so: what is served, what is promoted, and why they differ.
+    listed = {(m["marker"], m["setting"]): m for m in json.loads(_get(f"{url}/v1/models")[1])["models"]}
+    row = listed[("dapi", "phase_contrast")]
+    assert row["served_version"] == str(version.version) and row["promoted_version"] != str(version.version)
+    assert "failed to load" in row["status"] and f"serving version {version.version}" in row["status"]
 
 
 def test_overload_answers_503_with_retry_after_and_never_500(endpoint):
@@ -178,3 +186,38 @@ def test_overload_answers_503_with_retry_after_and_never_500(endpoint):
     statuses = sorted(status for status, _, _ in answers)
     assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
     assert all(headers.get("retry-after") == "1" for status, headers, _ in answers if status == 503)
+
+
+def test_a_token_from_the_launching_shell_and_a_reload_reach_every_replica(endpoint, monkeypatch):
+    """Two replicas. The token exists only in this (launching) process, set after Ray started, as on a
+    `ray start` cluster; one POST /v1/reload must still reach both replicas."""
+    from ray import serve
+
+    from serve.app import application
+    from serve.local import with_launcher_token
+
+    monkeypatch.setenv("LMADDA_TEST_LATE_TOKEN", "late-token-456")  # the raylet, started earlier, never saw it
+    client, paths = endpoint["client"], endpoint["paths"]
+    first = _register(client, endpoint["tracking_uri"], paths["phase_contrast"], ["lmadda-dapi"], "replica_check")["lmadda-dapi"]
+    args = with_launcher_token({"tracking_uri": endpoint["tracking_uri"], "cache_dir": str(endpoint["root"] / "cache2"), "refresh_s": 3600,
+                                "tile": 64, "token_env": "LMADDA_TEST_LATE_TOKEN"}, "127.0.0.1", os.environ)
+    serve.run(application(args, {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}), name="lmadda-replicas", route_prefix="/replicas")
+    try:
+        url = f"{endpoint['url']}/replicas/v1/stain?setting=replica_check&marker=dapi"
+        image = _tiff(np.random.default_rng(3).integers(0, 4000, size=(64, 64)).astype(np.uint16))
+        assert _post(url, image, token=None)[0] == 401 and _post(url, image, token=TOKEN)[0] == 401
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:  # both replicas serve (and cache) the first version
+            warm = list(pool.map(lambda _: _post(url, image, token="late-token-456"), range(12)))
+        assert {h["x-lmadda-models"] for _, h, _ in warm} == {f"lmadda-dapi/{first}"}
+        second = _register(client, endpoint["tracking_uri"], paths["bright_field"], ["lmadda-dapi"], "replica_check")["lmadda-dapi"]
+        assert _post(f"{endpoint['url']}/replicas/v1/reload", b"", "application/json", token="late-token-456")[0] == 200
+        import time
+
+        time.sleep(1.5)  # RELOAD_CHECK_S
+        with ThreadPoolExecutor(4) as pool:
+            after = list(pool.map(lambda _: _post(url, image, token="late-token-456"), range(12)))
+        assert {h["x-lmadda-models"] for _, h, _ in after} == {f"lmadda-dapi/{second}"}
+    finally:
+        serve.delete("lmadda-replicas")

@@ -1,0 +1,341 @@
+"""The endpoint's routes in-process: the real FastAPI app and StainService methods, driven through
+ASGI without Ray (Serve's replica context and model multiplexing replaced by plain objects)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.errors import LmaddaError
+from lmadda.models import GeneratorConfig, UNetGenerator
+from serve.registry import ModelRef
+
+TOKEN = "in-process-token-0123456789"
+
+
+def _tiff(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array)
+    return buffer.getvalue()
+
+
+IMAGE = _tiff(np.random.default_rng(0).integers(0, 4000, size=(64, 64)).astype(np.uint16))
+
+
+def _checkpoint(seed: int = 0) -> GeneratorCheckpoint:
+    torch.manual_seed(seed)
+    generator = UNetGenerator(GeneratorConfig(in_channels=1, out_channels=2, ngf=2, depth=6)).eval()
+    return GeneratorCheckpoint(generator=generator, markers=["dapi", "cd29"], setting="bright_field")
+
+
+class FakeModels:
+    """StainModels' interface over a dict: (marker, setting) -> version, and versions that fail to load."""
+
+    def __init__(self, versions: dict[tuple[str, str], str], broken: set[str] = frozenset()):
+        self.versions, self.broken, self.refresh_s, self.tracking_uri = dict(versions), set(broken), 3600.0, "fake://registry"
+        self.refreshes = 0
+        self.table = self._table()
+
+    def _table(self):
+        return {(m, s): ModelRef(m, s, f"lmadda-{m}", v) for (m, s), v in self.versions.items()}
+
+    def refresh(self, force: bool = False):
+        if force:  # what the replica knows changes only when it re-reads the registry
+            self.refreshes += 1
+            self.table = self._table()
+        return self.table
+
+    def resolve(self, marker, setting):
+        return self.table[(marker, setting)]
+
+
+class FakeStamp:
+    """ReloadStamp's handle interface: `await handle.current.remote()`."""
+
+    def __init__(self):
+        self.stamp = 0
+
+        async def current():
+            return self.stamp
+
+        async def bump():
+            self.stamp += 1
+            return self.stamp
+
+        self.current, self.bump = SimpleNamespace(remote=current), SimpleNamespace(remote=bump)
+
+
+def patch_app_global(monkeypatch, name, value):
+    """Patch a module global of serve/app.py as the service's methods see it (Serve's decorators
+    hand the class a copy of the module's globals)."""
+    import serve.app as app_module
+
+    monkeypatch.setattr(app_module, name, value, raising=False)
+    monkeypatch.setitem(app_module.StainService.func_or_class.__mro__[1].__init__.__globals__, name, value)
+
+
+def make_service(monkeypatch, *, host="127.0.0.1", environ=None, models=None, **kwargs):
+    """A StainService instance as a replica would hold it, without Ray."""
+    import ray.serve
+
+    import serve.app as app_module
+
+    for name in ("LMADDA_SERVE_TOKEN",):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (environ or {}).items():
+        monkeypatch.setenv(name, value)
+    patch_app_global(monkeypatch, "proxy_host", lambda: host)
+    user_class = app_module.StainService.func_or_class.__mro__[1]  # the class as written, without Serve's ASGI wrapper
+    service = object.__new__(user_class)
+    user_class.__init__(service, "sqlite:////nonexistent/mlflow.db", **{"micro_batch": False, "tile": 64, **kwargs})
+    if models is not None:
+        service.models = models
+        checkpoints = {}
+
+        async def get_model(model_id):  # Serve's multiplexed loader, minus Serve
+            if model_id in models.broken:
+                raise LmaddaError(f"checkpoint of {model_id} is corrupt")
+            return checkpoints.setdefault(model_id, _checkpoint(int(model_id.rpartition("/")[2])))
+
+        service.get_model = get_model
+    context = SimpleNamespace(servable_object=service, _deployment_config=SimpleNamespace(max_ongoing_requests=32))
+    monkeypatch.setattr(ray.serve, "get_replica_context", lambda: context)
+    return service
+
+
+async def call(service, method, path, *, query="", headers=(), chunks=(b"",), stall=False, pulled=None):
+    """One ASGI request against the real app, bound to `service`; (status, headers, body). The body
+    arrives as `chunks`; with `stall`, the client then sends nothing more."""
+    from serve.app import app
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000)}
+    queue = list(chunks)
+    sent = []
+
+    async def receive():
+        if queue:
+            chunk = queue.pop(0)
+            if pulled is not None:
+                pulled.append(len(chunk))
+            return {"type": "http.request", "body": chunk, "more_body": bool(queue) or stall}
+        if stall:
+            await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+def stain(service, *, token=TOKEN, setting="bright_field", **kwargs):
+    headers = [("content-type", "image/tiff"), *([("authorization", f"Bearer {token}")] if token else []), *kwargs.pop("headers", [])]
+    return call(service, "POST", "/v1/stain", query=f"setting={setting}&marker=dapi", headers=headers, **kwargs)
+
+
+MODELS = {("dapi", "bright_field"): "2"}
+
+
+# -- 1: stalled bodies -------------------------------------------------------------------------------
+def test_clients_that_stall_mid_body_get_408_and_hold_no_compute_slot(monkeypatch):
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN},
+                           max_in_flight=1, body_timeout_s=5.0)
+
+    async def scenario():
+        stalled = [asyncio.create_task(stain(service, chunks=[b"\x00" * 1024], stall=True)) for _ in range(4)]
+        await asyncio.sleep(0.1)  # the stalled ones are in, holding whatever they hold
+        normal = await asyncio.wait_for(stain(service, chunks=[IMAGE]), 30)
+        still_stalled = sum(not task.done() for task in stalled)
+        return normal, still_stalled, await asyncio.wait_for(asyncio.gather(*stalled), 10)
+
+    normal, still_stalled, stalled = asyncio.run(scenario())
+    assert normal[0] == 200, normal[2]
+    assert still_stalled == 4  # served while they stall, not after they time out
+    assert [s for s, _, _ in stalled] == [408] * 4
+    assert b"body_timeout_s" in stalled[0][2]
+
+
+# -- 3: chunked bodies ---------------------------------------------------------------------------------
+def test_a_chunked_body_over_the_limit_gets_413_without_being_read_whole(monkeypatch):
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN}, max_body_mb=1)
+    pulled: list[int] = []
+    chunks = [b"\x00" * 2**16] * 300  # 18.75 MiB, no Content-Length
+    status, _, body = asyncio.run(stain(service, chunks=chunks, pulled=pulled))
+    assert status == 413 and b"while streaming" in body
+    assert sum(pulled) <= 2**20 + 2**16  # stopped at the first chunk past 1 MiB
+
+
+def test_a_declared_length_over_the_limit_is_refused_before_reading(monkeypatch):
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN}, max_body_mb=1)
+    pulled: list[int] = []
+    status, _, _ = asyncio.run(stain(service, headers=[("content-length", str(2**30))], chunks=[b"\x00" * 10], pulled=pulled))
+    assert status == 413 and pulled == []
+
+
+# -- 2: decompression bombs, through the route ---------------------------------------------------------
+def test_a_decompression_bomb_gets_413_naming_the_limit_before_it_is_decoded(monkeypatch):
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN}, max_megapixels=17)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((8192, 8192), np.uint16), compression="zlib", rowsperstrip=8192)
+    assert len(buffer.getvalue()) < 200 * 1024
+    started = time.perf_counter()
+    status, _, body = asyncio.run(stain(service, chunks=[buffer.getvalue()]))
+    assert status == 413 and b"8192x8192 = 67.1 megapixels" in body and b"max_megapixels" in body
+    assert time.perf_counter() - started < 2.0  # a header read; decoding alone took seconds
+
+
+# -- 4 and 5: auth that cannot silently be off ---------------------------------------------------------
+def test_a_replica_on_a_non_loopback_address_without_a_token_refuses_to_start(monkeypatch):
+    with pytest.raises(LmaddaError, match="refusing to serve on 0.0.0.0 without a token.*allow_unauthenticated: true"):
+        make_service(monkeypatch, host="0.0.0.0")
+    open_on_purpose = make_service(monkeypatch, host="0.0.0.0", models=FakeModels(MODELS), allow_unauthenticated=True)
+    assert asyncio.run(stain(open_on_purpose, token=None, chunks=[IMAGE]))[0] == 200
+
+
+def test_the_start_up_log_says_whether_auth_is_on_and_where_the_token_came_from_never_the_token(monkeypatch, caplog):
+    from serve.auth import token_digest
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        make_service(monkeypatch, host="0.0.0.0", token_sha256=token_digest(TOKEN))
+        make_service(monkeypatch, host="10.0.0.5", environ={"LMADDA_SERVE_TOKEN": TOKEN})
+        make_service(monkeypatch, host="127.0.0.1")
+    lines = [r.getMessage() for r in caplog.records if "lmadda endpoint" in r.getMessage()]
+    assert "auth ON on 0.0.0.0" in lines[0] and "token_sha256 in the application args" in lines[0]
+    assert "auth ON on 10.0.0.5" in lines[1] and "$LMADDA_SERVE_TOKEN in the replica's environment" in lines[1]
+    assert "auth OFF on 127.0.0.1" in lines[2] and "loopback" in lines[2]
+    assert not any(TOKEN in line or token_digest(TOKEN) in line for line in lines)
+
+
+def test_a_token_given_as_its_digest_guards_every_v1_route(monkeypatch):
+    from serve.auth import token_digest
+
+    service = make_service(monkeypatch, host="0.0.0.0", models=FakeModels(MODELS), token_sha256=token_digest(TOKEN))
+    assert asyncio.run(stain(service, token=None, chunks=[IMAGE]))[0] == 401
+    assert asyncio.run(stain(service, token="wrong", chunks=[IMAGE]))[0] == 401
+    assert asyncio.run(stain(service, chunks=[IMAGE]))[0] == 200
+    assert asyncio.run(call(service, "GET", "/v1/models"))[0] == 401
+    assert asyncio.run(call(service, "POST", "/v1/reload"))[0] == 401
+
+
+def test_openapi_declares_the_bearer_scheme_and_the_open_routes_show_nothing_private(monkeypatch):
+    service = make_service(monkeypatch, host="0.0.0.0", models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN})
+    status, _, body = asyncio.run(call(service, "GET", "/openapi.json"))
+    schema = json.loads(body)
+    assert status == 200 and schema["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert schema["paths"]["/v1/stain"]["post"]["security"] == [{"bearer": []}]
+    assert "security" not in schema["paths"]["/healthz"]["get"]
+    assert b"models:/" not in body and b"lmadda-dapi" not in body and b"sqlite" not in body
+    assert asyncio.run(call(service, "GET", "/healthz"))[0] == 200
+
+    def unreachable(force=False):
+        raise RuntimeError("cannot open sqlite:////srv/secret/mlflow.db as user:password")
+
+    service.models.refresh = unreachable
+    status, _, body = asyncio.run(call(service, "GET", "/readyz"))
+    assert status == 503 and b"secret" not in body and b"password" not in body
+
+
+# -- 7: /v1/models says what is served -------------------------------------------------------------------
+def test_v1_models_reports_the_served_and_the_promoted_version_and_why_they_differ(monkeypatch):
+    models = FakeModels(MODELS)
+    service = make_service(monkeypatch, models=models, environ={"LMADDA_SERVE_TOKEN": TOKEN})
+    headers = [("authorization", f"Bearer {TOKEN}")]
+    listed = json.loads(asyncio.run(call(service, "GET", "/v1/models", headers=headers))[2])["models"][0]
+    assert listed["promoted_version"] == "2" and listed["served_version"] is None and "not loaded" in listed["status"]
+    assert asyncio.run(stain(service, chunks=[IMAGE]))[0] == 200
+
+    models.versions[("dapi", "bright_field")] = "3"  # a corrupt v3 promoted over v2
+    models.broken.add("lmadda-dapi/3")
+    asyncio.run(call(service, "POST", "/v1/reload", headers=headers))
+    status, answer_headers, _ = asyncio.run(stain(service, chunks=[IMAGE]))
+    assert status == 200 and answer_headers["x-lmadda-models"] == "lmadda-dapi/2"
+    assert answer_headers["x-lmadda-fallback"] == "lmadda-dapi/3 failed to load, served lmadda-dapi/2"
+    listed = json.loads(asyncio.run(call(service, "GET", "/v1/models", headers=headers))[2])["models"][0]
+    assert listed["promoted_version"] == "3" and listed["served_version"] == "2"
+    assert "promoted version failed to load (LmaddaError" in listed["status"] and "serving version 2" in listed["status"]
+
+
+def test_a_failed_version_is_retried_after_a_reload_not_on_every_request(monkeypatch):
+    models = FakeModels({("dapi", "bright_field"): "3"}, broken={"lmadda-dapi/3"})
+    service = make_service(monkeypatch, models=models, environ={"LMADDA_SERVE_TOKEN": TOKEN})
+    attempts = []
+    load = service.get_model
+
+    async def counting(model_id):
+        attempts.append(model_id)
+        return await load(model_id)
+
+    service.get_model = counting
+    assert [asyncio.run(stain(service, chunks=[IMAGE]))[0] for _ in range(3)] == [503] * 3
+    assert attempts == ["lmadda-dapi/3"]
+    models.broken.clear()  # the operator fixed the file in the registry
+    asyncio.run(call(service, "POST", "/v1/reload", headers=[("authorization", f"Bearer {TOKEN}")]))
+    assert asyncio.run(stain(service, chunks=[IMAGE]))[0] == 200
+
+
+# -- 8: a reload reaches every replica --------------------------------------------------------------------
+def test_a_reload_on_one_replica_reaches_the_others_through_the_shared_stamp(monkeypatch):
+    patch_app_global(monkeypatch, "RELOAD_CHECK_S", 0.0)
+    stamp = FakeStamp()
+    models_a, models_b = FakeModels(MODELS), FakeModels(MODELS)
+    replica_a = make_service(monkeypatch, models=models_a, environ={"LMADDA_SERVE_TOKEN": TOKEN}, stamp=stamp)
+    replica_b = make_service(monkeypatch, models=models_b, environ={"LMADDA_SERVE_TOKEN": TOKEN}, stamp=stamp)
+    assert asyncio.run(stain(replica_b, chunks=[IMAGE]))[2][:2] in (b"II", b"MM")  # B serves v2 and has read the stamp
+    for models in (models_a, models_b):
+        models.versions[("dapi", "bright_field")] = "5"  # promoted in the registry both replicas read
+    monkeypatch.setattr(ray_serve(), "get_replica_context", lambda: SimpleNamespace(servable_object=replica_a))
+    asyncio.run(call(replica_a, "POST", "/v1/reload", headers=[("authorization", f"Bearer {TOKEN}")]))
+    monkeypatch.setattr(ray_serve(), "get_replica_context", lambda: SimpleNamespace(servable_object=replica_b))
+    status, headers, _ = asyncio.run(stain(replica_b, chunks=[IMAGE]))
+    assert status == 200 and headers["x-lmadda-models"] == "lmadda-dapi/5"
+
+
+def ray_serve():
+    import ray.serve
+
+    return ray.serve
+
+
+# -- 9: routing errors in the documented shape -------------------------------------------------------------
+def test_unknown_routes_and_wrong_methods_answer_with_the_error_shape(monkeypatch):
+    service = make_service(monkeypatch, models=FakeModels(MODELS))
+    status, _, body = asyncio.run(call(service, "GET", "/v1/nothing"))
+    assert status == 404 and "POST /v1/stain" in json.loads(body)["error"]
+    status, _, body = asyncio.run(call(service, "GET", "/v1/stain"))
+    assert status == 405 and "GET is not allowed on /v1/stain" in json.loads(body)["error"]
+
+
+def test_a_micro_batched_forward_never_exceeds_the_tile_cap(monkeypatch):
+    import serve.app as app_module
+
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN}, micro_batch=True, tile_batch=4)
+    sizes = []
+    forward = service.forward
+
+    def counting(generator, tiles):
+        sizes.append(len(tiles))
+        return forward(generator, tiles)
+
+    service.forward = counting
+    image = _tiff(np.random.default_rng(1).integers(0, 4000, size=(256, 256)).astype(np.uint16))  # 25 tiles of 64
+
+    async def concurrent():
+        return await asyncio.gather(*[stain(service, chunks=[image]) for _ in range(8)])
+
+    assert [status for status, _, _ in asyncio.run(concurrent())] == [200] * 8
+    assert max(sizes) <= app_module.TILES_PER_FORWARD and sum(sizes) == 8 * 25

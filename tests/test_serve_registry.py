@@ -1,0 +1,81 @@
+"""The endpoint's model cache (serve/registry.py) against a real, temporary MLflow registry (no Ray)."""
+
+from pathlib import Path
+
+import pytest
+
+from lmadda.errors import LmaddaError
+
+pytestmark = pytest.mark.slow  # creating the SQLite registry costs ~10 s on 2 cores
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One registry for the module (creating a SQLite store costs seconds) and a small good checkpoint."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
+    from lmadda.models import GeneratorConfig, UNetGenerator
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("cache-test", artifact_location=(root / "artifacts").as_uri())
+    client.create_registered_model("lmadda-dapi")
+    torch.manual_seed(0)
+    generator = UNetGenerator(GeneratorConfig(in_channels=1, out_channels=2, ngf=2, depth=6))
+    good = save_checkpoint(root / "good" / "generator.pt", GeneratorCheckpoint(generator=generator, markers=["dapi", "cd29"], setting="x"))
+    return {"uri": uri, "client": client, "experiment": experiment, "good": Path(good)}
+
+
+@pytest.fixture()
+def registry(store, tmp_path):
+    """A new version of lmadda-dapi whose stored generator is corrupt (a download cut short)."""
+    client = store["client"]
+    corrupt = tmp_path / "upload" / "generator.pt"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"not a checkpoint: a download cut short")
+    run = client.create_run(store["experiment"])
+    client.log_artifact(run.info.run_id, str(corrupt), "generator")
+    version = client.create_model_version("lmadda-dapi", f"runs:/{run.info.run_id}/generator/generator.pt", run_id=run.info.run_id)
+    stored = Path(client.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://")) / "generator" / "generator.pt"
+    assert stored.is_file()
+    return {**store, "model_id": f"lmadda-dapi/{version.version}", "stored": stored}
+
+
+def test_a_poisoned_cache_is_downloaded_again_once_the_registry_file_is_fixed(registry, tmp_path):
+    from serve.registry import StainModels
+
+    models = StainModels(registry["uri"], tmp_path / "cache")
+    with pytest.raises(LmaddaError, match="corrupt"):
+        models.load(registry["model_id"])  # the corrupt file is now in the replica's cache
+    registry["stored"].write_bytes(registry["good"].read_bytes())  # the operator fixes the registry's file
+    checkpoint = models.load(registry["model_id"])
+    assert checkpoint.markers == ["dapi", "cd29"]
+
+
+def test_a_cached_file_that_changed_on_disk_is_detected_and_replaced(registry, tmp_path):
+    from serve.registry import StainModels
+
+    registry["stored"].write_bytes(registry["good"].read_bytes())
+    models = StainModels(registry["uri"], tmp_path / "cache")
+    models.load(registry["model_id"])
+    cached = next((tmp_path / "cache").rglob("generator.pt"))
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: the checkpoint might still load, with wrong weights
+    cached.write_bytes(bytes(data))
+    models.load(registry["model_id"])
+    assert next((tmp_path / "cache").rglob("generator.pt")).read_bytes() == registry["good"].read_bytes()
+
+
+def test_a_download_that_does_not_match_the_registered_sha256_is_refused(registry, tmp_path):
+    from serve.registry import StainModels, file_sha256
+
+    registry["stored"].write_bytes(registry["good"].read_bytes())
+    name, _, version = registry["model_id"].partition("/")
+    registry["client"].set_model_version_tag(name, version, "sha256", "0" * 64)
+    with pytest.raises(LmaddaError, match="differs from the registered"):
+        StainModels(registry["uri"], tmp_path / "cache").load(registry["model_id"])
+    registry["client"].set_model_version_tag(name, version, "sha256", file_sha256(registry["good"]))
+    assert StainModels(registry["uri"], tmp_path / "cache").load(registry["model_id"]).markers == ["dapi", "cd29"]
