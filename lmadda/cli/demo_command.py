@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--source-epochs", type=int, default=None)
     demo.add_argument("--adapt-steps", type=int, default=None)
-    demo.add_argument("--layers", default=None, help="comma-separated matched layers (default 0,1,3,7,11,15)")
+    demo.add_argument("--layers", default=None, help="comma-separated matched layers (default 0,3,15)")
+    demo.add_argument("--paper", action="store_true", help="also adapt with ADDA as published at the last layer (slower; the study always runs it)")
     demo.add_argument("--oracle", action="store_true", help="also train an oracle per target (slower)")
     demo.set_defaults(func=run_demo)
 
@@ -25,6 +26,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
     layers = [int(v) for v in args.layers.split(",")] if args.layers else None
     config = build_config(DemoConfig, None, out=args.out, fields=args.fields, seed=args.seed, source_epochs=args.source_epochs,
-                          adapt_steps=args.adapt_steps, layers=layers, oracle=args.oracle or None)
+                          adapt_steps=args.adapt_steps, layers=layers, paper=args.paper or None, oracle=args.oracle or None)
     run(config)
     return 0
