@@ -21,11 +21,6 @@ def pearson(prediction: np.ndarray, truth: np.ndarray) -> float:
     return float((p * t).sum() / denominator) if denominator > 0 else float("nan")
 
 
-def pooled_pearson(predictions: list[np.ndarray], truths: list[np.ndarray]) -> float:
-    """Pearson over all pixels of all images together."""
-    return pearson(np.concatenate([np.ravel(p) for p in predictions]), np.concatenate([np.ravel(t) for t in truths]))
-
-
 def ssim(prediction: np.ndarray, truth: np.ndarray, data_range: float | None = None, sigma: float = 1.5) -> float:
     """Mean structural similarity (Wang et al. 2004) with an 11x11 Gaussian window."""
     if data_range is None:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmadda.metrics import gap_recovered
+
 MIN_GAP = 0.05  # an oracle this little above the unadapted model leaves no gap worth recovering
 RECOVERY_BAR, SHARE_BAR, HARM_BAR = 0.60, 2 / 3, 0.01
 TIE = 0.005  # "at least as good as the best cheap baseline" allows this much noise
@@ -63,7 +65,7 @@ def summary_records(experiment: str, models: list[dict]) -> list[dict]:
             "choices": [m["matched"] for m in choices],
         }
         gap = oracle - unadapted
-        recovered = (_mean(m["pearson"] for m in choices) - unadapted) / gap if math.isfinite(gap) and gap >= MIN_GAP else float("nan")
+        recovered = gap_recovered(_mean(m["pearson"] for m in choices), unadapted, oracle) if gap >= MIN_GAP else float("nan")
         records.append({
             "experiment": experiment, "target": target,
             "seeds": len({m["seed"] for m in runs if m["method"] in ("lmadda", "adda", "label_free")}),

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lmadda.data.dataset import EvalTiles, PairedCrops, UnpairedCrops, load_images, tile_origins
+from lmadda.data.dataset import PairedCrops, UnpairedCrops, load_images, tile_origins
 from lmadda.data.io import write_tiff
 from lmadda.data.manifest import Manifest, ManifestRow
 from lmadda.data.shifts import Shift
@@ -32,13 +32,13 @@ def test_crops_work_with_a_distributed_sampler(tiny_synth):
     assert sum(len(b) for b in seen) == 10
 
 
-def test_eval_tiles_cover_every_pixel_deterministically(tiny_synth):
-    images = load_images(tiny_synth, "phase_contrast", "test", markers=["dapi"])
-    tiles = EvalTiles(images, tile_size=48, stride=32)
-    covered = [np.zeros(img.input.shape[1:], bool) for img in images]
-    for i, top, left in tiles.windows:
-        covered[i][top : top + 48, left : left + 48] = True
-    assert all(c.all() for c in covered)
+def test_tile_origins_cover_every_pixel_and_end_flush_with_the_edge():
+    for length, tile, stride in [(64, 48, 32), (256, 256, 192), (300, 64, 48)]:
+        origins = tile_origins(length, tile, stride)
+        covered = np.zeros(length, bool)
+        for origin in origins:
+            covered[origin : origin + tile] = True
+        assert covered.all() and origins[-1] == length - tile
     assert tile_origins(64, 48, 32) == [0, 16]
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lmadda.metrics import gap_recovered, nrmse, pearson, pooled_pearson, psnr, ssim
+from lmadda.metrics import gap_recovered, nrmse, pearson, psnr, ssim
 
 
 def test_pearson_known_values_and_affine_invariance():
@@ -14,11 +14,6 @@ def test_pearson_known_values_and_affine_invariance():
     y = np.array([1.0, 3.0, 2.0, 4.0])
     assert pearson(x, y) == pytest.approx(0.8)
     assert np.isnan(pearson(np.ones(4), y))
-
-
-def test_pooled_pearson_uses_all_pixels():
-    a = [np.array([0.0, 1.0]), np.array([2.0, 3.0])]
-    assert pooled_pearson(a, a) == pytest.approx(1.0)
 
 
 def test_ssim_psnr_nrmse_known_values():

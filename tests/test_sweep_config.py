@@ -52,11 +52,16 @@ def test_bad_sweep_configs_name_the_problem(changes, message):
         _config(**changes)
 
 
-def test_shipped_configs_validate():
+def test_every_shipped_sweep_config_validates_and_keeps_what_its_file_says():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parents[1] / "tune" / "configs").glob("*.yaml")):
-        build_config(SweepConfig, None, **yaml.safe_load(path.read_text()))
+    paths = sorted((Path(__file__).parents[1] / "tune" / "configs").glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"quick", "paper"}
+    for path in paths:
+        raw = yaml.safe_load(path.read_text())
+        sweep = build_config(SweepConfig, None, **raw)
+        assert sweep.name == raw["name"], path
+        assert sweep.grid.layer == raw["grid"]["layer"] and sweep.grid.lr == raw["grid"]["lr"], path
 
 
 def test_stopper_stops_on_nan_bound_and_saturation_and_remembers_why():

@@ -1,5 +1,4 @@
 import hashlib
-import time
 
 import numpy as np
 
@@ -31,10 +30,6 @@ def test_simulated_images_are_well_exposed_registered_and_differ_between_microsc
     assert np.corrcoef(dapi, cd29)[0, 1] < 0.6  # CD29 is not a copy of the nucleus channel
 
 
-def test_simulation_speed_budget_is_printed(tmp_path):
-    # A benchmark print, not a timed assert: 64 fields of 256x256 should take < 30 s on 2 cores.
-    start = time.perf_counter()
+def test_simulated_fields_are_written_as_single_channel_images(tmp_path):
     synthesize(tmp_path, SynthConfig(fields=4, size=256, seed=0))
-    per_field = (time.perf_counter() - start) / 4
-    print(f"\nsimulator: {per_field:.3f} s per 256x256 field -> {64 * per_field:.1f} s for 64 fields (budget 30 s)")
     assert read_image(tmp_path / "images" / "field_0000_dapi.tif").pixels.shape == (1, 256, 256)

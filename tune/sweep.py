@@ -84,7 +84,7 @@ def trial_driver(config: dict) -> None:
     trainer = TorchTrainer(
         adaptation_worker, train_loop_config=loop_config, scaling_config=scaling_config(sweep),
         run_config=RunConfig(name=f"{sweep.name}-{trial_id}", storage_path=str(sweep.storage_path / "train"),
-                             callbacks=[TuneReportCallback()] if workers else None,
+                             callbacks=[TuneReportCallback()],
                              failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=KEEP_LATEST),
     )

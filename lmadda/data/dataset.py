@@ -181,29 +181,3 @@ def tile_origins(length: int, tile: int, stride: int) -> list[int]:
     if origins[-1] != length - tile:
         origins.append(length - tile)
     return origins
-
-
-class EvalTiles(Dataset):
-    """Deterministic tiles covering every image: (image index, input tile, target tile or empty)."""
-
-    def __init__(self, images: list[LoadedImage], tile_size: int = 256, stride: int | None = None):
-        _check_crop(images, tile_size)
-        stride = stride or tile_size
-        self.images = images
-        self.windows = [
-            (i, top, left)
-            for i, image in enumerate(images)
-            for top in tile_origins(image.input.shape[1], tile_size, stride)
-            for left in tile_origins(image.input.shape[2], tile_size, stride)
-        ]
-        self.tile_size = tile_size
-
-    def __len__(self) -> int:
-        return len(self.windows)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        i, top, left = self.windows[index]
-        image = self.images[i]
-        window = (slice(None), slice(top, top + self.tile_size), slice(left, left + self.tile_size))
-        target = image.target[window] if image.target is not None else np.zeros((0, self.tile_size, self.tile_size), np.float32)
-        return i, torch.from_numpy(np.ascontiguousarray(image.input[window])), torch.from_numpy(np.ascontiguousarray(target))

@@ -37,7 +37,6 @@ from lmadda.data.manifest import Manifest, ManifestRow
 from lmadda.errors import LmaddaError
 
 INPUT_SETTINGS = ("phase_contrast", "bright_field")
-MARKERS = ("dapi", "cd29")
 LABEL_FREE_BITS = 12
 FLUORESCENCE_BITS = 16
 WAVELENGTH_UM = 0.55
