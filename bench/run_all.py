@@ -27,6 +27,7 @@ BENCHMARKS = [
     ("serve_latency", ["--requests", "200", "--concurrency", "8"]),
     ("abuse", []),  # bounded DoS cases against a loopback endpoint: statuses, times, replica peak memory
     ("sweep_overhead", ["--steps", "40"]),
+    ("domain_calibration", []),
 ]
 
 

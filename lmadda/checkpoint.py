@@ -3,7 +3,8 @@
 A checkpoint holds the weights, the generator config, the markers it predicts, the input setting it
 was trained or adapted for, how inputs are normalised, the typical target range per marker (to map
 predictions back to camera units), free-form metadata (data, shift, layer, metrics) and the lmadda
-version. It is a plain `torch.save` dict of tensors and builtins, loaded with `weights_only=True`,
+version, and the domain reference that `lmadda.domain` checks images against (None in checkpoints
+written before it existed). It is a plain `torch.save` dict of tensors and builtins, loaded with `weights_only=True`,
 so loading never runs code from the file.
 """
 
@@ -17,6 +18,7 @@ import torch
 
 from lmadda import __version__
 from lmadda.data.normalise import NormalisationParams, PercentileRange
+from lmadda.domain import DomainReference
 from lmadda.errors import LmaddaError
 from lmadda.models.generator import GeneratorConfig, UNetGenerator
 
@@ -34,10 +36,19 @@ class GeneratorCheckpoint:
     target_dtype: str = "uint16"
     metadata: dict[str, Any] = field(default_factory=dict)
     lmadda_version: str = __version__
+    domain_reference: DomainReference | None = None  # the images it was trained or adapted on, as its features see them
 
     @property
     def config(self) -> GeneratorConfig:
         return self.generator.config
+
+    @property
+    def pixel_size_um(self) -> float | None:
+        """The pixel size (µm) of the images it was trained or adapted on (`metadata["pixel_size_um"]`); None when
+        unknown, as in checkpoints written before lmadda recorded it."""
+        from lmadda.data.calibration import model_pixel_size
+
+        return model_pixel_size(self.metadata)
 
     def describe(self) -> str:
         kind = self.metadata.get("method", "source")
@@ -61,9 +72,35 @@ def save_checkpoint(path: str | Path, checkpoint: GeneratorCheckpoint) -> Path:
         "target_norm": checkpoint.target_norm.to_dict() if checkpoint.target_norm else None,
         "target_dtype": checkpoint.target_dtype,
         "metadata": checkpoint.metadata,
+        "domain_reference": checkpoint.domain_reference.to_dict() if checkpoint.domain_reference else None,
     }
+    return _write_atomically(path, payload)
+
+
+def _write_atomically(path: Path, payload: dict) -> Path:
     temporary = path.with_name(f".{path.name}.partial")
     torch.save(payload, temporary)
+    temporary.replace(path)
+    return path
+
+
+def add_domain_reference(path: str | Path, reference: DomainReference) -> Path:
+    """Store `reference` in an existing checkpoint, leaving everything else in it as it was.
+
+    The new file is written beside the old one and read back (as `load_checkpoint` would) before it
+    replaces it, so a crash or a bad reference never leaves a broken checkpoint behind.
+    """
+    path = Path(path)
+    load_checkpoint(path)  # a clear error for a missing, foreign or corrupt file before anything is written
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload["domain_reference"] = reference.to_dict()
+    temporary = path.with_name(f".{path.name}.partial")
+    torch.save(payload, temporary)
+    try:
+        load_checkpoint(temporary)
+    except LmaddaError:
+        temporary.unlink(missing_ok=True)
+        raise
     temporary.replace(path)
     return path
 
@@ -94,6 +131,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     generator.eval()
     low, high = payload.get("percentiles", [1.0, 99.8])
     target_norm = payload.get("target_norm")
+    reference = payload.get("domain_reference")
+    reference = DomainReference.from_dict(reference, f"checkpoint {path}") if reference is not None else None
+    if reference is not None:
+        reference.check_fits(generator, f"checkpoint {path}")
     return GeneratorCheckpoint(
         generator=generator,
         markers=list(payload["markers"]),
@@ -103,4 +144,5 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         target_dtype=payload.get("target_dtype", "uint16"),
         metadata=dict(payload.get("metadata") or {}),
         lmadda_version=str(payload.get("lmadda_version", "unknown")),
+        domain_reference=reference,
     )

@@ -30,11 +30,13 @@ def evaluate_generator(
     device: torch.device | str | None = None,
     input_transform: InputTransform | None = None,
     tile: int | None = None,
+    on_image: Callable[[], None] | None = None,
 ) -> list[dict]:
     """One row per (image, marker): pearson, ssim, psnr, nrmse in normalised 0..1 target units.
 
     `input_transform` is applied to each input (model units) first: how test-time baselines such
     as histogram matching plug in. The generator runs in eval mode (see `predict_tiled`).
+    `on_image()` is called after each image (progress).
     """
     tile = tile or max(generator.config.multiple, 256)
     rows = []
@@ -51,6 +53,8 @@ def evaluate_generator(
                 "pearson": pearson(p, t), "ssim": ssim(p, t, data_range=1.0),
                 "psnr": psnr(p, t, data_range=1.0), "nrmse": nrmse(p, t),
             })
+        if on_image is not None:
+            on_image()
     return rows
 
 
@@ -88,14 +92,26 @@ def evaluate_checkpoints(
     seed: int = 0,
     device: torch.device | str | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> list[dict]:
     """Result rows (the study's columns + `checkpoint`) for each (name, checkpoint) on `target`'s `split`,
-    and, for source checkpoints, the test-time `baselines` built as the study builds them with `seed`."""
+    and, for source checkpoints, the test-time `baselines` built as the study builds them with `seed`.
+    With `progress`, images evaluated / (checkpoints x methods x images) go to stderr (`Progress`)."""
     from lmadda.baselines import build_baseline
     from lmadda.study import TargetDomain, _tag
+    from lmadda.training.common import Progress
 
     domain = TargetDomain.parse(target)
     rows: list[dict] = []
+    total = sum(len(_methods(checkpoint, name, baselines)) * len(manifest.pairs(domain.setting, checkpoint.markers, split))
+                for name, checkpoint in checkpoints)
+    bar, done = Progress(total, f"evaluate {len(checkpoints)} checkpoint(s) on {target} {split}: images", progress), 0
+
+    def image_done() -> None:
+        nonlocal done
+        done += 1
+        bar.update(done)
+
     for name, checkpoint in checkpoints:
         images = load_images(manifest, domain.setting, split, checkpoint.markers, shift=domain.shift,
                              percentiles=checkpoint.percentiles, seed=seed + SPLIT_SEED_OFFSET[split])
@@ -108,10 +124,17 @@ def evaluate_checkpoints(
             variants += [(baseline, *build_baseline(baseline, checkpoint.generator, source_train, target_train, seed=seed))
                          for baseline in baselines if baseline != "unadapted"]
         for method, generator, transform in variants:
-            measured = evaluate_generator(generator, images, checkpoint.markers, device=device, input_transform=transform)
+            measured = evaluate_generator(generator, images, checkpoint.markers, device=device, input_transform=transform,
+                                          on_image=image_done)
             rows += _tag(measured, domain, method=method, seed=seed, **tags)
             log(f"evaluated {name} as {method}: {len(measured)} rows")
     return rows
+
+
+def _methods(checkpoint: GeneratorCheckpoint, name: str, baselines: list[str]) -> list[str]:
+    """The methods `evaluate_checkpoints` measures for one checkpoint: itself, plus the baselines of a source model."""
+    method = checkpoint_tags(checkpoint, name)["method"]
+    return [method] + ([b for b in baselines if b != "unadapted"] if method == "unadapted" else [])
 
 
 def write_results(rows: list[dict], path: Path, *, overwrite: bool = False) -> Path:

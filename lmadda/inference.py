@@ -10,15 +10,18 @@ This is the one tiling routine: `lmadda predict`, evaluation and the HTTP endpoi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from lmadda.data.calibration import PixelSize, PixelSizeCheck, PixelSizeNote, check_pixel_size
 from lmadda.data.dataset import target_from_model_range, tile_origins, to_model_range
-from lmadda.data.io import read_image, write_tiff
+from lmadda.data.io import check_image_output, read_image, write_image
 from lmadda.data.normalise import denormalise, normalise
 from lmadda.errors import LmaddaError
 from lmadda.models.generator import UNetGenerator
+from lmadda.training.common import Progress
 
 
 def default_device() -> torch.device:
@@ -34,10 +37,6 @@ def feather_window(tile: int, overlap: int) -> np.ndarray:
         ramp[:overlap] = edge
         ramp[-overlap:] = edge[::-1]
     return np.outer(ramp, ramp)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 class TilePlan:
@@ -70,14 +69,20 @@ class TilePlan:
         self.output = np.zeros((config.out_channels, padded_h, padded_w), np.float32)
         self.weight = np.zeros((padded_h, padded_w), np.float32)
 
-    def batches(self, batch_size: int):
-        """(origins, stacked input tiles) in groups of at most `batch_size`."""
+    def batches(self, batch_size: int, progress: str | None = None):
+        """(origins, stacked input tiles) in groups of at most `batch_size`.
+
+        With a `progress` label, tiles done/total go to stderr as each group comes back for the next
+        (`Progress`), on images of more than one group only: a single forward needs no progress line."""
         if batch_size < 1:
             raise LmaddaError(f"batch size {batch_size} must be >= 1")
-        for start in range(0, len(self.origins), batch_size):
+        total = len(self.origins)
+        bar = Progress(total, progress or "", enabled=progress is not None and total > batch_size)
+        for start in range(0, total, batch_size):
             origins = self.origins[start : start + batch_size]
             tile = self.tile
             yield origins, np.stack([self.image[:, t : t + tile, l : l + tile] for t, l in origins])
+            bar.update(min(start + batch_size, total))
 
     def add(self, origins, predictions: np.ndarray) -> None:
         tile = self.tile
@@ -98,8 +103,10 @@ def predict_tiled(
     overlap: float = 0.25,
     batch_size: int = 8,
     device: torch.device | str | None = None,
+    progress: str | None = None,
 ) -> np.ndarray:
     """Predict a (C_in, H, W) image in model units ([-1, 1]); returns (C_out, H, W) in model units.
+    With a `progress` label, tiles done/total go to stderr on images of more than one batch.
 
     Runs the generator in eval mode (BatchNorm running statistics, no dropout): pix2pix's own test
     script keeps train-mode BatchNorm, which silently adapts to each test batch; lmadda does not.
@@ -108,7 +115,7 @@ def predict_tiled(
     device = torch.device(device) if device is not None else default_device()
     was_training = generator.training
     generator.eval().to(device)
-    for origins, batch in plan.batches(batch_size):
+    for origins, batch in plan.batches(batch_size, progress=progress):
         plan.add(origins, generator(torch.from_numpy(batch).to(device)).float().cpu().numpy())
     generator.train(was_training)
     return plan.result()
@@ -124,20 +131,50 @@ def predict_file(
     batch_size: int = 8,
     device: str | None = None,
     bit_depth: int | None = None,
+    on_domain=None,
+    pixel_size: PixelSize | None = None,
+    pixel_size_check: PixelSizeCheck = PixelSizeCheck(),
+    on_pixel_size: Callable[[PixelSizeNote], None] | None = None,
+    progress: bool = False,
 ) -> Path:
-    """`lmadda predict`: read an image, stain it, write the markers in camera units as a TIFF."""
+    """`lmadda predict`: read an image, stain it, write the markers in camera units as the image type
+    `output_path` names (TIFF, or PNG for a single 8/16-bit marker).
+
+    With a domain reference in the checkpoint, the same forward pass scores the image against it
+    (`lmadda.domain`); the score goes into the TIFF's metadata and to `on_domain(score)` (None
+    without a reference), which the CLI uses to warn about out-of-domain images.
+
+    The prediction carries the input's pixel size (`pixel_size` when given, else what the file records), and
+    `on_pixel_size(note)` hears, before the work, when it differs from the model's training pixel size by more
+    than `pixel_size_check.tolerance` or either is unknown (`lmadda.data.calibration.check_pixel_size`).
+    `progress` shows tiles done/total on stderr for images of more than one batch."""
     from lmadda.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(checkpoint_path)
+    check_image_output(output_path, channels=checkpoint.config.out_channels, dtype=checkpoint.target_dtype)  # before the work
     raw = read_image(input_path, bit_depth=bit_depth)
     if raw.channels != checkpoint.config.in_channels:
         raise LmaddaError(
             f"{input_path} has {raw.channels} channel(s); the model {checkpoint_path} expects {checkpoint.config.in_channels}"
         )
-    prediction = predict_tiled(
-        checkpoint.generator, model_input(raw.pixels, checkpoint), tile=tile, overlap=overlap, batch_size=batch_size, device=device
-    )
-    return write_prediction(output_path, target_from_model_range(prediction), checkpoint)
+    pixel_size = pixel_size or raw.pixel_size
+    note = check_pixel_size(pixel_size, checkpoint.pixel_size_um, image_name=str(input_path), model_name=str(checkpoint_path),
+                            check=pixel_size_check)
+    if note is not None and on_pixel_size is not None:
+        on_pixel_size(note)
+    label = f"predict {Path(input_path).name}: tiles" if progress else None
+    image, domain = model_input(raw.pixels, checkpoint), None
+    if checkpoint.domain_reference is None:
+        prediction = predict_tiled(checkpoint.generator, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device,
+                                   progress=label)
+    else:
+        from lmadda.domain import predict_and_score
+
+        prediction, domain = predict_and_score(checkpoint.generator, checkpoint.domain_reference, image, tile=tile, overlap=overlap,
+                                               batch_size=batch_size, device=device, progress=label)
+    if on_domain is not None:
+        on_domain(domain)
+    return write_prediction(output_path, target_from_model_range(prediction), checkpoint, domain=domain, pixel_size=pixel_size)
 
 
 def model_input(pixels: np.ndarray, checkpoint) -> np.ndarray:
@@ -158,11 +195,16 @@ def to_camera_units(prediction01: np.ndarray, checkpoint) -> np.ndarray:
     return denormalise(prediction01, checkpoint.target_norm)
 
 
-def write_prediction(output_path: str | Path, prediction01: np.ndarray, checkpoint) -> Path:
+def write_prediction(output_path: str | Path, prediction01: np.ndarray, checkpoint, domain=None,
+                     pixel_size: PixelSize | None = None) -> Path:
+    """Write the stain in camera units, with the model that made it and, when known, the input's pixel size."""
     metadata = {
         "lmadda_markers": ",".join(checkpoint.markers),
         "lmadda_setting": checkpoint.setting,
         "lmadda_model": checkpoint.describe(),
     }
+    if domain is not None:  # lmadda.domain.DomainScore of the input: is this stain to be trusted?
+        metadata["lmadda_domain"] = domain.as_dict()
     pixels = to_camera_units(prediction01, checkpoint)
-    return write_tiff(output_path, pixels if pixels.shape[0] > 1 else pixels[0], dtype=checkpoint.target_dtype, metadata=metadata)
+    return write_image(output_path, pixels if pixels.shape[0] > 1 else pixels[0], dtype=checkpoint.target_dtype, metadata=metadata,
+                       pixel_size=pixel_size)

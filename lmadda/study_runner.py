@@ -94,7 +94,8 @@ def prepare_source(spec: ExperimentSpec, data: ImageSource, manifest_path: Path,
 
     log(f"[study:{spec.name}] training the source model {config.setting} -> {', '.join(markers)}: {config.epochs} epochs")
     start = time.perf_counter()
-    result = train_source(config, path, progress=False, data=images, on_epoch=epoch_done)
+    # Steps done/total within each epoch (`Progress`); the per-epoch lines above say how the epochs went.
+    result = train_source(config, path, progress=True, data=images, on_epoch=epoch_done)
     log(f"[study:{spec.name}] source model: validation Pearson {result.best_val_pearson:.3f} ({result.seconds:.0f} s) -> {path}")
     return path, config
 

@@ -84,12 +84,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict = subparsers.add_parser("predict", help="virtually stain an image of any size (tiled, feathered)")
     predict.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
     predict.add_argument("input", type=Path, metavar="IN")
-    predict.add_argument("output", type=Path, metavar="OUT")
+    predict.add_argument("output", type=Path, metavar="OUT",
+                         help="stained image to write: .tif/.tiff (every marker, any pixel type) or .png (one marker, 8/16-bit)")
     predict.add_argument("--tile", type=int, default=256)
     predict.add_argument("--overlap", type=float, default=0.25)
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--device", default=None)
     predict.add_argument("--bit-depth", type=int, default=None, help="camera bit depth of IN when lower than its storage type")
+    predict.add_argument("--pixel-size", metavar="UM", help="pixel size of IN in µm (0.65, or X,Y) when its file records none "
+                                                         "or a wrong one; OUT records it, and it is checked against the model's")
+    predict.add_argument("--pixel-size-tolerance", type=float, default=None, metavar="FRACTION",
+                         help="warn when IN's pixel size differs from the model's training pixel size by more than this (default 0.10)")
     predict.set_defaults(func=run_predict)
 
 
@@ -108,6 +113,7 @@ def run_train_source(args: argparse.Namespace) -> int:
 def run_adapt(args: argparse.Namespace) -> int:
     from lmadda.checkpoint import load_checkpoint, save_checkpoint
     from lmadda.config import build_config
+    from lmadda.data.calibration import images_pixel_size
     from lmadda.data.dataset import load_images
     from lmadda.data.manifest import Manifest
     from lmadda.data.shifts import Shift
@@ -123,18 +129,22 @@ def run_adapt(args: argparse.Namespace) -> int:
     source_images = load_images(source_manifest, source_setting, "train", percentiles=source.percentiles)
     target_images = load_images(manifest, args.setting, "train", shift=shift, percentiles=source.percentiles, seed=config.seed)
     target = args.setting if shift is None else f"{args.setting}+{shift}"
+    # The adapted model is meant for the target's images: it records their pixel size (else keeps its source's).
+    target_pixel_size = images_pixel_size(manifest, args.setting, shift)
     if auto:
         from lmadda.study_config import SelectionSpec
         from lmadda.training.auto import adapt_and_choose
 
         chosen = adapt_and_choose(source, source_images, target_images, config, target, selector_options=SelectionSpec().options())
+        if target_pixel_size is not None:
+            chosen.checkpoint.metadata["pixel_size_um"] = target_pixel_size
         save_checkpoint(args.out, chosen.checkpoint)
         scores = ", ".join(f"{name} {value:.4f}" for name, value in sorted(chosen.choice.means.items(), key=lambda kv: kv[1]))
         print(f"wrote {args.out}: label-free choice {chosen.choice.chosen}{' (kept the unadapted model)' if chosen.choice.fell_back else ''}: "
               f"{chosen.choice.reason}\n{chosen.choice.score} per candidate (lower is better): {scores}")
         return 0
     result = adapt(source, source_images, target_images, config)
-    save_checkpoint(args.out, result.checkpoint(source, config, target))
+    save_checkpoint(args.out, result.checkpoint(source, config, target, pixel_size_um=target_pixel_size))
     state = f"COLLAPSED ({result.collapse_reason})" if result.collapsed else "ok"
     print(f"wrote {args.out}: layer {config.layer}, {result.steps_done} steps in {result.seconds:.0f} s, {state}"
           + (", discriminator saturated" if result.d_saturated else "") + f"; G' updated at {result.g_updates} steps")
@@ -155,7 +165,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     unknown = set(args.baselines) - set(BASELINES)
     if unknown:
         raise LmaddaError(f"unknown baseline(s) {sorted(unknown)}; known: {', '.join(BASELINES)}")
-    if args.out.suffix != ".parquet":
+    if args.out.suffix.lower() != ".parquet":
         raise LmaddaError(f"--out {args.out}: results are a Parquet table; name it *.parquet")
     refuse_existing(args.out, args.overwrite)  # before any work, not after it
     names = [str(path) for path in args.checkpoints]
@@ -164,7 +174,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.manifest)
     checkpoints = [(str(path), load_checkpoint(path)) for path in args.checkpoints]
     target = f"{args.setting}+{args.shift}" if args.shift else args.setting
-    rows = evaluate_checkpoints(checkpoints, manifest, target, split=args.split, baselines=args.baselines, seed=args.seed, device=args.device)
+    rows = evaluate_checkpoints(checkpoints, manifest, target, split=args.split, baselines=args.baselines, seed=args.seed, device=args.device,
+                                progress=True)
     for name, _ in checkpoints:
         print(f"\n{name}\n" + summary_table([row for row in rows if row["checkpoint"] == name]))
     write_results(rows, args.out, overwrite=args.overwrite)
@@ -193,9 +204,20 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    import sys
+
+    from lmadda.config import build_config
+    from lmadda.data.calibration import PixelSizeCheck, parse_pixel_size
     from lmadda.inference import predict_file
 
+    from lmadda.domain import warn_about
+
+    check = build_config(PixelSizeCheck, tolerance=args.pixel_size_tolerance)
+    pixel_size = parse_pixel_size(args.pixel_size) if args.pixel_size else None
     path = predict_file(args.checkpoint, args.input, args.output, tile=args.tile, overlap=args.overlap,
-                        batch_size=args.batch_size, device=args.device, bit_depth=args.bit_depth)
+                        batch_size=args.batch_size, device=args.device, bit_depth=args.bit_depth,
+                        on_domain=lambda domain: warn_about(domain, args.input, args.checkpoint),
+                        pixel_size=pixel_size, pixel_size_check=check, progress=True,
+                        on_pixel_size=lambda note: print(f"{note.level}: {note.message}", file=sys.stderr))
     print(f"wrote {path}")
     return 0

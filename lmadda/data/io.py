@@ -1,7 +1,8 @@
 """Reading and writing microscopy images.
 
 Everything is read as float32 in the camera's own units (no rescaling), shaped (C, H, W), plus the
-sensor maximum the stored values can reach, because overexposure saturates at that value.
+sensor maximum the stored values can reach, because overexposure saturates at that value, and the
+physical pixel size where the file records one (`lmadda.data.calibration`); writers keep it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from lmadda.data.calibration import PixelSize, pixel_size_of_png, pixel_size_of_tiff, png_dpi, tiff_resolution
 from lmadda.errors import LmaddaError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -23,12 +25,14 @@ SUPPORTED_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES
 
 @dataclass(frozen=True)
 class RawImage:
-    """Pixels in camera units, shaped (C, H, W), and the value at which the sensor saturates."""
+    """Pixels in camera units, shaped (C, H, W), the value at which the sensor saturates, and the pixel size the file
+    records (None when it records none)."""
 
     pixels: np.ndarray
     sensor_max: float
     dtype: str
     path: Path | None = None
+    pixel_size: PixelSize | None = None
 
     @property
     def channels(self) -> int:
@@ -106,12 +110,15 @@ def decode_image(data: bytes, kind: str, name: str, *, bit_depth: int | None = N
         raise LmaddaError(f"{name}: no image data (0 bytes); send or export the image again")
     try:
         if kind == "tiff":
-            array = tifffile.imread(io.BytesIO(data))
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                array = tif.asarray()  # the first series, as tifffile.imread reads it
+                pixel_size = pixel_size_of_tiff(tif)
         elif kind == "png":
             from PIL import Image
 
             with Image.open(io.BytesIO(data)) as image:
                 array = np.asarray(image)
+                pixel_size = pixel_size_of_png(image.info)
         else:
             raise LmaddaError(f"{name}: unsupported image kind {kind!r}; use 'tiff' or 'png'")
     except LmaddaError:
@@ -124,7 +131,26 @@ def decode_image(data: bytes, kind: str, name: str, *, bit_depth: int | None = N
     chw = _to_chw(array, Path(name), channel_axis).astype(np.float32, copy=False)
     if not np.isfinite(chw).all():
         raise LmaddaError(f"{name}: image contains NaN or infinite values; replace them before use")
-    return RawImage(pixels=np.ascontiguousarray(chw), sensor_max=sensor_max, dtype=array.dtype.name, path=path)
+    return RawImage(pixels=np.ascontiguousarray(chw), sensor_max=sensor_max, dtype=array.dtype.name, path=path, pixel_size=pixel_size)
+
+
+def read_pixel_size(path: str | Path) -> PixelSize | None:
+    """The pixel size an image file records, reading its header only (no pixels); None when it records none or
+    cannot be read (reading the image itself then says what is wrong)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in TIFF_SUFFIXES:
+            with tifffile.TiffFile(path) as tif:
+                return pixel_size_of_tiff(tif)
+        if suffix in PNG_SUFFIXES:
+            from PIL import Image
+
+            with Image.open(path) as image:  # PIL reads the header here, the pixels only on demand
+                return pixel_size_of_png(image.info)
+    except Exception:  # tifffile/PIL raise many types for foreign files; the size is then unknown, not an error here
+        return None
+    return None
 
 
 def check_image_output(path: str | Path, *, channels: int = 1, dtype: str = "uint16") -> Path:
@@ -148,13 +174,15 @@ def check_image_output(path: str | Path, *, channels: int = 1, dtype: str = "uin
     return path
 
 
-def write_image(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", metadata: dict | None = None) -> Path:
-    """Write (H, W) or (C, H, W) pixels in the format the extension names: TIFF (.tif/.tiff) or PNG (.png)."""
+def write_image(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", metadata: dict | None = None,
+                pixel_size: PixelSize | None = None) -> Path:
+    """Write (H, W) or (C, H, W) pixels in the format the extension names: TIFF (.tif/.tiff) or PNG (.png),
+    recording `pixel_size` when given."""
     array = np.asarray(pixels)
     check_image_output(path, channels=array.shape[0] if array.ndim == 3 else 1, dtype=dtype)
     if Path(path).suffix.lower() in PNG_SUFFIXES:
-        return write_png(path, array, dtype=dtype, metadata=metadata)
-    return write_tiff(path, array, dtype=dtype, metadata=metadata)
+        return write_png(path, array, dtype=dtype, metadata=metadata, pixel_size=pixel_size)
+    return write_tiff(path, array, dtype=dtype, metadata=metadata, pixel_size=pixel_size)
 
 
 def _clipped(pixels: np.ndarray, dtype: str) -> np.ndarray:
@@ -190,25 +218,32 @@ def write_tiff(
     dtype: str = "uint16",
     metadata: dict | None = None,
     ome: bool = False,
+    pixel_size: PixelSize | None = None,
 ) -> Path:
     """Write a (H, W) or (C, H, W) array as TIFF, clipping to the range of an integer `dtype`.
 
-    The write goes to a temporary file first and is renamed into place, so an interrupted write
-    never leaves a truncated image where a good one was.
+    `pixel_size` goes into the resolution tags (pixels per centimetre) and, for OME-TIFF, into
+    PhysicalSizeX/Y too. The write goes to a temporary file first and is renamed into place, so an
+    interrupted write never leaves a truncated image where a good one was.
     """
     array = _clipped(pixels, dtype)
-    kwargs: dict = {}
+    kwargs: dict = tiff_resolution(pixel_size) if pixel_size is not None else {}
     if ome:
         kwargs["ome"] = True
         kwargs["metadata"] = {"axes": "CYX" if array.ndim == 3 else "YX", **(metadata or {})}
+        if pixel_size is not None:
+            kwargs["metadata"].update(PhysicalSizeX=pixel_size.x_um, PhysicalSizeXUnit="µm",
+                                      PhysicalSizeY=pixel_size.y_um, PhysicalSizeYUnit="µm")
     else:
         kwargs["metadata"] = metadata or None
         kwargs["photometric"] = "minisblack"
     return _write_atomically(Path(path), lambda temporary: tifffile.imwrite(temporary, array, **kwargs))
 
 
-def write_png(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", metadata: dict | None = None) -> Path:
-    """Write one grey channel as an 8- or 16-bit PNG (clipped like `write_tiff`); metadata as text chunks."""
+def write_png(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", metadata: dict | None = None,
+              pixel_size: PixelSize | None = None) -> Path:
+    """Write one grey channel as an 8- or 16-bit PNG (clipped like `write_tiff`); metadata as text chunks,
+    `pixel_size` in the pHYs chunk."""
     import json
 
     from PIL import Image, PngImagePlugin
@@ -220,4 +255,5 @@ def write_png(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", me
     for key, value in (metadata or {}).items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
     image = Image.fromarray(array)  # uint8 -> mode L, uint16 -> mode I;16
-    return _write_atomically(Path(path), lambda temporary: image.save(temporary, format="PNG", pnginfo=info))
+    options = {"dpi": png_dpi(pixel_size)} if pixel_size is not None else {}
+    return _write_atomically(Path(path), lambda temporary: image.save(temporary, format="PNG", pnginfo=info, **options))

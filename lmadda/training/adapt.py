@@ -47,6 +47,7 @@ from torch import nn
 from lmadda.baselines import HistogramMatcher
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage, UnpairedCrops
+from lmadda.domain import DomainReference, reference_from_images
 from lmadda.errors import LmaddaError
 from lmadda.models.discriminators import FeatureDiscriminator
 from lmadda.models.generator import CutState, UNetGenerator, init_weights
@@ -142,6 +143,7 @@ class AdaptResult:
     g_updates: int = 0
     seconds: float = 0.0
     input_correction: HistogramMatcher | None = None  # applied to target inputs before G' (config.input_correction)
+    domain_reference: DomainReference | None = None  # the target domain as G' sees it (lmadda.domain)
 
     def checkpoint(self, source: GeneratorCheckpoint, config: AdaptConfig, target_setting: str, **extra) -> GeneratorCheckpoint:
         method = "adda" if config.layer == [self.generator.last_layer] else "lmadda"
@@ -157,6 +159,7 @@ class AdaptResult:
         return GeneratorCheckpoint(
             generator=self.generator, markers=source.markers, setting=target_setting,
             percentiles=source.percentiles, target_norm=source.target_norm, target_dtype=source.target_dtype, metadata=metadata,
+            domain_reference=dataclasses.replace(self.domain_reference, domain=target_setting) if self.domain_reference else None,
         )
 
 
@@ -297,6 +300,7 @@ class Adapter:
         self.input_correction = HistogramMatcher(source_images) if config.input_correction == "histogram_matching" else None
         if self.input_correction is not None:  # G' learns on corrected inputs, as it will see them in use
             target_images = [dataclasses.replace(image, input=self.input_correction(image.input)) for image in target_images]
+        self.target_images = target_images  # (corrected) for the adapted model's domain reference at the end
         self.target_batches = endless(UnpairedCrops(target_images, config.crop_size, length=crops, seed=config.seed + 1),
                                       config.batch_size, config.seed + 1, sampler_factory)
 
@@ -436,6 +440,10 @@ class Adapter:
         for parameter in generator.parameters():
             parameter.requires_grad_(False)
         self.result.generator = generator
+        # The adapted model's domain is the target's: every fourth target image holds out for its thresholds.
+        held_out = self.target_images[::4] if len(self.target_images) >= 4 else None
+        rest = [image for index, image in enumerate(self.target_images) if held_out is None or index % 4]
+        self.result.domain_reference = reference_from_images(generator, rest, held_out, domain="target")
         return self.result
 
 

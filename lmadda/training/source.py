@@ -27,6 +27,7 @@ from lmadda.data.dataset import LoadedImage, PairedCrops, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.normalise import PercentileRange, median_params
 from lmadda.data.shifts import Shift
+from lmadda.domain import reference_from_images
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.models.discriminators import PatchDiscriminator
@@ -145,10 +146,6 @@ def load_source_data(config: SourceTrainConfig) -> tuple[Manifest, list[LoadedIm
     return manifest, train, val
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "module") else module
-
-
 def _load_initial_weights(generator: nn.Module, config: SourceTrainConfig) -> None:
     from lmadda.checkpoint import load_checkpoint
 
@@ -243,23 +240,35 @@ def train_source(
                 "history": list(history), "best_pearson": best_pearson, "best_generator": best_state,
             })
 
-    checkpoint = source_checkpoint(config, best_state, train_images, history, best_pearson)
+    checkpoint = source_checkpoint(config, best_state, train_images, history, best_pearson, held_out_images=val_images)
     if out is not None:
         save_checkpoint(out, checkpoint)
     return SourceTrainResult(checkpoint=checkpoint, history=history, best_val_pearson=best_pearson, seconds=time.perf_counter() - start)
 
 
+def training_pixel_size(config: SourceTrainConfig) -> float | None:
+    """The pixel size (µm) the model learns at: its setting's, from the manifest or else its files, as the training
+    shift leaves it (`scale:z` makes pixels z times smaller); None when nothing records it."""
+    from lmadda.data.calibration import images_pixel_size
+
+    if not Path(config.manifest).is_file():
+        return None  # callers that hand the images in (`data=`) may name no manifest that exists
+    return images_pixel_size(Manifest.load(config.manifest), config.setting, Shift.parse(config.shift) if config.shift else None)
+
+
 def source_checkpoint(config: SourceTrainConfig, generator_state: dict, train_images: list[LoadedImage],
-                      history: list[dict], best_pearson: float) -> GeneratorCheckpoint:
-    """The checkpoint of a source model: the generator with `generator_state` and how it was trained."""
+                      history: list[dict], best_pearson: float, held_out_images: list[LoadedImage] | None = None) -> GeneratorCheckpoint:
+    """The checkpoint of a source model: the generator with `generator_state`, how it was trained, and its domain
+    reference (training images; thresholds from `held_out_images`, the validation fields)."""
     generator = UNetGenerator(config.generator_config())
     # SyncBatchNorm and BatchNorm2d share parameter and buffer names, so a distributed state loads here.
     generator.load_state_dict(generator_state)
     generator.eval()
+    setting = config.setting if not config.shift else f"{config.setting}+{config.shift}"
     return GeneratorCheckpoint(
         generator=generator,
         markers=list(config.markers),
-        setting=config.setting if not config.shift else f"{config.setting}+{config.shift}",
+        setting=setting,
         percentiles=PercentileRange(*config.percentiles),
         target_norm=median_params([image.target_norm for image in train_images]),
         metadata={
@@ -267,5 +276,7 @@ def source_checkpoint(config: SourceTrainConfig, generator_state: dict, train_im
             "train_config": config.model_dump(mode="json"),
             "best_val_pearson": best_pearson,
             "history": history,
+            "pixel_size_um": training_pixel_size(config),
         },
+        domain_reference=reference_from_images(generator, train_images, held_out_images, domain=setting),
     )

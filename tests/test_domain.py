@@ -1,0 +1,276 @@
+"""The per-image domain check (lmadda.domain), `lmadda diagnose`, and the reference every checkpoint carries."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from lmadda.checkpoint import GeneratorCheckpoint, add_domain_reference, load_checkpoint, save_checkpoint
+from lmadda.cli import main
+from lmadda.data.dataset import load_images
+from lmadda.data.shifts import Shift
+from lmadda.domain import DomainReference, build_reference, domain_headers, forward_with_features, predict_and_score, reference_layers
+from lmadda.errors import LmaddaError
+from lmadda.inference import predict_tiled
+from lmadda.models.generator import GeneratorConfig, UNetGenerator, init_weights
+
+
+def _tiny_generator(seed: int = 0) -> UNetGenerator:
+    torch.manual_seed(seed)
+    generator = UNetGenerator(GeneratorConfig(ngf=4, depth=3, out_channels=1))
+    init_weights(generator)
+    return generator.eval()
+
+
+def _images(count: int, size: int = 32, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.tanh(rng.normal(0, 0.5, (1, size, size))).astype(np.float32) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def domain_data(tmp_path_factory):
+    """24 simulated fields of 128x128: four validation fields to set the thresholds on."""
+    from lmadda.data.synth import SynthConfig, synthesize
+
+    return synthesize(tmp_path_factory.mktemp("domain_synth"), SynthConfig(fields=24, size=128, seed=5))[0]
+
+
+@pytest.fixture(scope="module")
+def source(domain_data, tmp_path_factory):
+    """A tiny phase-contrast model (depth 4) trained for 30 steps (seconds): enough to have features of its own domain."""
+    from lmadda.training.source import SourceTrainConfig, train_source
+
+    path = tmp_path_factory.mktemp("domain_source") / "source.pt"
+    config = SourceTrainConfig(manifest=domain_data.source, markers=["dapi"], ngf=4, depth=4, ndf=4, crop_size=128, batch_size=4,
+                               epochs=3, crops_per_epoch=40, gan_loss="none", device="cpu")
+    train_source(config, path, progress=False)
+    return load_checkpoint(path)
+
+
+def test_features_come_from_the_prediction_forward_itself():
+    generator = _tiny_generator()
+    x = torch.from_numpy(np.stack(_images(2)))
+    with torch.no_grad():
+        output, features = forward_with_features(generator, x, reference_layers(generator))
+        assert torch.equal(output, generator(x))
+    reference = build_reference(generator, _images(4), _images(2, seed=1), domain="noise", crop_size=32, crops=8)
+    assert features.shape == (2, reference.mean.numel())
+    image = _images(1, size=48, seed=2)[0]
+    prediction, _ = predict_and_score(generator, reference, image, tile=32, device="cpu")
+    np.testing.assert_array_equal(prediction, predict_tiled(generator, image, tile=32, device="cpu"))
+
+
+def test_reference_round_trips_in_the_checkpoint_and_loads_weights_only(tmp_path):
+    generator = _tiny_generator()
+    reference = build_reference(generator, _images(4), _images(2, seed=1), domain="noise", crop_size=32, crops=8)
+    path = save_checkpoint(tmp_path / "model.pt", GeneratorCheckpoint(generator, ["dapi"], "noise", domain_reference=reference))
+    assert isinstance(torch.load(path, weights_only=True)["domain_reference"]["mean"], torch.Tensor)
+    loaded = load_checkpoint(path).domain_reference
+    assert loaded.layers == reference.layers and loaded.channels == reference.channels
+    assert torch.equal(loaded.mean, reference.mean) and torch.equal(loaded.spread, reference.spread)
+    assert loaded.thresholds == pytest.approx(reference.thresholds) and loaded.levels == pytest.approx(reference.levels)
+    image = _images(1, seed=5)[0]
+    assert predict_and_score(generator, loaded, image, tile=32, device="cpu")[1] == predict_and_score(generator, reference, image, tile=32, device="cpu")[1]
+
+
+def test_reference_is_well_under_a_megabyte_at_the_papers_size(tmp_path):
+    generator = UNetGenerator(GeneratorConfig(ngf=64, depth=8))
+    from lmadda.domain import PRINCIPAL_DIRECTIONS, layer_channels
+
+    layers = reference_layers(generator)
+    channels = [2 * layer_channels(generator, layer) for layer in layers]
+    assert channels == [128, 256, 512, 1024, 1024, 1024, 1024, 1024]
+    features = sum(channels)
+    reference = DomainReference("paper", layers, channels, torch.zeros(features), torch.ones(features),
+                                torch.zeros(PRINCIPAL_DIRECTIONS, features), [1.0] * 8, (2.0, 4.0), [1.0] * 32, [0.0] * 101, 256)
+    torch.save(reference.to_dict(), tmp_path / "reference.pt")
+    assert (tmp_path / "reference.pt").stat().st_size < 150_000
+
+
+def test_a_damaged_reference_is_refused_with_the_fix(tmp_path):
+    generator = _tiny_generator()
+    reference = build_reference(generator, _images(3), None, domain="noise", crop_size=32, crops=4)
+    payload = reference.to_dict()
+    payload["mean"] = payload["mean"][:-1]
+    with pytest.raises(LmaddaError, match="--add-reference"):
+        DomainReference.from_dict(payload)
+
+
+@pytest.mark.slow  # trains the tiny source model once per module (about 15 s on 2 cores)
+def test_source_training_stores_a_reference_that_calls_its_own_test_images_in_domain(source, domain_data):
+    reference = source.domain_reference
+    assert reference is not None and reference.domain == "phase_contrast" and reference.notes["held_out"] == "held-out images"
+    borderline, out = reference.thresholds
+    assert 1.0 < borderline < out
+    test = load_images(domain_data, "phase_contrast", "test", percentiles=source.percentiles)
+    verdicts = [predict_and_score(source.generator, reference, image.input, tile=128, device="cpu")[1].verdict for image in test]
+    assert "out_of_domain" not in verdicts
+
+
+@pytest.mark.slow  # trains the tiny source model once per module (about 15 s on 2 cores)
+@pytest.mark.parametrize("setting, shift", [("phase_contrast", "overexposure:3"), ("bright_field", None)])
+def test_strongly_shifted_images_score_out_of_domain(source, domain_data, setting, shift):
+    images = load_images(domain_data, setting, "test", shift=Shift.parse(shift) if shift else None, percentiles=source.percentiles)
+    for image in images:
+        score = predict_and_score(source.generator, source.domain_reference, image.input, tile=128, device="cpu")[1]
+        assert score.verdict == "out_of_domain", f"{setting} {shift}: score {score.score:.2f}, thresholds {score.thresholds}"
+
+
+@pytest.mark.slow  # trains the tiny source model once per module (about 15 s on 2 cores)
+def test_headers_carry_score_and_verdict(source, domain_data):
+    image = load_images(domain_data, "phase_contrast", "test", percentiles=source.percentiles)[0]
+    score = predict_and_score(source.generator, source.domain_reference, image.input, tile=128, device="cpu")[1]
+    headers = domain_headers(score)
+    assert float(headers["X-Lmadda-Domain-Score"]) == pytest.approx(score.score, abs=1e-3)
+    assert headers["X-Lmadda-Domain-Verdict"] == score.verdict
+    assert domain_headers(None) == {"X-Lmadda-Domain-Score": "nan", "X-Lmadda-Domain-Verdict": "unknown"}
+
+
+def _old_checkpoint(source, path):
+    return save_checkpoint(path, GeneratorCheckpoint(source.generator, source.markers, source.setting, source.percentiles,
+                                                     source.target_norm, metadata=dict(source.metadata)))
+
+
+@pytest.mark.slow  # trains the tiny source model once per module (about 15 s on 2 cores)
+def test_an_old_checkpoint_gives_the_clear_message_and_add_reference_fixes_it(source, domain_data, tmp_path, capsys):
+    old = _old_checkpoint(source, tmp_path / "old.pt")
+    assert main(["diagnose", str(old), str(domain_data.source), "--out", str(tmp_path / "d")]) == 2
+    message = capsys.readouterr().err
+    assert "no domain reference" in message and f"lmadda diagnose --add-reference {old} --manifest" in message
+
+    image = tmp_path / "in.tif"
+    tifffile.imwrite(image, (np.random.default_rng(0).random((64, 64)) * 4000).astype(np.uint16))
+    assert main(["predict", str(old), str(image), str(tmp_path / "out.tif")]) == 0
+    assert "--add-reference" in capsys.readouterr().err
+
+    weights = {k: v.clone() for k, v in load_checkpoint(old).generator.state_dict().items()}
+    assert main(["diagnose", "--add-reference", str(old), "--manifest", str(domain_data.source)]) == 0
+    fixed = load_checkpoint(old)
+    assert fixed.domain_reference is not None and fixed.domain_reference.domain == "phase_contrast"
+    assert all(torch.equal(weights[k], v) for k, v in fixed.generator.state_dict().items())
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.slow  # trains the tiny source model once per module (about 15 s on 2 cores)
+def test_add_reference_never_leaves_a_broken_checkpoint(source, tmp_path, monkeypatch):
+    path = _old_checkpoint(source, tmp_path / "model.pt")
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        add_domain_reference(path, source.domain_reference)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.slow  # trains the tiny source model once per module (about 15 s on 2 cores)
+def test_predict_writes_the_score_into_the_metadata_and_warns_out_of_domain(source, domain_data, tmp_path, capsys):
+    row = domain_data.inputs("phase_contrast", "test")[0]
+    raw = tifffile.imread(domain_data.resolve(row)).astype(np.float32)
+    shifted = tmp_path / "overexposed.tif"
+    tifffile.imwrite(shifted, Shift.parse("overexposure:3").apply_input(raw[None], 4095.0)[0].astype(np.uint16))
+    checkpoint = tmp_path / "source.pt"
+    save_checkpoint(checkpoint, source)
+    for name, image in (("in", domain_data.resolve(row)), ("shifted", shifted)):
+        out = tmp_path / f"{name}-stain.tif"
+        assert main(["predict", str(checkpoint), str(image), str(out), "--bit-depth", "12"]) == 0
+        with tifffile.TiffFile(out) as tiff:
+            domain = json.loads(tiff.pages[0].description)["lmadda_domain"]
+        assert domain["verdict"] in ("in_domain", "borderline", "out_of_domain") and set(domain["layer_distances"]) == {str(l) for l in range(4)}
+    assert domain["verdict"] == "out_of_domain" and "OUT OF DOMAIN" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # trains the tiny source model once per module (about 15 s on 2 cores)
+def test_diagnose_runs_on_a_manifest_and_on_a_folder(source, domain_data, tmp_path, capsys):
+    checkpoint = save_checkpoint(tmp_path / "source.pt", source)
+    assert main(["diagnose", str(checkpoint), str(domain_data.source), "--split", "test", "--shift", "overexposure:3",
+                 "--out", str(tmp_path / "manifest")]) == 0
+    report = json.loads((tmp_path / "manifest" / "diagnosis.json").read_text())
+    assert report["fraction_out_of_domain"] == 1.0 and report["recommendation"] != "no_change"
+    assert (tmp_path / "manifest" / "profile.png").stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "recommendation:" in printed and "edit" not in printed.lower()
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for row in domain_data.inputs("phase_contrast", "test"):
+        (folder / domain_data.resolve(row).name).write_bytes(domain_data.resolve(row).read_bytes())
+    assert main(["diagnose", str(checkpoint), str(folder), "--bit-depth", "12", "--out", str(tmp_path / "folder")]) == 0
+    report = json.loads((tmp_path / "folder" / "diagnosis.json").read_text())
+    assert report["images"] == len(list(folder.iterdir())) and len(report["profile"]) == 4
+
+
+@pytest.mark.slow  # trains the tiny source model once per module (about 15 s on 2 cores)
+def test_diagnose_refuses_a_missing_folder_before_any_work(source, tmp_path, capsys):
+    checkpoint = save_checkpoint(tmp_path / "source.pt", source)
+    assert main(["diagnose", str(checkpoint), str(tmp_path / "nowhere")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # trains the tiny source model once per module, then adapts it for two steps
+def test_adaptation_stores_the_reference_of_its_target_domain(source, domain_data):
+    from lmadda.training.adapt import AdaptConfig, adapt
+
+    source_images = load_images(domain_data, "phase_contrast", "train", percentiles=source.percentiles)
+    target_images = load_images(domain_data, "bright_field", "train", percentiles=source.percentiles)
+    config = AdaptConfig(layer=[1], steps=2, batch_size=2, crop_size=128, device="cpu")
+    adapted = adapt(source, source_images, target_images, config, progress=False).checkpoint(source, config, "bright_field")
+    reference = adapted.domain_reference
+    assert reference is not None and reference.domain == "bright_field" and reference.notes["held_out"] == "held-out images"
+    test = load_images(domain_data, "bright_field", "test", percentiles=source.percentiles)
+    scores = [predict_and_score(adapted.generator, reference, image.input, tile=128, device="cpu")[1] for image in test]
+    assert all(score.verdict != "out_of_domain" for score in scores), [s.score for s in scores]
+
+
+@pytest.mark.slow  # a real Ray Serve instance and an MLflow registry in a temporary folder
+def test_the_endpoint_returns_the_domain_headers(ray_session, source, domain_data, tmp_path):
+    import io
+    import socket
+    import urllib.request
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from ray import serve
+
+    from serve.app import StainService
+
+    path = save_checkpoint(tmp_path / "generator.pt", source)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("domain-test")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(path), artifact_path="generator")
+    client.create_registered_model("lmadda-dapi")
+    version = client.create_model_version("lmadda-dapi", f"runs:/{run.info.run_id}/generator/generator.pt", run_id=run.info.run_id)
+    client.set_registered_model_alias("lmadda-dapi", "phase_contrast", version.version)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(StainService.options(ray_actor_options={"num_cpus": 0.5}).bind(tracking_uri, cache_dir=str(tmp_path / "cache"), tile=128),
+              name="lmadda-domain-test", route_prefix="/")
+    try:
+        row = domain_data.inputs("phase_contrast", "test")[0]
+        raw = tifffile.imread(domain_data.resolve(row))
+        overexposed = Shift.parse("overexposure:3").apply_input(raw[None].astype(np.float32), 4095.0)[0].astype(np.uint16)
+        verdicts = {}
+        for name, image in (("in", raw), ("overexposed", overexposed)):
+            buffer = io.BytesIO()
+            tifffile.imwrite(buffer, image)
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/stain?setting=phase_contrast&marker=dapi", data=buffer.getvalue(),
+                                             headers={"Content-Type": "image/tiff"}, method="POST")
+            with urllib.request.urlopen(request, timeout=120) as response:
+                headers = {k.lower(): v for k, v in response.headers.items()}
+            float(headers["x-lmadda-domain-score"])
+            verdicts[name] = headers["x-lmadda-domain-verdict"]
+        assert verdicts["overexposed"] == "out_of_domain" and verdicts["in"] != "out_of_domain"
+    finally:
+        serve.delete("lmadda-domain-test")
+        serve.shutdown()
