@@ -274,3 +274,28 @@ def test_the_endpoint_returns_the_domain_headers(ray_session, source, domain_dat
     finally:
         serve.delete("lmadda-domain-test")
         serve.shutdown()
+
+
+def test_a_label_free_choice_of_a_cheap_correction_carries_the_corrected_target_as_its_domain(source, domain_data):
+    from lmadda.selector import Choice
+    from lmadda.training.auto import baseline_candidates, checkpoint_for
+
+    source_images = load_images(domain_data, "phase_contrast", "train", ["dapi"], percentiles=source.percentiles)
+    target_images = load_images(domain_data, "phase_contrast", "train", ["dapi"], shift=Shift.parse("overexposure:3"),
+                                percentiles=source.percentiles)
+    candidates = baseline_candidates(source, source_images, target_images)
+
+    def chosen(name: str) -> GeneratorCheckpoint:
+        choice = Choice(chosen=name, fell_back=name == "unadapted", reason="test", score="output_w1")
+        return checkpoint_for(source, choice, candidates, "overexposed", target_images=target_images)
+
+    assert chosen("unadapted").domain_reference is source.domain_reference  # nothing about the model changed
+    corrected = chosen("histogram_matching")
+    assert corrected.domain_reference.domain == "overexposed"
+    # the corrected model's own domain check accepts a corrected overexposed image as in domain
+    image = load_images(domain_data, "phase_contrast", "test", ["dapi"], shift=Shift.parse("overexposure:3"), percentiles=source.percentiles)[0]
+    from lmadda.baselines import input_correction
+
+    correct = input_correction(corrected.metadata)  # what lmadda predict applies before the model
+    _, score = predict_and_score(corrected.generator, corrected.domain_reference, correct(image.input), tile=128)
+    assert score.verdict != "out_of_domain"

@@ -60,6 +60,7 @@ def test_adapt_layer_auto_writes_the_label_free_choice_as_a_usable_checkpoint(ti
     assert set(choice["means"]) == {"unadapted", "adabn", "histogram_matching", "lmadda:0", "lmadda:1", "lmadda:2", "lmadda:3",
                                     "lmadda:5", "lmadda:8", "adda:11"}
     assert choice["chosen"] in choice["means"] and choice["reason"]
+    assert load_checkpoint(chosen).domain_reference is not None  # whatever was chosen, predict can check its domain
     image = tiny_synth.resolve(tiny_synth.inputs("phase_contrast", "test")[0])
     assert main(["predict", str(chosen), str(image), str(folder / "auto_stain.tif"), "--tile", "64"]) == 0
     assert read_image(folder / "auto_stain.tif").pixels.shape == (2, 64, 64)

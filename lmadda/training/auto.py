@@ -16,6 +16,7 @@ from typing import Callable
 from lmadda.baselines import HistogramMatcher, build_baseline
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage
+from lmadda.domain import reference_from_images
 from lmadda.selector import UNADAPTED, Candidate, Choice, Selector
 from lmadda.training.adapt import AdaptConfig, adapt
 
@@ -39,16 +40,26 @@ def baseline_candidates(source: GeneratorCheckpoint, source_images: list[LoadedI
 
 
 def checkpoint_for(source: GeneratorCheckpoint, choice: Choice, candidates: list[Candidate], target_setting: str,
-                   adapted: GeneratorCheckpoint | None = None) -> GeneratorCheckpoint:
+                   adapted: GeneratorCheckpoint | None = None, *, target_images: list[LoadedImage] | None = None) -> GeneratorCheckpoint:
     """The chosen model as a checkpoint: an adapted one as it is, or one made for the unadapted model or a cheap
-    correction (carrying the chosen candidate's own histogram-matching correction)."""
+    correction (carrying the chosen candidate's own histogram-matching correction).
+
+    Its domain reference (lmadda.domain): the unadapted model keeps the source's, as nothing about it
+    changed; a cheap correction gets one of `target_images` as the corrected model sees them (every
+    fourth held out for the thresholds), as an adapted model does."""
     if adapted is None:
         candidate = next(c for c in candidates if c.name == choice.chosen)
         metadata = {**{k: v for k, v in source.metadata.items() if k != "history"}, "method": choice.chosen}
         if isinstance(candidate.input_transform, HistogramMatcher):
             metadata["input_correction"] = candidate.input_transform.as_correction()
+        reference = source.domain_reference
+        if candidate.name != UNADAPTED and target_images:
+            held_out = target_images[::4] if len(target_images) >= 4 else None
+            rest = [image for index, image in enumerate(target_images) if held_out is None or index % 4]
+            reference = reference_from_images(candidate.generator, rest, held_out, domain=target_setting, transform=candidate.input_transform)
         adapted = GeneratorCheckpoint(generator=candidate.generator, markers=source.markers, setting=target_setting, percentiles=source.percentiles,
-                                      target_norm=source.target_norm, target_dtype=source.target_dtype, metadata=metadata)
+                                      target_norm=source.target_norm, target_dtype=source.target_dtype, metadata=metadata,
+                                      domain_reference=reference)
     adapted.metadata["label_free_choice"] = choice.as_dict()
     return adapted
 
@@ -77,5 +88,5 @@ def adapt_and_choose(source: GeneratorCheckpoint, source_images: list[LoadedImag
             candidates.append(Candidate(name, result.generator, result.input_correction, family="lmadda"))
             checkpoints[name] = result.checkpoint(source, layer_config, target_setting)
     choice = Selector(source.generator, source_images, target_images, seed=config.seed, **(selector_options or {})).choose(candidates)
-    checkpoint = checkpoint_for(source, choice, candidates, target_setting, checkpoints.get(choice.chosen))
+    checkpoint = checkpoint_for(source, choice, candidates, target_setting, checkpoints.get(choice.chosen), target_images=target_images)
     return AutoResult(checkpoint, choice, adapted)
