@@ -19,6 +19,7 @@ from lmadda.data.contact_sheet import contact_sheet
 from lmadda.data.dataset import target_from_model_range, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
+from lmadda.domain import predict_and_score
 from lmadda.inference import predict_tiled
 from lmadda.report import choice_lines, sample_panel, summary_table, write_report
 from lmadda.study import TargetDomain, run_study
@@ -82,12 +83,33 @@ def run_demo(config: DemoConfig, log=print) -> Path:
     log("Which model to use, chosen without target labels (lmadda.selector; Pearson on the test fields):")
     for line in choice_lines(rows):
         log(f"  {line}")
+    log("")
+    for line in domain_lines(source, manifest, domains):
+        log(line)
     for path in write_report(rows, out / "report"):
         log(f"[demo] wrote {path}")
     for domain in domains:
         log(f"[demo] sample panel: {_panel(source, manifest, domain, rows, out)}")
     log(f"[demo] done in {time.perf_counter() - start:.0f} s; results in {out}/results.parquet, figures in {out}/report/")
     return out
+
+
+def domain_lines(source, manifest: Manifest, domains: list[TargetDomain]) -> list[str]:
+    """The source model's own domain check (lmadda.domain) on one test field of its setting and of each target:
+    what `lmadda predict` and the endpoint tell a lab image by image."""
+    if source.domain_reference is None:
+        return ["[demo] the source model has no domain reference (written before lmadda had one); add it with "
+                "`lmadda diagnose --add-reference CHECKPOINT --manifest MANIFEST`"]
+    lines = [f"Is this image in domain? The source model's check (thresholds {source.domain_reference.thresholds[0]:.2f} / "
+             f"{source.domain_reference.thresholds[1]:.2f}, set on held-out {source.setting} fields):"]
+    for name, setting, shift in [(source.setting, source.setting, None), *((d.name, d.setting, d.shift) for d in domains)]:
+        image = load_images(manifest, setting, "test", source.markers, shift=shift, percentiles=source.percentiles)[0]
+        # tiles no larger than the field: a padded tile is part mirror image, which the check rightly finds odd
+        multiple = source.generator.config.multiple
+        tile = max(multiple, min(256, *image.input.shape[1:]) // multiple * multiple)
+        _, domain = predict_and_score(source.generator, source.domain_reference, image.input, tile=tile)
+        lines.append(f"  {name:<34} field {image.field}: score {domain.score:5.2f} -> {domain.verdict}")
+    return lines
 
 
 def _panel(source, manifest: Manifest, domain: TargetDomain, rows: list[dict], out: Path) -> Path:

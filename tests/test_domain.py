@@ -299,3 +299,15 @@ def test_a_label_free_choice_of_a_cheap_correction_carries_the_corrected_target_
     correct = input_correction(corrected.metadata)  # what lmadda predict applies before the model
     _, score = predict_and_score(corrected.generator, corrected.domain_reference, correct(image.input), tile=128)
     assert score.verdict != "out_of_domain"
+
+
+def test_the_demo_shows_the_verdict_of_an_in_domain_and_a_shifted_image(source, domain_data):
+    from lmadda.demo import domain_lines
+    from lmadda.study import TargetDomain
+
+    lines = domain_lines(source, domain_data, [TargetDomain.parse("phase_contrast+overexposure:3")])
+    assert lines[0].startswith("Is this image in domain?")
+    assert lines[1].split()[0] == "phase_contrast" and lines[1].endswith("in_domain")
+    assert lines[2].split()[0] == "phase_contrast+overexposure:3" and lines[2].endswith("out_of_domain")
+    without = GeneratorCheckpoint(**{**source.__dict__, "domain_reference": None})
+    assert "--add-reference" in domain_lines(without, domain_data, [])[0]
