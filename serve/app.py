@@ -42,6 +42,7 @@ from starlette.requests import ClientDisconnect
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import target_from_model_range
 from lmadda.errors import LmaddaError
+from lmadda.domain import DomainScore, domain_headers, forward_scored, score_tiles
 from lmadda.inference import TilePlan, default_device, model_input, to_camera_units
 from serve.auth import resolve_auth
 from serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers, read_body
@@ -213,37 +214,44 @@ class StainService:
         return await asyncio.to_thread(self.models.refresh, True)
 
     # -- inference --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def forward(self, generator, tiles: np.ndarray) -> np.ndarray:
-        return generator(torch.from_numpy(tiles).to(self.device)).float().cpu().numpy()
+    def forward(self, checkpoint: GeneratorCheckpoint, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Predictions of the tiles and, for the domain check, their features from the same pass (lmadda.domain)."""
+        return forward_scored(checkpoint, torch.from_numpy(tiles).to(self.device))
 
     # batch_size_fn counts tiles: each call carries up to tile_batch of them, so counting calls let
     # 16 calls make a 64-tile forward.
     @serve.batch(max_batch_size=TILES_PER_FORWARD, batch_wait_timeout_s=0.002, batch_size_fn=lambda items: sum(len(t) for _, t in items))
-    async def forward_tiles(self, items: list[tuple[GeneratorCheckpoint, np.ndarray]]) -> list[np.ndarray]:
+    async def forward_tiles(self, items: list[tuple[GeneratorCheckpoint, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
         """Micro-batching: tiles of concurrent requests for the same generator run as one forward."""
-        outputs: list[np.ndarray | None] = [None] * len(items)
+        outputs: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(items)
         groups: dict[int, list[int]] = {}
         for index, (checkpoint, _) in enumerate(items):
             groups.setdefault(id(checkpoint.generator), []).append(index)
         for indices in groups.values():
-            predictions = self.forward(items[indices[0]][0].generator, np.concatenate([items[i][1] for i in indices]))
+            predictions, features = self.forward(items[indices[0]][0], np.concatenate([items[i][1] for i in indices]))
             start = 0
             for i in indices:
-                count = len(items[i][1])
-                outputs[i] = predictions[start:start + count]
+                count = len(items[i][1])  # feature rows follow the tiles, so each request gets its own back
+                outputs[i] = (predictions[start:start + count], None if features is None else features[start:start + count])
                 start += count
         return outputs
 
-    async def stain_image(self, checkpoint: GeneratorCheckpoint, pixels: np.ndarray) -> np.ndarray:
-        """`lmadda predict`'s arithmetic: normalise, tile, blend, back to the marker's camera units."""
+    async def stain_image(self, checkpoint: GeneratorCheckpoint, pixels: np.ndarray) -> tuple[np.ndarray, DomainScore | None]:
+        """`lmadda predict`'s arithmetic: normalise, tile, blend, back to the marker's camera units; and the image's domain score."""
         plan = TilePlan(model_input(pixels, checkpoint), checkpoint.config, tile=self.tile, overlap=self.overlap)
+        features = []
         for origins, tiles in plan.batches(self.tile_batch):
-            if self.micro_batch:  # tiles of concurrent requests share a forward
-                plan.add(origins, await self.forward_tiles((checkpoint, tiles)))
+            # Tiles of concurrent requests share a forward. A request alone on the replica skips the
+            # batcher: it would wait batch_wait_timeout_s per tile batch for tiles that never come.
+            if self.micro_batch and self.in_flight > 1:
+                predictions, tile_features = await self.forward_tiles((checkpoint, tiles))
             else:
-                plan.add(origins, self.forward(checkpoint.generator, tiles))
-        return to_camera_units(target_from_model_range(plan.result()), checkpoint)
+                predictions, tile_features = self.forward(checkpoint, tiles)
+                if self.micro_batch:  # let requests that arrived meanwhile in: the next tile batch can then be shared
+                    await asyncio.sleep(0)
+            plan.add(origins, predictions)
+            features.append(tile_features)
+        return to_camera_units(target_from_model_range(plan.result()), checkpoint), score_tiles(checkpoint, features)
 
     # -- routes -----------------------------------------------------------------------------------
     def authorise(self, request: Request) -> None:
@@ -272,7 +280,7 @@ class StainService:
             await self.follow_reloads()
             image = decode_request_image(payload, request.headers.get("content-type"), max_bytes=self.max_bytes,
                                          max_megapixels=self.max_megapixels, min_side=self.min_side)
-            channels, described, versions, dtypes, fallbacks = [], [], [], set(), []
+            channels, described, versions, dtypes, fallbacks, domains = [], [], [], set(), [], []
             for name in markers:
                 model_id, checkpoint, promoted = await self.model_for(name, setting)
                 if model_id != promoted:
@@ -280,7 +288,8 @@ class StainService:
                 check_channels(image, checkpoint.config.in_channels)
                 if name not in checkpoint.markers:
                     raise RequestError(500, f"model {model_id} does not predict {name} (it predicts {checkpoint.markers})")
-                stains = await self.stain_image(checkpoint, image.pixels)
+                stains, domain = await self.stain_image(checkpoint, image.pixels)
+                domains.append(domain)
                 channels.append(stains[checkpoint.markers.index(name)])
                 versions.append(model_id)
                 dtypes.add(checkpoint.target_dtype)
@@ -292,7 +301,7 @@ class StainService:
             return Response(body, media_type="image/tiff", headers={
                 "X-Lmadda-Models": ",".join(versions), "X-Lmadda-Setting": setting, "X-Lmadda-Markers": ",".join(markers),
                 "X-Lmadda-Seconds": f"{time.perf_counter() - started:.4f}",
-                **({"X-Lmadda-Fallback": "; ".join(fallbacks)} if fallbacks else {})})
+                **({"X-Lmadda-Fallback": "; ".join(fallbacks)} if fallbacks else {}), **domain_headers(*domains)})
         except RequestError as error:
             return error_response(error)
         except LmaddaError as error:

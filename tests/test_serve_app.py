@@ -96,6 +96,9 @@ def make_service(monkeypatch, *, host="127.0.0.1", environ=None, models=None, **
         monkeypatch.setenv(name, value)
     patch_app_global(monkeypatch, "proxy_host", lambda: host)
     user_class = app_module.StainService.func_or_class.__mro__[1]  # the class as written, without Serve's ASGI wrapper
+    # Serve keeps one micro-batch queue per decorated method, bound to the event loop of its first call
+    # (one replica, one loop); each asyncio.run here is a new loop, so each service gets a new queue.
+    monkeypatch.setattr(user_class.forward_tiles.set_max_batch_size.__self__, "_queue", None)
     service = object.__new__(user_class)
     user_class.__init__(service, "sqlite:////nonexistent/mlflow.db", **{"micro_batch": False, "tile": 64, **kwargs})
     if models is not None:
@@ -339,3 +342,28 @@ def test_a_micro_batched_forward_never_exceeds_the_tile_cap(monkeypatch):
 
     assert [status for status, _, _ in asyncio.run(concurrent())] == [200] * 8
     assert max(sizes) <= app_module.TILES_PER_FORWARD and sum(sizes) == 8 * 25
+
+
+def test_a_request_alone_on_the_replica_skips_the_micro_batcher_and_concurrent_ones_share_it(monkeypatch):
+    """Alone, a request has nobody to share a forward with: waiting batch_wait_timeout_s per tile batch is pure latency."""
+    import sys
+
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN}, micro_batch=True, tile_batch=4)
+    forwards = []  # (tiles, whether the micro-batcher ran the forward)
+    forward = service.forward
+
+    def recording(checkpoint, tiles):
+        forwards.append((len(tiles), sys._getframe(1).f_code.co_name == "forward_tiles"))
+        return forward(checkpoint, tiles)
+
+    service.forward = recording
+    image = _tiff(np.random.default_rng(2).integers(0, 4000, size=(256, 256)).astype(np.uint16))  # 25 tiles of 64
+    assert asyncio.run(stain(service, chunks=[image]))[0] == 200
+    assert forwards == [(4, False)] * 6 + [(1, False)]
+    forwards.clear()
+
+    async def concurrent():
+        return await asyncio.gather(*[stain(service, chunks=[image]) for _ in range(4)])
+
+    assert [status for status, _, _ in asyncio.run(concurrent())] == [200] * 4
+    assert sum(n for n, _ in forwards) == 4 * 25 and any(batched and n > 4 for n, batched in forwards)  # shared forwards

@@ -31,3 +31,23 @@ def test_unknown_args_and_foreign_configs_are_refused(tmp_path):
     other.write_text("applications: [{name: x, import_path: other.app:build}]")
     with pytest.raises(LmaddaError, match="serve.app:build_app"):
         read_serve_config(other)
+
+
+def test_serve_host_help_says_a_non_loopback_address_needs_a_token(capsys):
+    from lmadda.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "LMADDA_SERVE_TOKEN" in help_text and "allow_unauthenticated: true" in help_text
+
+
+def test_lmadda_serve_refuses_a_non_loopback_host_without_a_token_before_ray_starts(monkeypatch, capsys):
+    import sys
+
+    from lmadda.cli import main
+
+    monkeypatch.delenv("LMADDA_SERVE_TOKEN", raising=False)
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing ray fails: the refusal must come before it
+    assert main(["serve", "--host", "0.0.0.0"]) == 2
+    assert "refusing to serve on 0.0.0.0 without a token" in capsys.readouterr().err

@@ -79,3 +79,33 @@ def test_a_download_that_does_not_match_the_registered_sha256_is_refused(registr
         StainModels(registry["uri"], tmp_path / "cache").load(registry["model_id"])
     registry["client"].set_model_version_tag(name, version, "sha256", file_sha256(registry["good"]))
     assert StainModels(registry["uri"], tmp_path / "cache").load(registry["model_id"]).markers == ["dapi", "cd29"]
+
+
+def test_a_promoted_version_carries_its_sha256_and_a_tampered_file_is_never_served(store, tmp_path):
+    """Promotion tags the version with the stored generator's SHA-256; the endpoint then refuses a
+    store file swapped after promotion (a flipped byte may still load, with wrong weights), and a
+    cached copy changed on disk is downloaded again and checked against the tag too."""
+    from serve.registry import StainModels, file_sha256
+    from tune.tracking import _register
+
+    client = store["client"]
+    run = client.create_run(store["experiment"])
+    client.log_artifact(run.info.run_id, str(store["good"]), "generator")
+    entry = _register(client, "dapi", "promoted", run.info.run_id, {})
+    version = client.get_model_version(entry["model"], entry["version"])
+    assert version.tags["sha256"] == file_sha256(store["good"])
+    model_id = f"{entry['model']}/{entry['version']}"
+
+    models = StainModels(store["uri"], tmp_path / "cache")
+    assert models.load(model_id).markers == ["dapi", "cd29"]
+    stored = Path(client.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://")) / "generator" / "generator.pt"
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))  # the store's file swapped after promotion
+    with pytest.raises(LmaddaError, match="differs from the registered"):
+        StainModels(store["uri"], tmp_path / "fresh-cache").load(model_id)  # a new replica downloads it: refused
+    cached = next((tmp_path / "cache").rglob("generator.pt"))
+    cached.write_bytes(bytes(data))  # and the first replica's cached copy changed the same way
+    with pytest.raises(LmaddaError, match="differs from the registered"):
+        models.load(model_id)  # thrown away, downloaded again, refused: never served
+    assert not (tmp_path / "cache" / "lmadda-dapi" / str(entry["version"])).exists()  # nothing left to serve from

@@ -154,3 +154,44 @@ def test_promote_reads_finished_trials_only(root):
     sweep = fake_sweep(root)
     promoted = promote(sweep.tracking_uri, sweep.experiment, criterion="pearson", log=lambda *_: None)
     assert [p["run_id"] for p in promoted] != [trial.info.run_id] and len(promoted) == 1
+
+
+def test_a_promoted_version_carries_the_sha256_of_its_stored_generator(root):
+    """The endpoint checks every download of a version against its `sha256` tag (serve/registry.py)."""
+    import hashlib
+
+    from tune.tracking import promote
+
+    log(root)
+    sweep = fake_sweep(root)
+    promoted = promote(sweep.tracking_uri, sweep.experiment, criterion="pearson", log=lambda *_: None)
+    client, _ = _store(root)
+    tags = client.get_model_version(promoted[0]["model"], promoted[0]["version"]).tags
+    assert tags["sha256"] == hashlib.sha256(b"weights").hexdigest()  # fake_rows' generator file
+
+
+def test_a_label_free_promotion_tags_every_markers_version_with_the_choice_checkpoints_sha256(root, monkeypatch):
+    """The label-free path registers a checkpoint made for the choice, once per marker: each version gets its digest."""
+    import torch
+
+    import tune.label_free_promotion as label_free
+    from lmadda.checkpoint import GeneratorCheckpoint
+    from lmadda.models import GeneratorConfig, UNetGenerator
+    from lmadda.selector import Choice
+    from serve.registry import file_sha256
+    from tune.tracking import _promote_label_free
+
+    log(root)
+    client, runs = _store(root)
+    torch.manual_seed(0)
+    generator = UNetGenerator(GeneratorConfig(in_channels=1, out_channels=2, ngf=2, depth=6))
+    choice = Choice(chosen="unadapted", fell_back=True, reason="nothing confidently better", score="consensus")
+    checkpoint = GeneratorCheckpoint(generator=generator, markers=["dapi", "cd29"], setting="phase_contrast",
+                                     metadata={"label_free_choice": choice.as_dict()})
+    monkeypatch.setattr(label_free, "choose_per_target", lambda *args: {"phase_contrast+overexposure:2": {
+        "choice": choice, "run": None, "checkpoint": checkpoint}})
+    promoted = _promote_label_free(client, runs[0].info.experiment_id, runs, sweep=object(), log=lambda *_: None)
+    assert sorted(p["model"] for p in promoted) == ["lmadda-cd29", "lmadda-dapi"]
+    stored = Path(client.download_artifacts(promoted[0]["run_id"], "generator/generator.pt", str(root / "check")))
+    for entry in promoted:
+        assert client.get_model_version(entry["model"], entry["version"]).tags["sha256"] == file_sha256(stored)

@@ -7,7 +7,8 @@ confidently better. The chosen model is registered under the target's alias for 
 a trial's own generator artifact, or, when the choice is the unadapted model or a cheap correction,
 a checkpoint made for it (the source generator, AdaBN's generator, or the source generator with the
 histogram-matching correction that `lmadda predict` and the endpoint then apply), logged to a
-`choice` run of the sweep's experiment. Every version records the choice and its reason.
+`choice` run of the sweep's experiment. Every version records the choice, its reason and the
+checkpoint file's SHA-256 (`tune.tracking.generator_artifact`, hashed from the stored copy).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def choose_per_target(client: MlflowClient, runs: list, sweep: SweepConfig, arti
                 trials[candidate.name] = (run, checkpoint)
             choice = Selector(source.generator, source_train, target_train, **options).choose(candidates)
             run, checkpoint = trials.get(choice.chosen, (None, None))
-            checkpoint = checkpoint_for(source, choice, candidates, target, checkpoint)
+            checkpoint = checkpoint_for(source, choice, candidates, target, checkpoint, target_images=target_train)
             log(f"[promote] {target}: label-free choice {choice.chosen} ({choice.reason})")
             shown = labelled_view(candidates, choice.chosen, manifest, sweep.data.target_setting, shift, source)
             if shown:

@@ -5,6 +5,8 @@ Trial runs carry params (the trial's grid point and adaptation options), metrics
 accuracy curves by step, the final Pearson per marker when labels exist), tags (marker list, setting,
 shift, layer, collapsed) and the adapted generator as an artifact in lmadda's own checkpoint format
 (state dict + config, any image size; MLflow's default pt2 export would fix the input shape).
+A promoted model version carries the generator file's SHA-256 as its `sha256` tag, which the
+endpoint checks each download against, so a damaged or swapped file in the store is never served.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -113,7 +116,8 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", swee
     falling back to the unadapted model when nothing is confidently better; needs the sweep config
     `sweep` for the source model and the unlabelled target images), one per-trial criterion `lf_<name>`
     from `lmadda.selection` (minimised; for comparison), or `auto`: `pearson` where the trials have
-    target labels, otherwise `label_free`. Every version records the criterion and its value or choice.
+    target labels, otherwise `label_free`. Every version records the criterion and its value or choice,
+    and the SHA-256 of its generator file (`sha256`).
     """
     mlflow.set_tracking_uri(tracking_uri)
     relocate_artifacts(tracking_uri, log)
@@ -154,16 +158,37 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", swee
     return promoted
 
 
-def _register(client: MlflowClient, marker: str, target: str, run_id: str, tags: dict) -> dict:
-    name = model_name(marker)
+def generator_artifact(client: MlflowClient, run_id: str) -> tuple[str, str]:
+    """(artifact path, SHA-256) of the run's generator file. The digest is taken of a fresh download of
+    the stored copy, not of the file the sweep wrote: it must describe the bytes the registry serves,
+    which the endpoint checks every download of the version against (serve/registry.py)."""
+    from serve.registry import file_sha256  # lazily: it imports torch, which a sweep's logging step does not need
+
     artifacts = client.list_artifacts(run_id, ARTIFACT_DIR)
     if not artifacts:
         raise LmaddaError(f"run {run_id} has no generator artifact to register")
+    if artifacts[0].is_dir:
+        raise LmaddaError(f"run {run_id}'s generator artifact {artifacts[0].path} is a folder; the endpoint serves one "
+                          f"checkpoint file: log the generator .pt itself under {ARTIFACT_DIR}/")
+    with tempfile.TemporaryDirectory() as folder:
+        return artifacts[0].path, file_sha256(Path(client.download_artifacts(run_id, artifacts[0].path, folder)))
+
+
+def _register(client: MlflowClient, marker: str, target: str, run_id: str, tags: dict,
+              artifact: tuple[str, str] | None = None) -> dict:
+    """Register the run's generator as a new version of lmadda-<marker>, tagged with its SHA-256, and
+    point alias <target> at it. `artifact` is `generator_artifact(client, run_id)` when already known."""
+    from serve.registry import SHA256_TAG
+
+    name = model_name(marker)
+    path, digest = artifact or generator_artifact(client, run_id)
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description=f"lmadda generators predicting {marker}; aliases name microscope settings")
-    version = client.create_model_version(name, f"runs:/{run_id}/{artifacts[0].path}", run_id=run_id, tags={"target": target, "marker": marker, **tags})
+    # The digest is a tag of the version from its creation, so no replica can follow the alias to an unverifiable version.
+    version = client.create_model_version(name, f"runs:/{run_id}/{path}", run_id=run_id,
+                                          tags={"target": target, "marker": marker, **tags, SHA256_TAG: digest})
     alias = alias_for(target)
     client.set_registered_model_alias(name, alias, version.version)
     return {"model": name, "alias": alias, "version": version.version, "run_id": run_id}
@@ -179,10 +204,11 @@ def _promote_label_free(client: MlflowClient, experiment_id: str, runs: list, sw
     for target, chosen in choose_per_target(client, runs, sweep, ARTIFACT_DIR, log).items():
         choice, trial = chosen["choice"], chosen["run"]
         run_id = log_choice_checkpoint(client, experiment_id, target, chosen["checkpoint"], ARTIFACT_DIR)
+        artifact = generator_artifact(client, run_id)  # one checkpoint for every marker: hashed once
         tags = {"criterion": LABEL_FREE, "chosen": choice.chosen, "fell_back": str(choice.fell_back).lower(),
                 "reason": choice.reason[:5000], "trial_run": trial.info.run_id if trial is not None else ""}
         for marker in chosen["checkpoint"].markers:
-            entry = _register(client, marker, target, run_id, tags)
+            entry = _register(client, marker, target, run_id, tags, artifact)
             promoted.append({**entry, "chosen": choice.chosen, "fell_back": choice.fell_back})
             log(f"[promote] models:/{entry['model']}@{entry['alias']} -> version {entry['version']} ({choice.chosen})")
     return promoted

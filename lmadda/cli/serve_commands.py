@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import time
 from pathlib import Path
@@ -16,7 +17,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                               "(aliases models:/lmadda-<marker>@<setting>, set by `lmadda sweep promote`).")
     serve.add_argument("--config", type=Path, default=None, help="Serve config (default: serve/config.yaml)")
     serve.add_argument("--tracking-uri", default=None, help="MLflow registry (default: $MLFLOW_TRACKING_URI or the demo's SQLite store)")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept other machines)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="bind address (default 127.0.0.1, this machine only). A non-loopback address such as 0.0.0.0 "
+                            "accepts other machines and so needs a bearer token: export LMADDA_SERVE_TOKEN (or the config's "
+                            "token_env / token_sha256); without one the endpoint refuses to start, unless the config sets "
+                            "allow_unauthenticated: true")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance")
     serve.add_argument("--demo", type=Path, default=None, metavar="DEMO_OUT",
@@ -43,16 +48,18 @@ def run_stain(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
+    from serve.local import DEFAULT_CONFIG, read_serve_config, start_local, with_launcher_token
 
-    from serve.local import DEFAULT_CONFIG, read_serve_config, start_local
-
-    read_serve_config(args.config or DEFAULT_CONFIG)  # a bad config fails here, before Ray starts
+    config = read_serve_config(args.config or DEFAULT_CONFIG)  # a bad config fails here, before Ray starts
+    with_launcher_token(config["args"], args.host, os.environ)  # and so does a non-loopback --host without a token
     tracking_uri = args.tracking_uri
     if args.demo is not None and tracking_uri is None:
         tracking_uri = f"sqlite:///{(args.demo / 'sweeps' / 'mlflow.db').resolve()}"
     demo_input = _demo_input(args.demo) if args.demo is not None else None  # before Ray: fail fast on a missing demo
+
+    import ray
+    from ray import serve
+
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(num_cpus=args.num_cpus, log_to_driver=False)
