@@ -344,6 +344,25 @@ def domain_headers(*scores: DomainScore | None) -> dict[str, str]:
     return {"X-Lmadda-Domain-Score": f"{worst.score:.3f}", "X-Lmadda-Domain-Verdict": worst.verdict}
 
 
+@dataclass
+class DomainTally:
+    """How the images one model stained scored, for the endpoint's GET /v1/models: an acquisition PC or an
+    operator sees at a glance that a setting's images have drifted out of domain."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {verdict: 0 for verdict in (*VERDICTS, "unknown")})
+    score_sum: float = 0.0
+
+    def add(self, score: DomainScore | None) -> None:
+        self.counts["unknown" if score is None else score.verdict] += 1
+        self.score_sum += 0.0 if score is None else score.score
+
+    def as_dict(self) -> dict:
+        scored = sum(self.counts[verdict] for verdict in VERDICTS)
+        return {"images": sum(self.counts.values()), **self.counts,
+                "out_of_domain_fraction": round(self.counts["out_of_domain"] / scored, 4) if scored else None,
+                "mean_score": round(self.score_sum / scored, 4) if scored else None}
+
+
 def missing_reference_message(where: str) -> str:
     return (f"{where} carries no domain reference (it was written before lmadda stored one), so images cannot be checked "
             f"against its training domain; add one with `lmadda diagnose --add-reference {where} --manifest MANIFEST` "

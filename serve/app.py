@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import target_from_model_range
 from lmadda.errors import LmaddaError
-from lmadda.domain import DomainScore, domain_headers, forward_scored, score_tiles
+from lmadda.domain import DomainScore, DomainTally, domain_headers, forward_scored, score_tiles
 from lmadda.inference import TilePlan, default_device, model_input, to_camera_units
 from serve.auth import resolve_auth
 from serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers, read_body
@@ -146,6 +146,7 @@ class StainService:
         self.serving: dict[tuple[str, str], str] = {}  # (marker, setting) -> model id of the last good load
         # model id -> (when, why) of its last failed load: retried after refresh_s or a reload, not per request
         self.failed: dict[str, tuple[float, str]] = {}
+        self.domain_tallies: dict[tuple[str, str], DomainTally] = {}  # (marker, setting) -> how its images scored here
         self.stamp, self.seen_stamp, self.next_stamp_check = stamp, None, 0.0
         self.stamp_lock = asyncio.Lock()  # requests that arrive during a stamp check wait for its reload
 
@@ -290,6 +291,7 @@ class StainService:
                     raise RequestError(500, f"model {model_id} does not predict {name} (it predicts {checkpoint.markers})")
                 stains, domain = await self.stain_image(checkpoint, image.pixels)
                 domains.append(domain)
+                self.domain_tallies.setdefault((name, setting), DomainTally()).add(domain)
                 channels.append(stains[checkpoint.markers.index(name)])
                 versions.append(model_id)
                 dtypes.add(checkpoint.target_dtype)
@@ -321,7 +323,9 @@ class StainService:
         for ref in sorted(table.values(), key=lambda r: (r.marker, r.setting)):
             served, status = self.served_state(ref.marker, ref.setting, ref.model_id)
             rows.append({"marker": ref.marker, "setting": ref.setting, "model": ref.name, "promoted_version": ref.version,
-                         "served_version": served, "status": status, "uri": f"models:/{ref.name}@{ref.setting}", "tags": dict(ref.tags)})
+                         "served_version": served, "status": status, "uri": f"models:/{ref.name}@{ref.setting}", "tags": dict(ref.tags),
+                         # the domain check of the images stained on this replica since it started (lmadda.domain)
+                         "domain": self.domain_tallies.get((ref.marker, ref.setting), DomainTally()).as_dict()})
         return JSONResponse({"models": rows})
 
     @app.post("/v1/reload", summary="Re-read the registry aliases now (after promoting a new champion)")

@@ -311,3 +311,15 @@ def test_the_demo_shows_the_verdict_of_an_in_domain_and_a_shifted_image(source, 
     assert lines[2].split()[0] == "phase_contrast+overexposure:3" and lines[2].endswith("out_of_domain")
     without = GeneratorCheckpoint(**{**source.__dict__, "domain_reference": None})
     assert "--add-reference" in domain_lines(without, domain_data, [])[0]
+
+
+def test_the_endpoint_tally_counts_verdicts_and_averages_the_scored_images_only():
+    from lmadda.domain import DomainScore, DomainTally
+
+    tally = DomainTally()
+    for score, verdict in [(1.0, "in_domain"), (3.0, "out_of_domain"), (2.0, "borderline")]:
+        tally.add(DomainScore(score=score, verdict=verdict, layer_distances={}, thresholds=(1.5, 2.5)))
+    tally.add(None)  # a model without a reference
+    summary = tally.as_dict()
+    assert summary["images"] == 4 and summary["unknown"] == 1 and summary["out_of_domain"] == 1
+    assert summary["mean_score"] == 2.0 and summary["out_of_domain_fraction"] == round(1 / 3, 4)

@@ -271,6 +271,8 @@ def test_v1_models_reports_the_served_and_the_promoted_version_and_why_they_diff
     listed = json.loads(asyncio.run(call(service, "GET", "/v1/models", headers=headers))[2])["models"][0]
     assert listed["promoted_version"] == "3" and listed["served_version"] == "2"
     assert "promoted version failed to load (LmaddaError" in listed["status"] and "serving version 2" in listed["status"]
+    # both stains were tallied for the domain check (these test models carry no reference: verdict unknown)
+    assert listed["domain"]["images"] == 2 and listed["domain"]["unknown"] == 2 and listed["domain"]["mean_score"] is None
 
 
 def test_a_failed_version_is_retried_after_a_reload_not_on_every_request(monkeypatch):
