@@ -219,6 +219,8 @@ def build_reference(generator: UNetGenerator, images: list[np.ndarray], held_out
     layers = reference_layers(generator)
     reference_crops = _crops(images, size, crops, seed)
     features = crop_features(generator, reference_crops, layers, device=device)
+    if not torch.isfinite(features).all():
+        raise LmaddaError(f"the generator's features on {domain} are not finite (a run that diverged): no domain reference can describe them")
     mean, std = features.mean(dim=0), features.std(dim=0, unbiased=False)
     channels = [2 * layer_channels(generator, layer) for layer in layers]
     spread = torch.cat([_floored(chunk) for chunk in torch.split(std, channels)])

@@ -101,6 +101,7 @@ def test_non_finite_loss_marks_the_run_collapsed_and_stops_it():
     result = adapt(source, _images(0.0), broken, _config(steps=20), progress=False)
     assert result.collapsed and "non-finite" in result.collapse_reason and result.steps_done == 1
     assert result.history[-1]["collapsed"] is True
+    assert result.domain_reference is None  # nothing finite to describe a domain with; the run is saved and flagged
 
 
 def test_generator_loss_over_the_bound_marks_collapse():

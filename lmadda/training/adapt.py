@@ -443,7 +443,10 @@ class Adapter:
         # The adapted model's domain is the target's: every fourth target image holds out for its thresholds.
         held_out = self.target_images[::4] if len(self.target_images) >= 4 else None
         rest = [image for index, image in enumerate(self.target_images) if held_out is None or index % 4]
-        self.result.domain_reference = reference_from_images(generator, rest, held_out, domain="target")
+        try:
+            self.result.domain_reference = reference_from_images(generator, rest, held_out, domain="target")
+        except LmaddaError:  # a diverged run (flagged collapsed): saved as it is, but its features describe no domain
+            self.result.domain_reference = None
         return self.result
 
 
