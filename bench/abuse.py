@@ -152,13 +152,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
-    import mlflow
     import ray
     import torch
-    from mlflow.tracking import MlflowClient
     from ray import serve
 
     from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
+    from tune.tracking import register_checkpoint
     from lmadda.models import GeneratorConfig, UNetGenerator
     from serve.local import start_local
 
@@ -167,14 +166,7 @@ def main() -> int:
     generator = UNetGenerator(GeneratorConfig(in_channels=1, out_channels=2, ngf=8, depth=8)).eval()
     path = save_checkpoint(root / "generator.pt", GeneratorCheckpoint(generator=generator, markers=["dapi", "cd29"], setting="abuse"))
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("abuse")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(path), artifact_path="generator")
-    client.create_registered_model("lmadda-dapi")
-    version = client.create_model_version("lmadda-dapi", f"runs:/{run.info.run_id}/generator/generator.pt", run_id=run.info.run_id)
-    client.set_registered_model_alias("lmadda-dapi", "abuse", version.version)
+    register_checkpoint(tracking_uri, path, "dapi", "abuse", experiment="abuse")
 
     token = secrets.token_hex(16)
     os.environ["LMADDA_SERVE_TOKEN"] = token  # start_local hands the replicas its digest

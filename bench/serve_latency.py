@@ -22,7 +22,6 @@ handler's, which is Serve's proxy, the hop to the replica and HTTP on loopback.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
 import statistics
@@ -177,14 +176,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
-    import mlflow
     import ray
     import tifffile
     import torch
-    from mlflow.tracking import MlflowClient
     from ray import serve
 
     from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
+    from tune.tracking import register_checkpoint
     from lmadda.data.dataset import to_model_range
     from lmadda.data.normalise import normalise
     from lmadda.inference import predict_tiled
@@ -199,14 +197,7 @@ def main() -> int:
     checkpoint = GeneratorCheckpoint(generator=generator.eval(), markers=["dapi", "cd29"], setting="bench")
     path = save_checkpoint(root / "generator.pt", checkpoint)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("serve-bench")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(path), artifact_path="generator")
-    client.create_registered_model("lmadda-dapi")
-    version = client.create_model_version("lmadda-dapi", f"runs:/{run.info.run_id}/generator/generator.pt", run_id=run.info.run_id)
-    client.set_registered_model_alias("lmadda-dapi", "bench", version.version)
+    register_checkpoint(tracking_uri, path, "dapi", "bench", experiment="serve-bench")
 
     ray.init(num_cpus=args.num_cpus, log_to_driver=False)
     # One replica with every CPU: Ray sets a replica's torch threads to its num_cpus, and the

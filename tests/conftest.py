@@ -58,3 +58,13 @@ def tiny_source(tiny_synth, tmp_path_factory):
                                batch_size=2, epochs=1, crops_per_epoch=4, device="cpu")
     train_source(config, path, progress=False)
     return path
+
+
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store: creating its tables takes seconds, copying it none."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path

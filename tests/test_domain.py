@@ -234,22 +234,14 @@ def test_the_endpoint_returns_the_domain_headers(ray_session, source, domain_dat
     import socket
     import urllib.request
 
-    import mlflow
-    from mlflow.tracking import MlflowClient
     from ray import serve
 
     from serve.app import StainService
+    from tune.tracking import register_checkpoint
 
     path = save_checkpoint(tmp_path / "generator.pt", source)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("domain-test")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    with mlflow.start_run() as run:
-        mlflow.log_artifact(str(path), artifact_path="generator")
-    client.create_registered_model("lmadda-dapi")
-    version = client.create_model_version("lmadda-dapi", f"runs:/{run.info.run_id}/generator/generator.pt", run_id=run.info.run_id)
-    client.set_registered_model_alias("lmadda-dapi", "phase_contrast", version.version)
+    register_checkpoint(tracking_uri, path, "dapi", "phase_contrast", experiment="domain-test")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

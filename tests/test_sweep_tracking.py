@@ -6,7 +6,6 @@ that turns a finished grid into MLflow runs, and that a killed driver re-runs on
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,17 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
-@pytest.fixture(scope="module")
-def migrated_store(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite store: creating its tables takes seconds, copying it none."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
 
 
 @pytest.fixture

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
-@pytest.fixture(scope="module")
-def migrated_store(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite store: creating its tables takes seconds, copying it none."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
 
 
 def _uri(folder: Path) -> str:

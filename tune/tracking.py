@@ -194,6 +194,17 @@ def _register(client: MlflowClient, marker: str, target: str, run_id: str, tags:
     return {"model": name, "alias": alias, "version": version.version, "run_id": run_id}
 
 
+def register_checkpoint(tracking_uri: str, checkpoint_path: str | Path, marker: str, setting: str, *,
+                        experiment: str = "lmadda-models") -> dict:
+    """Log one checkpoint file as a run's generator and register it, tagged with its SHA-256, under alias
+    `setting` of lmadda-<marker>: a model made outside a sweep (or a test's or a benchmark's) ready to serve."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(checkpoint_path), artifact_path=ARTIFACT_DIR)
+    return _register(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), marker, setting, run.info.run_id, {})
+
+
 def _promote_label_free(client: MlflowClient, experiment_id: str, runs: list, sweep, log) -> list[dict]:
     from tune.label_free_promotion import choose_per_target, log_choice_checkpoint
 
