@@ -293,19 +293,18 @@ def reference_from_images(generator: UNetGenerator, images: list, held_out: list
 def tiled(generator: UNetGenerator, image: np.ndarray, layers: list[int], *, tile: int = 256, overlap: float = 0.25,
           batch_size: int = 8, device: torch.device | str | None = None, progress: str | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """`predict_tiled` that also keeps each tile's features: the same tiles, the same forward; (prediction, (tiles, F))."""
-    from lmadda.inference import TilePlan, default_device
+    from lmadda.inference import predict_tiled
 
-    plan = TilePlan(image, generator.config, tile=tile, overlap=overlap)
-    device = torch.device(device) if device is not None else default_device()
-    was_training = generator.training
-    generator.eval().to(device)
     rows = []
-    for origins, batch in plan.batches(batch_size, progress=progress):
-        output, features = forward_with_features(generator, torch.from_numpy(batch).to(device), layers)
-        plan.add(origins, output.float().cpu().numpy())
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        output, features = forward_with_features(generator, batch, layers)
         rows.append(features.cpu())
-    generator.train(was_training)
-    return plan.result(), torch.cat(rows)
+        return output
+
+    prediction = predict_tiled(generator, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device,
+                               progress=progress, forward=forward)
+    return prediction, torch.cat(rows)
 
 
 def predict_and_score(generator: UNetGenerator, reference: DomainReference, image: np.ndarray, *, tile: int = 256,

@@ -104,9 +104,11 @@ def predict_tiled(
     batch_size: int = 8,
     device: torch.device | str | None = None,
     progress: str | None = None,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Predict a (C_in, H, W) image in model units ([-1, 1]); returns (C_out, H, W) in model units.
     With a `progress` label, tiles done/total go to stderr on images of more than one batch.
+    `forward` replaces `generator(batch)` for callers that take more from the same pass (lmadda.domain).
 
     Runs the generator in eval mode (BatchNorm running statistics, no dropout): pix2pix's own test
     script keeps train-mode BatchNorm, which silently adapts to each test batch; lmadda does not.
@@ -115,8 +117,9 @@ def predict_tiled(
     device = torch.device(device) if device is not None else default_device()
     was_training = generator.training
     generator.eval().to(device)
+    run = forward or generator
     for origins, batch in plan.batches(batch_size, progress=progress):
-        plan.add(origins, generator(torch.from_numpy(batch).to(device)).float().cpu().numpy())
+        plan.add(origins, run(torch.from_numpy(batch).to(device)).float().cpu().numpy())
     generator.train(was_training)
     return plan.result()
 
