@@ -134,6 +134,7 @@ def add_reference(config: DiagnoseConfig, checkpoint) -> int:
     from lmadda.data.manifest import Manifest
     from lmadda.data.shifts import Shift
     from lmadda.domain import reference_from_images
+    from lmadda.study import TargetDomain
 
     manifest = Manifest.load(config.manifest)
     setting, shift = _setting_and_shift(checkpoint, config)
@@ -141,7 +142,7 @@ def add_reference(config: DiagnoseConfig, checkpoint) -> int:
     train = load_images(manifest, setting, "train", shift=shift, percentiles=checkpoint.percentiles)
     has_val = any(r.role == "input" and r.setting == setting and r.split == "val" for r in manifest.rows)
     held_out = load_images(manifest, setting, "val", shift=shift, percentiles=checkpoint.percentiles, seed=1) if has_val else None
-    domain = setting if shift is None else f"{setting}+{shift}"
+    domain = TargetDomain(setting, shift).name
     reference = reference_from_images(checkpoint.generator, train, held_out, domain=domain, transform=input_correction(checkpoint.metadata),
                                       device=config.device or "cpu")
     replaced = " (replacing the one it had)" if checkpoint.domain_reference is not None else ""
