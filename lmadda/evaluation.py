@@ -13,6 +13,7 @@ import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage, load_images, target_from_model_range
+from lmadda.data.io import write_atomically
 from lmadda.data.manifest import Manifest
 from lmadda.errors import LmaddaError
 from lmadda.inference import predict_tiled
@@ -145,16 +146,8 @@ def write_results(rows: list[dict], path: Path, *, overwrite: bool = False) -> P
     refuse_existing(path, overwrite)
     columns = ["checkpoint", *RESULT_COLUMNS]
     columns += sorted({k for row in rows for k in row if k.startswith(CRITERION_PREFIX)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]), temporary)
-        temporary.replace(path)
-    except OSError as error:
-        raise LmaddaError(f"cannot write {path}: {error.strerror or error}") from error
-    finally:
-        temporary.unlink(missing_ok=True)  # gone already after the rename
-    return path
+    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    return write_atomically(path, lambda temporary: pq.write_table(table, temporary))
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:

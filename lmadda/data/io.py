@@ -11,6 +11,7 @@ import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tifffile
@@ -194,7 +195,7 @@ def _clipped(pixels: np.ndarray, dtype: str) -> np.ndarray:
     return array.astype(target_dtype)
 
 
-def _write_atomically(path: Path, write) -> Path:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     """`write(temporary)`, then rename into place; on any failure (a full disk, Ctrl-C) no partial file is left."""
     if path.is_dir():
         raise LmaddaError(f"{path} is a folder; name the output image file, e.g. {path / 'stain.tif'}")
@@ -237,7 +238,7 @@ def write_tiff(
     else:
         kwargs["metadata"] = metadata or None
         kwargs["photometric"] = "minisblack"
-    return _write_atomically(Path(path), lambda temporary: tifffile.imwrite(temporary, array, **kwargs))
+    return write_atomically(Path(path), lambda temporary: tifffile.imwrite(temporary, array, **kwargs))
 
 
 def write_png(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", metadata: dict | None = None,
@@ -256,4 +257,4 @@ def write_png(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", me
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
     image = Image.fromarray(array)  # uint8 -> mode L, uint16 -> mode I;16
     options = {"dpi": png_dpi(pixel_size)} if pixel_size is not None else {}
-    return _write_atomically(Path(path), lambda temporary: image.save(temporary, format="PNG", pnginfo=info, **options))
+    return write_atomically(Path(path), lambda temporary: image.save(temporary, format="PNG", pnginfo=info, **options))
