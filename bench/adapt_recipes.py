@@ -29,9 +29,9 @@ from lmadda.config import build_config, read_config_file
 from lmadda.data.manifest import Manifest
 from lmadda.evaluation import evaluate_generator
 from lmadda.selector import SCORES, Candidate, Selector, decide
-from lmadda.study import ImageSource, TargetDomain
-from lmadda.study_config import StudyConfig
-from lmadda.study_runner import prepare_manifest, prepare_source
+from lmadda.study.grid import ImageSource, TargetDomain
+from lmadda.study.config import StudyConfig
+from lmadda.study.runner import prepare_manifest, prepare_source
 from lmadda.training.adapt import AdaptConfig, adapt
 
 

@@ -21,9 +21,10 @@ from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
 from lmadda.domain import predict_and_score
 from lmadda.inference import predict_tiled
-from lmadda.report import choice_lines, sample_panel, summary_table, write_report
-from lmadda.study import TargetDomain, run_study
-from lmadda.study_config import SelectionSpec
+from lmadda.report import choice_lines, summary_table, write_report
+from lmadda.study.figures import panel_file_name, stain_panel
+from lmadda.study.grid import TargetDomain, run_grid
+from lmadda.study.config import SelectionSpec
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 
@@ -74,7 +75,7 @@ def run_demo(config: DemoConfig, log=print) -> Path:
 
     domains = [TargetDomain.parse(t) for t in config.targets]
     adapt_config = AdaptConfig(layer=[config.layers[0]], steps=config.adapt_steps, lr=config.adapt_lr, seed=config.seed)
-    rows = run_study(source, manifest, domains, config.layers, adapt_config, source_setting="phase_contrast", out=out,
+    rows = run_grid(source, manifest, domains, config.layers, adapt_config, source_setting="phase_contrast", out=out,
                      paper_layers=[source.generator.last_layer] if config.paper else [], selector_options=SelectionSpec().options(),
                      oracle=source_config if config.oracle else None, save_models=True, log=log)
     log("")
@@ -124,7 +125,6 @@ def _panel(source, manifest: Manifest, domain: TargetDomain, rows: list[dict], o
     image = load_images(manifest, domain.setting, "test", source.markers, shift=domain.shift, percentiles=source.percentiles)[0]
     unadapted = target_from_model_range(predict_tiled(source.generator, image.input))[0]
     prediction = target_from_model_range(predict_tiled(model.generator, image.input))[0]
-    panels = [(f"input ({domain.name})", image.input[0]), (f"truth ({marker})", target_from_model_range(image.target[0])),
-              ("unadapted", unadapted), (f"LM-ADDA layer {best_layer}", prediction)]
-    return sample_panel(panels, out / "report" / f"panel_{domain.name.replace(':', '_').replace('+', '_')}.png",
-                        title=f"{domain.name}, field {image.field}")
+    images = {"input": image.input[0], "truth": target_from_model_range(image.target[0]), "unadapted": unadapted, "adapted": prediction}
+    return stain_panel(domain.name, marker, best_layer, images, out / "report" / panel_file_name(domain.name),
+                       title=f"{domain.name}, field {image.field}")

@@ -59,7 +59,7 @@ def evaluate_generator(
     return rows
 
 
-# How the study seeds each split's shifted images (lmadda.study.run_study: train `seed`, val `seed + 1`,
+# How the study seeds each split's shifted images (lmadda.study.grid.run_grid: train `seed`, val `seed + 1`,
 # test `seed + 7`); `lmadda evaluate --seed` uses the same, so its rows reproduce the study's.
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 7}
 
@@ -68,7 +68,7 @@ def checkpoint_tags(checkpoint: GeneratorCheckpoint, name: str) -> dict:
     """The result-table columns a checkpoint's own metadata gives: which model it is and how its adaptation went.
 
     `checkpoint` is `name` (the path it was given as), so two checkpoints of one method and layer stay apart."""
-    from lmadda.study import matched_name
+    from lmadda.study.grid import matched_name
 
     metadata = checkpoint.metadata
     method = metadata.get("method", "source")
@@ -99,7 +99,7 @@ def evaluate_checkpoints(
     and, for source checkpoints, the test-time `baselines` built as the study builds them with `seed`.
     With `progress`, images evaluated / (checkpoints x methods x images) go to stderr (`Progress`)."""
     from lmadda.baselines import build_baseline
-    from lmadda.study import TargetDomain, _tag
+    from lmadda.study.grid import TargetDomain, _tag
     from lmadda.training.common import Progress
 
     domain = TargetDomain.parse(target)
@@ -140,7 +140,7 @@ def _methods(checkpoint: GeneratorCheckpoint, name: str, baselines: list[str]) -
 
 def write_results(rows: list[dict], path: Path, *, overwrite: bool = False) -> Path:
     """Write result rows as a Parquet table at once and atomically; an existing `path` only with `overwrite`."""
-    from lmadda.study import CRITERION_PREFIX, RESULT_COLUMNS
+    from lmadda.study.grid import CRITERION_PREFIX, RESULT_COLUMNS
 
     path = Path(path)
     refuse_existing(path, overwrite)

@@ -1,10 +1,12 @@
-"""Image-to-image metrics: per-image Pearson (the paper's metric), pooled Pearson, SSIM, PSNR, NRMSE.
+"""Image-to-image metrics (per-image Pearson, the paper's metric; SSIM, PSNR, NRMSE) and the finite-value summaries tables use.
 
 All take prediction and truth as (H, W) float arrays in the same units. Pearson is invariant to any
 affine intensity change, so it compares the stain pattern, not the camera's gain.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -62,3 +64,19 @@ def gap_recovered(adapted: float, unadapted: float, oracle: float) -> float:
     """Share of the domain gap closed: (P_adapted - P_unadapted) / (P_oracle - P_unadapted)."""
     gap = oracle - unadapted
     return float("nan") if gap <= 0 else (adapted - unadapted) / gap
+
+
+def is_finite(value) -> bool:
+    """A real number that is neither NaN nor infinite; None, text and booleans are not numbers here."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def finite_mean_std(values) -> tuple[float, float, int]:
+    """Mean, standard deviation and count of the finite values (NaN, NaN, 0 when there are none).
+
+    Tables average over seeds and images where a collapsed or unlabelled run leaves NaN or None:
+    those are left out, and the count says how many values the mean stands on."""
+    finite = np.array([float(v) for v in values if is_finite(v)], dtype=float)
+    if finite.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(finite.mean()), float(finite.std()), int(finite.size)

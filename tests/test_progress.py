@@ -62,10 +62,10 @@ def test_source_training_in_the_study_shows_progress(tiny_synth, tmp_path, monke
     # whether the study asks for progress is this test's question, and a real one costs tens of seconds.
     import types
 
-    from lmadda import study_runner
+    from lmadda.study import runner as study_runner
     from lmadda.config import build_config
-    from lmadda.study import ImageSource
-    from lmadda.study_config import StudyConfig
+    from lmadda.study.grid import ImageSource
+    from lmadda.study.config import StudyConfig
 
     asked = {}
 

@@ -1,7 +1,5 @@
 """`lmadda study`: config validation, the image source, and the whole command on tiny simulated data."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import yaml
@@ -9,7 +7,7 @@ import yaml
 from lmadda.cli import main
 from lmadda.config import build_config
 from lmadda.errors import LmaddaError
-from lmadda.study_config import StudyConfig
+from lmadda.study.config import StudyConfig
 
 EXPERIMENT = {
     "name": "tiny", "title": "Tiny simulated",
@@ -43,7 +41,7 @@ def test_bad_study_configs_name_the_problem(change, message):
 
 
 def test_validation_rows_come_from_the_bottom_of_the_training_fields(tiny_synth):
-    from lmadda.study import ImageSource
+    from lmadda.study.grid import ImageSource
 
     whole = ImageSource(tiny_synth).load("phase_contrast", "train", ["dapi"])
     carved = ImageSource(tiny_synth, validation_rows=0.25)
@@ -56,8 +54,8 @@ def test_validation_rows_come_from_the_bottom_of_the_training_fields(tiny_synth)
 
 @pytest.mark.slow
 def test_study_runs_logs_to_mlflow_writes_the_document_and_reruns_nothing(tmp_path, capsys):
-    from lmadda.study_runner import experiment_name
-    from lmadda.study_tracking import read_study
+    from lmadda.study.runner import experiment_name
+    from lmadda.study.tracking import read_study
 
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), "document": str(tmp_path / "docs" / "study.md"),
@@ -122,7 +120,7 @@ def test_the_oracle_starts_from_the_source_weights_and_refuses_another_architect
 
 
 def test_result_table_keeps_criterion_columns_that_the_first_rows_lack(tmp_path):
-    from lmadda.study import ResultTable
+    from lmadda.study.grid import ResultTable
 
     path = tmp_path / "results.parquet"
     table = ResultTable(path)
@@ -133,7 +131,8 @@ def test_result_table_keeps_criterion_columns_that_the_first_rows_lack(tmp_path)
 
 
 def test_a_model_whose_generator_never_moved_is_marked_and_unknown_counts_are_not():
-    from lmadda.study_document import Results, layer_table, movement_table, never_moved
+    from lmadda.study.results import Results, never_moved
+    from lmadda.study.tables import layer_table, movement_table
 
     def model(layer, seed, g_updates):
         run = {"target": "t", "shift": "none", "magnitude": float("nan"), "method": "adda" if layer == 15 else "lmadda",
@@ -157,7 +156,8 @@ def _model(target, method, pearson, seed=0, layer=-1, lr=None, **extra):
 
 
 def test_the_summary_scores_the_label_free_choice_against_the_bars_the_issue_set():
-    from lmadda.study_summary import summary_records, verdict
+    from lmadda.study.analysis import bars, summary_records
+    from lmadda.study.document import bars_lines
 
     models = []
     for target, unadapted, cheap, chosen, oracle in [("a", 0.10, 0.30, 0.40, 0.50),   # recovers 75 %, beats the cheap ones
@@ -172,7 +172,12 @@ def test_the_summary_scores_the_label_free_choice_against_the_bars_the_issue_set
                                           "choices": ["lmadda:1@2e-05"] * 3}
     assert records["b"]["best_labelled"] == {"method": "histogram_matching", "layer": -1, "pearson": 0.5}
     assert records["a"]["adda"] == 0.1 and records["a"]["histogram"] == 0.3
-    lines = "\n".join(verdict(list(records.values())))
+    judged = bars(list(records.values()))
+    assert (judged.gapped, judged.scored) == (2, 3)
+    assert (judged.recovery.passed, judged.recovery.need, judged.recovery.met, judged.recovery.failing) == (1, 2, False, ("x/b",))
+    assert judged.harm.met and judged.harm.failing == ()
+    assert judged.ceilings == {"x/b": pytest.approx(0.75)} and judged.beyond_reach == []
+    lines = "\n".join(bars_lines(judged))
     assert "oracle gap of at least 0.05: 2 of 3" in lines
     assert "Recovers at least 60% of the gap: 1 of 2 (bar: 2) — **not met**; not on x/b" in lines
     assert "Worse than the unadapted model by more than 0.01: 0 of 2 (bar: 0) — met" in lines
@@ -180,11 +185,14 @@ def test_the_summary_scores_the_label_free_choice_against_the_bars_the_issue_set
     assert "Even the best single model chosen with test labels recovers 75% on x/b." in lines
     assert "No candidate gets there" not in lines
     weak = {**records["b"], "best_labelled": {"method": "lmadda", "layer": 1, "pearson": 0.35}}
-    assert "No candidate gets there, so no label-free rule" in "\n".join(verdict([records["a"], weak]))
+    assert bars([records["a"], weak]).beyond_reach == ["x/b"]
+    assert "No candidate gets there, so no label-free rule" in "\n".join(bars_lines(bars([records["a"], weak])))
 
 
 def test_findings_say_when_adda_never_moved_and_when_the_oracle_is_no_upper_bound():
-    from lmadda.study_document import Results, findings
+    from lmadda.study.analysis import findings
+    from lmadda.study.document import findings_lines
+    from lmadda.study.results import Results
 
     def run(method, layer, pearson, seed=0, g_updates=None):
         row = {"target": "t", "shift": "defocus", "magnitude": float("nan"), "method": method, "layer": layer,
@@ -194,7 +202,10 @@ def test_findings_say_when_adda_never_moved_and_when_the_oracle_is_no_upper_boun
     models = [run("unadapted", -1, 0.5), run("oracle", -1, 0.4),
               *(run("adda", 15, 0.5, seed, 0) for seed in (0, 1)),
               *(run("lmadda", 3, 0.7, seed, 12) for seed in (0, 1))]
-    text = "\n".join(findings(Results(models, []), {}, {}))
+    found = findings(Results(models, []), {}, {})
+    assert found.adda_never_moved == ["t"] and found.oracle_below == [("t", 0.4, 0.5)]
+    assert found.claim("best_layer_beats_adda").held == ["t"] and found.claim("adda_beats_unadapted").held == []
+    text = "\n".join(findings_lines(found))
     assert "In 1 of 1 targets ADDA's G' never moved" in text
     assert "The oracle scores below the unadapted model on 1 target(s) (t: 0.400 vs 0.500)" in text
     assert "beats ADDA: **1 of 1 targets**" in text
@@ -217,20 +228,20 @@ def _prepared_experiment(tmp_path, tiny_synth, tiny_source, **changes):
 def test_a_failing_target_is_recorded_with_its_reason_and_the_study_and_its_document_go_on(tiny_synth, tiny_source, tmp_path, monkeypatch):
     import json
 
-    import lmadda.study_runner as runner
-    from lmadda.study_document import write_study_document
+    import lmadda.study.runner as runner
+    from lmadda.study.document import write_study_document
 
     config = _prepared_experiment(tmp_path, tiny_synth, tiny_source, oracle=None,
                                   grids=[{"targets": ["phase_contrast+overexposure:3", "bright_field"], "layers": [0], "seeds": [0, 1]}])
     studied = []
 
-    def run_study(source, data, domains, *args, **kwargs):
+    def run_grid(source, data, domains, *args, **kwargs):
         studied.append((domains[0].name, kwargs.get("oracle")))
         if domains[0].name == "bright_field":
             raise LmaddaError("bright_field: the camera was off")
         return []
 
-    monkeypatch.setattr(runner, "run_study", run_study)
+    monkeypatch.setattr(runner, "run_grid", run_grid)
     logged = []
     runner.run_experiment(config.experiments[0], config, log=logged.append)
     assert [name for name, _ in studied] == ["phase_contrast+overexposure:3", "bright_field", "phase_contrast+overexposure:3"]
@@ -244,14 +255,14 @@ def test_a_failing_target_is_recorded_with_its_reason_and_the_study_and_its_docu
     assert "`lmadda study --config lab/study.yaml`" in document and "docs/study.yaml" not in document
     assert "### Failed targets" in document and "| bright_field | adapting (seed 0, lr 2e-05) | LmaddaError: bright_field: the camera was off |" in document
 
-    monkeypatch.setattr(runner, "run_study", lambda *args, **kwargs: [])
+    monkeypatch.setattr(runner, "run_grid", lambda *args, **kwargs: [])
     runner.run_experiment(config.experiments[0], config, log=logged.append)  # a rerun retries the target, and it works now
     assert not (config.out / "tiny" / "failures.json").exists()
 
 
 def test_source_training_in_the_study_logs_each_epoch(tiny_synth, tmp_path):
-    from lmadda.study import ImageSource
-    from lmadda.study_runner import prepare_source
+    from lmadda.study.grid import ImageSource
+    from lmadda.study.runner import prepare_source
 
     spec = build_config(StudyConfig, None, **_config()).experiments[0]
     logged = []
@@ -261,7 +272,7 @@ def test_source_training_in_the_study_logs_each_epoch(tiny_synth, tmp_path):
 
 def test_indexed_data_is_checked_for_settings_and_crop_sizes_before_any_training(tmp_path):
     from lmadda.data.io import write_tiff
-    from lmadda.study_runner import prepare_manifest
+    from lmadda.study.runner import prepare_manifest
 
     for field in ("w0", "w1", "w2"):
         for channel in ("phase", "dapi"):

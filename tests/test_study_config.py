@@ -7,7 +7,7 @@ import pytest
 
 from lmadda.config import build_config
 from lmadda.errors import LmaddaError
-from lmadda.study_config import IndexFolderSpec, StudyConfig
+from lmadda.study.config import IndexFolderSpec, StudyConfig
 
 # depth 6: crops must be multiples of 64
 EXPERIMENT = {

@@ -4,7 +4,8 @@ import math
 
 import pyarrow.parquet as pq
 
-from tune.sweep_report import best_per_target, stable_learning_rates, write_sweep_report
+from lmadda.study.results import stable_learning_rates
+from tune.sweep_report import best_per_target, write_sweep_report
 
 
 def _row(layer, lr, dapi, collapsed=False, target="pc+overexposure:2", magnitude=2.0):

@@ -84,7 +84,7 @@ def test_a_moved_read_only_store_is_explained_not_left_pointing_nowhere(register
 def test_a_study_model_left_running_by_a_kill_is_logged_again(tmp_path, migrated_store):
     from mlflow.tracking import MlflowClient
 
-    from lmadda.study_tracking import StudyTracker, model_key
+    from lmadda.study.tracking import StudyTracker, model_key
 
     shutil.copy(migrated_store, tmp_path / "mlflow.db")
     row = {"target": "bright_field", "setting": "bright_field", "shift": "none", "magnitude": float("nan"), "method": "lmadda",

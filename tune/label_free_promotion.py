@@ -8,7 +8,7 @@ a trial's own generator artifact, or, when the choice is the unadapted model or 
 a checkpoint made for it (the source generator, AdaBN's generator, or the source generator with the
 histogram-matching correction that `lmadda predict` and the endpoint then apply), logged to a
 `choice` run of the sweep's experiment. Every version records the choice, its reason and the
-checkpoint file's SHA-256 (`tune.tracking.generator_artifact`, hashed from the stored copy).
+checkpoint file's SHA-256 (`tune.tracking.log_generator_model`, hashed from the stored copy).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.selector import UNADAPTED, Candidate, Selector
-from lmadda.study import CANDIDATE_FAMILIES
-from lmadda.study_config import SelectionSpec
+from lmadda.study.grid import CANDIDATE_FAMILIES
+from lmadda.study.config import SelectionSpec
 from lmadda.training.auto import CHEAP_CANDIDATES, baseline_candidates, checkpoint_for
 from tune.sweep_config import SweepConfig
 

@@ -9,7 +9,6 @@ reported next to them.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,19 +16,11 @@ import pyarrow.parquet as pq
 
 from lmadda.report import write_report
 from lmadda.selection import CRITERIA, criterion_agreement
+from lmadda.study.results import stable_learning_rates
 
 
 def markers_of(rows: list[dict]) -> list[str]:
     return sorted({k[len("pearson_"):] for r in rows for k in r if k.startswith("pearson_")})
-
-
-def stable_learning_rates(rows: list[dict]) -> dict[str, list[float]]:
-    """target -> learning rates with no collapsed trial at any layer (the paper's selection rule)."""
-    collapsed_at: dict[str, dict[float, bool]] = defaultdict(dict)
-    for row in rows:
-        rates = collapsed_at[row["target"]]
-        rates[row["lr"]] = rates.get(row["lr"], False) or bool(row["collapsed"])
-    return {target: sorted(lr for lr, collapsed in rates.items() if not collapsed) for target, rates in collapsed_at.items()}
 
 
 def best_per_target(rows: list[dict], unadapted: dict[str, dict[str, float]]) -> list[dict]:

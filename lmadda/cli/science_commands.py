@@ -132,7 +132,7 @@ def run_adapt(args: argparse.Namespace) -> int:
     # The adapted model is meant for the target's images: it records their pixel size (else keeps its source's).
     target_pixel_size = images_pixel_size(manifest, args.setting, shift)
     if auto:
-        from lmadda.study_config import SelectionSpec
+        from lmadda.study.config import SelectionSpec
         from lmadda.training.auto import adapt_and_choose
 
         chosen = adapt_and_choose(source, source_images, target_images, config, target, selector_options=SelectionSpec().options())

@@ -23,10 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_study_command(args: argparse.Namespace) -> int:
     from lmadda.config import build_config, read_config_file
     from lmadda.errors import LmaddaError
-    from lmadda.study_config import StudyConfig
-    from lmadda.study_document import write_study_document
-    from lmadda.study_failures import RECOVERABLE, FailureLog, read_failures
-    from lmadda.study_runner import forget_choices, run_experiment
+    from lmadda.study.config import StudyConfig
+    from lmadda.study.document import write_study_document
+    from lmadda.study.failures import RECOVERABLE, FailureLog, read_failures
+    from lmadda.study.runner import forget_choices, run_experiment
 
     config = build_config(StudyConfig, None, **read_config_file(args.config)).resolved(Path.cwd())
     names = [e.name for e in config.experiments]

@@ -17,7 +17,7 @@ import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from lmadda.study import CRITERION_PREFIX
+from lmadda.study.grid import CRITERION_PREFIX
 from lmadda.tracking_store import FINISHED, all_runs, ensure_experiment, one_finished_run_per_key, relocate_artifacts
 
 PARAMS = ("target", "setting", "shift", "magnitude", "method", "layer", "matched", "lr", "seed")

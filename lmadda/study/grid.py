@@ -172,7 +172,7 @@ def _tag(rows: list[dict], domain: TargetDomain, target: str | None = None, **ta
     return rows
 
 
-def run_study(
+def run_grid(
     source: GeneratorCheckpoint,
     manifest: Manifest | ImageSource,
     domains: list[TargetDomain],

@@ -3,7 +3,7 @@
 For one experiment:
 1. data: simulate it, or index a folder of real images in place;
 2. the source model, trained once (reused when its checkpoint exists);
-3. for each grid, seed and learning rate, `lmadda.study.run_study`: unadapted, baselines, LM-ADDA
+3. for each grid, seed and learning rate, `lmadda.study.grid.run_grid`: unadapted, baselines, LM-ADDA
    at every layer (the last is ADDA), multi-layer sets, and, for the first seed and rate, the oracle;
    each adapted model is scored by the label-free criteria on fixed target crops and its predictions
    on those crops are kept for the ensemble criteria;
@@ -31,13 +31,13 @@ from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
 from lmadda.errors import LmaddaError
 from lmadda.inference import predict_tiled
-from lmadda.report import sample_panel
+from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
-from lmadda.study import CRITERION_PREFIX, LABEL_FREE, ImageSource, ResultTable, TargetDomain, run_study
-from lmadda.study_config import ExperimentSpec, StudyConfig
-from lmadda.study_failures import RECOVERABLE, FailureLog
-from lmadda.study_tracking import StudyTracker, model_key
-from lmadda.training.adapt import AdaptConfig, adapt
+from lmadda.study.grid import CRITERION_PREFIX, LABEL_FREE, ImageSource, ResultTable, TargetDomain, run_grid
+from lmadda.study.config import ExperimentSpec, StudyConfig
+from lmadda.study.failures import RECOVERABLE, FailureLog
+from lmadda.study.tracking import StudyTracker, model_key
+from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 
 
@@ -107,6 +107,7 @@ class CriteriaRecorder:
         self.spec, self.source, self.data = spec, source, data
         self.folder = out / "predictions"
         self.probes: dict[str, SelectionProbe] = {}
+        self.windows: dict[tuple[str, int], tuple] = {}
 
     def probe(self, domain: TargetDomain) -> SelectionProbe:
         if domain.name not in self.probes:
@@ -119,13 +120,44 @@ class CriteriaRecorder:
 
     def __call__(self, domain: TargetDomain, tags: dict, generator, input_transform=None) -> dict:
         criteria, prediction = self.probe(domain).measure(generator, input_transform)
-        path = self.prediction_path({"target": domain.name, **tags})
+        row = {"target": domain.name, **tags}
+        path = self.prediction_path(row)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, prediction.astype(np.float16))
+        if tags["method"] in ("lmadda", "adda"):  # the sample panel's stain, kept so that drawing it adapts nothing again
+            window = self._window_input(domain, tags["seed"])
+            correct = input_transform or (lambda image: image)
+            np.save(self.panel_path(row), predict_tiled(generator, correct(window)).astype(np.float16))
         return {f"{CRITERION_PREFIX}{name}": value for name, value in criteria.items()}
 
     def prediction_path(self, row: dict) -> Path:
         return self.folder / (model_key(row).replace("|", "__").replace(":", "_").replace("+", "_") + ".npy")
+
+    def panel_path(self, row: dict) -> Path:
+        return self.prediction_path(row).with_suffix(".panel.npy")
+
+    def _test_window(self, domain: TargetDomain, seed: int):
+        """The panel's test field (its shift drawn with `seed + 7`) and a 256-px window from its middle,
+        which keeps the panel small and legible."""
+        if (domain.name, seed) not in self.windows:
+            image = self.data.load(domain.setting, "test", self.source.markers, shift=domain.shift,
+                                   percentiles=self.source.percentiles, seed=seed + 7)[0]
+            height, width = image.input.shape[1:]
+            size = min(256, height, width) // self.source.config.multiple * self.source.config.multiple
+            top, left = (height - size) // 2, (width - size) // 2
+            self.windows[(domain.name, seed)] = image, (slice(None), slice(top, top + size), slice(left, left + size))
+        return self.windows[(domain.name, seed)]
+
+    def _window_input(self, domain: TargetDomain, seed: int) -> np.ndarray:
+        image, window = self._test_window(domain, seed)
+        return image.input[window]
+
+    def panel_window(self, domain: TargetDomain, seed: int) -> dict:
+        """Input, truth and the unadapted stain of the panel's window, (H, W) each, and the field's name."""
+        image, window = self._test_window(domain, seed)
+        return {"input": image.input[0][window[1:]], "truth": target_from_model_range(image.target[window])[0],
+                "unadapted": target_from_model_range(predict_tiled(self.source.generator, image.input[window]))[0],
+                "field": image.field}
 
 
 def ensemble_criteria(rows: list[dict], predictions: CriteriaRecorder) -> dict[str, dict[str, float]]:
@@ -151,34 +183,26 @@ def ensemble_criteria(rows: list[dict], predictions: CriteriaRecorder) -> dict[s
     return result
 
 
-def _panel(spec: ExperimentSpec, source: GeneratorCheckpoint, data: ImageSource, domain: TargetDomain,
-           rows: list[dict], out: Path) -> Path | None:
-    """Input, truth, unadapted and the best single adapted layer (by labelled Pearson, re-adapted with its seed)."""
+def _panel(spec: ExperimentSpec, recorder: "CriteriaRecorder", domain: TargetDomain, rows: list[dict], out: Path) -> Path | None:
+    """Input, truth, unadapted and the best single adapted layer (by labelled Pearson), drawn from the
+    window stains the recorder kept when that model was adapted (no model is adapted again to draw it)."""
     scores: dict[tuple, list[float]] = defaultdict(list)
+    keys: dict[tuple, dict] = {}
     for row in rows:
         if row["target"] == domain.name and row["method"] in ("lmadda", "adda") and not row["collapsed"] and math.isfinite(row["pearson"]):
-            scores[(int(row["layer"]), row["lr"], row["seed"])].append(row["pearson"])
+            config = (int(row["layer"]), row["lr"], row["seed"])
+            scores[config].append(row["pearson"])
+            keys[config] = row
     if not scores:
         return None
-    layer, lr, seed = max(scores, key=lambda key: np.mean(scores[key]))
-    config = AdaptConfig(layer=[layer], lr=lr, seed=seed, **spec.adapt)
-    source_train = data.load(spec.source.setting, "train", percentiles=source.percentiles)
-    target_train = data.load(domain.setting, "train", shift=domain.shift, percentiles=source.percentiles, seed=seed)
-    result = adapt(source, source_train, target_train, config, progress=False)
-    adapted, correct = result.generator, result.input_correction or (lambda image: image)
-    image = data.load(domain.setting, "test", source.markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 7)[0]
-    # a 256-px window from the middle of the field keeps the panel small and legible
-    height, width = image.input.shape[1:]
-    size = min(256, height, width) // source.config.multiple * source.config.multiple
-    top, left = (height - size) // 2, (width - size) // 2
-    window = (slice(None), slice(top, top + size), slice(left, left + size))
-    marker = source.markers[0]
-    panels = [(f"input ({domain.name})", image.input[0][window[1:]]),
-              (f"truth ({marker})", target_from_model_range(image.target[window])[0]),
-              ("unadapted", target_from_model_range(predict_tiled(source.generator, image.input[window]))[0]),
-              (f"LM-ADDA layer {layer}", target_from_model_range(predict_tiled(adapted, correct(image.input[window])))[0])]
-    name = domain.name.replace(":", "_").replace("+", "_")
-    return sample_panel(panels, out / "panels" / f"panel_{name}.png", title=f"{spec.title}: {domain.name}, test field {image.field}")
+    best = max(scores, key=lambda key: np.mean(scores[key]))
+    stored = recorder.panel_path(keys[best])
+    if not stored.exists():  # a model adapted before panels were kept (an older study): nothing to draw from
+        return None
+    window = recorder.panel_window(domain, keys[best]["seed"])
+    images = {**window, "adapted": target_from_model_range(np.load(stored).astype(np.float32))[0]}
+    return stain_panel(domain.name, recorder.source.markers[0], best[0], images, out / "panels" / panel_file_name(domain.name),
+                       title=f"{spec.title}: {domain.name}, test field {window['field']}")
 
 
 def forget_choices(spec: ExperimentSpec, study: StudyConfig, log=print) -> int:
@@ -220,7 +244,7 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
                     if failures.failed(domain.name):
                         continue
                     try:
-                        rows = run_study(source, data, [domain], layers, adapt_config, source_setting=spec.source.setting, out=out,
+                        rows = run_grid(source, data, [domain], layers, adapt_config, source_setting=spec.source.setting, out=out,
                                          baselines=tuple(spec.baselines), layer_sets=grid.layer_sets,
                                          paper_layers=grid.paper_layer_list(source.generator.num_layers),
                                          selector_options=spec.selection.options(), choose=lr == grid.lrs[-1],
@@ -244,10 +268,9 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
     for grid in spec.grids:
         for target in grid.targets:
             domain = TargetDomain.parse(target)
-            name = domain.name.replace(":", "_").replace("+", "_")
-            if not (out / "panels" / f"panel_{name}.png").exists() and not failures.failed(domain.name):
+            if not (out / "panels" / panel_file_name(domain.name)).exists() and not failures.failed(domain.name):
                 try:
-                    panel = _panel(spec, source, data, domain, rows, out)
+                    panel = _panel(spec, recorder, domain, rows, out)
                 except RECOVERABLE as error:
                     failures.record(domain.name, "drawing its sample panel", error, log)
                     continue
