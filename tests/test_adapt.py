@@ -112,6 +112,22 @@ def test_generator_loss_over_the_bound_marks_collapse():
     assert result.collapsed and "bound" in result.collapse_reason
 
 
+@pytest.mark.parametrize("collapses", [False, True])
+def test_a_saturated_discriminator_is_flagged_and_counts_as_collapse_only_when_asked(collapses):
+    source = _source()
+    # a fast discriminator against a far-off target saturates quickly; G' is held still by the gate
+    config = _config(steps=30, lr=1e-4, d_lr=5e-2, gate_accuracy=1.0, log_every=1, saturation_accuracy=0.8, saturation_patience=2,
+                     collapse_g_loss=1e9, saturation_collapses=collapses)
+    result = adapt(source, _images(0.0), _images(3.0, seed=1), config, progress=False)
+    assert result.d_saturated
+    assert result.collapsed is collapses
+    if collapses:
+        assert "discriminator saturated for 2 logs" in result.collapse_reason and result.steps_done < 30
+        assert result.history[-1]["collapsed"] and result.history[-1]["collapse_reason"] == result.collapse_reason
+    else:
+        assert result.steps_done == 30 and result.history[-1]["collapse_reason"] == ""
+
+
 def test_gating_and_warmup_hold_the_generator_until_the_discriminator_is_informative():
     source = _source()
     before = _snapshot(source.generator)

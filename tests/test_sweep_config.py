@@ -64,16 +64,19 @@ def test_every_shipped_sweep_config_validates_and_keeps_what_its_file_says():
         assert sweep.grid.layer == raw["grid"]["layer"] and sweep.grid.lr == raw["grid"]["lr"], path
 
 
-def test_stopper_stops_on_nan_bound_and_saturation_and_remembers_why():
-    stopper = ModeCollapseStopper(g_loss_bound=5.0, d_saturation_accuracy=0.99, d_saturation_patience=2)
-    assert not stopper("a", {"step": 10, "g_loss": 0.7, "d_acc": 0.6})
-    assert stopper("a", {"step": 20, "g_loss": float("nan"), "d_acc": 0.6})
-    assert stopper("b", {"step": 10, "g_loss": 6.0, "d_acc": 0.6}) and "> 5.0" in stopper.reasons["b"]
-    assert not stopper("c", {"step": 10, "g_loss": 1.0, "d_acc": 0.995})
-    assert not stopper("c", {"step": 20, "g_loss": 1.0, "d_acc": 0.5})  # a break resets the count
-    assert not stopper("c", {"step": 30, "g_loss": 1.0, "d_acc": 0.995})
-    assert stopper("c", {"step": 40, "g_loss": 1.0, "d_acc": 0.999}) and "saturated" in stopper.reasons["c"]
+def test_the_stopper_reads_the_adaptation_loops_collapse_verdict_and_remembers_why():
+    stopper = ModeCollapseStopper()
+    assert not stopper("a", {"step": 10, "g_loss": 0.7, "d_acc": 0.6, "collapsed": 0.0, "collapse_reason": ""})
+    assert stopper("a", {"step": 20, "g_loss": 25.0, "collapsed": 1.0, "collapse_reason": "generator loss 25 > bound 20 at step 20"})
+    assert stopper.reasons["a"] == "generator loss 25 > bound 20 at step 20"
+    assert stopper("a", {"step": 30, "collapsed": 1.0, "collapse_reason": "later"}) and stopper.reasons["a"].startswith("generator")
+    assert not stopper("b", {"step": 10, "g_loss": 50.0, "d_acc": 1.0})  # no verdict in the report: the loop decides, not this
     assert not stopper("d", {"pearson": 0.5})  # reports without losses are not judged
+
+
+def test_the_old_stop_section_names_where_its_thresholds_went():
+    with pytest.raises(LmaddaError, match="collapse_g_loss.*saturation_collapses"):
+        build_config(SweepConfig, None, **{**_config().model_dump(mode="json"), "stop": {"g_loss_bound": 20}})
 
 
 def test_registry_aliases_are_valid_names():

@@ -91,19 +91,12 @@ def trial_driver(config: dict) -> None:
     trainer.fit()  # its reports (and the final evaluation) reach Tune through TuneReportCallback
 
 
-def _collapsed(history: list[dict], sweep: SweepConfig) -> tuple[bool, str]:
-    """The stopper's verdict, recomputed from the reported curve (it survives a restore)."""
-    run = 0
-    for record in history:
-        g_loss = record.get("g_loss")
-        if not math.isfinite(g_loss) or record.get("collapsed", 0) > 0:
-            return True, f"non-finite or flagged loss at step {record.get('step')}"
-        if g_loss > sweep.stop.g_loss_bound:
-            return True, f"generator loss {g_loss:.3g} > {sweep.stop.g_loss_bound} at step {record.get('step')}"
-        run = run + 1 if record.get("d_acc", 0) >= sweep.stop.d_saturation_accuracy else 0
-        if run >= sweep.stop.d_saturation_patience:
-            return True, f"discriminator saturated for {run} reports (step {record.get('step')})"
-    return False, ""
+def _collapsed(history: list[dict]) -> tuple[bool, str]:
+    """The adaptation loop's own verdict, from the first report that carried it (the curve survives a restore)."""
+    flagged = next((record for record in history if record.get("collapsed", 0) > 0), None)
+    if flagged is None:
+        return False, ""
+    return True, str(flagged.get("collapse_reason") or f"collapsed at step {flagged.get('step')}")
 
 
 def scaling_config(sweep: SweepConfig) -> ScalingConfig:
@@ -179,7 +172,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     else:  # the trial adapts: it holds one worker's resources itself
         trial_resources = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})}
     trainable = tune.with_resources(trial_driver, trial_resources)
-    stopper = ModeCollapseStopper(sweep.stop.g_loss_bound, sweep.stop.d_saturation_accuracy, sweep.stop.d_saturation_patience)
+    stopper = ModeCollapseStopper()
     if resume:
         if not tune.Tuner.can_restore(str(experiment_path)):
             raise LmaddaError(f"no sweep to resume at {experiment_path}; run it without --resume first")
@@ -201,7 +194,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
         point = result.config["point"]
         history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
         training = [r for r in history if r.get("g_loss") is not None]
-        collapsed, reason = _collapsed(training, sweep)
+        collapsed, reason = _collapsed(training)
         last = training[-1] if training else {}
         checkpoint_path = last.get("checkpoint_path") or ""
         row = {

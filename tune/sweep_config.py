@@ -9,9 +9,9 @@
       target_setting: phase_contrast
       shift: overexposure                    # the grid's magnitudes apply to it; omit for a setting change
     grid: {layer: [0, 3, 7, 15], lr: [2.0e-5, 1.0e-4], magnitude: [1.5, 2.5], seed: [0]}
-    adapt: {steps: 60, batch_size: 4}        # any AdaptConfig option except layer, lr, seed
+    adapt: {steps: 60, batch_size: 4, saturation_collapses: true}   # any AdaptConfig option except layer, lr, seed;
+                                             # collapse thresholds too (collapse_g_loss, saturation_*)
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent_trials: 1}
-    stop: {g_loss_bound: 20, d_saturation_accuracy: 0.99, d_saturation_patience: 5}
     mlflow: {tracking_uri: null, experiment: null}   # default: SQLite beside the sweep
 """
 
@@ -84,12 +84,6 @@ class ResourceSpec(_Strict):
     max_failures: int = Field(1, ge=0, description="worker failures a trial survives, resuming from its last checkpoint")
 
 
-class StopSpec(_Strict):
-    g_loss_bound: float = Field(20.0, gt=0)
-    d_saturation_accuracy: float = Field(0.99, gt=0.5, le=1.0)
-    d_saturation_patience: int = Field(5, ge=1)
-
-
 class MlflowSpec(_Strict):
     tracking_uri: str | None = Field(None, description="default: sqlite:///<storage_path>/mlflow.db")
     experiment: str | None = Field(None, description="default: lmadda-<sweep name>")
@@ -103,8 +97,16 @@ class SweepConfig(_Strict):
     grid: GridSpec
     adapt: dict = Field(default_factory=dict)
     resources: ResourceSpec = ResourceSpec()
-    stop: StopSpec = StopSpec()
     mlflow: MlflowSpec = MlflowSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stop_moved(cls, values):
+        if isinstance(values, dict) and "stop" in values:
+            raise ValueError("the `stop` section is gone: collapse is decided by the adaptation loop, so its thresholds are "
+                             "adapt options. Move them into `adapt`: g_loss_bound -> collapse_g_loss, d_saturation_accuracy -> "
+                             "saturation_accuracy, d_saturation_patience -> saturation_patience, and add saturation_collapses: true")
+        return values
 
     @model_validator(mode="after")
     def _consistent(self) -> "SweepConfig":

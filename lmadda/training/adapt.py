@@ -93,6 +93,8 @@ class AdaptConfig(BaseModel):
     collapse_g_loss: float = Field(20.0, gt=0, description="generator loss above this (or non-finite) marks the run collapsed")
     saturation_accuracy: float = Field(0.99, gt=0.5, le=1.0)
     saturation_patience: int = Field(5, ge=1, description="logs in a row with D accuracy >= saturation_accuracy mark D saturated")
+    saturation_collapses: bool = Field(False, description="a saturated D also marks the run collapsed (the paper's rule for "
+                                                          "which learning rates to keep; sweeps turn it on); off: only flagged")
     stop_on_collapse: bool = True
     seed: int = 0
     device: str = "auto"
@@ -398,7 +400,11 @@ class Adapter:
                   "g_updates_total": result.g_updates}
         self.saturated_logs = self.saturated_logs + 1 if record["d_acc"] >= config.saturation_accuracy else 0
         result.d_saturated = result.d_saturated or self.saturated_logs >= config.saturation_patience
-        record.update({"collapsed": result.collapsed, "d_saturated": result.d_saturated})
+        if result.d_saturated and config.saturation_collapses and not result.collapsed:
+            result.collapsed = True
+            result.collapse_reason = f"discriminator saturated for {config.saturation_patience} logs in a row (step {step})"
+        # Collapse is decided here and only here: the sweep's stopper and its results table read these fields.
+        record.update({"collapsed": result.collapsed, "collapse_reason": result.collapse_reason, "d_saturated": result.d_saturated})
         result.history.append(record)
         self._sums = dict.fromkeys(self._sums, 0.0)
         return record
