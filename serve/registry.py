@@ -1,8 +1,12 @@
 """The models the endpoint serves: MLflow registry aliases `models:/lmadda-<marker>@<setting>`.
 
-A (marker, setting) pair resolves to a registered version through its alias; the version's
-generator is downloaded once into a cache folder named by model and version (never by user input)
-and loaded with lmadda's own checkpoint loader, so it accepts any image size.
+A (marker, setting) pair resolves to a registered version through its alias (the names are
+`lmadda.registry_names`'); the version's generator is downloaded once into a cache folder named by
+model and version (never by user input) and loaded with lmadda's own checkpoint loader, so it
+accepts any image size. A version promoted since lmadda records promotions as MLflow LoggedModels
+has the source `models:/<model_id>` and its file in the LoggedModel's artifacts; one registered
+before points at its run's artifact (`runs:/...`). The registry resolves either to a download URI,
+so both are served alike.
 
 The cache is verified, not trusted: each download records the file's size and SHA-256 beside it
 (and is checked against the version's `sha256` tag when the registry has one); a cached file that
@@ -27,14 +31,13 @@ from mlflow.tracking import MlflowClient
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.errors import LmaddaError
+from lmadda.registry_names import MODEL_PREFIX, SHA256_TAG, marker_of
 from lmadda.tracking_store import relocate_artifacts
 from serve.codec import RequestError
 
 logger = logging.getLogger("ray.serve")
 
-MODEL_PREFIX = "lmadda-"
 CACHE_RECORD = ".lmadda-cache.json"  # {"file", "size", "sha256"} of the downloaded generator
-SHA256_TAG = "sha256"  # an optional model-version tag: the generator file's SHA-256, checked on download
 
 
 def file_sha256(path: Path) -> str:
@@ -79,7 +82,9 @@ class StainModels:
                 return self._table
             table = {}
             for model in self._client.search_registered_models(f"name LIKE '{MODEL_PREFIX}%'"):
-                marker = model.name[len(MODEL_PREFIX):]
+                marker = marker_of(model.name)
+                if marker is None:
+                    continue
                 for alias, version in (model.aliases or {}).items():
                     details = self._client.get_model_version(model.name, str(version))
                     table[(marker, alias)] = ModelRef(marker, alias, model.name, str(version), tuple(sorted((details.tags or {}).items())))
@@ -101,7 +106,7 @@ class StainModels:
         """Load the generator of `model_id` ('lmadda-<marker>/<version>') from the cache, downloading it
         when absent; a cached copy that fails verification or loading is downloaded again once."""
         name, _, version = model_id.partition("/")
-        if not (name.startswith(MODEL_PREFIX) and version.isdigit()):
+        if marker_of(name) is None or not version.isdigit():
             raise LmaddaError(f"malformed model id {model_id!r}")
         folder = self.cache_dir / name / version
         if folder.is_dir():

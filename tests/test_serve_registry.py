@@ -85,20 +85,23 @@ def test_a_promoted_version_carries_its_sha256_and_a_tampered_file_is_never_serv
     """Promotion tags the version with the stored generator's SHA-256; the endpoint then refuses a
     store file swapped after promotion (a flipped byte may still load, with wrong weights), and a
     cached copy changed on disk is downloaded again and checked against the tag too."""
+    from urllib.parse import unquote, urlparse
+
     from serve.registry import StainModels, file_sha256
-    from tune.tracking import _register
+    from tune.tracking import _register, log_generator_model
 
     client = store["client"]
     run = client.create_run(store["experiment"])
     client.log_artifact(run.info.run_id, str(store["good"]), "generator")
-    entry = _register(client, "dapi", "promoted", run.info.run_id, {})
+    entry = _register(client, "dapi", "promoted", log_generator_model(client, run.info.run_id, "promoted"), {})
     version = client.get_model_version(entry["model"], entry["version"])
     assert version.tags["sha256"] == file_sha256(store["good"])
     model_id = f"{entry['model']}/{entry['version']}"
 
     models = StainModels(store["uri"], tmp_path / "cache")
     assert models.load(model_id).markers == ["dapi", "cd29"]
-    stored = Path(client.get_run(run.info.run_id).info.artifact_uri.removeprefix("file://")) / "generator" / "generator.pt"
+    # the file the version serves: the LoggedModel's copy of the run's generator
+    stored = Path(unquote(urlparse(client.get_logged_model(entry["model_id"]).artifact_location).path)) / "generator.pt"
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0xFF
     stored.write_bytes(bytes(data))  # the store's file swapped after promotion

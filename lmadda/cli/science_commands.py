@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lmadda.errors import LmaddaError
+from lmadda.registry_names import target_name
 
 
 def _csv(text: str) -> list[str]:
@@ -128,7 +129,7 @@ def run_adapt(args: argparse.Namespace) -> int:
     shift = Shift.parse(args.shift) if args.shift else None
     source_images = load_images(source_manifest, source_setting, "train", percentiles=source.percentiles)
     target_images = load_images(manifest, args.setting, "train", shift=shift, percentiles=source.percentiles, seed=config.seed)
-    target = args.setting if shift is None else f"{args.setting}+{shift}"
+    target = target_name(args.setting, shift)
     # The adapted model is meant for the target's images: it records their pixel size (else keeps its source's).
     target_pixel_size = images_pixel_size(manifest, args.setting, shift)
     if auto:
@@ -173,7 +174,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise LmaddaError(f"checkpoint(s) {sorted({n for n in names if names.count(n) > 1})} given twice; name each once")
     manifest = Manifest.load(args.manifest)
     checkpoints = [(str(path), load_checkpoint(path)) for path in args.checkpoints]
-    target = f"{args.setting}+{args.shift}" if args.shift else args.setting
+    target = target_name(args.setting, args.shift)
     rows = evaluate_checkpoints(checkpoints, manifest, target, split=args.split, baselines=args.baselines, seed=args.seed, device=args.device,
                                 progress=True)
     for name, _ in checkpoints:

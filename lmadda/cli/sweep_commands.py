@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--promote", action="store_true", help="register the best generator per (marker, setting) when done")
     run.set_defaults(func=run_sweep_command)
 
-    promote = sweep_sub.add_parser("promote", help="register the best non-collapsed generator per (marker, setting) and set its alias")
+    promote = sweep_sub.add_parser("promote", help="register the best non-collapsed generator per (marker, setting) as an MLflow "
+                                     "LoggedModel and a registry version made from it, and set its alias")
     promote.add_argument("--config", type=Path, help="sweep YAML (gives tracking URI and experiment)")
     promote.add_argument("--tracking-uri", help="MLflow tracking URI (default from --config)")
     promote.add_argument("--experiment", help="MLflow experiment (default from --config)")
@@ -34,7 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     runs = subparsers.add_parser("runs", help="inspect MLflow runs")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="RUNS_COMMAND")
-    compare = runs_sub.add_parser("compare", help="print the comparison table of a sweep's trial runs")
+    compare = runs_sub.add_parser("compare", help="print the comparison table of a sweep's trial runs and its promoted generators",
+                                  description="The trial runs (target, layer, lr, collapsed, Pearson per marker), then the promoted "
+                                              "generators as MLflow LoggedModels: id, name, status, source run, key metrics, and the "
+                                              "registry versions made from each with the aliases that point at them.")
     compare.add_argument("--experiment", required=True)
     compare.add_argument("--tracking-uri", required=True, help="e.g. sqlite:////abs/path/out/sweeps/mlflow.db or http://host:5000")
     compare.set_defaults(func=run_compare)

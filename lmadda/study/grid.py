@@ -29,6 +29,7 @@ from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import InputTransform, evaluate_generator
 from lmadda.models.generator import UNetGenerator
+from lmadda.registry_names import SHIFT_SEPARATOR, target_name
 from lmadda.selector import Candidate, Choice, Observation, Selector
 from lmadda.training.adapt import AdaptConfig, adapt
 from lmadda.training.source import SourceTrainConfig, train_source
@@ -91,12 +92,12 @@ class TargetDomain:
     @classmethod
     def parse(cls, text: str) -> "TargetDomain":
         """`bright_field` or `phase_contrast+overexposure:2`."""
-        setting, _, shift = text.partition("+")
+        setting, _, shift = text.partition(SHIFT_SEPARATOR)
         return cls(setting.strip(), Shift.parse(shift) if shift else None)
 
     @property
     def name(self) -> str:
-        return self.setting if self.shift is None else f"{self.setting}+{self.shift}"
+        return target_name(self.setting, self.shift)
 
 
 class ResultTable:

@@ -17,6 +17,7 @@ import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from lmadda.metrics import is_finite
 from lmadda.study.grid import CRITERION_PREFIX
 from lmadda.tracking_store import FINISHED, all_runs, ensure_experiment, one_finished_run_per_key, relocate_artifacts
 
@@ -28,9 +29,6 @@ def model_key(row: dict) -> str:
     lr = "-" if row.get("lr") is None or (isinstance(row["lr"], float) and math.isnan(row["lr"])) else f"{row['lr']:g}"
     return f"{row['target']}|{row['method']}|{row.get('matched') or row['layer']}|{lr}|{row['seed']}"
 
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float, np.floating)) and math.isfinite(float(value))
 
 
 class StudyTracker:
@@ -62,22 +60,22 @@ class StudyTracker:
         params["matched"] = params["matched"] or str(first["layer"])
         metrics: dict[str, float] = {}
         for metric in METRICS:
-            values = [r[metric] for r in rows if _finite(r.get(metric))]
+            values = [r[metric] for r in rows if is_finite(r.get(metric))]
             if values:
                 metrics[metric] = float(np.mean(values))
             for marker in sorted({r["marker"] for r in rows}):
-                values = [r[metric] for r in rows if r["marker"] == marker and _finite(r.get(metric))]
+                values = [r[metric] for r in rows if r["marker"] == marker and is_finite(r.get(metric))]
                 if values:
                     metrics[f"{metric}_{marker}"] = float(np.mean(values))
         metrics["collapsed"] = float(bool(first.get("collapsed")))
         metrics["d_saturated"] = float(bool(first.get("d_saturated")))
-        if _finite(first.get("g_updates")):
+        if is_finite(first.get("g_updates")):
             metrics["g_updates"] = float(first["g_updates"])
         if first.get("fell_back") is not None:  # a label-free choice: did it keep the unadapted model?
             metrics["fell_back"] = float(bool(first["fell_back"]))
-        if _finite(first.get("seconds")):
+        if is_finite(first.get("seconds")):
             metrics["seconds"] = float(first["seconds"])
-        metrics.update({k: float(v) for k, v in first.items() if k.startswith(CRITERION_PREFIX) and _finite(v)})
+        metrics.update({k: float(v) for k, v in first.items() if k.startswith(CRITERION_PREFIX) and is_finite(v)})
         self._new_run(key, "model", params, metrics, name=key.replace("|", " "))
 
     def _new_run(self, key: str, kind: str, params: dict, metrics: dict[str, float], name: str) -> None:
@@ -98,7 +96,7 @@ class StudyTracker:
 
     def add_metrics(self, key: str, metrics: dict[str, float]) -> None:
         """Criteria that need several models (ensemble disagreement), added once they all exist."""
-        finite = [Metric(k, float(v), 0, 0) for k, v in metrics.items() if _finite(v)]
+        finite = [Metric(k, float(v), 0, 0) for k, v in metrics.items() if is_finite(v)]
         if key in self._runs and finite:
             self.client.log_batch(self._runs[key], metrics=finite)
 
@@ -106,7 +104,7 @@ class StudyTracker:
         key = f"profile|{target}"
         if key in self._runs:
             return
-        metrics = {f"discrepancy_{layer:02d}": value for layer, value in enumerate(profile) if _finite(value)}
+        metrics = {f"discrepancy_{layer:02d}": value for layer, value in enumerate(profile) if is_finite(value)}
         metrics["predicted_layer"] = float(predicted_layer)
         self._new_run(key, "profile", {"target": target}, metrics, name=f"profile {target}")
 

@@ -32,6 +32,7 @@ from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.models.discriminators import PatchDiscriminator
 from lmadda.models.generator import GeneratorConfig, UNetGenerator, init_weights
+from lmadda.registry_names import target_name
 from lmadda.training.common import Progress, autocast_for, endless, resolve_device, seed_everything
 
 
@@ -264,7 +265,7 @@ def source_checkpoint(config: SourceTrainConfig, generator_state: dict, train_im
     # SyncBatchNorm and BatchNorm2d share parameter and buffer names, so a distributed state loads here.
     generator.load_state_dict(generator_state)
     generator.eval()
-    setting = config.setting if not config.shift else f"{config.setting}+{config.shift}"
+    setting = target_name(config.setting, config.shift)
     return GeneratorCheckpoint(
         generator=generator,
         markers=list(config.markers),
