@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmadda.cli.options import add_model_flags, model_overrides
 from lmadda.errors import LmaddaError
 from lmadda.registry_names import target_name
+from lmadda.training.adapt import AdaptConfig
+from lmadda.training.source import SourceTrainConfig
 
 
 def _csv(text: str) -> list[str]:
@@ -26,19 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train-source", help="train a pix2pix source generator on paired images",
                                   description="Train a source generator (L1 + conditional PatchGAN). Options come from --config (YAML/JSON) and flags; flags win.")
     train.add_argument("--config", type=Path, help="YAML/JSON file with SourceTrainConfig options")
-    train.add_argument("--manifest", type=Path)
-    train.add_argument("--setting", help="input setting, e.g. phase_contrast")
-    train.add_argument("--markers", type=_csv, help="comma-separated target markers, e.g. dapi,cd29")
-    train.add_argument("--shift", help="train on shifted inputs, e.g. overexposure:1.5 (an oracle)")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--crops-per-epoch", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--ngf", type=int)
-    train.add_argument("--depth", type=int)
-    train.add_argument("--lr", type=float)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--device")
-    train.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast (faster on CPU and recent GPUs)")
+    add_model_flags(train, SourceTrainConfig)
     train.add_argument("--out", type=Path, required=True, help="checkpoint to write (.pt)")
     train.set_defaults(func=run_train_source)
 
@@ -53,12 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                     "label-free selector choose among them, AdaBN, histogram matching and the "
                                                     "unadapted model (it keeps the unadapted model unless one is confidently better)")
     adapt.add_argument("--config", type=Path, help="YAML/JSON file with AdaptConfig options")
-    adapt.add_argument("--steps", type=int)
-    adapt.add_argument("--lr", type=float)
-    adapt.add_argument("--match", choices=["activation", "cut"])
-    adapt.add_argument("--seed", type=int)
-    adapt.add_argument("--device")
-    adapt.add_argument("--precision", choices=["fp32", "bf16"], help="bf16 autocast (faster on CPU and recent GPUs)")
+    add_model_flags(adapt, AdaptConfig, skip=("layer",))
     adapt.add_argument("--out", type=Path, required=True, help="adapted checkpoint to write (.pt)")
     adapt.set_defaults(func=run_adapt)
 
@@ -103,9 +89,7 @@ def run_train_source(args: argparse.Namespace) -> int:
     from lmadda.config import build_config
     from lmadda.training.source import SourceTrainConfig, train_source
 
-    config = build_config(SourceTrainConfig, args.config, manifest=args.manifest, setting=args.setting, markers=args.markers,
-                          shift=args.shift, epochs=args.epochs, crops_per_epoch=args.crops_per_epoch, batch_size=args.batch_size,
-                          ngf=args.ngf, depth=args.depth, lr=args.lr, seed=args.seed, device=args.device, precision=args.precision)
+    config = build_config(SourceTrainConfig, args.config, **model_overrides(args))
     result = train_source(config, args.out)
     print(f"wrote {args.out}: best validation Pearson {result.best_val_pearson:.3f} after {len(result.history)} epochs ({result.seconds:.0f} s)")
     return 0
@@ -122,7 +106,7 @@ def run_adapt(args: argparse.Namespace) -> int:
 
     source = load_checkpoint(args.source)
     auto = args.layer == "auto"
-    config = build_config(AdaptConfig, args.config, layer=[0] if auto else args.layer, steps=args.steps, lr=args.lr, match=args.match, seed=args.seed, device=args.device, precision=args.precision)
+    config = build_config(AdaptConfig, args.config, layer=[0] if auto else args.layer, **model_overrides(args))
     source_setting = source.metadata.get("train_config", {}).get("setting", source.setting)
     manifest = Manifest.load(args.manifest)
     source_manifest = Manifest.load(args.source_manifest) if args.source_manifest else manifest
