@@ -118,13 +118,17 @@ class HistogramMatcher:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         _, inverse, counts = np.unique(image.ravel(), return_inverse=True, return_counts=True)
+        return self.matched_values(counts)[inverse.ravel()].reshape(image.shape).astype(np.float32)
+
+    def matched_values(self, counts: np.ndarray) -> np.ndarray:
+        """The source value each distinct target value goes to, given how often each occurs (in ascending value order);
+        `lmadda.inference` uses it on counts gathered band by band for images too large to hold."""
         # A tied block takes the middle of the CDF range it spans (its mid-rank), not the top as scikit-image
         # does: a saturated block holding the brightest 30% of pixels then lands on the source's 85th
         # percentile, the average of where its pixels would go if they were distinct, rather than on the
         # source maximum (one extreme pixel); and distinct values get the symmetric positions (i + 0.5) / N.
-        positions = (np.cumsum(counts) - counts / 2.0) / image.size
-        matched = np.interp(positions, self.levels, self.source_values)
-        return matched[inverse.ravel()].reshape(image.shape).astype(np.float32)
+        positions = (np.cumsum(counts) - counts / 2.0) / counts.sum()
+        return np.interp(positions, self.levels, self.source_values)
 
 
 def input_correction(metadata: dict) -> InputTransform | None:

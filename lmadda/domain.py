@@ -289,22 +289,33 @@ def reference_from_images(generator: UNetGenerator, images: list, held_out: list
 
 
 # -- scoring whole images -------------------------------------------------------------------------
+class RecordingForward:
+    """The generator's forward for a tiling loop (`predict_tiled(forward=...)`), keeping each tile's features at `layers`
+    from that same pass, in the order the tiles went through."""
+
+    def __init__(self, generator: UNetGenerator, layers: list[int]):
+        self.generator, self.layers, self.rows = generator, layers, []
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        output, features = forward_with_features(self.generator, batch, self.layers)
+        self.rows.append(features.cpu())
+        return output
+
+    def features(self) -> torch.Tensor:
+        """(tiles, F): every tile's features so far."""
+        return torch.cat(self.rows)
+
+
 @torch.no_grad()
 def tiled(generator: UNetGenerator, image: np.ndarray, layers: list[int], *, tile: int = 256, overlap: float = 0.25,
           batch_size: int = 8, device: torch.device | str | None = None, progress: str | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """`predict_tiled` that also keeps each tile's features: the same tiles, the same forward; (prediction, (tiles, F))."""
     from lmadda.inference import predict_tiled
 
-    rows = []
-
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        output, features = forward_with_features(generator, batch, layers)
-        rows.append(features.cpu())
-        return output
-
+    forward = RecordingForward(generator, layers)
     prediction = predict_tiled(generator, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device,
                                progress=progress, forward=forward)
-    return prediction, torch.cat(rows)
+    return prediction, forward.features()
 
 
 def predict_and_score(generator: UNetGenerator, reference: DomainReference, image: np.ndarray, *, tile: int = 256,

@@ -36,22 +36,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     index = data_sub.add_parser(
         "index",
-        help="build a Parquet manifest from a folder of TIFF/PNG images by filename patterns",
+        help="build a Parquet manifest from a folder of TIFF/PNG/OME-Zarr images by filename patterns, or from an OME-Zarr HCS plate",
         description=(
-            "Build a manifest from a folder of images. Each --pattern is a regular expression matched "
-            "against the path relative to DIR, with named groups (?P<field>...) and (?P<channel>...), "
+            "Build a manifest from a folder of images (TIFF, PNG, or OME-Zarr image folders named *.zarr). Each --pattern is a "
+            "regular expression matched against the path relative to DIR, with named groups (?P<field>...) and (?P<channel>...), "
             "optionally (?P<z>...) focus in micrometres, (?P<split>...) and (?P<acquisition>...) for folders "
             "of several experiments whose fields share file names (fields become <acquisition>_<field>, input "
             "settings <setting>_<acquisition>, split fractions apply per acquisition). Channels named by --target "
-            "are fluorescence markers; all other channels are input settings."
+            "are fluorescence markers; all other channels are input settings. When DIR is an OME-Zarr HCS plate, no --pattern is "
+            "needed: every field of every well becomes a field <row><column>_<field> (A1_0), its channels (the plate's omero "
+            "labels, else c0, c1, ...) become settings or, with --target, markers, and splits are drawn per well "
+            "(--split may name a well, A1, or a field, A1_0)."
         ),
         epilog=(
-            "example: lmadda data index images/ --pattern '(?P<field>\\w+)_(?P<channel>\\w+)\\.tif' "
-            "--target dapi=dapi --out manifest.parquet"
+            "examples: lmadda data index images/ --pattern '(?P<field>\\w+)_(?P<channel>\\w+)\\.tif' "
+            "--target dapi=dapi --out manifest.parquet;  "
+            "lmadda data index plate.ome.zarr --rename 'Phase=phase_contrast' --target DAPI=dapi --out manifest.parquet"
         ),
     )
     index.add_argument("folder", type=Path, metavar="DIR")
-    index.add_argument("--pattern", action="append", required=True, help="regex with field and channel groups; repeatable, first match wins")
+    index.add_argument("--pattern", action="append", default=[],
+                       help="regex with field and channel groups; repeatable, first match wins (not for a plate)")
     index.add_argument("--target", action="append", default=[], type=_key_value, metavar="CHANNEL=MARKER", help="a channel that is a target marker")
     index.add_argument("--rename", action="append", default=[], type=_key_value, metavar="CHANNEL=SETTING", help="name an input channel's setting")
     index.add_argument("--split", action="append", default=[], type=_key_value, metavar="FIELD=SPLIT", help="put a field in train/val/test")
@@ -82,7 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from lmadda.data.index import IndexSpec, index_folder
+    from lmadda.data.index import IndexSpec, index_folder, index_plate
+    from lmadda.data.omezarr import is_plate
 
     if args.out.suffix != ".parquet":
         raise LmaddaError(f"--out {args.out}: a manifest is a Parquet file; name it *.parquet")
@@ -91,7 +97,8 @@ def run_index(args: argparse.Namespace) -> int:
         split_fractions=args.split_fractions, acquisition_fractions=dict(args.acquisition_fractions), seed=args.seed,
         bit_depth=args.bit_depth, pixel_size_um=args.pixel_size_um, focus_round_um=args.focus_round, in_focus=dict(args.in_focus),
     )
-    manifest, unmatched = index_folder(args.folder, spec)
+    index = index_plate if is_plate(args.folder) else index_folder
+    manifest, unmatched = index(args.folder, spec)
     path = manifest.save(args.out)
     print(f"wrote {path}: {len(manifest.rows)} images, {len(manifest.fields())} fields, settings {manifest.settings}, markers {manifest.markers}")
     if unmatched:

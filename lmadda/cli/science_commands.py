@@ -68,16 +68,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--out", type=Path, required=True, help="folder for summary.txt and the figures")
     report.set_defaults(func=run_report)
 
-    predict = subparsers.add_parser("predict", help="virtually stain an image of any size (tiled, feathered)")
+    predict = subparsers.add_parser("predict", help="virtually stain an image of any size (tiled, feathered)",
+                                    description="Stain IN with the model. OME-Zarr (IN or OUT a .zarr / .ome.zarr folder; "
+                                                "pip install 'lmadda[zarr]') is read and written one row of tiles at a time, "
+                                                "so a whole slide or a plate field never has to fit in memory.")
     predict.add_argument("checkpoint", type=Path, metavar="CHECKPOINT")
-    predict.add_argument("input", type=Path, metavar="IN")
+    predict.add_argument("input", type=Path, metavar="IN",
+                         help="image to stain: .tif/.tiff, .png, or an OME-Zarr image folder (image.ome.zarr, plate.ome.zarr/A/1/0)")
     predict.add_argument("output", type=Path, metavar="OUT",
-                         help="stained image to write: .tif/.tiff (every marker, any pixel type) or .png (one marker, 8/16-bit)")
+                         help="stained image to write: .tif/.tiff (every marker, any pixel type), .png (one marker, 8/16-bit) "
+                              "or .ome.zarr (every marker, written chunk by chunk, pixel size in its scale)")
     predict.add_argument("--tile", type=int, default=256)
     predict.add_argument("--overlap", type=float, default=0.25)
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--device", default=None)
     predict.add_argument("--bit-depth", type=int, default=None, help="camera bit depth of IN when lower than its storage type")
+    predict.add_argument("--channel", default=None, metavar="INDEX|NAME",
+                         help="the channel of a multi-channel IN to stain from: an index, or an OME-Zarr channel's label "
+                              "(e.g. Phase in a plate field that holds Phase and DAPI)")
     predict.add_argument("--pixel-size", metavar="UM", help="pixel size of IN in µm (0.65, or X,Y) when its file records none "
                                                          "or a wrong one; OUT records it, and it is checked against the model's")
     predict.add_argument("--pixel-size-tolerance", type=float, default=None, metavar="FRACTION",
@@ -202,7 +210,7 @@ def run_predict(args: argparse.Namespace) -> int:
     path = predict_file(args.checkpoint, args.input, args.output, tile=args.tile, overlap=args.overlap,
                         batch_size=args.batch_size, device=args.device, bit_depth=args.bit_depth,
                         on_domain=lambda domain: warn_about(domain, args.input, args.checkpoint),
-                        pixel_size=pixel_size, pixel_size_check=check, progress=True,
+                        pixel_size=pixel_size, pixel_size_check=check, progress=True, channel=args.channel,
                         on_pixel_size=lambda note: print(f"{note.level}: {note.message}", file=sys.stderr))
     print(f"wrote {path}")
     return 0

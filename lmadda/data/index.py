@@ -1,4 +1,4 @@
-"""Build a manifest from a folder of images by filename patterns.
+r"""Build a manifest from a folder of images by filename patterns.
 
 Each pattern is a regular expression matched against the path relative to the folder, with named
 groups:
@@ -13,7 +13,13 @@ groups:
              (`ds1/brightfield/00001.tif`, `ds4/brightfield/00001.tif`): the field becomes
              `<acquisition>_<field>`, each input setting `<setting>_<acquisition>` (one setting per
              acquisition; markers stay shared), and split fractions apply per acquisition
-Files that match no pattern are reported, not silently dropped.
+Files that match no pattern are reported, not silently dropped. OME-Zarr images (folders named *.zarr)
+are matched like files: `(?P<field>\w+)_(?P<channel>\w+)\.ome\.zarr`.
+
+An OME-Zarr HCS plate needs no pattern (`index_plate`): its metadata lists the wells and each well's
+fields; every field becomes a manifest field `<row><column>_<field>` (A1_0), each of its channels (named
+by the plate's `omero` labels, else c0, c1, ...) a row with that channel's index, and splits are drawn
+per well, so fields of one well (one sample) never straddle train and test.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
-from lmadda.data.io import SUPPORTED_SUFFIXES
+from lmadda.data.io import SUPPORTED_SUFFIXES, ZARR_NAME
 from lmadda.data.manifest import SPLITS, Manifest, ManifestRow, check_name
 from lmadda.errors import LmaddaError
 
@@ -117,9 +123,9 @@ def index_folder(root: str | Path, spec: IndexSpec) -> tuple[Manifest, list[str]
     if spec.pixel_size_um is not None and not spec.pixel_size_um > 0:
         raise LmaddaError(f"pixel size {spec.pixel_size_um} um must be positive (e.g. 0.65)")
     patterns = spec.compiled()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES)
+    files = _image_paths(root)
     if not files:
-        raise LmaddaError(f"{root}: no image files ({', '.join(SUPPORTED_SUFFIXES)}) found")
+        raise LmaddaError(f"{root}: no image files ({', '.join(SUPPORTED_SUFFIXES)}) or OME-Zarr images ({ZARR_NAME}) found")
     matched: list[dict] = []
     unmatched: list[str] = []
     for path in files:
@@ -196,3 +202,77 @@ def index_folder(root: str | Path, spec: IndexSpec) -> tuple[Manifest, list[str]
             )
         )
     return Manifest(rows=rows, root=root, source=str(root)), unmatched
+
+
+def _image_paths(root: Path) -> list[Path]:
+    """Image files and OME-Zarr image folders under `root`, not looking inside a .zarr folder; a plate among them is
+    refused (its fields are indexed with `index_plate`)."""
+    found, zarrs = [], []
+    for path in sorted(root.rglob("*")):
+        if any(parent.name.lower().endswith(".zarr") for parent in path.relative_to(root).parents):
+            continue  # inside an OME-Zarr folder: chunks and metadata, or a plate's wells
+        if path.is_dir() and path.name.lower().endswith(".zarr"):
+            zarrs.append(path)
+        elif path.is_file() and path.suffix.lower() in SUPPORTED_SUFFIXES:
+            found.append(path)
+    if zarrs:
+        from lmadda.data.omezarr import is_plate
+
+        plate = next((path for path in zarrs if is_plate(path)), None)
+        if plate is not None:
+            raise LmaddaError(f"{plate}: is an HCS plate inside the folder {root}; index the plate on its own "
+                              f"(`lmadda data index {plate} --out manifest.parquet`), one manifest per plate")
+    return sorted(found + zarrs)
+
+
+def index_plate(plate: str | Path, spec: IndexSpec) -> tuple[Manifest, list[str]]:
+    """A manifest of an OME-Zarr HCS plate: one field per (well, field of view), one row per channel of its image.
+
+    Channel names come from the fields' `omero` labels (c0, c1, ... without them) and are turned into settings and
+    markers as `index_folder` turns file-name channels: `spec.targets` and `spec.rename` by the label, settings
+    lower-cased. `spec.splits` may name a well (A1) or a field (A1_0); other wells are split by `split_fractions`,
+    a whole well to one split. Paths are relative to the plate folder (A/1/0). Returns (manifest, []): a plate has
+    no unmatched files."""
+    from lmadda.data.omezarr import open_image, plate_fields
+
+    plate = Path(plate)
+    if spec.patterns:
+        raise LmaddaError(f"{plate} is an HCS plate: its wells and fields come from its metadata, so --pattern does not apply; drop it")
+    if spec.in_focus or spec.acquisition_fractions:
+        raise LmaddaError(f"{plate} is an HCS plate: --in-focus and --acquisition-fractions apply to folders of files; drop them")
+    if spec.bit_depth is not None and not 1 <= spec.bit_depth <= 32:
+        raise LmaddaError(f"bit depth {spec.bit_depth} must be the camera's bits per pixel, 1 to 32 (e.g. 12 or 14 for data in uint16)")
+    if spec.pixel_size_um is not None and not spec.pixel_size_um > 0:
+        raise LmaddaError(f"pixel size {spec.pixel_size_um} um must be positive (e.g. 0.65)")
+    fields = plate_fields(plate)
+    channels = {field.field_id: open_image(plate / field.path).channel_names for field in fields}  # metadata only
+    found = sorted({name for names in channels.values() for name in names})
+    unknown_targets = set(spec.targets) - set(found)
+    if unknown_targets:
+        raise LmaddaError(f"--target names {sorted(unknown_targets)} match no channel of the plate; channels found: {found}")
+    wells = sorted({field.well for field in fields})
+    field_ids = {field.field_id for field in fields}
+    unknown = set(spec.splits) - set(wells) - field_ids
+    if unknown:
+        raise LmaddaError(f"--split names {sorted(unknown)}, which are neither wells ({', '.join(wells)}) nor fields (e.g. "
+                          f"{fields[0].field_id}) of the plate")
+    for name, split in spec.splits.items():
+        if split not in SPLITS:
+            raise LmaddaError(f"--split {name}={split}: unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    well_splits = assign_splits([well for well in wells if well not in spec.splits], spec.split_fractions, spec.seed)
+    well_splits.update({name: split for name, split in spec.splits.items() if name in wells})
+    rows = []
+    for plate_field in fields:
+        split = spec.splits.get(plate_field.field_id, well_splits[plate_field.well])
+        for index, channel in enumerate(channels[plate_field.field_id]):
+            if channel in spec.targets:
+                role, setting, marker = "target", None, check_name("marker", spec.targets[channel])
+            else:
+                role, marker = "input", None
+                try:
+                    setting = check_name("setting", spec.rename.get(channel, channel).lower())
+                except LmaddaError as error:
+                    raise LmaddaError(f"{error}; or name the plate's channel {channel!r} with --rename '{channel}=SETTING'") from None
+            rows.append(ManifestRow(field=plate_field.field_id, split=split, role=role, setting=setting, marker=marker, path=plate_field.path,
+                                    channel_index=index, bit_depth=spec.bit_depth, pixel_size_um=spec.pixel_size_um))
+    return Manifest(rows=rows, root=plate, source=str(plate)), []

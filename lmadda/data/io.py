@@ -3,6 +3,8 @@
 Everything is read as float32 in the camera's own units (no rescaling), shaped (C, H, W), plus the
 sensor maximum the stored values can reach, because overexposure saturates at that value, and the
 physical pixel size where the file records one (`lmadda.data.calibration`); writers keep it.
+TIFF and PNG are files; an OME-Zarr image is a folder (`lmadda.data.omezarr`, the optional extra
+`lmadda[zarr]`), read here whole and by `lmadda predict` region by region.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from lmadda.errors import LmaddaError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
-SUPPORTED_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES
+SUPPORTED_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES  # image files; OME-Zarr images are folders (.zarr, .ome.zarr)
+ZARR_NAME = ".ome.zarr"
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,22 @@ def _to_chw(array: np.ndarray, path: Path, channel_axis: int | None) -> np.ndarr
 
 
 def read_image(path: str | Path, *, bit_depth: int | None = None, channel_axis: int | None = None) -> RawImage:
-    """Read a TIFF (8/16-bit, float, multi-page, multi-channel, OME) or PNG as (C, H, W) float32.
+    """Read a TIFF (8/16-bit, float, multi-page, multi-channel, OME), PNG or OME-Zarr image as (C, H, W) float32.
 
     `bit_depth` says how many bits the camera really used when that is fewer than the storage type
     (12- or 14-bit cameras store uint16); it sets the saturation value used by the overexposure shift.
+    An OME-Zarr image names its axes, so `channel_axis` does not apply to it.
     """
+    from lmadda.data.omezarr import is_zarr, open_image
+
     path = Path(path)
+    if is_zarr(path):
+        return open_image(path).read_raw(bit_depth=bit_depth)
     if not path.exists():
         raise LmaddaError(f"{path}: file not found")
     if path.is_dir():
-        raise LmaddaError(f"{path}: is a folder, expected an image file ({', '.join(SUPPORTED_SUFFIXES)})")
+        raise LmaddaError(f"{path}: is a folder, expected an image file ({', '.join(SUPPORTED_SUFFIXES)}) or an OME-Zarr image "
+                          f"folder ({ZARR_NAME})")
     suffix = path.suffix.lower()
     if suffix not in TIFF_SUFFIXES + PNG_SUFFIXES:
         raise LmaddaError(f"{path}: unsupported file type {suffix or '(none)'}; lmadda reads {', '.join(SUPPORTED_SUFFIXES)}")
@@ -138,9 +147,13 @@ def decode_image(data: bytes, kind: str, name: str, *, bit_depth: int | None = N
 def read_pixel_size(path: str | Path) -> PixelSize | None:
     """The pixel size an image file records, reading its header only (no pixels); None when it records none or
     cannot be read (reading the image itself then says what is wrong)."""
+    from lmadda.data.omezarr import is_zarr, open_image
+
     path = Path(path)
     suffix = path.suffix.lower()
     try:
+        if is_zarr(path):
+            return open_image(path).pixel_size  # the metadata only; the pixels stay on disk
         if suffix in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
                 return pixel_size_of_tiff(tif)
@@ -149,15 +162,19 @@ def read_pixel_size(path: str | Path) -> PixelSize | None:
 
             with Image.open(path) as image:  # PIL reads the header here, the pixels only on demand
                 return pixel_size_of_png(image.info)
-    except Exception:  # tifffile/PIL raise many types for foreign files; the size is then unknown, not an error here
+    except Exception:  # tifffile/PIL/zarr raise many types for foreign files; the size is then unknown, not an error here
         return None
     return None
 
 
 def check_image_output(path: str | Path, *, channels: int = 1, dtype: str = "uint16") -> Path:
     """Refuse, before any work, an output that cannot be written as the image its extension names."""
+    from lmadda.data.omezarr import check_output
+
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.name.lower().endswith(".zarr"):
+        return check_output(path)  # any channels and pixel type; an existing folder only if lmadda wrote it
     if path.is_dir():
         raise LmaddaError(f"{path} is a folder; name the output image file, e.g. {path / 'stain.tif'}")
     existing = next((folder for folder in path.parents if folder.exists()), None)
@@ -165,7 +182,8 @@ def check_image_output(path: str | Path, *, channels: int = 1, dtype: str = "uin
         raise LmaddaError(f"{path}: {existing} is a file, not a folder; choose an output in a folder")
     if suffix not in SUPPORTED_SUFFIXES:
         raise LmaddaError(f"{path}: cannot write {suffix or 'a file without extension'}; lmadda writes "
-                          f"{', '.join(SUPPORTED_SUFFIXES)} (TIFF for any number of markers and pixel types)")
+                          f"{', '.join(SUPPORTED_SUFFIXES)} (TIFF for any number of markers and pixel types) or {ZARR_NAME} "
+                          "(OME-Zarr, written chunk by chunk for whole slides and plates)")
     if suffix in PNG_SUFFIXES:
         if channels != 1:
             raise LmaddaError(f"{path}: a PNG holds one grey channel, and this image has {channels} (one per marker); "
@@ -177,16 +195,21 @@ def check_image_output(path: str | Path, *, channels: int = 1, dtype: str = "uin
 
 def write_image(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", metadata: dict | None = None,
                 pixel_size: PixelSize | None = None) -> Path:
-    """Write (H, W) or (C, H, W) pixels in the format the extension names: TIFF (.tif/.tiff) or PNG (.png),
-    recording `pixel_size` when given."""
+    """Write (H, W) or (C, H, W) pixels in the format the extension names: TIFF (.tif/.tiff), PNG (.png) or OME-Zarr
+    (.zarr, .ome.zarr), recording `pixel_size` when given."""
     array = np.asarray(pixels)
     check_image_output(path, channels=array.shape[0] if array.ndim == 3 else 1, dtype=dtype)
+    if Path(path).name.lower().endswith(".zarr"):
+        from lmadda.data.omezarr import write_ome_zarr
+
+        return write_ome_zarr(path, clip_to_dtype(array, dtype), dtype=dtype, metadata=metadata, pixel_size=pixel_size)
     if Path(path).suffix.lower() in PNG_SUFFIXES:
         return write_png(path, array, dtype=dtype, metadata=metadata, pixel_size=pixel_size)
     return write_tiff(path, array, dtype=dtype, metadata=metadata, pixel_size=pixel_size)
 
 
-def _clipped(pixels: np.ndarray, dtype: str) -> np.ndarray:
+def clip_to_dtype(pixels: np.ndarray, dtype: str) -> np.ndarray:
+    """Pixels as `dtype`: rounded and clipped to an integer type's range, or cast to a float type."""
     target_dtype = np.dtype(dtype)
     array = np.asarray(pixels)
     if target_dtype.kind in "ui":
@@ -227,7 +250,7 @@ def write_tiff(
     PhysicalSizeX/Y too. The write goes to a temporary file first and is renamed into place, so an
     interrupted write never leaves a truncated image where a good one was.
     """
-    array = _clipped(pixels, dtype)
+    array = clip_to_dtype(pixels, dtype)
     kwargs: dict = tiff_resolution(pixel_size) if pixel_size is not None else {}
     if ome:
         kwargs["ome"] = True
@@ -251,7 +274,7 @@ def write_png(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", me
 
     array = np.asarray(pixels)
     check_image_output(path, channels=array.shape[0] if array.ndim == 3 else 1, dtype=dtype)
-    array = _clipped(array.reshape(array.shape[-2:]), dtype)
+    array = clip_to_dtype(array.reshape(array.shape[-2:]), dtype)
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))

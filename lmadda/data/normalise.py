@@ -51,11 +51,15 @@ def normalise(pixels: np.ndarray, percentiles: PercentileRange = PercentileRange
     if pixels.ndim != 3:
         raise LmaddaError(f"normalise expects (C, H, W) pixels, got shape {pixels.shape}")
     flat = pixels.reshape(pixels.shape[0], -1).astype(np.float64)
-    lows = np.percentile(flat, percentiles.low, axis=1)
-    highs = np.percentile(flat, percentiles.high, axis=1)
-    scales = np.maximum(highs - lows, _MIN_SPREAD)
-    params = NormalisationParams(offset=tuple(float(v) for v in lows), scale=tuple(float(v) for v in scales))
+    params = params_from_percentiles(np.percentile(flat, percentiles.low, axis=1), np.percentile(flat, percentiles.high, axis=1))
     return apply_normalisation(pixels, params), params
+
+
+def params_from_percentiles(lows: np.ndarray, highs: np.ndarray) -> NormalisationParams:
+    """The normalisation that maps each channel's low percentile to 0 and its high one to 1 (a flat channel's spread
+    floored); `lmadda.data.bands.percentiles` gives them for an image too large to hold."""
+    scales = np.maximum(np.asarray(highs) - np.asarray(lows), _MIN_SPREAD)
+    return NormalisationParams(offset=tuple(float(v) for v in lows), scale=tuple(float(v) for v in scales))
 
 
 def apply_normalisation(pixels: np.ndarray, params: NormalisationParams) -> np.ndarray:
@@ -88,4 +92,5 @@ __all__ = [
     "denormalise",
     "median_params",
     "normalise",
+    "params_from_percentiles",
 ]
