@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmadda.cli import data_commands, demo_command, diagnose_command, science_commands, serve_commands, study_command, sweep_commands
+from lmadda.cli import (data_commands, demo_command, diagnose_command, export_command, science_commands, serve_commands, study_command,
+                        sweep_commands)
 from lmadda.errors import LmaddaError
 
 # Each module adds its subcommands with `register(subparsers)` and sets `func` on its parser.
-_COMMAND_MODULES = [data_commands, science_commands, diagnose_command, sweep_commands, serve_commands, demo_command, study_command]
+_COMMAND_MODULES = [data_commands, science_commands, diagnose_command, sweep_commands, serve_commands, demo_command, study_command,
+                    export_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -203,6 +203,12 @@ class UNetGenerator(nn.Module):
         return [p for layer in self.layers[: upto + 1] for p in layer.parameters()]
 
 
+def build_generator(**options) -> UNetGenerator:
+    """A generator from plain keyword options (`GeneratorConfig`'s fields), untrained: the callable a BioImage Model
+    Zoo package names to rebuild the architecture for its state dict (`lmadda export`)."""
+    return UNetGenerator(GeneratorConfig(**options))
+
+
 def init_weights(module: nn.Module, gain: float = 0.02) -> None:
     """pix2pix 'normal' init: conv weights N(0, 0.02), BatchNorm weights N(1, 0.02), biases 0."""
     for m in module.modules():

@@ -1,0 +1,1 @@
+"""Packaging a generator checkpoint for other tools: `lmadda export` (BioImage Model Zoo, `lmadda.export.bioimageio`)."""
