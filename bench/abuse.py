@@ -1,13 +1,16 @@
 """Bounded denial-of-service cases against a local staining endpoint, on loopback only.
 
-Starts the endpoint (serve/config.yaml's application, one replica, a small random generator in a
+Starts the endpoint (serve/config.yaml's application and proxy guard, one replica with Serve's
+admission limits lowered to 8 ongoing and 8 queued requests, a small random generator in a
 temporary MLflow registry) on 127.0.0.1 with a random token, then runs each case with a fixed
-count and a time limit, and prints its statuses, its time and the peak resident memory of the
-replica and of the HTTP proxy during the case (VmHWM, reset before each case):
+count and a time limit, and prints its statuses, its time and the resident memory of the replica
+and of the HTTP proxy before the case and at its peak (VmHWM, reset before each case):
 
-- stalled: 8 clients send headers and 1 KiB of a 1 MiB body, then stall; 4 normal requests meanwhile;
+- stalled: 8 clients send headers and 1 KiB of a 1 MiB body, then stall (as many as the replica's
+  max_ongoing_requests); 4 normal requests meanwhile;
 - bomb: a ~150 KiB zlib TIFF that declares 8192x8192 pixels;
 - chunked: a body without Content-Length, streamed 1 MiB at a time up to 300 MiB (--chunked-mib);
+- overload: 32 normal requests at once, twice what the replica takes and queues;
 - tiny: a 2x2 image; no_token: a request without the token; unknown_route: GET /v1/nothing.
 
     python bench/abuse.py [--body-timeout 5]
@@ -48,7 +51,7 @@ def tiff(array: np.ndarray, **options) -> bytes:
     return buffer.getvalue()
 
 
-def post(path: str, body: bytes, token: str | None, method: str = "POST", timeout: float = 120) -> int:
+def post(path: str, body: bytes, token: str | None, method: str = "POST", timeout: float = 120) -> int | str:
     headers = {"Content-Type": "image/tiff", **({"Authorization": f"Bearer {token}"} if token else {})}
     request = urllib.request.Request(f"http://{HOST}:{PORT}{path}", data=body if method == "POST" else None, headers=headers, method=method)
     try:
@@ -56,7 +59,19 @@ def post(path: str, body: bytes, token: str | None, method: str = "POST", timeou
             response.read()
             return response.status
     except urllib.error.HTTPError as error:
+        if error.code == 503:  # Serve's refusal: say whether it kept its Retry-After and the {"error"} shape
+            shaped = error.read().startswith(b'{"error"')
+            return f"503 retry-after={error.headers.get('retry-after')}{' json' if shaped else ' text'}"
         return error.code
+
+
+def case_overload(token: str, body: bytes, count: int = 32) -> list:
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(count) as pool:
+        statuses = list(pool.map(lambda _: post(ROUTE, body, token), range(count)))
+    return [f"{status} x{n}" for status, n in sorted(Counter(map(str, statuses)).items())]
 
 
 def raw_request(head: str) -> socket.socket:
@@ -126,11 +141,12 @@ def actor_pid(class_part: str) -> int | None:
     return None
 
 
-def peak_mib(pid: int | None) -> float | None:
+def memory_mib(pid: int | None, field: str = "VmHWM") -> float | None:
+    """The resident memory now (VmRSS) or at its peak (VmHWM) of a process, in MiB."""
     if pid is None:
         return None
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return None
 
@@ -171,7 +187,8 @@ def main() -> int:
     token = secrets.token_hex(16)
     os.environ["LMADDA_SERVE_TOKEN"] = token  # start_local hands the replicas its digest
     ray.init(num_cpus=args.num_cpus, log_to_driver=False)
-    one_replica = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 1}}
+    one_replica = {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, "ray_actor_options": {"num_cpus": 1},
+                   "max_ongoing_requests": 8, "max_queued_requests": 8}
     start_local(host=HOST, port=PORT, tracking_uri=tracking_uri, cache_dir=str(root / "cache"), body_timeout_s=args.body_timeout,
                 max_in_flight=4, deployment=one_replica)
     image = tiff(np.random.default_rng(0).integers(0, 4000, size=(256, 256)).astype(np.uint16))
@@ -182,25 +199,29 @@ def main() -> int:
         "stalled": lambda: case_stalled(token, image),
         "bomb": lambda: [post(ROUTE, bomb, token), f"{len(bomb) / 1024:.0f} KiB body"],
         "chunked": lambda: case_chunked(token, args.chunked_mib),
+        "overload": lambda: case_overload(token, image),
         "tiny": lambda: [post(ROUTE, tiff(np.ones((2, 2), np.uint16)), token)],
         "no_token": lambda: [post(ROUTE, image, None)],
         "unknown_route": lambda: [post("/v1/nothing", b"", token, method="GET")],
     }
     record = {"date": date.today().isoformat(), "host": platform.node(), "body_timeout_s": args.body_timeout, "cases": {}}
-    print(f"{'case':<14} {'seconds':>8} {'replica peak MiB':>17} {'proxy peak MiB':>15}  status")
+    print(f"{'case':<14} {'seconds':>8} {'replica MiB before/peak':>24} {'proxy MiB before/peak':>22}  status")
     for name, run_case in cases.items():
         if args.cases and name not in args.cases:
             continue
         time.sleep(2)  # let the previous case drain (Serve keeps moving its body after the answer)
         reset_peak(replica)
         reset_peak(proxy)
+        before = {"replica_mib": memory_mib(replica, "VmRSS"), "proxy_mib": memory_mib(proxy, "VmRSS")}
         started = time.perf_counter()
         outcome = run_case()
         seconds = time.perf_counter() - started
-        row = {"outcome": [str(o) for o in outcome], "seconds": seconds, "replica_peak_mib": peak_mib(replica), "proxy_peak_mib": peak_mib(proxy)}
+        row = {"outcome": [str(o) for o in outcome], "seconds": seconds, **before,
+               "replica_peak_mib": memory_mib(replica), "proxy_peak_mib": memory_mib(proxy)}
         record["cases"][name] = row
-        shown = lambda v: f"{v:.0f}" if v is not None else "?"  # noqa: E731
-        print(f"{name:<14} {seconds:8.2f} {shown(row['replica_peak_mib']):>17} {shown(row['proxy_peak_mib']):>15}  {'; '.join(row['outcome'])}", flush=True)
+        shown = lambda before, peak: f"{before or 0:.0f}/{peak or 0:.0f}" if peak is not None else "?"  # noqa: E731
+        print(f"{name:<14} {seconds:8.2f} {shown(row['replica_mib'], row['replica_peak_mib']):>24} "
+              f"{shown(row['proxy_mib'], row['proxy_peak_mib']):>22}  {'; '.join(row['outcome'])}", flush=True)
     serve.shutdown()
     ray.shutdown()
     print(f"-> {write_result(args.out, 'abuse', record)}")

@@ -11,10 +11,20 @@ One deployment, `StainService`, behind a FastAPI ingress:
   one serving;
 - the image is tiled exactly as `lmadda predict` tiles it (`lmadda.inference.TilePlan`), and tiles
   of concurrent requests for the same model are micro-batched into one forward (`@serve.batch`);
-- the body is read first, under a byte limit kept while streaming and a time limit
-  (`body_timeout_s`), and only then does a request count against `max_in_flight` (beyond it, 503
-  with Retry-After), so clients that stall or stream without end hold no compute slot; the image's
-  declared pixel count is checked (`max_megapixels`) before it is decoded;
+- admission is Serve's: `max_ongoing_requests` per replica (Serve routes each request to a replica
+  with room and scales on the count) and `max_queued_requests` beyond them, past which Serve answers
+  503 with Retry-After (`backpressure_config`); `serve/proxy.py` reads each body whole in the proxy,
+  under the limits below, before Serve routes the request, and gives Serve's own errors the
+  `{"error": ...}` shape;
+- the replica reads the body first too (the proxy's guard is installed only when Serve starts with
+  it), under a byte limit kept while streaming and a time limit
+  (`body_timeout_s`), and only then does a request take one of the replica's `max_in_flight`
+  compute slots (or wait for one, still counted by Serve as ongoing here), so clients that stall
+  or stream without end hold no compute slot; the image's declared pixel count is checked
+  (`max_megapixels`) before it is decoded;
+- the answer carries the input's pixel size (TIFF resolution tags, `X-Lmadda-Pixel-Size-Um`) and,
+  when it differs from the model's training pixel size beyond `lmadda predict`'s tolerance, the
+  same warning (`X-Lmadda-Warning`);
 - a bearer token guards every /v1 route (`serve/auth.py`): a replica behind a non-loopback address
   without one refuses to start unless the config says `allow_unauthenticated: true`;
 - `POST /v1/reload` bumps a stamp held by a tiny `ReloadStamp` deployment, which every replica reads
@@ -40,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.data.calibration import PixelSize, check_pixel_size
 from lmadda.data.dataset import target_from_model_range
 from lmadda.errors import LmaddaError
 from lmadda.domain import DomainScore, DomainTally, domain_headers, forward_scored, score_tiles
@@ -50,9 +61,24 @@ from serve.registry import StainModels
 
 logger = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 8  # generators kept per replica (LRU); a 16-layer ngf=64 generator is ~200 MB
+MAX_BODY_MB, BODY_TIMEOUT_S = 80.0, 20.0  # default body limits; serve/proxy.py keeps the same ones in the proxies
 TILES_PER_FORWARD = 16  # most tiles in one micro-batched forward (or tile_batch, if larger): bounds its memory
 app = FastAPI(title="lmadda virtual staining", version="1",
               description="Post a label-free microscopy image (TIFF or PNG body); get the predicted fluorescence stains as a TIFF.")
+
+
+def pixel_size_headers(pixel_size: PixelSize | None, warnings: list[str]) -> dict:
+    """`X-Lmadda-Pixel-Size-Um` (µm; `x,y` when the pixels are not square; absent when the image records
+    none) and `X-Lmadda-Warning` (lmadda predict's pixel-size warnings, one per model that gave one).
+    Header values are ASCII, so µm is written um there."""
+    headers = {}
+    if pixel_size is not None:
+        square = pixel_size.x_um == pixel_size.y_um
+        headers["X-Lmadda-Pixel-Size-Um"] = f"{pixel_size.x_um:.6g}" if square else f"{pixel_size.x_um:.6g},{pixel_size.y_um:.6g}"
+    if warnings:
+        text = " | ".join(dict.fromkeys(warnings)).replace("µ", "u")
+        headers["X-Lmadda-Warning"] = text.encode("ascii", "replace").decode()
+    return headers
 
 
 def default_tracking_uri() -> str:
@@ -120,13 +146,16 @@ class ReloadStamp:
         return self.stamp
 
 
-@serve.deployment(name="StainService", max_ongoing_requests=32)
+# Serve's own admission limits (serve/config.yaml sets them too). A request counts from the moment Serve hands
+# it to a replica: with the proxies' guard (serve/proxy.py) once its body is whole, without it while the body
+# is still arriving, so max_ongoing_requests is set well above max_in_flight.
+@serve.deployment(name="StainService", max_ongoing_requests=32, max_queued_requests=64, backpressure_config={"retry_after_s": 1})
 @serve.ingress(app)
 class StainService:
     def __init__(self, tracking_uri: str | None = None, *, cache_dir: str | None = None, refresh_s: float = 30.0,
-                 max_body_mb: float = 80.0, max_in_flight: int = 8, tile: int = 256, overlap: float = 0.25,
+                 max_body_mb: float = MAX_BODY_MB, max_in_flight: int = 8, tile: int = 256, overlap: float = 0.25,
                  tile_batch: int = 4, micro_batch: bool = True, token_env: str = "LMADDA_SERVE_TOKEN",
-                 token_sha256: str | None = None, allow_unauthenticated: bool = False, body_timeout_s: float = 20.0,
+                 token_sha256: str | None = None, allow_unauthenticated: bool = False, body_timeout_s: float = BODY_TIMEOUT_S,
                  max_megapixels: float = 17.0, min_side: int = 32, stamp=None):
         host = proxy_host()
         # Before anything else: a replica that would be open to the network without saying so must not start.
@@ -137,7 +166,11 @@ class StainService:
                                   cache_dir or Path(tempfile.gettempdir()) / "lmadda-serve-models", refresh_s)
         self.max_bytes = int(max_body_mb * 2**20)
         self.body_timeout_s, self.max_megapixels, self.min_side = body_timeout_s, max_megapixels, min_side
-        self.max_in_flight = max_in_flight
+        # The one limit kept by hand. Serve counts a request from the moment it reaches the replica, which
+        # without the proxies' guard is before its body is in, and has no limit of its own for "computing
+        # now": so a request takes a compute slot once its body is read, or waits here for one (Serve still
+        # counts it as ongoing on this replica and routes new requests to replicas with room).
+        self.max_in_flight, self.compute_slots = max_in_flight, asyncio.Semaphore(max_in_flight)
         self.tile, self.overlap, self.tile_batch, self.micro_batch = tile, overlap, tile_batch, micro_batch
         if tile_batch > TILES_PER_FORWARD:  # one call must fit in a batch, or Serve refuses it
             self.forward_tiles.set_max_batch_size(tile_batch)
@@ -151,6 +184,10 @@ class StainService:
         self.stamp_lock = asyncio.Lock()  # requests that arrive during a stamp check wait for its reload
 
     # -- models ---------------------------------------------------------------------------------
+    # Serve multiplexing here is the per-replica LRU only, not its routing: Serve routes by a
+    # serve_multiplexed_model_id header naming one of the ids a replica loaded, and these are registry
+    # versions (lmadda-dapi/3), which a client does not know (it names an alias) and one request may need
+    # several of (marker=dapi,cd29).
     @serve.multiplexed(max_num_models_per_replica=MODELS_PER_REPLICA)
     async def get_model(self, model_id: str) -> GeneratorCheckpoint:
         checkpoint = await asyncio.to_thread(self.models.load, model_id)
@@ -273,43 +310,52 @@ class StainService:
             return error_response(error)
         except ClientDisconnect:  # nobody reads this answer; it only ends the request
             return error_response(RequestError(400, "the client disconnected before the body arrived"))
-        # Counted only once the body is here: a client that stalls mid-body holds no compute slot.
-        if self.in_flight >= self.max_in_flight:
-            return error_response(RequestError(503, f"busy: {self.in_flight} requests in progress on this replica; retry shortly", {"Retry-After": "1"}))
-        self.in_flight += 1
-        try:
-            await self.follow_reloads()
-            image = decode_request_image(payload, request.headers.get("content-type"), max_bytes=self.max_bytes,
-                                         max_megapixels=self.max_megapixels, min_side=self.min_side)
-            channels, described, versions, dtypes, fallbacks, domains = [], [], [], set(), [], []
-            for name in markers:
-                model_id, checkpoint, promoted = await self.model_for(name, setting)
-                if model_id != promoted:
-                    fallbacks.append(f"{promoted} failed to load, served {model_id}")
-                check_channels(image, checkpoint.config.in_channels)
-                if name not in checkpoint.markers:
-                    raise RequestError(500, f"model {model_id} does not predict {name} (it predicts {checkpoint.markers})")
-                stains, domain = await self.stain_image(checkpoint, image.pixels)
-                domains.append(domain)
-                self.domain_tallies.setdefault((name, setting), DomainTally()).add(domain)
-                channels.append(stains[checkpoint.markers.index(name)])
-                versions.append(model_id)
-                dtypes.add(checkpoint.target_dtype)
-                norm = checkpoint.target_norm.to_dict() if checkpoint.target_norm else None
-                described.append({"marker": name, "model": model_id, "setting": setting, "target_norm": norm})
-            dtype = "float32" if len(dtypes) > 1 else dtypes.pop()
-            metadata = {"lmadda_markers": ",".join(markers), "lmadda_setting": setting, "lmadda_models": described}
-            body = encode_tiff(np.stack(channels) if len(channels) > 1 else channels[0], dtype, metadata)
-            return Response(body, media_type="image/tiff", headers={
-                "X-Lmadda-Models": ",".join(versions), "X-Lmadda-Setting": setting, "X-Lmadda-Markers": ",".join(markers),
-                "X-Lmadda-Seconds": f"{time.perf_counter() - started:.4f}",
-                **({"X-Lmadda-Fallback": "; ".join(fallbacks)} if fallbacks else {}), **domain_headers(*domains)})
-        except RequestError as error:
-            return error_response(error)
-        except LmaddaError as error:
-            return error_response(RequestError(400, str(error)))
-        finally:
-            self.in_flight -= 1
+        # A compute slot only once the body is here: a client that stalls mid-body holds none.
+        async with self.compute_slots:
+            self.in_flight += 1
+            try:
+                return await self.answer(request, payload, setting, markers, started)
+            except RequestError as error:
+                return error_response(error)
+            except LmaddaError as error:
+                return error_response(RequestError(400, str(error)))
+            finally:
+                self.in_flight -= 1
+
+    async def answer(self, request: Request, payload: bytes, setting: str, markers: list[str], started: float) -> Response:
+        """The stains of one read request body: decode, stain with each marker's served model, encode."""
+        await self.follow_reloads()
+        image = decode_request_image(payload, request.headers.get("content-type"), max_bytes=self.max_bytes,
+                                     max_megapixels=self.max_megapixels, min_side=self.min_side)
+        channels, described, versions, dtypes, fallbacks, domains, warnings = [], [], [], set(), [], [], []
+        for name in markers:
+            model_id, checkpoint, promoted = await self.model_for(name, setting)
+            if model_id != promoted:
+                fallbacks.append(f"{promoted} failed to load, served {model_id}")
+            check_channels(image, checkpoint.config.in_channels)
+            if name not in checkpoint.markers:
+                raise RequestError(500, f"model {model_id} does not predict {name} (it predicts {checkpoint.markers})")
+            # lmadda predict's check, before the work: the image's pixel size against the model's training one
+            note = check_pixel_size(image.pixel_size, checkpoint.pixel_size_um, image_name="the image",
+                                    model_name=f"models:/{model_id}")
+            if note is not None and note.level == "warning":
+                warnings.append(note.message)
+            stains, domain = await self.stain_image(checkpoint, image.pixels)
+            domains.append(domain)
+            self.domain_tallies.setdefault((name, setting), DomainTally()).add(domain)
+            channels.append(stains[checkpoint.markers.index(name)])
+            versions.append(model_id)
+            dtypes.add(checkpoint.target_dtype)
+            norm = checkpoint.target_norm.to_dict() if checkpoint.target_norm else None
+            described.append({"marker": name, "model": model_id, "setting": setting, "target_norm": norm})
+        dtype = "float32" if len(dtypes) > 1 else dtypes.pop()
+        metadata = {"lmadda_markers": ",".join(markers), "lmadda_setting": setting, "lmadda_models": described}
+        body = encode_tiff(np.stack(channels) if len(channels) > 1 else channels[0], dtype, metadata, pixel_size=image.pixel_size)
+        return Response(body, media_type="image/tiff", headers={
+            "X-Lmadda-Models": ",".join(versions), "X-Lmadda-Setting": setting, "X-Lmadda-Markers": ",".join(markers),
+            "X-Lmadda-Seconds": f"{time.perf_counter() - started:.4f}",
+            **({"X-Lmadda-Fallback": "; ".join(fallbacks)} if fallbacks else {}), **domain_headers(*domains),
+            **pixel_size_headers(image.pixel_size, warnings)})
 
     @app.get("/v1/models", summary="Settings and markers: the promoted and the served version (and why they differ), selection metrics")
     async def list_models(self, request: Request) -> JSONResponse:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import tifffile
 
+from lmadda.data.calibration import PixelSize, tiff_resolution
 from lmadda.data.io import RawImage, decode_image
 from lmadda.errors import LmaddaError
 
@@ -66,7 +67,8 @@ async def read_body(chunks: AsyncIterator[bytes], *, declared_length: str | None
     """The whole request body, read under two limits so that no client can hold a replica's memory or
     its slots: 413 as soon as the bytes received pass `max_bytes` (a chunked body declares no length,
     so the limit is kept while streaming), and 408 when the body takes longer than `timeout_s` to
-    arrive (a client that sends headers and then stalls)."""
+    arrive (a client that sends headers and then stalls). Serve's proxy reads bodies the same way
+    (serve/proxy.py), before the request reaches a replica."""
     if declared_length and declared_length.isdigit():  # refuse before reading it into memory
         check_body_size(int(declared_length), max_bytes)
     parts: list[bytes] = []
@@ -76,7 +78,7 @@ async def read_body(chunks: AsyncIterator[bytes], *, declared_length: str | None
         nonlocal received
         async for chunk in chunks:
             received += len(chunk)
-            if received > max_bytes:
+            if received > max_bytes:  # the chunk that passes the limit is counted, never kept
                 raise RequestError(413, f"the body passed the limit of {max_bytes / 2**20:.0f} MiB while streaming; "
                                         "send a smaller image or ask the operator to raise max_body_mb")
             parts.append(chunk)
@@ -151,16 +153,18 @@ def check_channels(image: RawImage, expected: int) -> None:
                                 "(a single-channel label-free image: phase contrast or bright field)")
 
 
-def encode_tiff(stains: np.ndarray, dtype: str, metadata: dict) -> bytes:
+def encode_tiff(stains: np.ndarray, dtype: str, metadata: dict, pixel_size: PixelSize | None = None) -> bytes:
     """(C, H, W) or (H, W) stains in camera units -> TIFF bytes in `dtype`, clipped to its range, with
-    `metadata` as JSON in the ImageDescription (tifffile's shaped format)."""
+    `metadata` as JSON in the ImageDescription (tifffile's shaped format) and, when the input recorded
+    one, its pixel size in the resolution tags (as `lmadda predict` writes it)."""
     target = np.dtype(dtype)
     array = np.asarray(stains)
     if target.kind in "ui":
         info = np.iinfo(target)
         array = np.clip(np.rint(array), info.min, info.max)
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, array.astype(target), photometric="minisblack", metadata=metadata)
+    resolution = tiff_resolution(pixel_size) if pixel_size is not None else {}
+    tifffile.imwrite(buffer, array.astype(target), photometric="minisblack", metadata=metadata, **resolution)
     return buffer.getvalue()
 
 

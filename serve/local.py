@@ -14,7 +14,8 @@ DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 
 
 def read_serve_config(path: Path = DEFAULT_CONFIG) -> dict:
-    """The lmadda application of a Serve config file: {'args', 'deployment', 'http_options', 'name', 'route_prefix'}."""
+    """The lmadda application of a Serve config file: {'args', 'deployment', 'http_options', 'controller_options',
+    'name', 'route_prefix'}."""
     try:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
@@ -26,7 +27,20 @@ def read_serve_config(path: Path = DEFAULT_CONFIG) -> dict:
     deployments = [d for d in app.get("deployments", []) if d.get("name") == "StainService"]
     deployment = {k: v for k, v in (deployments[0] if deployments else {}).items() if k != "name"}
     return {"args": dict(app.get("args") or {}), "deployment": deployment, "http_options": config.get("http_options", {}),
-            "name": app.get("name", "lmadda"), "route_prefix": app.get("route_prefix", "/")}
+            "controller_options": config.get("controller_options") or {}, "name": app.get("name", "lmadda"),
+            "route_prefix": app.get("route_prefix", "/")}
+
+
+def controller_options(config: dict, args: dict) -> dict:
+    """The config's controller options, with the proxies' guard (serve/proxy.py) installed and its body
+    limits equal to the application's `max_body_mb` and `body_timeout_s` (overrides included)."""
+    from serve.app import BODY_TIMEOUT_S, MAX_BODY_MB
+    from serve.proxy import proxy_env
+
+    runtime_env = dict(config["controller_options"].get("runtime_env") or {})
+    guard = proxy_env(args.get("max_body_mb", MAX_BODY_MB), args.get("body_timeout_s", BODY_TIMEOUT_S))
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **guard}
+    return {**config["controller_options"], "runtime_env": runtime_env}
 
 
 def with_launcher_token(args: dict, host: str, environ: Mapping[str, str]) -> dict:
@@ -61,6 +75,8 @@ def start_local(config_path: Path = DEFAULT_CONFIG, *, host: str | None = None, 
         raise LmaddaError(f"{config_path}: {error}") from error
     args = with_launcher_token(args, host, os.environ)
     timeout = config["http_options"].get("request_timeout_s")
-    serve.start(http_options={"host": host, "port": port, **({"request_timeout_s": timeout} if timeout else {})})
+    # Options of a Serve instance already running are kept (Serve warns); the replicas' own limits hold either way.
+    serve.start(http_options={"host": host, "port": port, **({"request_timeout_s": timeout} if timeout else {})},
+                controller_options=controller_options(config, args))
     serve.run(application(args, {**config["deployment"], **(deployment or {})}), name=config["name"], route_prefix=config["route_prefix"])
     return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"

@@ -369,3 +369,63 @@ def test_a_request_alone_on_the_replica_skips_the_micro_batcher_and_concurrent_o
 
     assert [status for status, _, _ in asyncio.run(concurrent())] == [200] * 4
     assert sum(n for n, _ in forwards) == 4 * 25 and any(batched and n > 4 for n, batched in forwards)  # shared forwards
+
+
+# -- compute slots: beyond max_in_flight a request waits (Serve counts it and routes others elsewhere) ------
+def test_a_request_beyond_max_in_flight_waits_for_a_compute_slot_instead_of_being_refused(monkeypatch):
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN}, max_in_flight=1)
+    computing = []  # requests computing at each forward
+    forward = service.forward
+
+    def recording(checkpoint, tiles):
+        computing.append(service.in_flight)
+        return forward(checkpoint, tiles)
+
+    service.forward = recording
+    image = _tiff(np.random.default_rng(3).integers(0, 4000, size=(128, 128)).astype(np.uint16))
+
+    async def concurrent():
+        return await asyncio.gather(*[stain(service, chunks=[image]) for _ in range(3)])
+
+    assert [status for status, _, _ in asyncio.run(concurrent())] == [200] * 3
+    assert computing and max(computing) == 1
+
+
+# -- pixel size: carried through, reported, and checked as lmadda predict checks it -----------------------------
+def _calibrated_tiff(um: float | None) -> bytes:
+    from lmadda.data.calibration import PixelSize, tiff_resolution
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(4).integers(0, 4000, size=(64, 64)).astype(np.uint16)
+    tifffile.imwrite(buffer, pixels, **(tiff_resolution(PixelSize.square(um)) if um else {}))
+    return buffer.getvalue()
+
+
+def _service_with_model_pixel_size(monkeypatch, model_um: float):
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN})
+    asyncio.run(service.get_model("lmadda-dapi/2")).metadata["pixel_size_um"] = model_um
+    return service
+
+
+def test_the_stain_carries_the_input_pixel_size_in_its_tiff_and_a_header(monkeypatch):
+    from lmadda.data.io import decode_image
+
+    service = _service_with_model_pixel_size(monkeypatch, 0.65)
+    status, headers, body = asyncio.run(stain(service, chunks=[_calibrated_tiff(0.65)]))
+    assert status == 200 and headers["x-lmadda-pixel-size-um"] == "0.65" and "x-lmadda-warning" not in headers
+    assert decode_image(body, "tiff", "response").pixel_size.x_um == pytest.approx(0.65, rel=1e-4)
+
+
+def test_a_pixel_size_beyond_predicts_tolerance_gets_predicts_warning_in_a_header(monkeypatch):
+    from lmadda.data.calibration import PixelSize, check_pixel_size
+
+    service = _service_with_model_pixel_size(monkeypatch, 0.65)
+    status, headers, _ = asyncio.run(stain(service, chunks=[_calibrated_tiff(1.3)]))
+    expected = check_pixel_size(PixelSize.square(1.3), 0.65, image_name="the image", model_name="models:/lmadda-dapi/2")
+    assert status == 200 and headers["x-lmadda-pixel-size-um"] == "1.3"
+    assert headers["x-lmadda-warning"] == expected.message.replace("µ", "u")
+    assert "Resample the image by" in headers["x-lmadda-warning"] and "scale:0.5" in headers["x-lmadda-warning"]
+    # within the tolerance (10 %): no warning; an image that records no pixel size: no header
+    assert "x-lmadda-warning" not in asyncio.run(stain(service, chunks=[_calibrated_tiff(0.7)]))[1]
+    status, headers, _ = asyncio.run(stain(service, chunks=[_calibrated_tiff(None)]))
+    assert status == 200 and "x-lmadda-pixel-size-um" not in headers and "x-lmadda-warning" not in headers

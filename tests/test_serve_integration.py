@@ -74,6 +74,7 @@ def endpoint(ray_session, tiny_source, tmp_path_factory):
 
     from lmadda.checkpoint import load_checkpoint, save_checkpoint
     from serve.app import StainService
+    from serve.proxy import proxy_env
 
     root = tmp_path_factory.mktemp("serve")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -93,9 +94,12 @@ def endpoint(ray_session, tiny_source, tmp_path_factory):
     _register(client, tracking_uri, other_path, models, "bright_field")
 
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    service = StainService.options(ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"LMADDA_SERVE_TOKEN": TOKEN}}})
-    serve.run(service.bind(tracking_uri, cache_dir=str(root / "cache"), refresh_s=3600, max_body_mb=1, tile=64, max_in_flight=2),
+    serve.shutdown()  # a Serve instance left by another module would keep its proxies, without the guard
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options={"runtime_env": {"env_vars": proxy_env(1, 3)}})
+    # Serve's admission limits, small: 3 requests on the replica, 2 waiting for it, then 503 with Retry-After.
+    service = StainService.options(max_ongoing_requests=3, max_queued_requests=2, backpressure_config={"retry_after_s": 1},
+                                   ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"LMADDA_SERVE_TOKEN": TOKEN}}})
+    serve.run(service.bind(tracking_uri, cache_dir=str(root / "cache"), refresh_s=3600, max_body_mb=1, body_timeout_s=3, tile=64, max_in_flight=2),
               name="lmadda-test", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "client": client, "tracking_uri": tracking_uri,
            "paths": {"phase_contrast": tiny_source, "bright_field": other_path}, "other": other_path, "corrupt": corrupt, "root": root}
@@ -176,16 +180,98 @@ def test_models_health_and_a_promoted_champion_served_after_reload(endpoint, tmp
     assert "failed to load" in row["status"] and f"serving version {version.version}" in row["status"]
 
 
-def test_overload_answers_503_with_retry_after_and_never_500(endpoint):
+def test_overload_is_refused_by_serve_with_503_json_and_retry_after_and_never_500(endpoint):
     from concurrent.futures import ThreadPoolExecutor
 
     image = _tiff(np.random.default_rng(2).integers(0, 4000, size=(512, 512)).astype(np.uint16))
     url = f"{endpoint['url']}/v1/stain?setting=bright_field&marker=dapi,cd29"
-    with ThreadPoolExecutor(8) as pool:  # 8 at once against max_in_flight=2: some must be turned away
-        answers = list(pool.map(lambda _: _post(url, image), range(8)))
+    with ThreadPoolExecutor(10) as pool:  # 10 at once against 3 ongoing + 2 queued: some must be turned away
+        answers = list(pool.map(lambda _: _post(url, image), range(10)))
     statuses = sorted(status for status, _, _ in answers)
-    assert set(statuses) == {200, 503} and statuses.count(200) >= 2, statuses
-    assert all(headers.get("retry-after") == "1" for status, headers, _ in answers if status == 503)
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 3, statuses
+    refused = [(headers, body) for status, headers, body in answers if status == 503]
+    assert all(headers.get("retry-after") == "1" and json.loads(body)["error"].startswith("the endpoint is busy") for headers, body in refused)
+
+
+def _actor_pid(class_name: str) -> int:
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
+    return next(a.pid for a in actors if a.class_name == class_name)
+
+
+def _peak_mib(pid: int, reset: bool = False) -> float:
+    from pathlib import Path
+
+    if reset:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM back to the current RSS
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(status["VmHWM"].split()[0]) / 1024
+
+
+def _read_answer(connection: socket.socket) -> bytes:
+    """A JSON answer read off a raw connection: until its body is whole or the server closes."""
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+        part = connection.recv(65536)
+        if not part:
+            break
+        answer += part
+    return answer
+
+
+def test_a_chunked_body_past_the_limit_is_cut_off_in_the_proxy_while_the_replica_is_busy(endpoint):
+    """Serve's proxy reads a body as fast as the client sends it and queues it for the replica, which
+    reads nothing while it computes. The proxy's guard answers 413 at the limit and keeps nothing past it
+    (without it, this stream raised the proxy's peak memory by 114 MiB)."""
+    import threading
+    import time
+
+    proxy = _actor_pid("ProxyActor")
+    busy_image = _tiff(np.random.default_rng(5).integers(0, 4000, size=(512, 512)).astype(np.uint16))
+    busy = threading.Thread(target=_post, args=(f"{endpoint['url']}/v1/stain?setting=bright_field&marker=dapi,cd29", busy_image))
+    baseline = _peak_mib(proxy, reset=True)
+    busy.start()
+    time.sleep(0.3)  # the replica is in its forward
+    port = int(endpoint["url"].rsplit(":", 1)[1])
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall((f"POST /v1/stain?setting=bright_field&marker=dapi HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/tiff\r\n"
+                        f"Authorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+    chunk = f"{2**20:x}\r\n".encode() + b"\x00" * 2**20 + b"\r\n"
+    sent = 0
+    for _ in range(64):  # a client that ignores the answer and sends 64 MiB
+        try:
+            connection.sendall(chunk)
+        except OSError:  # the proxy closed the connection after answering
+            break
+        sent += 1
+    answer = _read_answer(connection)
+    connection.close()
+    busy.join()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert "limit of 1 MiB while streaming" in json.loads(body)["error"]
+    assert _peak_mib(proxy) - baseline < 16, (sent, _peak_mib(proxy) - baseline)
+
+
+def test_stalled_bodies_are_held_by_the_proxy_and_take_none_of_serves_slots(endpoint):
+    """Five clients stall mid-body: more than the replica's 3 ongoing requests and 2 queued. Read in
+    the proxy, their bodies never reach Serve, so a normal request is served while they stall."""
+    port = int(endpoint["url"].rsplit(":", 1)[1])
+    stalled = []
+    for _ in range(5):
+        connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+        connection.sendall((f"POST /v1/stain?setting=bright_field&marker=dapi HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/tiff\r\n"
+                            f"Authorization: Bearer {TOKEN}\r\nContent-Length: {2**19}\r\n\r\n").encode() + b"\x00" * 1024)
+        stalled.append(connection)
+    image = _tiff(np.random.default_rng(6).integers(0, 4000, size=(64, 64)).astype(np.uint16))
+    status, _, body = _post(f"{endpoint['url']}/v1/stain?setting=bright_field&marker=dapi", image)
+    answers = [_read_answer(connection) for connection in stalled]  # body_timeout_s: 3
+    for connection in stalled:
+        connection.close()
+    assert status == 200, body
+    assert all(answer.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in answer for answer in answers), answers[0][:300]
 
 
 def test_a_token_from_the_launching_shell_and_a_reload_reach_every_replica(endpoint, monkeypatch):
