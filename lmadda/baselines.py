@@ -20,7 +20,7 @@ from torch import nn
 
 from lmadda.data.dataset import LoadedImage
 from lmadda.errors import LmaddaError
-from lmadda.inference import default_device
+from lmadda.device import resolve_device
 from lmadda.models.generator import UNetGenerator
 
 BASELINES = ("unadapted", "adabn", "histogram_matching", "fda")
@@ -51,7 +51,7 @@ def adabn(generator: UNetGenerator, target_images: list[LoadedImage], *, tile: i
     Statistics come from tiles of `tile` pixels (default: the largest multiple of 2**depth up to 256
     that fits the smallest image).
     """
-    device = torch.device(device) if device else default_device()
+    device = resolve_device(device)
     if tile is None:
         multiple = generator.config.multiple
         smallest = min((min(image.input.shape[1:]) for image in target_images), default=0)

@@ -28,13 +28,10 @@ from lmadda.data.calibration import PixelSize, PixelSizeCheck, PixelSizeNote, ch
 from lmadda.data.dataset import target_from_model_range, tile_origins, to_model_range
 from lmadda.data.io import check_image_output, clip_to_dtype, read_image, sensor_max_for, write_image
 from lmadda.data.normalise import apply_normalisation, denormalise, normalise, params_from_percentiles
+from lmadda.device import resolve_device
 from lmadda.errors import LmaddaError
 from lmadda.models.generator import UNetGenerator
 from lmadda.training.common import Progress
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def feather_window(tile: int, overlap: int) -> np.ndarray:
@@ -188,7 +185,7 @@ class BandedTilePlan(TileGrid):
 def _run_plan(plan: TileGrid, generator: UNetGenerator, *, batch_size: int, device, progress: str | None,
               forward: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
     """Every tile of `plan` through the generator (in eval mode), in batches, into `plan.add`."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     was_training = generator.training
     generator.eval().to(device)
     run = forward or generator

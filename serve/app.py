@@ -54,7 +54,8 @@ from lmadda.data.calibration import PixelSize, check_pixel_size
 from lmadda.data.dataset import target_from_model_range
 from lmadda.errors import LmaddaError
 from lmadda.domain import DomainScore, DomainTally, domain_headers, forward_scored, score_tiles
-from lmadda.inference import TilePlan, default_device, model_input, to_camera_units
+from lmadda.device import resolve_device
+from lmadda.inference import TilePlan, model_input, to_camera_units
 from serve.auth import resolve_auth
 from serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers, read_body
 from serve.registry import StainModels
@@ -174,7 +175,7 @@ class StainService:
         self.tile, self.overlap, self.tile_batch, self.micro_batch = tile, overlap, tile_batch, micro_batch
         if tile_batch > TILES_PER_FORWARD:  # one call must fit in a batch, or Serve refuses it
             self.forward_tiles.set_max_batch_size(tile_batch)
-        self.device = default_device()
+        self.device = resolve_device()
         self.in_flight = 0
         self.serving: dict[tuple[str, str], str] = {}  # (marker, setting) -> model id of the last good load
         # model id -> (when, why) of its last failed load: retried after refresh_s or a reload, not per request

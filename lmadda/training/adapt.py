@@ -47,11 +47,12 @@ from torch import nn
 from lmadda.baselines import HistogramMatcher
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage, UnpairedCrops
+from lmadda.device import resolve_device
 from lmadda.domain import DomainReference, reference_from_images
 from lmadda.errors import LmaddaError
 from lmadda.models.discriminators import FeatureDiscriminator
 from lmadda.models.generator import CutState, UNetGenerator, init_weights
-from lmadda.training.common import Progress, autocast_for, endless, resolve_device, seed_everything
+from lmadda.training.common import Progress, autocast_for, endless, seed_everything
 
 
 # ADDA as published (Tzeng et al. 2017): one Adam setting for both players, G' updated at every step.

@@ -18,12 +18,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def autocast_for(precision: str, device: torch.device):
     """The forward-pass context of a loop: bf16 autocast (CPU and recent GPUs), or nothing for fp32.
 
