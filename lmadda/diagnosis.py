@@ -81,9 +81,10 @@ def diagnose(generator, reference: DomainReference, images: dict[str, np.ndarray
     if try_correction:
         matcher = HistogramMatcher.from_source_values(reference.input_quantiles)
         corrected = score_all({name: matcher(image) for name, image in images.items()})
-    profile = [float(np.mean([s.layer_distances[layer] for s in scores])) for layer in reference.layers]
+    layers = reference.encoder_layers  # where a shift of the input can enter (not the output the score also weighs)
+    profile = [float(np.mean([s.layer_distances[layer] for s in scores])) for layer in layers]
     excess = [max(value - 1.0, 0.0) for value in profile]
-    shift_layer = reference.layers[predict_layer(excess)] if max(excess) > 0 else None
+    shift_layer = layers[predict_layer(excess)] if max(excess) > 0 else None
     borderline, out = reference.thresholds
     median = float(np.median([s.score for s in scores]))
     reasons = [f"{np.mean([s.verdict == 'out_of_domain' for s in scores]):.0%} of {len(scores)} images out of domain, "
@@ -102,10 +103,10 @@ def diagnose(generator, reference: DomainReference, images: dict[str, np.ndarray
             reasons.append(f"median score {best:.2f} even after input correction, beyond {out**2:.2f} (the out-of-domain threshold squared)")
         else:
             recommendation = "adapt"
-            last = reference.layers[-1]
+            last = layers[-1]
             start = shift_layer if shift_layer is not None else 0
             adapt_layers = (start, min(start + 2, last))
         if shift_layer is not None:
             reasons.append(f"the shift enters at layer {shift_layer} (first layer reaching half the largest excess over the in-domain level)")
-    return Diagnosis(list(images), scores, corrected, list(reference.layers), profile, shift_layer, recommendation, adapt_layers,
+    return Diagnosis(list(images), scores, corrected, list(layers), profile, shift_layer, recommendation, adapt_layers,
                      reference.thresholds, reasons)

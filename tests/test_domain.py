@@ -83,10 +83,11 @@ def test_reference_is_well_under_a_megabyte_at_the_papers_size(tmp_path):
 
     layers = reference_layers(generator)
     channels = [2 * layer_channels(generator, layer) for layer in layers]
-    assert channels == [128, 256, 512, 1024, 1024, 1024, 1024, 1024]
+    assert channels == [128, 256, 512, 1024, 1024, 1024, 1024, 1024, 2]  # the encoder, then the output (one marker)
     features = sum(channels)
     reference = DomainReference("paper", layers, channels, torch.zeros(features), torch.ones(features),
-                                torch.zeros(PRINCIPAL_DIRECTIONS, features), [1.0] * 8, (2.0, 4.0), [1.0] * 32, [0.0] * 101, 256)
+                                torch.zeros(PRINCIPAL_DIRECTIONS, features), [1.0] * 9, (2.0, 4.0), [1.0] * 32, [0.0] * 101, 256,
+                                output_layer=generator.last_layer)
     torch.save(reference.to_dict(), tmp_path / "reference.pt")
     assert (tmp_path / "reference.pt").stat().st_size < 150_000
 
@@ -105,7 +106,8 @@ def test_source_training_stores_a_reference_that_calls_its_own_test_images_in_do
     reference = source.domain_reference
     assert reference is not None and reference.domain == "phase_contrast" and reference.notes["held_out"] == "held-out images"
     borderline, out = reference.thresholds
-    assert 1.0 < borderline < out
+    assert np.median(reference.held_out_scores) < borderline < out
+    assert reference.output_layer == source.generator.last_layer and reference.encoder_layers == list(range(4))
     test = load_images(domain_data, "phase_contrast", "test", percentiles=source.percentiles)
     verdicts = [predict_and_score(source.generator, reference, image.input, tile=128, device="cpu")[1].verdict for image in test]
     assert "out_of_domain" not in verdicts
@@ -182,7 +184,7 @@ def test_predict_writes_the_score_into_the_metadata_and_warns_out_of_domain(sour
         assert main(["predict", str(checkpoint), str(image), str(out), "--bit-depth", "12"]) == 0
         with tifffile.TiffFile(out) as tiff:
             domain = json.loads(tiff.pages[0].description)["lmadda_domain"]
-        assert domain["verdict"] in ("in_domain", "borderline", "out_of_domain") and set(domain["layer_distances"]) == {str(l) for l in range(4)}
+        assert domain["verdict"] in ("in_domain", "borderline", "out_of_domain") and set(domain["layer_distances"]) == {"0", "1", "2", "3", "7"}
     assert domain["verdict"] == "out_of_domain" and "OUT OF DOMAIN" in capsys.readouterr().err
 
 
@@ -315,3 +317,26 @@ def test_the_endpoint_tally_counts_verdicts_and_averages_the_scored_images_only(
     summary = tally.as_dict()
     assert summary["images"] == 4 and summary["unknown"] == 1 and summary["out_of_domain"] == 1
     assert summary["mean_score"] == 2.0 and summary["out_of_domain_fraction"] == round(1 / 3, 4)
+
+
+def test_a_version_1_reference_without_the_output_layer_still_scores_on_the_encoder_alone():
+    from lmadda.domain import layer_channels
+
+    generator = _tiny_generator()
+    reference = build_reference(generator, _images(4), _images(3, seed=9), domain="phase_contrast", crop_size=32, crops=8)
+    old = {k: v for k, v in reference.to_dict().items() if k != "output_layer"} | {"version": 1}
+    encoder = reference.encoder_layers
+    keep = torch.cat([torch.arange(sum(reference.channels[:i]), sum(reference.channels[:i + 1])) for i in range(len(encoder))])
+    old.update(layers=encoder, channels=[2 * layer_channels(generator, layer) for layer in encoder], mean=old["mean"][keep],
+               spread=old["spread"][keep], directions=old["directions"][:, keep], levels=old["levels"][:len(encoder)])
+    loaded = DomainReference.from_dict(old)
+    assert loaded.output_layer is None and loaded.encoder_layers == encoder
+    image = _images(1, seed=5)[0]
+    features = forward_with_features(generator, torch.from_numpy(image[None]), loaded.layers)[1]
+    ratios = loaded.layer_distances(features) / np.asarray(loaded.levels)
+    assert loaded.score(features).score == pytest.approx(float(np.mean(ratios)))
+    # the current reference weighs the output layer as much as the whole encoder
+    full = forward_with_features(generator, torch.from_numpy(image[None]), reference.layers)[1]
+    by_layer = dict(zip(reference.layers, reference.layer_distances(full) / np.asarray(reference.levels)))
+    expected = 0.5 * (np.mean([by_layer[l] for l in encoder]) + by_layer[reference.output_layer])
+    assert reference.score(full).score == pytest.approx(float(expected))
