@@ -14,6 +14,7 @@ import pytest
 
 from lmadda.errors import LmaddaError
 from mlflow.tracking import MlflowClient
+from tune.train_workers import GENERATOR_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def test_worker_runs_in_process_with_zero_workers_and_reports_labelled_pearson(r
     trainer = TorchTrainer(adaptation_worker, train_loop_config=_loop_config(tiny_synth, tiny_source),
                            scaling_config=ScalingConfig(num_workers=0), run_config=RunConfig(name="local", storage_path=str(tmp_path)))
     result = trainer.fit()
-    assert result.metrics["step"] == 4 and result.metrics["done"] == 1.0
+    assert result.metrics["step"] == 4 and result.metrics["point_done"] == 1.0
     assert -1 <= result.metrics["pearson_dapi"] <= 1 and "pearson_cd29" in result.metrics
 
 
@@ -52,7 +53,7 @@ def _sweep(tiny_synth, tiny_source, tmp_path, name, **overrides):
     return SweepConfig.model_validate(data)
 
 
-def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_session, tiny_synth, tiny_source, tmp_path):
+def test_a_two_point_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_session, tiny_synth, tiny_source, tmp_path):
     from lmadda.checkpoint import load_checkpoint
     from tune.sweep import run_sweep
     from tune.tracking import promote
@@ -61,11 +62,15 @@ def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_sessi
     trained = tmp_path / "models" / "source.pt"
     source = {"checkpoint": str(trained), "train": {"manifest": str(tiny_synth.source), "markers": ["dapi", "cd29"], "ngf": 4,
                                                     "depth": 6, "ndf": 4, "crop_size": 64, "batch_size": 2, "crops_per_epoch": 4, "epochs": 1}}
-    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "two", source=source)
+    # Both points in one trial: one worker group adapts them in turn; the table and MLflow still get one of each.
+    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "two", source=source,
+                   resources={"workers_per_trial": 1, "cpus_per_worker": 0.5, "max_concurrent_trials": 2, "points_per_trial": 2})
     rows = run_sweep(sweep, log=lambda *_: None)
     assert load_checkpoint(trained).markers == ["dapi", "cd29"]
     table = pq.read_table(sweep.storage_path / "two" / "results.parquet").to_pylist()
     assert sorted(r["layer"] for r in table) == [1, 11] and all(r["steps_done"] == 4 for r in rows)
+    assert len({r["trial_id"] for r in table}) == 1 and all(r["trial_points"] == 2 for r in table)
+    assert {load_checkpoint(r["generator_path"]).metadata["layer"] for r in table} == {1, 11}
     assert any((sweep.storage_path / "mlartifacts").rglob("generator.pt"))  # artifacts beside the SQLite store
     assert all(not r["collapsed"] and math.isfinite(r["pearson_dapi"]) for r in table)
 
@@ -105,32 +110,43 @@ def test_two_trial_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_sessi
     assert chosen[0]["chosen"] in {"unadapted", "adabn", "histogram_matching"} | {f"lmadda:{l}@0.0001/seed0" for l in (1, 11)}
     version = client.get_model_version_by_alias("lmadda-cd29", "phase_contrast-overexposure-2")
     assert version.tags["criterion"] == "label_free" and version.tags["chosen"] == chosen[0]["chosen"] and version.tags["reason"]
-    served = load_checkpoint(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "served")))
+    served = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "served")))
+    served = load_checkpoint(next(served.rglob("*.pt")) if served.is_dir() else served)  # a LoggedModel's folder, or the file
     assert served.metadata["label_free_choice"]["chosen"] == chosen[0]["chosen"]
 
 
-def test_stopper_ends_a_diverging_trial_and_the_table_marks_it_collapsed(ray_session, tiny_synth, tiny_source, tmp_path):
+def test_a_collapse_ends_its_point_not_its_trial_and_the_table_marks_it_collapsed(ray_session, tiny_synth, tiny_source, tmp_path):
     from tune.sweep import run_sweep
+    from tune.sweep_config import SweepConfig
 
     sweep = _sweep(tiny_synth, tiny_source, tmp_path, "diverge",
-                   grid={"layer": [3], "lr": [1.0], "magnitude": [2.0]},
+                   grid={"layer": [1, 3], "lr": [1.0], "magnitude": [2.0]},
                    adapt={"steps": 40, "batch_size": 2, "crop_size": 64, "log_every": 2, "gate_accuracy": None,
-                          # the loop flags the collapse but would go on: the Tune stopper ends the trial on that flag
+                          # the loop flags the collapse but would go on: the sweep ends the point on that flag
                           "d_warmup_steps": 0, "stop_on_collapse": False, "collapse_g_loss": 0.5},
-                   # in the trial's own process: the stopper must see its reports just the same
+                   # in the trial's own process, both points in one trial (points_per_trial auto, one slot)
                    resources={"workers_per_trial": 0, "cpus_per_worker": 1, "max_concurrent_trials": 1})
     rows = run_sweep(sweep, log=lambda *_: None)
-    assert len(rows) == 1 and rows[0]["collapsed"] and "> bound 0.5" in rows[0]["collapse_reason"]
-    assert rows[0]["steps_done"] < 40
-    (trial,) = (sweep.storage_path / "train").glob("diverge-*")  # in-trial checkpoints: only the latest kept
-    assert [p.name for p in trial.glob("step_*")] == [f"step_{rows[0]['steps_done']}"]
+    assert sorted(r["layer"] for r in rows) == [1, 3] and len({r["trial_id"] for r in rows}) == 1
+    # the first point's collapse did not end the trial: the second point ran and collapsed on its own
+    assert all(r["collapsed"] and "> bound 0.5" in r["collapse_reason"] and r["steps_done"] < 40 for r in rows)
+    assert all(r["generator_path"] and not r["error"] for r in rows)
+    (trial,) = (sweep.storage_path / "train").glob("diverge-*")  # in-trial reports: one folder per point, the latest kept
+    for row in rows:
+        key = SweepConfig.point_key(row)
+        assert [p.name for p in (trial / key).glob("step_*")] == [f"step_{row['steps_done']}"]
 
 
-def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_trials(ray_session, tiny_synth, tiny_source, tmp_path):
+@pytest.mark.parametrize("resources", [
+    {"workers_per_trial": 1, "cpus_per_worker": 0.5, "max_concurrent_trials": 1},  # a worker group per point
+    {"workers_per_trial": 0, "cpus_per_worker": 1, "max_concurrent_trials": 1},  # one in-process trial of all three points
+], ids=["worker-group-per-point", "in-process-group"])
+def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_points(ray_session, tiny_synth, tiny_source, tmp_path, resources):
     from tune.sweep import run_sweep
 
     sweep = _sweep(tiny_synth, tiny_source, tmp_path, "killed", grid={"layer": [1, 2, 11], "lr": [1e-4], "magnitude": [2.0]},
-                   resources={"workers_per_trial": 1, "cpus_per_worker": 0.5, "max_concurrent_trials": 1})
+                   resources=resources)
+    grouped = len(sweep.trial_groups(16)) == 1
     config = tmp_path / "killed.yaml"
     config.write_text(yaml.safe_dump(sweep.model_dump(mode="json")))
     experiment = sweep.storage_path / "killed"
@@ -138,22 +154,36 @@ def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_trials(ray_s
     driver = subprocess.Popen([sys.executable, "-m", "tune.sweep", "--config", str(config),
                                "--address", ray_session.get_runtime_context().gcs_address],
                               cwd=Path(__file__).parents[1], stdout=log, stderr=subprocess.STDOUT)
+    first_point = sweep.storage_path / "train"
     try:
         deadline = time.monotonic() + 240
-        # One trial at a time: when the second trial's folder appears, the first has finished.
-        while len(list(experiment.glob("trial_driver_*"))) < 2:
+
+        def first_point_finished() -> bool:
+            if grouped:  # the first point's last report keeps its generator; the trial goes on with the second
+                return any(first_point.glob(f"killed-*/L1-lr0.0001-m2-s0/step_4/{GENERATOR_FILE}"))
+            return len(list(experiment.glob("trial_driver_*"))) >= 2  # one trial at a time: the first has finished
+
+        while not first_point_finished():
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the sweep did not reach its second trial in 240 s"
-            time.sleep(0.5)
-        time.sleep(4)  # longer than the driver's state-saving period (TUNE_GLOBAL_CHECKPOINT_S=2)
+            assert time.monotonic() < deadline, "the sweep did not finish its first point in 240 s"
+            time.sleep(0.2)
+        if grouped:  # killed inside its one trial: the last point has not finished
+            assert not any(first_point.glob(f"killed-*/L11-lr0.0001-m2-s0/step_4/{GENERATOR_FILE}"))
+        else:
+            time.sleep(4)  # longer than the driver's state-saving period (TUNE_GLOBAL_CHECKPOINT_S=2)
     finally:
         driver.kill()
         driver.wait()
+    (generator,) = first_point.glob(f"killed-*/L1-lr0.0001-m2-s0/step_4/{GENERATOR_FILE}")
+    written = generator.stat().st_mtime_ns
     first = next(experiment.glob("trial_driver_*_00000_*")) / "result.json"
     finished_before = first.read_bytes()
-    assert finished_before.count(b"\n") == 2  # both reports of 4 steps (log_every 2)
+    if not grouped:
+        assert finished_before.count(b"\n") == 2  # both reports of 4 steps (log_every 2)
 
     rows = run_sweep(sweep, resume=True, log=lambda *_: None)
     assert sorted(r["layer"] for r in rows) == [1, 2, 11]
-    assert all(r["steps_done"] == 4 and not r["error"] for r in rows)
-    assert first.read_bytes() == finished_before  # the finished trial was not run again
+    assert all(r["steps_done"] == 4 and not r["error"] and r["generator_path"] for r in rows)
+    assert generator.stat().st_mtime_ns == written  # the finished point was not run again
+    if not grouped:
+        assert first.read_bytes() == finished_before  # nor was its trial

@@ -74,6 +74,45 @@ def test_the_stopper_reads_the_adaptation_loops_collapse_verdict_and_remembers_w
     assert not stopper("d", {"pearson": 0.5})  # reports without losses are not judged
 
 
+def test_the_stopper_never_ends_a_trial_of_several_points_on_one_points_collapse():
+    stopper = ModeCollapseStopper()
+    collapsed = {"step": 2, "collapsed": 1.0, "collapse_reason": "generator loss 25 > bound 20 at step 2", "points_in_trial": 3}
+    assert not stopper("g", {**collapsed, "point": "L1-lr0.0001-m2-s0"})  # the point runner ends that point, the trial goes on
+    assert not stopper("g", {"step": 2, "collapsed": 0.0, "point": "L3-lr0.0001-m2-s0", "points_in_trial": 3})
+    assert stopper.reasons == {"g/L1-lr0.0001-m2-s0": "generator loss 25 > bound 20 at step 2"}
+    assert stopper("h", {**collapsed, "point": "L1-lr0.0001-m2-s0", "points_in_trial": 1})  # a trial of one point ends with it
+
+
+def test_the_grid_is_dealt_into_trials_that_mix_layers_and_load_each_target_once():
+    sweep = _config(grid={"layer": [0, 1, 2, 3], "lr": [1e-4], "magnitude": [1.5, 2.0]},
+                    resources={"workers_per_trial": 0, "max_concurrent_trials": 2, "points_per_trial": 4})
+    groups = sweep.trial_groups(16)
+    assert [[(p["magnitude"], p["layer"]) for p in group] for group in groups] == [
+        [(1.5, 0), (1.5, 3), (2.0, 0), (2.0, 3)],  # dealt back and forth: 0 and 3, 1 and 2 share a trial
+        [(1.5, 1), (1.5, 2), (2.0, 1), (2.0, 2)]]
+    every = sorted((p["magnitude"], p["layer"], p["lr"], p["seed"]) for group in groups for p in group)
+    assert every == sorted((p["magnitude"], p["layer"], p["lr"], p["seed"]) for p in sweep.trials(16))  # each point once
+    assert len({sweep.point_key(p) for group in groups for p in group}) == 8
+    assert sweep.point_key(groups[0][1]) == "L3-lr0.0001-m1.5-s0"
+
+
+@pytest.mark.parametrize("resources, sizes", [
+    ({"workers_per_trial": 0, "max_concurrent_trials": 2}, [4, 4]),  # auto, in the trial's process: one trial per slot
+    ({"workers_per_trial": 0, "max_concurrent_trials": 3}, [3, 3, 2]),
+    ({"workers_per_trial": 1, "max_concurrent_trials": 2}, [1] * 8),  # auto, worker groups: a point per trial
+    ({"workers_per_trial": 1, "points_per_trial": 3}, [3, 3, 2]),
+    ({"workers_per_trial": 0, "points_per_trial": 1}, [1] * 8),
+])
+def test_points_per_trial_auto_fills_each_concurrent_slot_once_in_process_and_keeps_worker_group_trials_single(resources, sizes):
+    sweep = _config(resources=resources)
+    assert sorted(map(len, sweep.trial_groups(16)), reverse=True) == sizes
+
+
+def test_points_per_trial_must_be_positive():
+    with pytest.raises(LmaddaError, match="points_per_trial must be at least 1"):
+        _config(resources={"points_per_trial": 0})
+
+
 def test_the_old_stop_section_names_where_its_thresholds_went():
     with pytest.raises(LmaddaError, match="collapse_g_loss.*saturation_collapses"):
         build_config(SweepConfig, None, **{**_config().model_dump(mode="json"), "stop": {"g_loss_bound": 20}})

@@ -1,10 +1,13 @@
 """The layer x learning-rate x shift-magnitude sweep: Ray Tune over Ray Train, results to Parquet and MLflow.
 
-Train V2 shape: each Tune trial runs `trial_driver`, a small function that fits a `TorchTrainer`
-running `adaptation_worker` (the lmadda loop) and relays its reports to Tune with
-`TuneReportCallback`, so `ModeCollapseStopper` sees every report. The last report of each adaptation
-carries the Pearson per marker on the labelled target test split, where labels exist. After the sweep, every trial becomes an MLflow run nested under
-one sweep run, and the whole grid becomes one Parquet table.
+Train V2 shape: each Tune trial runs `trial_driver` on a group of grid points (`resources.points_per_trial`;
+`SweepConfig.trial_groups`). With a worker group it fits a `TorchTrainer` running `adaptation_worker`
+(the lmadda loop, point after point) and relays its reports to Tune with `TuneReportCallback`; with
+`workers_per_trial: 0` it runs the same points in its own process. Either way the source model, the
+manifest and the images are loaded once per trial, every report names its point, and
+`ModeCollapseStopper` sees every report. The last report of each point carries the Pearson per marker
+on the labelled target test split, where labels exist, and the label-free criteria. After the sweep,
+every grid point becomes one row of a Parquet table and one MLflow run nested under one sweep run.
 
     python -m tune.sweep --config tune/configs/quick.yaml          # or: lmadda sweep run --config ...
     python -m tune.sweep --config tune/configs/quick.yaml --resume # finish an interrupted sweep
@@ -30,6 +33,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from lmadda.checkpoint import load_checkpoint
 from lmadda.config import build_config, read_config_file
 from lmadda.errors import LmaddaError
+from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 from tune.stopper import ModeCollapseStopper
 from tune.sweep_config import SweepConfig
@@ -45,8 +49,8 @@ reuse_actors=False, and the Ray instance needs its dashboard (the state API the 
 Without both, the second trial waits forever for CPUs the first one still holds."""
 
 
-# Every report carries a checkpoint (Train V2 needs one for Result.metrics); only the latest is
-# needed to resume or to read the result, and a paper-scale trial reports ~60 generators of ~200 MB.
+# Source training reports a checkpoint every epoch (Train V2 needs one for Result.metrics); only the
+# latest is needed to resume or to read the result. (Adaptation trials keep theirs in a PointStore.)
 KEEP_LATEST = CheckpointConfig(num_to_keep=1)
 
 
@@ -59,36 +63,56 @@ def target_name(sweep: SweepConfig, magnitude: float | None) -> str:
     return sweep.data.target_setting + (f"+{shift}" if shift else "")
 
 
-def trial_driver(config: dict) -> None:
-    """One Tune trial: adapt with a TorchTrainer (or, with workers_per_trial 0, in this process), then
-    evaluate and report."""
-    sweep = SweepConfig.model_validate(config["sweep"])
-    point = config["point"]
-    resources = sweep.resources
-    loop_config = {
+def trial_config(sweep: SweepConfig, points: list[dict]) -> dict:
+    """What `run_points` needs for one trial's grid points."""
+    return {
         "source_checkpoint": str(sweep.source.checkpoint), "manifest": str(sweep.data.manifest),
-        "source_setting": sweep.data.source_setting, "target_setting": sweep.data.target_setting,
-        "shift": shift_text(sweep, point["magnitude"]),
-        "adapt": {**sweep.adapt, "layer": [point["layer"]], "lr": point["lr"], "seed": point["seed"]},
-        "tags": {"layer": point["layer"], "lr": point["lr"], "seed": point["seed"],
-                 "magnitude": float("nan") if point["magnitude"] is None else point["magnitude"]},
+        "source_setting": sweep.data.source_setting, "target_setting": sweep.data.target_setting, "adapt": dict(sweep.adapt),
+        "points": [{"key": sweep.point_key(point), "shift": shift_text(sweep, point["magnitude"]),
+                    "adapt": {"layer": [point["layer"]], "lr": point["lr"], "seed": point["seed"]},
+                    "tags": {"layer": point["layer"], "lr": point["lr"], "seed": point["seed"],
+                             "magnitude": float("nan") if point["magnitude"] is None else point["magnitude"]}}
+                   for point in points],
     }
-    workers = resources.workers_per_trial
-    # The trial id is stable across Tuner.restore, so a restored trial's Train run resumes its own checkpoints.
+
+
+def trial_points(config: dict) -> list[dict]:
+    """A trial's grid points (trials of sweeps started before points were grouped hold one, as `point`)."""
+    return config["points"] if "points" in config else [config["point"]]
+
+
+def trial_driver(config: dict) -> None:
+    """One Tune trial: adapt its grid points with a TorchTrainer (or, with workers_per_trial 0, in this process),
+    each evaluated and reported."""
+    sweep = SweepConfig.model_validate(config["sweep"])
+    resources = sweep.resources
+    loop_config = trial_config(sweep, trial_points(config))
+    # The trial id is stable across Tuner.restore, so a restored trial finds its points' saved reports.
     trial_id = tune.get_context().get_trial_id()
-    if workers == 0:  # no worker group: what short single-device trials spend most of their time starting
+    store = sweep.storage_path / "train" / f"{sweep.name}-{trial_id}"
+    if resources.workers_per_trial == 0:  # no worker group: what short single-device trials spend most of their time starting
         use_gpu = resources.gpus_per_worker > 0 and torch.cuda.is_available()
-        in_trial_adaptation(loop_config, sweep.storage_path / "train" / f"{sweep.name}-{trial_id}",
-                            torch.device("cuda" if use_gpu else "cpu"))
+        in_trial_adaptation(loop_config, store, torch.device("cuda" if use_gpu else "cpu"))
         return
     trainer = TorchTrainer(
-        adaptation_worker, train_loop_config=loop_config, scaling_config=scaling_config(sweep),
+        adaptation_worker, train_loop_config={**loop_config, "store": str(store)}, scaling_config=scaling_config(sweep),
         run_config=RunConfig(name=f"{sweep.name}-{trial_id}", storage_path=str(sweep.storage_path / "train"),
                              callbacks=[TuneReportCallback()],
-                             failure_config=FailureConfig(max_failures=resources.max_failures),
-                             checkpoint_config=KEEP_LATEST),
+                             failure_config=FailureConfig(max_failures=resources.max_failures)),
     )
-    trainer.fit()  # its reports (and the final evaluation) reach Tune through TuneReportCallback
+    trainer.fit()  # its reports (and each point's final evaluation) reach Tune through TuneReportCallback
+
+
+def point_history(records: list[dict], key: str, only_point: bool) -> list[dict]:
+    """One point's adaptation reports from its trial's, in step order; a step reported twice (a restarted trial
+    re-reports the points it had finished) counts once, as last reported."""
+    by_step = {}
+    for record in records:
+        named = record.get("point")
+        mine = named == key if isinstance(named, str) else only_point  # reports of sweeps from before points were named
+        if mine and record.get("g_loss") is not None:
+            by_step[int(record.get("step", 0) or 0)] = record
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def _collapsed(history: list[dict]) -> tuple[bool, str]:
@@ -159,7 +183,7 @@ def _check_cpus(sweep: SweepConfig) -> None:
 
 
 def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[dict]:
-    """Run (or resume) the sweep; return one row per trial and write results.parquet + MLflow runs."""
+    """Run (or resume) the sweep; return one row per grid point and write results.parquet + MLflow runs."""
     _check_cpus(sweep)
     source = load_checkpoint(train_source_stage(sweep, log=log))
     points = sweep.trials(source.generator.num_layers)
@@ -181,9 +205,11 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     else:
         if experiment_path.exists() and tune.Tuner.can_restore(str(experiment_path)):
             raise LmaddaError(f"sweep {sweep.name!r} already exists at {experiment_path}; use --resume to finish it, or another name")
+        groups = sweep.trial_groups(source.generator.num_layers)
+        log(f"[sweep] {len(points)} grid points in {len(groups)} trials of up to {max(map(len, groups))}")
         tuner = tune.Tuner(
             trainable,
-            param_space={"sweep": sweep.model_dump(mode="json"), "point": tune.grid_search(points)},
+            param_space={"sweep": sweep.model_dump(mode="json"), "points": tune.grid_search(groups)},
             # reuse_actors=False: see LOCAL_RAY_NOTE (leaked Train placement groups otherwise).
             tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_trials, reuse_actors=False),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(sweep.storage_path), stop=stopper, verbose=0),
@@ -191,32 +217,16 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     grid = tuner.fit()
     rows = []
     for result in grid:
-        point = result.config["point"]
-        history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-        training = [r for r in history if r.get("g_loss") is not None]
-        collapsed, reason = _collapsed(training)
-        last = training[-1] if training else {}
-        checkpoint_path = last.get("checkpoint_path") or ""
-        row = {
-            "sweep": sweep.name, "trial_id": result.metrics.get("trial_id") if result.metrics else None,
-            "target": target_name(sweep, point["magnitude"]), "setting": sweep.data.target_setting,
-            "shift": sweep.data.shift or "none", "magnitude": float("nan") if point["magnitude"] is None else float(point["magnitude"]),
-            "layer": point["layer"], "lr": point["lr"], "seed": point["seed"],
-            "steps_done": int(last.get("step", 0) or 0), "final_g_loss": last.get("g_loss"), "final_d_acc": last.get("d_acc"),
-            "collapsed": collapsed, "collapse_reason": reason, "error": str(result.error) if result.error else "",
-            "generator_path": str(Path(checkpoint_path) / GENERATOR_FILE) if checkpoint_path else "",
-            # where a trial's time went: inside the adaptation steps, in the worker, in the trial
-            "steps_s": last.get("steps_s"), "worker_s": last.get("worker_s"), "trial_s": last.get("time_total_s"),
-        }
-        row.update({k: v for k, v in last.items() if k.startswith(("pearson", "lf_")) and isinstance(v, float) and math.isfinite(v)})
-        row["_history"] = training
-        rows.append(row)
+        trial = trial_points(result.config)
+        records = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+        for point in trial:
+            rows.append(point_row(sweep, point, point_history(records, sweep.point_key(point), len(trial) == 1), result, len(trial)))
     table_rows = [{k: v for k, v in r.items() if k != "_history"} for r in rows]
     out = sweep.storage_path / sweep.name / "results.parquet"
     temporary = out.with_name(".results.parquet.partial")
     pq.write_table(pa.Table.from_pylist(table_rows), temporary)
     temporary.replace(out)
-    log(f"[sweep] {len(rows)} trials -> {out}")
+    log(f"[sweep] {len(rows)} grid points -> {out}")
     unadapted = unadapted_pearson(sweep, source)
     report = write_sweep_report(table_rows, unadapted, source.generator.last_layer, experiment_path / "report")
     log(format_selection(table_rows, unadapted, best_per_target(table_rows, unadapted)))
@@ -225,6 +235,31 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
 
     log_sweep(sweep, rows, out, log=log, unadapted=unadapted, report_files=report)
     return table_rows
+
+
+def point_row(sweep: SweepConfig, point: dict, history: list[dict], result, points_in_trial: int) -> dict:
+    """One grid point's row of the results table (and, in `_history`, its curve for MLflow)."""
+    collapsed, reason = _collapsed(history)
+    last = history[-1] if history else {}
+    steps = int(last.get("step", 0) or 0)
+    finished = last.get("point_done") == 1.0 or collapsed or steps >= AdaptConfig(layer=[0], **sweep.adapt).steps
+    saved = last.get("checkpoint_path")
+    generator = Path(saved) / GENERATOR_FILE if isinstance(saved, str) and saved else None
+    row = {
+        "sweep": sweep.name, "trial_id": result.metrics.get("trial_id") if result.metrics else None,
+        "target": target_name(sweep, point["magnitude"]), "setting": sweep.data.target_setting,
+        "shift": sweep.data.shift or "none", "magnitude": float("nan") if point["magnitude"] is None else float(point["magnitude"]),
+        "layer": point["layer"], "lr": point["lr"], "seed": point["seed"],
+        "steps_done": steps, "final_g_loss": last.get("g_loss"), "final_d_acc": last.get("d_acc"),
+        "collapsed": collapsed, "collapse_reason": reason, "error": str(result.error) if result.error and not finished else "",
+        "generator_path": str(generator) if generator is not None and generator.is_file() else "",
+        # where a trial's time went: inside this point's adaptation steps, in this point, in the trial so far
+        "steps_s": last.get("steps_s"), "worker_s": last.get("worker_s"), "trial_s": last.get("time_total_s"),
+        "trial_points": points_in_trial,
+    }
+    row.update({k: v for k, v in last.items() if k.startswith(("pearson", "lf_")) and isinstance(v, float) and math.isfinite(v)})
+    row["_history"] = history if finished else []  # MLflow gets finished points only; a resumed sweep logs the rest
+    return row
 
 
 def unadapted_pearson(sweep: SweepConfig, source) -> dict[str, dict[str, float]]:

@@ -11,13 +11,15 @@
     grid: {layer: [0, 3, 7, 15], lr: [2.0e-5, 1.0e-4], magnitude: [1.5, 2.5], seed: [0]}
     adapt: {steps: 60, batch_size: 4, saturation_collapses: true}   # any AdaptConfig option except layer, lr, seed;
                                              # collapse thresholds too (collapse_g_loss, saturation_*)
-    resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent_trials: 1}
+    resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent_trials: 1,
+                points_per_trial: auto}      # grid points one trial runs in turn, paying its start-up once
     mlflow: {tracking_uri: null, experiment: null}   # default: SQLite beside the sweep
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -82,6 +84,18 @@ class ResourceSpec(_Strict):
     max_concurrent_trials: int = Field(1, ge=1)
     trial_cpus: float = Field(0.01, gt=0, description="CPU reserved by each trial's driver function (it only waits)")
     max_failures: int = Field(1, ge=0, description="worker failures a trial survives, resuming from its last checkpoint")
+    points_per_trial: int | Literal["auto"] = Field(
+        "auto", description="grid points one trial runs one after another, loading the source model, the manifest and the "
+                            "images (and starting its worker group) once; each point still reports, stops on collapse and "
+                            "resumes on its own. auto: in-process trials (workers_per_trial 0) share the grid evenly over "
+                            "max_concurrent_trials, worker-group trials run one point each")
+
+    @field_validator("points_per_trial")
+    @classmethod
+    def _at_least_one(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError(f"points_per_trial must be at least 1 (or auto), got {value}")
+        return value
 
 
 class MlflowSpec(_Strict):
@@ -154,9 +168,41 @@ class SweepConfig(_Strict):
         return list(range(num_layers)) if self.grid.layer == "all" else list(self.grid.layer)
 
     def trials(self, num_layers: int) -> list[dict]:
-        """Every point of the grid, in a stable order (the order trials are named and run in)."""
+        """Every point of the grid, in a stable order."""
         magnitudes = self.grid.magnitude or [None]
         return [
             {"layer": layer, "lr": lr, "magnitude": magnitude, "seed": seed}
             for magnitude, layer, lr, seed in itertools.product(magnitudes, self.layers(num_layers), self.grid.lr, self.grid.seed)
         ]
+
+    def points_per_trial(self, points: int) -> int:
+        setting = self.resources.points_per_trial
+        if setting != "auto":
+            return setting
+        if self.resources.workers_per_trial:  # long data-parallel trials: start-up is noise, a failure costs one point
+            return 1
+        return max(1, math.ceil(points / self.resources.max_concurrent_trials))
+
+    def trial_groups(self, num_layers: int) -> list[list[dict]]:
+        """The grid dealt out into trials of at most `points_per_trial` points, each list in the order its trial runs them.
+
+        Points are ordered by target (magnitude, seed), then lr, then layer, and dealt like cards, back and forth
+        (trial 0, 1, ..., n-1, n-1, ..., 0, ...), so concurrent trials get a similar mix of cheap early and costly
+        late layers; within a trial they keep that order, so it loads each target's images once.
+        """
+        def target_order(point: dict) -> tuple:
+            return (point["magnitude"] is not None, point["magnitude"] or 0.0, point["seed"], point["lr"], point["layer"])
+
+        points = sorted(self.trials(num_layers), key=target_order)
+        count = math.ceil(len(points) / self.points_per_trial(len(points)))
+        groups: list[list[dict]] = [[] for _ in range(count)]
+        for index, point in enumerate(points):
+            lap, seat = divmod(index, count)
+            groups[seat if lap % 2 == 0 else count - 1 - seat].append(point)
+        return [group for group in groups if group]
+
+    @staticmethod
+    def point_key(point: dict) -> str:
+        """A grid point's name: its trial folder and its reports' `point` field (e.g. L3-lr2e-05-m1.5-s0)."""
+        magnitude = "none" if point["magnitude"] is None else f"{point['magnitude']:g}"
+        return f"L{point['layer']}-lr{point['lr']:g}-m{magnitude}-s{point['seed']}"

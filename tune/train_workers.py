@@ -1,4 +1,5 @@
-"""Ray Train per-worker functions: source training and the LM-ADDA loop, data-parallel.
+"""Ray Train per-worker functions: source training and the LM-ADDA loop, data-parallel; and the grid-point
+runner every sweep trial uses, in a worker group or in the trial's own process.
 
 Both run the lmadda loops themselves (`train_source`, `Adapter`), not copies. In both, the
 configured `batch_size` is the effective batch: each of N workers takes batch_size / N, so a result
@@ -8,7 +9,16 @@ does not depend on how many workers computed it.
 sharded with `DistributedSampler`, and a checkpoint (loop state + best generator so far) reported
 after every epoch, from which a restarted worker group resumes.
 
-`adaptation_worker` builds an `lmadda.training.adapt.Adapter` (the same loop `lmadda adapt` runs) with:
+`run_points` adapts the grid points of one sweep trial one after another. It loads what they share
+once (the source model, the manifest, the source images; each target's images, labelled test
+images and label-free probe while its points run), so a trial of several points pays its start-up
+once. Every `log_every` steps it reports the point's metrics, tagged with the point's key, and keeps
+the point's loop state in a `PointStore` folder; at the point's last report (its last step, or its
+first report flagged collapsed: a collapse ends the point, never the rest of the trial) it adds the
+evaluations and the adapted generator. A restarted trial re-reports the points it had finished
+(without running them again) and resumes the one it was in from its state.
+
+`adaptation_worker` runs `run_points` as a Ray Train worker with:
 - the device Ray Train assigned (`ray.train.torch.get_device`),
 - DDP around the trained prefix of G' and around the discriminators (`prepare_model`; gloo on CPU,
   NCCL on GPU, chosen by Ray), frozen layers excluded because they need no gradient,
@@ -16,34 +26,35 @@ after every epoch, from which a restarted worker group resumes.
 - crops sharded with `DistributedSampler`,
 - the gate and collapse decisions averaged over workers, so all workers stop at the same step and
   call `ray.train.report` the same number of times,
-- a checkpoint on every report (rank 0 writes it; Train V2 sets `Result.metrics` only from reports
-  that carry one), and resumption from `ray.train.get_checkpoint()` after a failure.
+- the point store written by rank 0 (`store` in its config: a sweep's trials), or, for one
+  adaptation run on its own, a Ray Train checkpoint on every report (Train V2 sets `Result.metrics`
+  only from reports that carry one) and resumption from `ray.train.get_checkpoint()` after a failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-import numpy as np
-
-from lmadda.checkpoint import load_checkpoint, save_checkpoint
-from lmadda.data.dataset import load_images
+from lmadda.checkpoint import GeneratorCheckpoint, LoopState, load_checkpoint, load_loop_state, save_checkpoint, save_loop_state
+from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
-from lmadda.selection import label_free_criteria
 from lmadda.models.generator import UNetGenerator
+from lmadda.selection import SelectionProbe
 from lmadda.training.adapt import AdaptConfig, Adapter
 from lmadda.training.source import SourceHooks, SourceTrainConfig, load_source_data, source_checkpoint, train_source
 
@@ -99,13 +110,15 @@ def source_worker(config: dict) -> None:
             state_file = Path(folder) / SOURCE_STATE_FILE
             if not state_file.is_file():
                 raise LmaddaError(f"{checkpoint.path} holds no {SOURCE_STATE_FILE}; resume from a checkpoint of a source-training run")
-            resume = torch.load(state_file, map_location=device, weights_only=False)
+            resume = load_loop_state(state_file, "source", map_location=device,
+                                     fix="train the source model again without resume_from (a sweep: delete its "
+                                         "train/<sweep>-source folder)").state
 
     def report(record: dict, state: dict) -> None:
         with tempfile.TemporaryDirectory() as folder:
             report_checkpoint = None
             if rank == 0:  # one copy of the state; every rank reports, so all report equally often
-                torch.save(state, Path(folder) / SOURCE_STATE_FILE)
+                save_loop_state(Path(folder) / SOURCE_STATE_FILE, "source", state)
                 save_checkpoint(Path(folder) / GENERATOR_FILE, source_checkpoint(
                     train_config, state["best_generator"], train_images, state["history"], state["best_pearson"]))
                 report_checkpoint = ray.train.Checkpoint.from_directory(folder)
@@ -114,17 +127,26 @@ def source_worker(config: dict) -> None:
     train_source(train_config, progress=False, data=(train_images, val_images), hooks=hooks, resume=resume, on_epoch=report)
 
 
+def labelled_test_images(manifest: Manifest, setting: str, shift: Shift | None, source: GeneratorCheckpoint) -> list[LoadedImage] | None:
+    """The target's labelled test split; None when the target has no paired images."""
+    try:
+        return load_images(manifest, setting, "test", source.markers, shift=shift, percentiles=source.percentiles)
+    except LmaddaError:
+        return None  # no paired target images: a label-free criterion has to choose
+
+
+def pearson_per_marker(generator: UNetGenerator, images: list[LoadedImage], markers: list[str], input_transform=None) -> dict[str, float]:
+    rows = evaluate_generator(generator, images, markers, input_transform=input_transform)
+    metrics = {f"pearson_{m}": float(np.nanmean([r["pearson"] for r in rows if r["marker"] == m])) for m in markers}
+    metrics["pearson"] = float(np.nanmean(list(metrics.values())))
+    return metrics
+
+
 def labelled_pearson(generator: UNetGenerator, manifest: Manifest, setting: str, shift: Shift | None, source,
                      input_transform=None) -> dict[str, float]:
     """Pearson per marker on the target's labelled test split; empty when the target has no labels."""
-    try:
-        images = load_images(manifest, setting, "test", source.markers, shift=shift, percentiles=source.percentiles)
-    except LmaddaError:
-        return {}  # no paired target images: a label-free criterion has to choose
-    rows = evaluate_generator(generator, images, source.markers, input_transform=input_transform)
-    metrics = {f"pearson_{m}": float(np.nanmean([r["pearson"] for r in rows if r["marker"] == m])) for m in source.markers}
-    metrics["pearson"] = float(np.nanmean(list(metrics.values())))
-    return metrics
+    images = labelled_test_images(manifest, setting, shift, source)
+    return pearson_per_marker(generator, images, source.markers, input_transform) if images else {}
 
 
 def _mean_over_workers(values: list[float]) -> list[float]:
@@ -133,101 +155,218 @@ def _mean_over_workers(values: list[float]) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
-def adaptation_worker(config: dict) -> None:
-    """Run one LM-ADDA adaptation as a Ray Train worker (see `run_adaptation` for `config`)."""
-    context = ray.train.get_context()
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+class PointStore:
+    """A trial's saved reports, one folder per grid point: `<root>/<point key>/step_<n>/`, holding the loop
+    state (`adapter_state.pt`, with the report's metrics beside it) and, at the point's last report, the
+    adapted generator (`generator.pt`). Each folder is written whole, then renamed; only the latest is kept."""
 
-    def report(metrics: dict, folder: Path | None) -> None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+    durable = True  # its folders outlive the trial: a report may name them
 
-    run_adaptation(config, world_size=context.get_world_size(), rank=context.get_world_rank(),
-                   device=ray.train.torch.get_device(), resume=resume, report=report)
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def latest(self, key: str) -> Path | None:
+        folders = [p for p in (self.root / key).glob("step_*") if p.name[5:].isdigit()]
+        return max(folders, key=lambda p: int(p.name[5:]), default=None)
+
+    def keep(self, key: str, step: int, folder: Path) -> Path:
+        point = self.root / key
+        target, partial = point / f"step_{step}", point / f".step_{step}.partial"
+        point.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(folder, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        for older in point.glob("step_*"):  # the latest only: the state to resume, the result to read
+            if older != target:
+                shutil.rmtree(older, ignore_errors=True)
+        return target
 
 
-def run_adaptation(config: dict, *, world_size: int, rank: int, device: torch.device, resume: dict | None,
-                   report: Callable[[dict, Path | None], None]) -> None:
-    """One LM-ADDA adaptation, reporting every `log_every` steps.
+class _TrainCheckpointStore:
+    """One adaptation run on its own under Ray Train: its latest Train checkpoint is the saved report."""
 
-    `config` keys: source_checkpoint, manifest, source_setting, target_setting, shift (or None),
-    adapt (AdaptConfig options), and tags (free-form, for metrics). `report(metrics, folder)` gets a
-    folder holding the loop state and the adapted generator on rank 0 (None elsewhere), valid only
-    during the call. Reports carry `worker_s` (since this function started) and `steps_s` (inside
-    the loop's steps), so a sweep can tell training time from start-up and evaluation overhead.
+    durable = False  # a local copy, gone after the run
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def latest(self, key: str) -> Path | None:
+        return self.folder
+
+
+def points_of(config: dict) -> list[dict]:
+    """The grid points a trial runs: `config["points"]`, or the one adaptation a config without them describes
+    (`adapt` with its layer, lr and seed, `shift`, `tags`)."""
+    if "points" in config:
+        return config["points"]
+    return [{"key": "adaptation", "adapt": {}, "shift": config.get("shift"), "tags": config.get("tags", {})}]
+
+
+class _Target:
+    """One target domain of a trial (target setting + shift, and the seed of the shift's noise) and what its points share."""
+
+    def __init__(self, trial: "TrialData", shift_text: str | None, seed: int):
+        self.key = (shift_text, seed)
+        self.shift = Shift.parse(shift_text) if shift_text else None
+        self.name = trial.target_setting + (f"+{self.shift}" if self.shift else "")
+        self.images = load_images(trial.manifest, trial.target_setting, "train", shift=self.shift,
+                                  percentiles=trial.source.percentiles, seed=seed)
+        self.seed = seed
+        self._test_images: list[LoadedImage] | None | bool = False  # False: not loaded yet
+        self._probes: dict[int, SelectionProbe] = {}
+
+    def test_images(self, trial: "TrialData") -> list[LoadedImage] | None:
+        if self._test_images is False:
+            self._test_images = labelled_test_images(trial.manifest, trial.target_setting, self.shift, trial.source)
+        return self._test_images
+
+    def probe(self, trial: "TrialData", crop_size: int) -> SelectionProbe:
+        """The label-free criteria's fixed crops and source-side references (`lmadda.selection.label_free_criteria`)."""
+        if crop_size not in self._probes:
+            self._probes[crop_size] = SelectionProbe(trial.source.generator, trial.source_images, self.images,
+                                                     crop_size=crop_size, seed=self.seed)
+        return self._probes[crop_size]
+
+
+class TrialData:
+    """What every grid point of a trial shares, loaded once: the source model, the manifest, the source images,
+    and the target of the points running now (the next target replaces it: one target's images at a time)."""
+
+    def __init__(self, config: dict):
+        self.source = load_checkpoint(config["source_checkpoint"])
+        self.manifest = Manifest.load(config["manifest"])
+        self.source_setting, self.target_setting = config["source_setting"], config["target_setting"]
+        self.source_images = load_images(self.manifest, self.source_setting, "train", percentiles=self.source.percentiles)
+        self._target: _Target | None = None
+
+    def target(self, shift_text: str | None, seed: int) -> _Target:
+        if self._target is None or self._target.key != (shift_text, seed):
+            self._target = None  # let the previous target's images go first
+            self._target = _Target(self, shift_text, seed)
+        return self._target
+
+
+Report = Callable[[dict, "Path | None"], None]
+
+
+def run_points(config: dict, *, world_size: int, rank: int, device: torch.device, store, report: Report) -> None:
+    """Adapt every grid point of `config` in turn (see the module docstring).
+
+    `config` keys: source_checkpoint, manifest, source_setting, target_setting, adapt (AdaptConfig options
+    shared by the points), and points: each with key, adapt (its layer, lr, seed), shift (or None) and tags
+    (free-form, for metrics); or, for one adaptation, adapt, shift and tags at the top (`points_of`).
+    `store.latest(key)` is the folder of the point's latest saved report, or None. `report(metrics, folder)`
+    gets a folder to keep (rank 0; valid only during the call) or None. Every report carries the point's key,
+    the number of points in the trial, `steps_s` (the point's time inside adaptation steps) and `worker_s`
+    (the point's time from its start, its evaluations included), so a sweep can tell training from overhead.
     """
+    points = points_of(config)
+    fix = "rerun this grid point from the start: delete {folder} (or rerun the sweep without --resume, under a new name)"
+    # Every rank reads the saved reports before any rank writes one (rank 0 writes only after steps all ranks take).
+    saved = [store.latest(point["key"]) for point in points]
+    trial = TrialData(config)
+    for point, folder in zip(points, saved):
+        state = load_loop_state(folder / STATE_FILE, "adapter", fix=fix.format(folder=folder.parent)) if folder else None
+        if folder is not None and (folder / GENERATOR_FILE).is_file():  # finished before the trial restarted: report it, do not redo it
+            metrics = dict(state.metadata["metrics"])
+            if store.durable:
+                metrics["checkpoint_path"] = str(folder)
+            report(metrics, None)
+            continue
+        adapt_options = {**config["adapt"], **point["adapt"]}
+        target = trial.target(point.get("shift"), adapt_options.get("seed", AdaptConfig.model_fields["seed"].default))
+        run_adaptation(trial, target, adapt_options, point, world_size=world_size, rank=rank, device=device, resume=state,
+                       report=report, points_in_trial=len(points))
+
+
+def run_adaptation(trial: TrialData, target: _Target, adapt_options: dict, point: dict, *, world_size: int, rank: int,
+                   device: torch.device, resume: LoopState | None, report: Report, points_in_trial: int = 1) -> None:
+    """One grid point: LM-ADDA from the shared data, reporting every `log_every` steps (see `run_points`)."""
     started = time.perf_counter()
     distributed = world_size > 1
-    source = load_checkpoint(config["source_checkpoint"])
-    adapt_config = AdaptConfig(**{**config["adapt"], "device": str(device)})
+    source = trial.source
+    adapt_config = AdaptConfig(**{**adapt_options, "device": str(device)})
     effective_batch = adapt_config.batch_size
     adapt_config = adapt_config.model_copy(update={"batch_size": worker_batch(effective_batch, world_size)})
-    manifest = Manifest.load(config["manifest"])
-    shift = Shift.parse(config["shift"]) if config.get("shift") else None
-    source_images = load_images(manifest, config["source_setting"], "train", percentiles=source.percentiles)
-    target_images = load_images(manifest, config["target_setting"], "train", shift=shift, percentiles=source.percentiles, seed=adapt_config.seed)
-
     sampler_factory = _distributed_sampler_factory(world_size, rank, adapt_config.seed) if distributed else None
     prepare = ray.train.torch.prepare_model if distributed else None
-    adapter = Adapter(source, source_images, target_images, adapt_config, device=device, prepare=prepare,
+    adapter = Adapter(source, trial.source_images, target.images, adapt_config, device=device, prepare=prepare,
                       sampler_factory=sampler_factory, sync_batchnorm=sync_batchnorm(distributed, device),
                       reduce=_mean_over_workers if distributed else None)
     if resume is not None:
-        adapter.load_state_dict(resume)
-
-    target_name = config["target_setting"] + (f"+{shift}" if shift else "")
-    tags = config.get("tags", {})
-    steps_s = 0.0
-    while not adapter.finished:
+        adapter.load_state_dict(resume.state)
+    steps_s = resume.metadata["metrics"]["steps_s"] if resume is not None else 0.0
+    tags = {**point.get("tags", {}), "point": point["key"], "points_in_trial": points_in_trial}
+    last = False
+    while not last:
         step_started = time.perf_counter()
         record = adapter.step()
         steps_s += time.perf_counter() - step_started
         if record is None:
             continue
+        last = adapter.finished or record["collapsed"]  # a collapse ends the point (not the trial), whatever stop_on_collapse says
         metrics = {**record, "collapsed": float(record["collapsed"]), "d_saturated": float(record["d_saturated"]),
-                   "done": float(adapter.finished), "steps_s": steps_s, "worker_s": time.perf_counter() - started, **tags}
+                   "point_done": float(last), "steps_s": steps_s, **tags}  # not `done`: that one ends a Tune trial
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
-                torch.save(adapter.state_dict(), Path(folder) / STATE_FILE)
-                result = adapter.finish()
-                if adapter.finished:  # the last report carries the evaluations: labelled where labels exist, label-free always
-                    metrics.update(labelled_pearson(result.generator, manifest, config["target_setting"], shift, source,
-                                                    result.input_correction))
-                    criteria = label_free_criteria(source.generator, result.generator, source_images, target_images,
-                                                   crop_size=adapt_config.crop_size, seed=adapt_config.seed,
-                                                   input_transform=result.input_correction)
+                if last:  # the last report carries the evaluations (labelled where labels exist, label-free always) and the generator
+                    result = adapter.finish()
+                    test_images = target.test_images(trial)
+                    if test_images:
+                        metrics.update(pearson_per_marker(result.generator, test_images, source.markers, result.input_correction))
+                    criteria, _ = target.probe(trial, adapt_config.crop_size).measure(result.generator, result.input_correction)
                     metrics.update({f"lf_{name}": value for name, value in criteria.items()})
-                save_checkpoint(Path(folder) / GENERATOR_FILE, result.checkpoint(
-                    source, adapt_config.model_copy(update={"batch_size": effective_batch}), target_name, **tags))
+                    save_checkpoint(Path(folder) / GENERATOR_FILE, result.checkpoint(
+                        source, adapt_config.model_copy(update={"batch_size": effective_batch}), target.name, **point.get("tags", {})))
+                metrics["worker_s"] = time.perf_counter() - started
+                save_loop_state(Path(folder) / STATE_FILE, "adapter", adapter.state_dict(), {"metrics": metrics})
+            else:
+                metrics["worker_s"] = time.perf_counter() - started
             report(metrics, Path(folder) if rank == 0 else None)
 
 
-def in_trial_adaptation(config: dict, checkpoints: Path, device: torch.device) -> None:
-    """Run one adaptation inside the Tune trial's own process, with no Ray Train worker group.
+def adaptation_worker(config: dict) -> None:
+    """Run `run_points` as a Ray Train worker. With `store` in `config` (a sweep trial's folder), rank 0 keeps
+    every report in a `PointStore` there and reports carry its path; without, `config` describes one adaptation
+    and every report carries a Ray Train checkpoint, from which a restarted worker group resumes."""
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    with contextlib.ExitStack() as stack:
+        if config.get("store"):
+            store = PointStore(config["store"])
+
+            def report(metrics: dict, folder: Path | None) -> None:
+                if folder is not None:
+                    metrics = {**metrics, "checkpoint_path": str(store.keep(metrics["point"], int(metrics["step"]), folder))}
+                ray.train.report(metrics)
+        else:
+            if len(points_of(config)) > 1:
+                raise LmaddaError("several grid points in one worker group need a `store` folder to keep each point's result")
+            checkpoint = ray.train.get_checkpoint()
+            store = _TrainCheckpointStore(Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None)
+
+            def report(metrics: dict, folder: Path | None) -> None:
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
+
+        run_points(config, world_size=context.get_world_size(), rank=rank, device=ray.train.torch.get_device(),
+                   store=store, report=report)
+
+
+def in_trial_adaptation(config: dict, store_root: Path, device: torch.device) -> None:
+    """Run `run_points` inside the Tune trial's own process, with no Ray Train worker group.
 
     For short trials on one device the worker group's start-up dominates (bench/sweep_overhead.py);
-    here every report goes straight to Tune, with the checkpoint copied under `checkpoints`
-    (step_<n>/, written whole then renamed; older ones removed), from which a restarted trial resumes.
+    here every report goes straight to Tune, with its folder kept in a `PointStore` under `store_root`,
+    from which a restarted trial resumes.
     """
     from ray import tune
 
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    done = sorted((p for p in checkpoints.glob("step_*") if (p / GENERATOR_FILE).is_file()), key=lambda p: int(p.name[5:]))
-    resume = torch.load(done[-1] / STATE_FILE, map_location="cpu", weights_only=False) if done else None
+    store = PointStore(store_root)
 
     def report(metrics: dict, folder: Path | None) -> None:
-        target = checkpoints / f"step_{int(metrics['step'])}"
-        partial = checkpoints / f".step_{int(metrics['step'])}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(folder, partial)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-        for older in checkpoints.glob("step_*"):  # keep the latest only: the state to resume, the result to read
-            if older != target:
-                shutil.rmtree(older, ignore_errors=True)
-        tune.report({**metrics, "checkpoint_path": str(target)})
+        if folder is not None:
+            metrics = {**metrics, "checkpoint_path": str(store.keep(metrics["point"], int(metrics["step"]), folder))}
+        tune.report(metrics)
 
-    run_adaptation(config, world_size=1, rank=0, device=device, resume=resume, report=report)
+    run_points(config, world_size=1, rank=0, device=device, store=store, report=report)

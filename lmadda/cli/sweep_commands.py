@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run = sweep_sub.add_parser("run", help="run (or --resume) a sweep from a YAML config (see tune/configs/)",
                                description="Same as `python -m tune.sweep`; submit it to a cluster with `ray job submit --working-dir . -- lmadda sweep run --config ...`.")
     run.add_argument("--config", type=Path, required=True)
-    run.add_argument("--resume", action="store_true", help="finish an interrupted sweep without redoing finished trials")
+    run.add_argument("--resume", action="store_true", help="finish an interrupted sweep without redoing finished grid points")
     run.add_argument("--reuse", action="store_true", help="resume the sweep if it exists, start it otherwise (what `make demo` uses)")
     run.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster or a new local one)")
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance")

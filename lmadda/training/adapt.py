@@ -39,7 +39,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
@@ -298,14 +297,15 @@ class Adapter:
         self.target_features = prepare(MatchedFeatures(self.target_generator, config))
 
         crops = max(64, config.batch_size)
-        self.source_batches = endless(UnpairedCrops(source_images, config.crop_size, length=crops, seed=config.seed),
-                                      config.batch_size, config.seed, sampler_factory)
+        self.sampler_factory = sampler_factory
+        self.source_crops = UnpairedCrops(source_images, config.crop_size, length=crops, seed=config.seed)
+        self.source_batches = endless(self.source_crops, config.batch_size, config.seed, sampler_factory)
         self.input_correction = HistogramMatcher(source_images) if config.input_correction == "histogram_matching" else None
         if self.input_correction is not None:  # G' learns on corrected inputs, as it will see them in use
             target_images = [dataclasses.replace(image, input=self.input_correction(image.input)) for image in target_images]
         self.target_images = target_images  # (corrected) for the adapted model's domain reference at the end
-        self.target_batches = endless(UnpairedCrops(target_images, config.crop_size, length=crops, seed=config.seed + 1),
-                                      config.batch_size, config.seed + 1, sampler_factory)
+        self.target_crops = UnpairedCrops(target_images, config.crop_size, length=crops, seed=config.seed + 1)
+        self.target_batches = endless(self.target_crops, config.batch_size, config.seed + 1, sampler_factory)
 
         with torch.no_grad():  # size each discriminator to the tensor it judges
             probe = matched_features(self.source_generator, next(self.source_batches).to(self.device), config)
@@ -415,7 +415,8 @@ class Adapter:
         return self.step_number >= self.config.steps or (self.result.collapsed and self.config.stop_on_collapse)
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: weights of G' and D, optimiser states, counters, history."""
+        """Everything needed to resume exactly: weights of G' and D, optimiser states, counters, history, the sums
+        of the log in progress (plain data and tensors: `lmadda.checkpoint.save_loop_state` stores it as it is)."""
         discriminators = self.discriminators.module if hasattr(self.discriminators, "module") else self.discriminators
         return {
             "step": self.step_number, "running_accuracy": self.running_accuracy, "saturated_logs": self.saturated_logs,
@@ -423,7 +424,7 @@ class Adapter:
             "optimizer_g": self.optimizer_g.state_dict(), "optimizer_d": self.optimizer_d.state_dict(),
             "history": list(self.result.history), "collapsed": self.result.collapsed,
             "collapse_reason": self.result.collapse_reason, "d_saturated": self.result.d_saturated,
-            "g_updates": self.result.g_updates,
+            "g_updates": self.result.g_updates, "partial_sums": dict(self._sums),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -439,8 +440,13 @@ class Adapter:
         self.result.steps_done = self.step_number
         self.result.collapsed, self.result.collapse_reason = state["collapsed"], state["collapse_reason"]
         self.result.d_saturated = state["d_saturated"]
-        self.result.g_updates = state.get("g_updates", 0)  # states written before the counter existed
-        # the crop streams restart from the resumed step's epoch boundary; exact batches may differ
+        self.result.g_updates = state["g_updates"]
+        self._sums = dict(state["partial_sums"])
+        # The crop streams go on where they stopped (the probe in __init__ drew one source batch before step 1),
+        # so the resumed loop takes exactly the steps an uninterrupted one would.
+        config = self.config
+        self.source_batches = endless(self.source_crops, config.batch_size, config.seed, self.sampler_factory, skip=1 + self.step_number)
+        self.target_batches = endless(self.target_crops, config.batch_size, config.seed + 1, self.sampler_factory, skip=self.step_number)
 
     def finish(self) -> AdaptResult:
         generator = copy.deepcopy(self.target_generator).cpu().eval()

@@ -29,8 +29,12 @@ def autocast_for(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def endless(dataset: Dataset, batch_size: int, seed: int, sampler_factory=None, first_epoch: int = 0) -> Iterator:
-    """Batches forever; each pass is a new epoch of the (epoch-aware) dataset and sampler."""
+def endless(dataset: Dataset, batch_size: int, seed: int, sampler_factory=None, first_epoch: int = 0, skip: int = 0) -> Iterator:
+    """Batches forever; each pass is a new epoch of the (epoch-aware) dataset and sampler.
+
+    `skip`: batches passed over first, so a resumed loop draws the batches an uninterrupted one would
+    (whole epochs are passed over without loading a crop; each epoch's order depends only on its number).
+    """
     epoch = first_epoch
     while True:
         if hasattr(dataset, "set_epoch"):
@@ -38,9 +42,16 @@ def endless(dataset: Dataset, batch_size: int, seed: int, sampler_factory=None, 
         sampler = sampler_factory(dataset, epoch) if sampler_factory else None
         generator = torch.Generator().manual_seed(seed + epoch)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True, generator=generator)
+        if skip and len(loader) and skip >= len(loader):
+            skip -= len(loader)
+            epoch += 1
+            continue
         yielded = False
         for batch in loader:
             yielded = True
+            if skip:
+                skip -= 1
+                continue
             yield batch
         if not yielded:
             raise ValueError(f"dataset of {len(dataset)} items yields no batch of {batch_size}")
