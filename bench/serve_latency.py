@@ -9,6 +9,10 @@ Images larger than 256x256 get a fifth of the requests (they take seconds each o
 the fixed cost are also measured paired: one in-process forward, one request, alternated, so that
 both see the same load of a shared machine (the figures to compare across code changes).
 
+What the per-image domain score costs (lmadda.domain): the same model is also registered with a
+domain reference, and the two are requested alternately at concurrency 1; the median ratio of their
+latencies is the score's cost at the endpoint.
+
 Where a request's time goes (figures only, nothing asserted): each stage the endpoint runs (decode
 with the header's pixel check, percentile normalisation, tiling and blending, the forward passes,
 camera units, TIFF encoding) timed in this process with the endpoint's own functions; the time
@@ -67,7 +71,7 @@ def stage_times(checkpoint, body: bytes, *, tile_batch: int, repeats: int = 5) -
 
     from lmadda.data.dataset import target_from_model_range
     from lmadda.inference import TilePlan, model_input, to_camera_units
-    from serve.codec import decode_request_image, encode_tiff
+    from lmadda_serve.codec import decode_request_image, encode_tiff
 
     runs: dict[str, list[float]] = {stage: [] for stage in STAGES}
     for _ in range(repeats + 1):  # the first is a warm-up
@@ -126,6 +130,20 @@ def paired_overhead(url: str, body: bytes, reference, rounds: int) -> dict:
             "ratio_p50": statistics.median(p[0] / p[2] for p in pairs), "fixed_cost_p50_s": statistics.median(p[0] - p[2] for p in pairs)}
 
 
+def paired_domain_cost(url: str, setting: str, scored_setting: str, body: bytes, rounds: int) -> dict:
+    """What the per-image domain score costs a request: the same model with and without a domain reference
+    (two registry settings), requested alternately so both see the same load. Medians over the pairs."""
+    pairs = []
+    for _ in range(rounds):
+        plain = post(url.format(setting=setting), body)
+        scored = post(url.format(setting=scored_setting), body)
+        pairs.append((plain[0], scored[0], plain[1], scored[1]))
+    return {"rounds": rounds, "client_p50_s": statistics.median(p[0] for p in pairs),
+            "client_scored_p50_s": statistics.median(p[1] for p in pairs),
+            "client_ratio_p50": statistics.median(p[1] / p[0] for p in pairs),
+            "handler_ratio_p50": statistics.median(p[3] / p[2] for p in pairs)}
+
+
 def print_breakdown(size: int, stages: dict[str, float], load: dict) -> dict:
     """Client latency at concurrency 1, split into the stages, the rest of the handler, and the proxy."""
     server = statistics.median(load["server_s"])
@@ -182,13 +200,13 @@ def main() -> int:
     from ray import serve
 
     from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
-    from tune.tracking import register_checkpoint
+    from lmadda_tune.tracking import register_checkpoint
     from lmadda.data.dataset import to_model_range
     from lmadda.data.normalise import normalise
     from lmadda.inference import predict_tiled
     from lmadda.models import GeneratorConfig, UNetGenerator
     from lmadda.models.generator import init_weights
-    from serve.local import start_local
+    from lmadda_serve.local import start_local
 
     root = Path(tempfile.mkdtemp(prefix="lmadda-serve-bench-"))
     torch.manual_seed(0)
@@ -198,6 +216,13 @@ def main() -> int:
     path = save_checkpoint(root / "generator.pt", checkpoint)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     register_checkpoint(tracking_uri, path, "dapi", "bench", experiment="serve-bench")
+    # The same model with a domain reference, so every request to this setting is scored (lmadda.domain)
+    from lmadda.domain import build_reference
+
+    reference_image = to_model_range(normalise(np.random.default_rng(1).integers(0, 4000, size=(1, 1024, 1024)).astype(np.float32))[0])
+    scored = GeneratorCheckpoint(generator=generator.eval(), markers=["dapi", "cd29"], setting="bench",
+                                 domain_reference=build_reference(generator, [reference_image], domain="bench", crops=16))
+    register_checkpoint(tracking_uri, save_checkpoint(root / "generator_scored.pt", scored), "dapi", "bench_scored", experiment="serve-bench")
 
     ray.init(num_cpus=args.num_cpus, log_to_driver=False)
     # One replica with every CPU: Ray sets a replica's torch threads to its num_cpus, and the
@@ -242,9 +267,14 @@ def main() -> int:
             print(f"  {size:>4}x{size:<4} paired at concurrency 1 ({paired['rounds']} rounds): endpoint {paired['client_p50_s'] * 1000:.1f} ms, "
                   f"handler {paired['handler_p50_s'] * 1000:.1f} ms, in-process forward {paired['forward_p50_s'] * 1000:.1f} ms; "
                   f"ratio {paired['ratio_p50']:.3f}, fixed cost {paired['fixed_cost_p50_s'] * 1000:.1f} ms")
+            domain_cost = paired_domain_cost(f"{url}/v1/stain?setting={{setting}}&marker=dapi", "bench", "bench_scored",
+                                             bodies[size].read_bytes(), args.pairs if size <= 256 else max(5, args.pairs // 4))
+            print(f"  {size:>4}x{size:<4} domain score, paired ({domain_cost['rounds']} rounds): endpoint "
+                  f"{domain_cost['client_p50_s'] * 1000:.1f} ms without, {domain_cost['client_scored_p50_s'] * 1000:.1f} ms with; "
+                  f"ratio {domain_cost['client_ratio_p50']:.3f} (handler {domain_cost['handler_ratio_p50']:.3f})")
             breakdown = print_breakdown(size, stages[size], load[1])
             record["sizes"][str(size)][mode] = {"load": load, "p50_over_forward_at_concurrency_1": load[1]["p50_s"] / forward[size],
-                                                "paired_concurrency_1": paired,
+                                                "paired_concurrency_1": paired, "domain_score_paired": domain_cost,
                                                 "breakdown_concurrency_1_s": breakdown}
             for concurrency, row in load.items():
                 print(f"  {size:>4}x{size:<4} concurrency {concurrency:>2}: p50 {row['p50_s'] * 1000:7.1f} ms  p95 {row['p95_s'] * 1000:7.1f} ms  "

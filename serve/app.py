@@ -56,9 +56,9 @@ from lmadda.errors import LmaddaError
 from lmadda.domain import DomainScore, DomainTally, domain_headers, forward_scored, score_tiles
 from lmadda.device import resolve_device
 from lmadda.inference import TilePlan, model_input, to_camera_units
-from serve.auth import resolve_auth
-from serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers, read_body
-from serve.registry import StainModels
+from lmadda_serve.auth import resolve_auth
+from lmadda_serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers, read_body
+from lmadda_serve.registry import StainModels
 
 logger = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 8  # generators kept per replica (LRU); a 16-layer ngf=64 generator is ~200 MB

@@ -20,9 +20,9 @@ def read_serve_config(path: Path = DEFAULT_CONFIG) -> dict:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
         raise LmaddaError(f"cannot read Serve config {path}: {error}") from error
-    apps = [a for a in (config or {}).get("applications", []) if a.get("import_path") == "serve.app:build_app"]
+    apps = [a for a in (config or {}).get("applications", []) if a.get("import_path") == "lmadda_serve.app:build_app"]
     if len(apps) != 1:
-        raise LmaddaError(f"{path} must hold exactly one application with import_path serve.app:build_app")
+        raise LmaddaError(f"{path} must hold exactly one application with import_path lmadda_serve.app:build_app")
     app = apps[0]
     deployments = [d for d in app.get("deployments", []) if d.get("name") == "StainService"]
     deployment = {k: v for k, v in (deployments[0] if deployments else {}).items() if k != "name"}
@@ -34,8 +34,8 @@ def read_serve_config(path: Path = DEFAULT_CONFIG) -> dict:
 def controller_options(config: dict, args: dict) -> dict:
     """The config's controller options, with the proxies' guard (serve/proxy.py) installed and its body
     limits equal to the application's `max_body_mb` and `body_timeout_s` (overrides included)."""
-    from serve.app import BODY_TIMEOUT_S, MAX_BODY_MB
-    from serve.proxy import proxy_env
+    from lmadda_serve.app import BODY_TIMEOUT_S, MAX_BODY_MB
+    from lmadda_serve.proxy import proxy_env
 
     runtime_env = dict(config["controller_options"].get("runtime_env") or {})
     guard = proxy_env(args.get("max_body_mb", MAX_BODY_MB), args.get("body_timeout_s", BODY_TIMEOUT_S))
@@ -47,7 +47,7 @@ def with_launcher_token(args: dict, host: str, environ: Mapping[str, str]) -> di
     """`args` plus the digest of this shell's token, so that it reaches every replica wherever Ray
     places it (a replica reads its node's environment, not this shell's); LmaddaError, before Ray
     starts, for a non-loopback address without a token unless the config allows it."""
-    from serve.auth import resolve_auth, token_digest
+    from lmadda_serve.auth import resolve_auth, token_digest
 
     token_env = args.get("token_env", "LMADDA_SERVE_TOKEN")
     token = environ.get(token_env, "").strip()
@@ -64,7 +64,7 @@ def start_local(config_path: Path = DEFAULT_CONFIG, *, host: str | None = None, 
     by `deployment`); return its URL."""
     from ray import serve
 
-    from serve.app import application, check_args
+    from lmadda_serve.app import application, check_args
 
     config = read_serve_config(config_path)
     host = host or config["http_options"].get("host", "127.0.0.1")

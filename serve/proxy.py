@@ -8,7 +8,7 @@ the replica about 250 MiB and the proxy about 440 MiB), and a client that stalls
 one of the replica's `max_ongoing_requests` until `body_timeout_s`.
 
 `ProxyGuard` runs in the proxy and reads the whole body first, with the replica's own routine
-(`serve.codec.read_body`: the byte limit kept while streaming, the time limit), and only then
+(`lmadda_serve.codec.read_body`: the byte limit kept while streaming, the time limit), and only then
 hands the request to Serve. A body over the limit gets 413 and is read no further; a stalled one
 gets 408; neither ever reaches Serve's router, so they hold no replica and count against no limit
 of Serve's. It also gives Serve's own refusals, which are plain text (503 when every replica and
@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 
-PROXY_CALLBACK = "serve.proxy:middlewares"
+PROXY_CALLBACK = "lmadda_serve.proxy:middlewares"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"  # read by Serve's proxy at start-up
 MAX_BODY_ENV = "LMADDA_PROXY_MAX_BODY_MB"  # the application's max_body_mb
 BODY_TIMEOUT_ENV = "LMADDA_PROXY_BODY_TIMEOUT_S"  # the application's body_timeout_s
@@ -77,7 +77,7 @@ class ProxyGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.max_bytes is not None and self.body_timeout_s is not None:
-            from serve.codec import RequestError, read_body
+            from lmadda_serve.codec import RequestError, read_body
 
             try:
                 body = await read_body(self.body_chunks(receive), declared_length=dict(scope["headers"]).get(b"content-length", b"").decode(),

@@ -33,7 +33,7 @@ from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.errors import LmaddaError
 from lmadda.registry_names import MODEL_PREFIX, SHA256_TAG, marker_of
 from lmadda.tracking_store import relocate_artifacts
-from serve.codec import RequestError
+from lmadda_serve.codec import RequestError
 
 logger = logging.getLogger("ray.serve")
 

@@ -43,7 +43,7 @@ def ray_session():
     """One local Ray instance for the whole test session (start-up costs seconds on 2 cores)."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)  # dashboard on: tune.sweep.LOCAL_RAY_NOTE
+        ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)  # dashboard on: lmadda_tune.sweep.LOCAL_RAY_NOTE
     yield ray
     ray.shutdown()
 

@@ -113,7 +113,7 @@ def test_the_rayjob_runs_the_command_the_job_submit_test_runs_and_its_runtime_en
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert isinstance(runtime_env, dict) and "working_dir" in runtime_env
     command = shlex.split(job["spec"]["entrypoint"])
-    assert command[:3] == ["python", "-m", "tune.sweep"]  # tests/test_ray_job_submit.py submits the same
+    assert command[:3] == ["python", "-m", "lmadda_tune.sweep"]  # tests/test_ray_job_submit.py submits the same
     importlib.import_module(command[2])
     config = command[command.index("--config") + 1]
     assert (REPO / config).is_file()

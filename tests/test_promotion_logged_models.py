@@ -1,8 +1,8 @@
 """Promotion registers each chosen generator as an MLflow LoggedModel, and the registry and the endpoint follow it.
 
 The sweep's trials are fake rows (no Ray) with real, tiny generator checkpoints: what is under test is
-`tune.tracking.promote` and `register_checkpoint` (run -> LoggedModel -> registry version), the endpoint's
-model cache (`serve.registry.StainModels`) and `lmadda runs compare` (`tune.tracking.compare_runs`).
+`lmadda_tune.tracking.promote` and `register_checkpoint` (run -> LoggedModel -> registry version), the endpoint's
+model cache (`lmadda_serve.registry.StainModels`) and `lmadda runs compare` (`lmadda_tune.tracking.compare_runs`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _checkpoint(path: Path, seed: int) -> Path:
 @pytest.fixture
 def sweep(tmp_path, migrated_store) -> SimpleNamespace:
     """A logged sweep of two trials: layer 11 beats layer 1 on both markers."""
-    from tune.tracking import log_sweep
+    from lmadda_tune.tracking import log_sweep
 
     storage = tmp_path / "sweeps"
     storage.mkdir()
@@ -70,13 +70,13 @@ def _stored_file(model) -> Path:
 
 
 def _promote(sweep) -> list[dict]:
-    from tune.tracking import promote
+    from lmadda_tune.tracking import promote
 
     return promote(sweep.tracking_uri, sweep.experiment, criterion="pearson", **QUIET)
 
 
 def test_promotion_makes_a_ready_logged_model_of_the_winning_trial_with_its_params_and_metrics(sweep):
-    from serve.registry import file_sha256
+    from lmadda_serve.registry import file_sha256
 
     promoted = _promote(sweep)
     client = _client(sweep.tracking_uri)
@@ -114,7 +114,7 @@ def test_each_registry_version_is_created_from_the_logged_model(sweep):
 
 
 def test_the_endpoint_resolves_and_loads_a_promoted_logged_model_and_refuses_a_swapped_file(sweep, tmp_path):
-    from serve.registry import StainModels
+    from lmadda_serve.registry import StainModels
 
     promoted = _promote(sweep)
     models = StainModels(sweep.tracking_uri, tmp_path / "cache")
@@ -130,7 +130,7 @@ def test_the_endpoint_resolves_and_loads_a_promoted_logged_model_and_refuses_a_s
 
 
 def test_runs_compare_lists_the_logged_models_with_their_versions_and_aliases(sweep):
-    from tune.tracking import compare_runs
+    from lmadda_tune.tracking import compare_runs
 
     before = compare_runs(sweep.tracking_uri, sweep.experiment)
     assert "LoggedModels): none;" in before
@@ -144,7 +144,7 @@ def test_runs_compare_lists_the_logged_models_with_their_versions_and_aliases(sw
 
 
 def test_promoting_again_adds_versions_to_the_same_logged_model(sweep):
-    from tune.tracking import compare_runs
+    from lmadda_tune.tracking import compare_runs
 
     first = _promote(sweep)
     second = _promote(sweep)
@@ -158,7 +158,7 @@ def test_promoting_again_adds_versions_to_the_same_logged_model(sweep):
 
 
 def test_a_logged_model_whose_stored_file_was_damaged_is_not_reused(sweep):
-    from serve.registry import file_sha256
+    from lmadda_serve.registry import file_sha256
 
     first = _promote(sweep)
     client = _client(sweep.tracking_uri)
@@ -190,7 +190,7 @@ def test_a_promotion_that_fails_midway_leaves_a_failed_logged_model_and_the_next
 
 def test_versions_registered_before_logged_models_still_resolve_and_load(sweep, tmp_path):
     """A store promoted by an older lmadda: versions with a `runs:/` source, no LoggedModel. Nothing of it is lost."""
-    from serve.registry import StainModels, file_sha256
+    from lmadda_serve.registry import StainModels, file_sha256
 
     client = _client(sweep.tracking_uri)
     old = _checkpoint(tmp_path / "old" / "generator.pt", seed=7)
@@ -214,8 +214,8 @@ def test_versions_registered_before_logged_models_still_resolve_and_load(sweep, 
 
 
 def test_a_checkpoint_registered_outside_a_sweep_is_a_logged_model_the_endpoint_serves(tmp_path, migrated_store):
-    from serve.registry import StainModels
-    from tune.tracking import register_checkpoint
+    from lmadda_serve.registry import StainModels
+    from lmadda_tune.tracking import register_checkpoint
 
     shutil.copy(migrated_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -230,7 +230,7 @@ def test_a_checkpoint_registered_outside_a_sweep_is_a_logged_model_the_endpoint_
 
 def test_a_moved_store_serves_its_promoted_logged_models_from_the_new_place(sweep, tmp_path):
     """A LoggedModel's artifact location is an absolute file: URI too; opening the moved store re-points it."""
-    from serve.registry import StainModels
+    from lmadda_serve.registry import StainModels
 
     first = _promote(sweep)
     moved = tmp_path / "elsewhere" / "sweeps"
@@ -245,10 +245,10 @@ def test_a_moved_store_serves_its_promoted_logged_models_from_the_new_place(swee
 
 
 def test_a_label_free_choice_is_one_logged_model_for_every_marker_with_the_selectors_evidence(sweep, monkeypatch):
-    import tune.label_free_promotion as label_free
+    import lmadda_tune.label_free_promotion as label_free
     from lmadda.checkpoint import load_checkpoint
     from lmadda.selector import Choice
-    from tune.tracking import _promote_label_free
+    from lmadda_tune.tracking import _promote_label_free
 
     client = _client(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.experiment).experiment_id

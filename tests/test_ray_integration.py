@@ -14,7 +14,7 @@ import pytest
 
 from lmadda.errors import LmaddaError
 from mlflow.tracking import MlflowClient
-from tune.train_workers import GENERATOR_FILE
+from lmadda_tune.train_workers import GENERATOR_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_worker_runs_in_process_with_zero_workers_and_reports_labelled_pearson(r
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tune.train_workers import adaptation_worker
+    from lmadda_tune.train_workers import adaptation_worker
 
     trainer = TorchTrainer(adaptation_worker, train_loop_config=_loop_config(tiny_synth, tiny_source),
                            scaling_config=ScalingConfig(num_workers=0), run_config=RunConfig(name="local", storage_path=str(tmp_path)))
@@ -40,7 +40,7 @@ def test_worker_runs_in_process_with_zero_workers_and_reports_labelled_pearson(r
 
 
 def _sweep(tiny_synth, tiny_source, tmp_path, name, **overrides):
-    from tune.sweep_config import SweepConfig
+    from lmadda_tune.sweep_config import SweepConfig
 
     data = {
         "name": name, "storage_path": str(tmp_path / "sweeps"), "source": {"checkpoint": str(tiny_source)},
@@ -55,8 +55,8 @@ def _sweep(tiny_synth, tiny_source, tmp_path, name, **overrides):
 
 def test_a_two_point_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_session, tiny_synth, tiny_source, tmp_path):
     from lmadda.checkpoint import load_checkpoint
-    from tune.sweep import run_sweep
-    from tune.tracking import promote
+    from lmadda_tune.sweep import run_sweep
+    from lmadda_tune.tracking import promote
 
     # The source model does not exist yet: the sweep trains it first (Ray Train), then adapts it.
     trained = tmp_path / "models" / "source.pt"
@@ -116,8 +116,8 @@ def test_a_two_point_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_ses
 
 
 def test_a_collapse_ends_its_point_not_its_trial_and_the_table_marks_it_collapsed(ray_session, tiny_synth, tiny_source, tmp_path):
-    from tune.sweep import run_sweep
-    from tune.sweep_config import SweepConfig
+    from lmadda_tune.sweep import run_sweep
+    from lmadda_tune.sweep_config import SweepConfig
 
     sweep = _sweep(tiny_synth, tiny_source, tmp_path, "diverge",
                    grid={"layer": [1, 3], "lr": [1.0], "magnitude": [2.0]},
@@ -142,7 +142,7 @@ def test_a_collapse_ends_its_point_not_its_trial_and_the_table_marks_it_collapse
     {"workers_per_trial": 0, "cpus_per_worker": 1, "max_concurrent_trials": 1},  # one in-process trial of all three points
 ], ids=["worker-group-per-point", "in-process-group"])
 def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_points(ray_session, tiny_synth, tiny_source, tmp_path, resources):
-    from tune.sweep import run_sweep
+    from lmadda_tune.sweep import run_sweep
 
     sweep = _sweep(tiny_synth, tiny_source, tmp_path, "killed", grid={"layer": [1, 2, 11], "lr": [1e-4], "magnitude": [2.0]},
                    resources=resources)
@@ -151,7 +151,7 @@ def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_points(ray_s
     config.write_text(yaml.safe_dump(sweep.model_dump(mode="json")))
     experiment = sweep.storage_path / "killed"
     log = (tmp_path / "driver.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-m", "tune.sweep", "--config", str(config),
+    driver = subprocess.Popen([sys.executable, "-m", "lmadda_tune.sweep", "--config", str(config),
                                "--address", ray_session.get_runtime_context().gcs_address],
                               cwd=Path(__file__).parents[1], stdout=log, stderr=subprocess.STDOUT)
     first_point = sweep.storage_path / "train"

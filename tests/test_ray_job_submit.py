@@ -78,7 +78,7 @@ def test_ray_job_submit_runs_a_tiny_sweep_on_a_local_head(local_head, tiny_synth
     while True:
         submitted = subprocess.run(
             [str(ray_cli), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "-m", "tune.sweep", "--config", str(path)],
+             "python", "-m", "lmadda_tune.sweep", "--config", str(path)],
             env=env, capture_output=True, text=True, timeout=400,
         )
         if "No available agent" not in submitted.stderr or time.monotonic() > deadline:

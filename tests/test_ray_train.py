@@ -35,7 +35,7 @@ def test_two_ddp_workers_adapt_exactly_as_one_process_with_the_same_effective_ba
     from lmadda.data.dataset import load_images
     from lmadda.data.manifest import Manifest
     from lmadda.training.adapt import AdaptConfig, Adapter
-    from tune.train_workers import GENERATOR_FILE, adaptation_worker
+    from lmadda_tune.train_workers import GENERATOR_FILE, adaptation_worker
 
     # A fast D with two warm-up steps gives G' gradients well above float rounding: Adam divides each
     # gradient by its own size, so near-zero gradients would turn summation-order noise into steps.
@@ -81,7 +81,7 @@ def test_source_training_runs_on_two_ddp_workers_and_resumes_from_its_checkpoint
     from ray.train.torch import TorchTrainer
 
     from lmadda.checkpoint import load_checkpoint
-    from tune.train_workers import GENERATOR_FILE, source_worker
+    from lmadda_tune.train_workers import GENERATOR_FILE, source_worker
 
     train = {"manifest": str(tiny_synth.source), "markers": ["dapi"], "ngf": 4, "depth": 6, "ndf": 4, "crop_size": 64,
              "batch_size": 4, "crops_per_epoch": 8, "epochs": 1}

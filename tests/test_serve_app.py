@@ -18,7 +18,7 @@ import torch
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.errors import LmaddaError
 from lmadda.models import GeneratorConfig, UNetGenerator
-from serve.registry import ModelRef
+from lmadda_serve.registry import ModelRef
 
 TOKEN = "in-process-token-0123456789"
 
@@ -78,7 +78,7 @@ class FakeStamp:
 def patch_app_global(monkeypatch, name, value):
     """Patch a module global of serve/app.py as the service's methods see it (Serve's decorators
     hand the class a copy of the module's globals)."""
-    import serve.app as app_module
+    import lmadda_serve.app as app_module
 
     monkeypatch.setattr(app_module, name, value, raising=False)
     monkeypatch.setitem(app_module.StainService.func_or_class.__mro__[1].__init__.__globals__, name, value)
@@ -88,7 +88,7 @@ def make_service(monkeypatch, *, host="127.0.0.1", environ=None, models=None, **
     """A StainService instance as a replica would hold it, without Ray."""
     import ray.serve
 
-    import serve.app as app_module
+    import lmadda_serve.app as app_module
 
     for name in ("LMADDA_SERVE_TOKEN",):
         monkeypatch.delenv(name, raising=False)
@@ -119,7 +119,7 @@ def make_service(monkeypatch, *, host="127.0.0.1", environ=None, models=None, **
 async def call(service, method, path, *, query="", headers=(), chunks=(b"",), stall=False, pulled=None):
     """One ASGI request against the real app, bound to `service`; (status, headers, body). The body
     arrives as `chunks`; with `stall`, the client then sends nothing more."""
-    from serve.app import app
+    from lmadda_serve.app import app
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
@@ -211,7 +211,7 @@ def test_a_replica_on_a_non_loopback_address_without_a_token_refuses_to_start(mo
 
 
 def test_the_start_up_log_says_whether_auth_is_on_and_where_the_token_came_from_never_the_token(monkeypatch, caplog):
-    from serve.auth import token_digest
+    from lmadda_serve.auth import token_digest
 
     with caplog.at_level(logging.INFO, logger="ray.serve"):
         make_service(monkeypatch, host="0.0.0.0", token_sha256=token_digest(TOKEN))
@@ -225,7 +225,7 @@ def test_the_start_up_log_says_whether_auth_is_on_and_where_the_token_came_from_
 
 
 def test_a_token_given_as_its_digest_guards_every_v1_route(monkeypatch):
-    from serve.auth import token_digest
+    from lmadda_serve.auth import token_digest
 
     service = make_service(monkeypatch, host="0.0.0.0", models=FakeModels(MODELS), token_sha256=token_digest(TOKEN))
     assert asyncio.run(stain(service, token=None, chunks=[IMAGE]))[0] == 401
@@ -326,7 +326,7 @@ def test_unknown_routes_and_wrong_methods_answer_with_the_error_shape(monkeypatc
 
 
 def test_a_micro_batched_forward_never_exceeds_the_tile_cap(monkeypatch):
-    import serve.app as app_module
+    import lmadda_serve.app as app_module
 
     service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN}, micro_batch=True, tile_batch=4)
     sizes = []

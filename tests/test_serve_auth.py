@@ -3,7 +3,7 @@
 import pytest
 
 from lmadda.errors import LmaddaError
-from serve.auth import is_loopback, resolve_auth, token_digest
+from lmadda_serve.auth import is_loopback, resolve_auth, token_digest
 
 TOKEN = "a-random-token-0123456789abcdef"
 
@@ -33,7 +33,7 @@ def test_the_token_comes_from_the_args_digest_or_the_replica_environment_and_is_
 
 
 def test_lmadda_serve_passes_its_shells_token_to_the_replicas_as_a_digest_and_refuses_an_open_bind(monkeypatch):
-    from serve.local import start_local, with_launcher_token
+    from lmadda_serve.local import start_local, with_launcher_token
 
     args = with_launcher_token({"token_env": "LMADDA_SERVE_TOKEN"}, "0.0.0.0", {"LMADDA_SERVE_TOKEN": TOKEN})
     assert args["token_sha256"] == token_digest(TOKEN) and TOKEN not in str(args)
@@ -43,7 +43,7 @@ def test_lmadda_serve_passes_its_shells_token_to_the_replicas_as_a_digest_and_re
 
 
 def test_a_quoted_boolean_in_the_config_is_refused():
-    from serve.app import check_args
+    from lmadda_serve.app import check_args
 
     with pytest.raises(ValueError, match="allow_unauthenticated is 'false'; write true or false without quotes"):
         check_args({"allow_unauthenticated": "false"})

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from serve.codec import RequestError, check_channels, check_name, decode_request_image, decode_response_metadata, encode_tiff, parse_markers
+from lmadda_serve.codec import RequestError, check_channels, check_name, decode_request_image, decode_response_metadata, encode_tiff, parse_markers
 
 MIB = 2**20
 
@@ -88,11 +88,11 @@ def _bomb(kind: str, side: int = 8192) -> bytes:
 
 @pytest.mark.parametrize("kind", ["tiff", "png"])
 def test_a_decompression_bomb_is_refused_from_its_header_before_decoding(kind, monkeypatch):
-    import serve.codec
+    import lmadda_serve.codec
 
     body = _bomb(kind)
     assert len(body) < 200 * 1024
-    monkeypatch.setattr(serve.codec, "decode_image", lambda *a, **k: pytest.fail("decoded a bomb"))
+    monkeypatch.setattr(lmadda_serve.codec, "decode_image", lambda *a, **k: pytest.fail("decoded a bomb"))
     status, message = _status(lambda: decode_request_image(body, f"image/{kind}", max_bytes=256 * MIB, max_megapixels=17))
     assert status == 413 and "8192x8192" in message and "67.1 megapixels" in message and "max_megapixels" in message
 

@@ -4,18 +4,18 @@ import pytest
 import yaml
 
 from lmadda.errors import LmaddaError
-from serve.local import DEFAULT_CONFIG, read_serve_config
+from lmadda_serve.local import DEFAULT_CONFIG, read_serve_config
 
 
 def test_the_shipped_serve_config_validates_with_rays_own_schema():
     from ray.serve.schema import ServeDeploySchema
 
     schema = ServeDeploySchema.parse_obj(yaml.safe_load(DEFAULT_CONFIG.read_text()))
-    assert [app.import_path for app in schema.applications] == ["serve.app:build_app"]
+    assert [app.import_path for app in schema.applications] == ["lmadda_serve.app:build_app"]
 
 
 def test_lmadda_serve_reads_args_and_deployment_options_from_it():
-    from serve.app import ARG_NAMES
+    from lmadda_serve.app import ARG_NAMES
 
     config = read_serve_config()
     assert set(config["args"]) <= set(ARG_NAMES)
@@ -23,13 +23,13 @@ def test_lmadda_serve_reads_args_and_deployment_options_from_it():
 
 
 def test_unknown_args_and_foreign_configs_are_refused(tmp_path):
-    from serve.app import check_args
+    from lmadda_serve.app import check_args
 
     with pytest.raises(ValueError, match="unknown serve args \\['tiel'\\]"):
         check_args({"tiel": 256})
     other = tmp_path / "other.yaml"
     other.write_text("applications: [{name: x, import_path: other.app:build}]")
-    with pytest.raises(LmaddaError, match="serve.app:build_app"):
+    with pytest.raises(LmaddaError, match="lmadda_serve.app:build_app"):
         read_serve_config(other)
 
 

@@ -73,8 +73,8 @@ def endpoint(ray_session, tiny_source, tmp_path_factory):
     from ray import serve
 
     from lmadda.checkpoint import load_checkpoint, save_checkpoint
-    from serve.app import StainService
-    from serve.proxy import proxy_env
+    from lmadda_serve.app import StainService
+    from lmadda_serve.proxy import proxy_env
 
     root = tmp_path_factory.mktemp("serve")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -279,8 +279,8 @@ def test_a_token_from_the_launching_shell_and_a_reload_reach_every_replica(endpo
     `ray start` cluster; one POST /v1/reload must still reach both replicas."""
     from ray import serve
 
-    from serve.app import application
-    from serve.local import with_launcher_token
+    from lmadda_serve.app import application
+    from lmadda_serve.local import with_launcher_token
 
     monkeypatch.setenv("LMADDA_TEST_LATE_TOKEN", "late-token-456")  # the raylet, started earlier, never saw it
     client, paths = endpoint["client"], endpoint["paths"]

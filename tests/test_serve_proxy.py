@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from serve.proxy import ProxyGuard, middlewares, proxy_env
+from lmadda_serve.proxy import ProxyGuard, middlewares, proxy_env
 
 MIB = 2**20
 
@@ -120,20 +120,20 @@ def test_the_proxy_callback_takes_its_limit_from_the_environment_the_controller_
 
 @pytest.mark.parametrize("overrides", [{}, {"max_body_mb": 12, "body_timeout_s": 3}])
 def test_lmadda_serve_installs_the_guard_with_the_applications_body_limit(overrides):
-    from serve.local import controller_options, read_serve_config
+    from lmadda_serve.local import controller_options, read_serve_config
 
     config = read_serve_config()
     env = controller_options(config, {**config["args"], **overrides})["runtime_env"]["env_vars"]
-    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serve.proxy:middlewares"
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "lmadda_serve.proxy:middlewares"
     assert float(env["LMADDA_PROXY_MAX_BODY_MB"]) == overrides.get("max_body_mb", config["args"]["max_body_mb"])
     assert float(env["LMADDA_PROXY_BODY_TIMEOUT_S"]) == overrides.get("body_timeout_s", config["args"]["body_timeout_s"])
 
 
 def test_serve_config_yaml_installs_the_guard_with_the_same_body_limit_for_serve_run():
-    from serve.local import read_serve_config
+    from lmadda_serve.local import read_serve_config
 
     config = read_serve_config()
     env = config["controller_options"]["runtime_env"]["env_vars"]
-    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "serve.proxy:middlewares"
+    assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "lmadda_serve.proxy:middlewares"
     assert float(env["LMADDA_PROXY_MAX_BODY_MB"]) == config["args"]["max_body_mb"]
     assert float(env["LMADDA_PROXY_BODY_TIMEOUT_S"]) == config["args"]["body_timeout_s"]

@@ -45,7 +45,7 @@ def registry(store, tmp_path):
 
 
 def test_a_poisoned_cache_is_downloaded_again_once_the_registry_file_is_fixed(registry, tmp_path):
-    from serve.registry import StainModels
+    from lmadda_serve.registry import StainModels
 
     models = StainModels(registry["uri"], tmp_path / "cache")
     with pytest.raises(LmaddaError, match="corrupt"):
@@ -56,7 +56,7 @@ def test_a_poisoned_cache_is_downloaded_again_once_the_registry_file_is_fixed(re
 
 
 def test_a_cached_file_that_changed_on_disk_is_detected_and_replaced(registry, tmp_path):
-    from serve.registry import StainModels
+    from lmadda_serve.registry import StainModels
 
     registry["stored"].write_bytes(registry["good"].read_bytes())
     models = StainModels(registry["uri"], tmp_path / "cache")
@@ -70,7 +70,7 @@ def test_a_cached_file_that_changed_on_disk_is_detected_and_replaced(registry, t
 
 
 def test_a_download_that_does_not_match_the_registered_sha256_is_refused(registry, tmp_path):
-    from serve.registry import StainModels, file_sha256
+    from lmadda_serve.registry import StainModels, file_sha256
 
     registry["stored"].write_bytes(registry["good"].read_bytes())
     name, _, version = registry["model_id"].partition("/")
@@ -87,8 +87,8 @@ def test_a_promoted_version_carries_its_sha256_and_a_tampered_file_is_never_serv
     cached copy changed on disk is downloaded again and checked against the tag too."""
     from urllib.parse import unquote, urlparse
 
-    from serve.registry import StainModels, file_sha256
-    from tune.tracking import _register, log_generator_model
+    from lmadda_serve.registry import StainModels, file_sha256
+    from lmadda_tune.tracking import _register, log_generator_model
 
     client = store["client"]
     run = client.create_run(store["experiment"])

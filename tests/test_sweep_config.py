@@ -3,9 +3,9 @@ import yaml
 
 from lmadda.config import build_config
 from lmadda.errors import LmaddaError
-from tune.stopper import ModeCollapseStopper
-from tune.sweep_config import SweepConfig
-from tune.tracking import alias_for
+from lmadda_tune.stopper import ModeCollapseStopper
+from lmadda_tune.sweep_config import SweepConfig
+from lmadda_tune.tracking import alias_for
 
 
 def _config(**changes):
@@ -124,7 +124,7 @@ def test_registry_aliases_are_valid_names():
 
 
 def test_a_missing_source_checkpoint_without_training_options_names_both_fixes(tmp_path):
-    from tune.sweep import train_source_stage
+    from lmadda_tune.sweep import train_source_stage
 
     with pytest.raises(LmaddaError, match="lmadda train-source.*source.train"):
         train_source_stage(_config().resolved(tmp_path))

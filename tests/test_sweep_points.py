@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tune.train_workers as workers
+import lmadda_tune.train_workers as workers
 from lmadda.checkpoint import load_checkpoint
 from lmadda.training.adapt import Adapter
-from tune.train_workers import GENERATOR_FILE, PointStore, run_points
+from lmadda_tune.train_workers import GENERATOR_FILE, PointStore, run_points
 
 
 def _config(tiny_synth, tiny_source, layers=(1, 2)) -> dict:

@@ -5,7 +5,7 @@ import math
 import pyarrow.parquet as pq
 
 from lmadda.study.results import stable_learning_rates
-from tune.sweep_report import best_per_target, write_sweep_report
+from lmadda_tune.sweep_report import best_per_target, write_sweep_report
 
 
 def _row(layer, lr, dapi, collapsed=False, target="pc+overexposure:2", magnitude=2.0):
@@ -35,7 +35,7 @@ def test_report_writes_figures_per_rate_the_best_table_and_the_selection(tmp_pat
 
 
 def test_auto_promotion_uses_labels_where_they_exist_and_the_label_free_selector_otherwise():
-    from tune.tracking import LABEL_FREE, resolve_criterion
+    from lmadda_tune.tracking import LABEL_FREE, resolve_criterion
 
     assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": 0.8}]) == "pearson"
     assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": float("nan")}]) == LABEL_FREE

@@ -36,7 +36,7 @@ def registered(tmp_path, migrated_store, tiny_source) -> Path:
 
 
 def _serve_loads(store: Path, cache: Path):
-    from serve.registry import StainModels
+    from lmadda_serve.registry import StainModels
 
     models = StainModels(_uri(store), cache)
     ref = models.resolve("dapi", "bright_field")

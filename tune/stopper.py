@@ -7,7 +7,7 @@ it and remembers why, so the results table marks the point `collapsed` instead o
 
 A trial may run several grid points (`resources.points_per_trial`). Tune can only stop a whole
 trial, so the stopper ends a trial on a collapse only when it runs that one point; in a trial of
-several, the point runner (`tune.train_workers.run_points`) ends the collapsed point at the same
+several, the point runner (`lmadda_tune.train_workers.run_points`) ends the collapsed point at the same
 report, on the same flag, and goes on with the next one.
 """
 

@@ -9,8 +9,8 @@ manifest and the images are loaded once per trial, every report names its point,
 on the labelled target test split, where labels exist, and the label-free criteria. After the sweep,
 every grid point becomes one row of a Parquet table and one MLflow run nested under one sweep run.
 
-    python -m tune.sweep --config tune/configs/quick.yaml          # or: lmadda sweep run --config ...
-    python -m tune.sweep --config tune/configs/quick.yaml --resume # finish an interrupted sweep
+    python -m lmadda_tune.sweep --config tune/configs/quick.yaml          # or: lmadda sweep run --config ...
+    python -m lmadda_tune.sweep --config tune/configs/quick.yaml --resume # finish an interrupted sweep
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from lmadda.config import build_config, read_config_file
 from lmadda.errors import LmaddaError
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
-from tune.stopper import ModeCollapseStopper
-from tune.sweep_config import SweepConfig
+from lmadda_tune.stopper import ModeCollapseStopper
+from lmadda_tune.sweep_config import SweepConfig
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
-from tune.sweep_report import best_per_target, format_selection, markers_of, write_sweep_report
-from tune.train_workers import GENERATOR_FILE, adaptation_worker, in_trial_adaptation, labelled_pearson, source_worker
+from lmadda_tune.sweep_report import best_per_target, format_selection, markers_of, write_sweep_report
+from lmadda_tune.train_workers import GENERATOR_FILE, adaptation_worker, in_trial_adaptation, labelled_pearson, source_worker
 
 
 LOCAL_RAY_NOTE = """Ray Train V2 under Tune leaves each trial's worker placement group reserved unless its
@@ -231,7 +231,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     report = write_sweep_report(table_rows, unadapted, source.generator.last_layer, experiment_path / "report")
     log(format_selection(table_rows, unadapted, best_per_target(table_rows, unadapted)))
     log(f"[sweep] figures and selection -> {experiment_path / 'report'}")
-    from tune.tracking import log_sweep
+    from lmadda_tune.tracking import log_sweep
 
     log_sweep(sweep, rows, out, log=log, unadapted=unadapted, report_files=report)
     return table_rows
@@ -275,7 +275,7 @@ def unadapted_pearson(sweep: SweepConfig, source) -> dict[str, dict[str, float]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m lmadda_tune.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="sweep YAML (see tune/configs/)")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted sweep without redoing finished trials")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster, or a new local one)")
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         # under `ray job submit --working-dir .`); Tune trials change directory, so resolve them now.
         sweep = build_config(SweepConfig, None, **data).resolved(Path.cwd())
         if not ray.is_initialized():
-            ray.init(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)  # keep the dashboard: see tune.sweep.LOCAL_RAY_NOTE
+            ray.init(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)  # keep the dashboard: see lmadda_tune.sweep.LOCAL_RAY_NOTE
         rows = run_sweep(sweep, resume=args.resume)
     except LmaddaError as error:
         print(f"lmadda sweep: error: {error}", file=sys.stderr)

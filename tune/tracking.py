@@ -186,7 +186,7 @@ def _generator_path(client: MlflowClient, run_id: str) -> str:
 def _stored_sha256(client: MlflowClient, model_id: str) -> str:
     """The SHA-256 of a fresh download of the LoggedModel's generator file: the bytes the registry serves, which the
     endpoint checks every download of a version against (serve/registry.py)."""
-    from serve.registry import file_sha256  # lazily: it imports torch, which a sweep's logging step does not need
+    from lmadda_serve.registry import file_sha256  # lazily: it imports torch, which a sweep's logging step does not need
 
     model = client.get_logged_model(model_id)
     with tempfile.TemporaryDirectory() as folder:
@@ -302,7 +302,7 @@ def register_checkpoint(tracking_uri: str, checkpoint_path: str | Path, marker: 
 
 
 def _promote_label_free(client: MlflowClient, experiment_id: str, runs: list, sweep, log) -> list[dict]:
-    from tune.label_free_promotion import choose_per_target, log_choice_checkpoint
+    from lmadda_tune.label_free_promotion import choose_per_target, log_choice_checkpoint
 
     if sweep is None:
         raise LmaddaError("the label-free choice needs the sweep config (--config): it scores the unadapted model, the cheap "

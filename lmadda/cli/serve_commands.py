@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_stain(args: argparse.Namespace) -> int:
-    from serve.client import stain_remote, token_from_env
+    from lmadda_serve.client import stain_remote, token_from_env
 
     out, headers = stain_remote(args.url, args.image, setting=args.setting, markers=args.marker, out=args.out,
                                 token=token_from_env(args.token_env))
@@ -48,7 +48,7 @@ def run_stain(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from serve.local import DEFAULT_CONFIG, read_serve_config, start_local, with_launcher_token
+    from lmadda_serve.local import DEFAULT_CONFIG, read_serve_config, start_local, with_launcher_token
 
     config = read_serve_config(args.config or DEFAULT_CONFIG)  # a bad config fails here, before Ray starts
     with_launcher_token(config["args"], args.host, os.environ)  # and so does a non-loopback --host without a token
@@ -98,7 +98,7 @@ def _demo_input(demo_out: Path) -> tuple[Path, str]:
     from lmadda.data.manifest import Manifest
     from lmadda.data.shifts import Shift
     from lmadda.errors import LmaddaError
-    from tune.tracking import alias_for
+    from lmadda_tune.tracking import alias_for
 
     manifest_path = demo_out / "data" / "manifest.parquet"
     if not manifest_path.is_file():
@@ -114,7 +114,7 @@ def _demo_input(demo_out: Path) -> tuple[Path, str]:
 
 
 def _stain_demo_image(url: str, image: Path, setting: str) -> int:
-    from serve.client import stain_remote
+    from lmadda_serve.client import stain_remote
 
     started = time.perf_counter()
     out, headers = stain_remote(url, image, setting=setting, markers="dapi,cd29")

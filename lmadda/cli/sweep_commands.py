@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep = subparsers.add_parser("sweep", help="layer x lr x shift-magnitude sweeps on Ray Tune, results in MLflow")
     sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True, metavar="SWEEP_COMMAND")
     run = sweep_sub.add_parser("run", help="run (or --resume) a sweep from a YAML config (see tune/configs/)",
-                               description="Same as `python -m tune.sweep`; submit it to a cluster with `ray job submit --working-dir . -- lmadda sweep run --config ...`.")
+                               description="Same as `python -m lmadda_tune.sweep`; submit it to a cluster with `ray job submit --working-dir . -- lmadda sweep run --config ...`.")
     run.add_argument("--config", type=Path, required=True)
     run.add_argument("--resume", action="store_true", help="finish an interrupted sweep without redoing finished grid points")
     run.add_argument("--reuse", action="store_true", help="resume the sweep if it exists, start it otherwise (what `make demo` uses)")
@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _sweep_from(path: Path):
     from lmadda.config import build_config, read_config_file
-    from tune.sweep_config import SweepConfig
+    from lmadda_tune.sweep_config import SweepConfig
 
     return build_config(SweepConfig, None, **read_config_file(path)).resolved(Path.cwd())
 
@@ -54,12 +54,12 @@ def _sweep_from(path: Path):
 def run_sweep_command(args: argparse.Namespace) -> int:
     import ray
 
-    from tune.sweep import format_sweep_table, run_sweep, sweep_exists
-    from tune.tracking import promote
+    from lmadda_tune.sweep import format_sweep_table, run_sweep, sweep_exists
+    from lmadda_tune.tracking import promote
 
     sweep = _sweep_from(args.config)
     if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)  # keep the dashboard: see tune.sweep.LOCAL_RAY_NOTE
+        ray.init(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)  # keep the dashboard: see lmadda_tune.sweep.LOCAL_RAY_NOTE
     rows = run_sweep(sweep, resume=args.resume or (args.reuse and sweep_exists(sweep)))
     print(format_sweep_table(rows))
     if args.promote:
@@ -69,7 +69,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def run_promote(args: argparse.Namespace) -> int:
     from lmadda.errors import LmaddaError
-    from tune.tracking import promote
+    from lmadda_tune.tracking import promote
 
     sweep = _sweep_from(args.config) if args.config else None
     tracking_uri = args.tracking_uri or (sweep.tracking_uri if sweep else None)
@@ -81,7 +81,7 @@ def run_promote(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from tune.tracking import compare_runs
+    from lmadda_tune.tracking import compare_runs
 
     print(compare_runs(args.tracking_uri, args.experiment))
     return 0

@@ -4,7 +4,7 @@ The step follows the reference's `optimize_parameters`: update D on (input, targ
 (input, G(input)) with its loss halved, then update G with the GAN loss plus lambda * L1.
 Validation Pearson is computed after every epoch and the best generator is kept.
 
-`SourceHooks` lets Ray Train run the same loop data-parallel (`tune.train_workers.source_worker`):
+`SourceHooks` lets Ray Train run the same loop data-parallel (`lmadda_tune.train_workers.source_worker`):
 `prepare` wraps G and D (DDP), `sampler_factory` shards the crops, `world_size` splits the batch so
 the effective batch stays `batch_size`, and `resume` / `on_epoch` checkpoint and resume by epoch.
 """
