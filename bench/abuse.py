@@ -173,9 +173,9 @@ def main() -> int:
     from ray import serve
 
     from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
-    from tune.tracking import register_checkpoint
+    from lmadda_tune.tracking import register_checkpoint
     from lmadda.models import GeneratorConfig, UNetGenerator
-    from serve.local import start_local
+    from lmadda_serve.local import start_local
 
     root = Path(tempfile.mkdtemp(prefix="lmadda-abuse-"))
     torch.manual_seed(0)

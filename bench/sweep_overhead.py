@@ -73,8 +73,8 @@ def main() -> int:
 
     from lmadda.data.synth import SynthConfig, synthesize
     from lmadda.training.source import SourceTrainConfig, train_source
-    from tune.sweep import run_sweep
-    from tune.sweep_config import SweepConfig
+    from lmadda_tune.sweep import run_sweep
+    from lmadda_tune.sweep_config import SweepConfig
 
     root = Path(tempfile.mkdtemp(prefix="lmadda-sweep-bench-"))
     manifest, _ = synthesize(root / "data", SynthConfig(fields=16, size=128, seed=1))
