@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from lmadda.errors import LmaddaError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def _all_positive(rates: list[float]) -> list[float]:
+    if any(rate <= 0 for rate in rates):
+        raise ValueError(f"learning rates must be positive, got {rates}")
+    return rates
+
+
+# The learning rates a grid sweeps (the study's `lrs`, a sweep's `lr`): at least one, each above 0.
+LearningRates = Annotated[list[float], Field(min_length=1), AfterValidator(_all_positive)]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

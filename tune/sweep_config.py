@@ -25,6 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmadda.config import LearningRates
 from lmadda.data.shifts import KINDS, Shift
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig
@@ -64,16 +65,9 @@ class DataSpec(_Strict):
 
 class GridSpec(_Strict):
     layer: list[int] | Literal["all"] = Field(description="matched layers, or 'all'")
-    lr: list[float] = Field(min_length=1)
+    lr: LearningRates
     magnitude: list[float] = Field(default_factory=list, description="shift magnitudes (needs data.shift)")
     seed: list[int] = Field(default_factory=lambda: [0], min_length=1)
-
-    @field_validator("lr")
-    @classmethod
-    def _positive(cls, values: list[float]) -> list[float]:
-        if any(v <= 0 for v in values):
-            raise ValueError(f"learning rates must be positive, got {values}")
-        return values
 
 
 class ResourceSpec(_Strict):

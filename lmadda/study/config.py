@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lmadda.baselines import BASELINES
 from lmadda.selector import DEFAULT_SCORE, SCORES
-from lmadda.config import describe_validation_error
+from lmadda.config import LearningRates, describe_validation_error
 from lmadda.data.shifts import Shift
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig
@@ -100,7 +100,7 @@ class Grid(_Strict):
     targets: list[str] = Field(min_length=1, description="setting or setting+shift:magnitude, e.g. phase_contrast+overexposure:2")
     layers: list[int] | Literal["all"] = "all"
     layer_sets: list[list[int]] = Field(default_factory=list, description="multi-layer matching: each set trained as one model")
-    lrs: list[float] = Field(default_factory=lambda: [2e-5], min_length=1)
+    lrs: LearningRates = Field(default_factory=lambda: [2e-5])
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     paper_layers: list[int] | Literal["last"] = Field("last", description="layers also adapted with the published recipe "
                                                                             "(recipe: paper); 'last' is ADDA as published")
@@ -113,13 +113,6 @@ class Grid(_Strict):
             if shift:
                 Shift.parse(shift)
         return targets
-
-    @field_validator("lrs")
-    @classmethod
-    def _positive(cls, lrs: list[float]) -> list[float]:
-        if any(lr <= 0 for lr in lrs):
-            raise ValueError(f"learning rates must be positive, got {lrs}")
-        return lrs
 
     @field_validator("layer_sets")
     @classmethod
