@@ -22,25 +22,27 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
-import torch
 import pyarrow.parquet as pq
 import ray
 from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
+import torch
 
+from lmadda import registry_names
 from lmadda.checkpoint import load_checkpoint
 from lmadda.config import build_config, read_config_file
+from lmadda.data.manifest import Manifest
+from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 from lmadda_tune.stopper import ModeCollapseStopper
 from lmadda_tune.sweep_config import SweepConfig
-from lmadda.data.manifest import Manifest
-from lmadda.data.shifts import Shift
 from lmadda_tune.sweep_report import best_per_target, format_selection, markers_of, write_sweep_report
 from lmadda_tune.train_workers import GENERATOR_FILE, adaptation_worker, in_trial_adaptation, labelled_pearson, source_worker
+from lmadda_tune.trial_config import TrialPoint, TrialSpec
 
 
 LOCAL_RAY_NOTE = """Ray Train V2 under Tune leaves each trial's worker placement group reserved unless its
@@ -59,21 +61,20 @@ def shift_text(sweep: SweepConfig, magnitude: float | None) -> str | None:
 
 
 def target_name(sweep: SweepConfig, magnitude: float | None) -> str:
-    shift = shift_text(sweep, magnitude)
-    return sweep.data.target_setting + (f"+{shift}" if shift else "")
+    return registry_names.target_name(sweep.data.target_setting, shift_text(sweep, magnitude))
 
 
-def trial_config(sweep: SweepConfig, points: list[dict]) -> dict:
+def trial_config(sweep: SweepConfig, points: list[dict]) -> TrialSpec:
     """What `run_points` needs for one trial's grid points."""
-    return {
-        "source_checkpoint": str(sweep.source.checkpoint), "manifest": str(sweep.data.manifest),
-        "source_setting": sweep.data.source_setting, "target_setting": sweep.data.target_setting, "adapt": dict(sweep.adapt),
-        "points": [{"key": sweep.point_key(point), "shift": shift_text(sweep, point["magnitude"]),
-                    "adapt": {"layer": [point["layer"]], "lr": point["lr"], "seed": point["seed"]},
-                    "tags": {"layer": point["layer"], "lr": point["lr"], "seed": point["seed"],
-                             "magnitude": float("nan") if point["magnitude"] is None else point["magnitude"]}}
-                   for point in points],
-    }
+    return TrialSpec(
+        source_checkpoint=sweep.source.checkpoint, manifest=sweep.data.manifest,
+        source_setting=sweep.data.source_setting, target_setting=sweep.data.target_setting, adapt=dict(sweep.adapt),
+        points=[TrialPoint(key=sweep.point_key(point), shift=shift_text(sweep, point["magnitude"]),
+                           adapt={"layer": [point["layer"]], "lr": point["lr"], "seed": point["seed"]},
+                           tags={"layer": point["layer"], "lr": point["lr"], "seed": point["seed"],
+                                 "magnitude": float("nan") if point["magnitude"] is None else point["magnitude"]})
+                for point in points],
+    )
 
 
 def trial_points(config: dict) -> list[dict]:
@@ -95,7 +96,8 @@ def trial_driver(config: dict) -> None:
         in_trial_adaptation(loop_config, store, torch.device("cuda" if use_gpu else "cpu"))
         return
     trainer = TorchTrainer(
-        adaptation_worker, train_loop_config={**loop_config, "store": str(store)}, scaling_config=scaling_config(sweep),
+        adaptation_worker, train_loop_config=loop_config.model_copy(update={"store": store}).model_dump(mode="json"),
+        scaling_config=scaling_config(sweep),
         run_config=RunConfig(name=f"{sweep.name}-{trial_id}", storage_path=str(sweep.storage_path / "train"),
                              callbacks=[TuneReportCallback()],
                              failure_config=FailureConfig(max_failures=resources.max_failures)),

@@ -54,9 +54,11 @@ from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.models.generator import UNetGenerator
+from lmadda.registry_names import target_name
 from lmadda.selection import SelectionProbe
 from lmadda.training.adapt import AdaptConfig, Adapter
 from lmadda.training.source import SourceHooks, SourceTrainConfig, load_source_data, source_checkpoint, train_source
+from lmadda_tune.trial_config import TrialPoint, TrialSpec
 
 STATE_FILE = "adapter_state.pt"
 SOURCE_STATE_FILE = "source_state.pt"
@@ -195,21 +197,13 @@ class _TrainCheckpointStore:
         return self.folder
 
 
-def points_of(config: dict) -> list[dict]:
-    """The grid points a trial runs: `config["points"]`, or the one adaptation a config without them describes
-    (`adapt` with its layer, lr and seed, `shift`, `tags`)."""
-    if "points" in config:
-        return config["points"]
-    return [{"key": "adaptation", "adapt": {}, "shift": config.get("shift"), "tags": config.get("tags", {})}]
-
-
 class _Target:
     """One target domain of a trial (target setting + shift, and the seed of the shift's noise) and what its points share."""
 
     def __init__(self, trial: "TrialData", shift_text: str | None, seed: int):
         self.key = (shift_text, seed)
         self.shift = Shift.parse(shift_text) if shift_text else None
-        self.name = trial.target_setting + (f"+{self.shift}" if self.shift else "")
+        self.name = target_name(trial.target_setting, self.shift)
         self.images = load_images(trial.manifest, trial.target_setting, "train", shift=self.shift,
                                   percentiles=trial.source.percentiles, seed=seed)
         self.seed = seed
@@ -233,10 +227,10 @@ class TrialData:
     """What every grid point of a trial shares, loaded once: the source model, the manifest, the source images,
     and the target of the points running now (the next target replaces it: one target's images at a time)."""
 
-    def __init__(self, config: dict):
-        self.source = load_checkpoint(config["source_checkpoint"])
-        self.manifest = Manifest.load(config["manifest"])
-        self.source_setting, self.target_setting = config["source_setting"], config["target_setting"]
+    def __init__(self, spec: TrialSpec):
+        self.source = load_checkpoint(spec.source_checkpoint)
+        self.manifest = Manifest.load(spec.manifest)
+        self.source_setting, self.target_setting = spec.source_setting, spec.target_setting
         self.source_images = load_images(self.manifest, self.source_setting, "train", percentiles=self.source.percentiles)
         self._target: _Target | None = None
 
@@ -250,22 +244,21 @@ class TrialData:
 Report = Callable[[dict, "Path | None"], None]
 
 
-def run_points(config: dict, *, world_size: int, rank: int, device: torch.device, store, report: Report) -> None:
+def run_points(spec: TrialSpec | dict, *, world_size: int, rank: int, device: torch.device, store, report: Report) -> None:
     """Adapt every grid point of `config` in turn (see the module docstring).
 
-    `config` keys: source_checkpoint, manifest, source_setting, target_setting, adapt (AdaptConfig options
-    shared by the points), and points: each with key, adapt (its layer, lr, seed), shift (or None) and tags
-    (free-form, for metrics); or, for one adaptation, adapt, shift and tags at the top (`points_of`).
+    `spec`: the trial's points and what they share (`lmadda_tune.trial_config.TrialSpec`, or its dict).
     `store.latest(key)` is the folder of the point's latest saved report, or None. `report(metrics, folder)`
     gets a folder to keep (rank 0; valid only during the call) or None. Every report carries the point's key,
     the number of points in the trial, `steps_s` (the point's time inside adaptation steps) and `worker_s`
     (the point's time from its start, its evaluations included), so a sweep can tell training from overhead.
     """
-    points = points_of(config)
+    spec = TrialSpec.model_validate(spec)
+    points = spec.points
     fix = "rerun this grid point from the start: delete {folder} (or rerun the sweep without --resume, under a new name)"
     # Every rank reads the saved reports before any rank writes one (rank 0 writes only after steps all ranks take).
-    saved = [store.latest(point["key"]) for point in points]
-    trial = TrialData(config)
+    saved = [store.latest(point.key) for point in points]
+    trial = TrialData(spec)
     for point, folder in zip(points, saved):
         state = load_loop_state(folder / STATE_FILE, "adapter", fix=fix.format(folder=folder.parent)) if folder else None
         if folder is not None and (folder / GENERATOR_FILE).is_file():  # finished before the trial restarted: report it, do not redo it
@@ -274,13 +267,13 @@ def run_points(config: dict, *, world_size: int, rank: int, device: torch.device
                 metrics["checkpoint_path"] = str(folder)
             report(metrics, None)
             continue
-        adapt_options = {**config["adapt"], **point["adapt"]}
-        target = trial.target(point.get("shift"), adapt_options.get("seed", AdaptConfig.model_fields["seed"].default))
+        adapt_options = spec.adapt_options(point)
+        target = trial.target(point.shift, adapt_options.get("seed", AdaptConfig.model_fields["seed"].default))
         run_adaptation(trial, target, adapt_options, point, world_size=world_size, rank=rank, device=device, resume=state,
                        report=report, points_in_trial=len(points))
 
 
-def run_adaptation(trial: TrialData, target: _Target, adapt_options: dict, point: dict, *, world_size: int, rank: int,
+def run_adaptation(trial: TrialData, target: _Target, adapt_options: dict, point: TrialPoint, *, world_size: int, rank: int,
                    device: torch.device, resume: LoopState | None, report: Report, points_in_trial: int = 1) -> None:
     """One grid point: LM-ADDA from the shared data, reporting every `log_every` steps (see `run_points`)."""
     started = time.perf_counter()
@@ -297,7 +290,7 @@ def run_adaptation(trial: TrialData, target: _Target, adapt_options: dict, point
     if resume is not None:
         adapter.load_state_dict(resume.state)
     steps_s = resume.metadata["metrics"]["steps_s"] if resume is not None else 0.0
-    tags = {**point.get("tags", {}), "point": point["key"], "points_in_trial": points_in_trial}
+    tags = {**point.tags, "point": point.key, "points_in_trial": points_in_trial}
     last = False
     while not last:
         step_started = time.perf_counter()
@@ -318,7 +311,7 @@ def run_adaptation(trial: TrialData, target: _Target, adapt_options: dict, point
                     criteria, _ = target.probe(trial, adapt_config.crop_size).measure(result.generator, result.input_correction)
                     metrics.update({f"lf_{name}": value for name, value in criteria.items()})
                     save_checkpoint(Path(folder) / GENERATOR_FILE, result.checkpoint(
-                        source, adapt_config.model_copy(update={"batch_size": effective_batch}), target.name, **point.get("tags", {})))
+                        source, adapt_config.model_copy(update={"batch_size": effective_batch}), target.name, **point.tags))
                 metrics["worker_s"] = time.perf_counter() - started
                 save_loop_state(Path(folder) / STATE_FILE, "adapter", adapter.state_dict(), {"metrics": metrics})
             else:
@@ -330,18 +323,19 @@ def adaptation_worker(config: dict) -> None:
     """Run `run_points` as a Ray Train worker. With `store` in `config` (a sweep trial's folder), rank 0 keeps
     every report in a `PointStore` there and reports carry its path; without, `config` describes one adaptation
     and every report carries a Ray Train checkpoint, from which a restarted worker group resumes."""
+    spec = TrialSpec.model_validate(config)
     context = ray.train.get_context()
     rank = context.get_world_rank()
     with contextlib.ExitStack() as stack:
-        if config.get("store"):
-            store = PointStore(config["store"])
+        if spec.store is not None:
+            store = PointStore(spec.store)
 
             def report(metrics: dict, folder: Path | None) -> None:
                 if folder is not None:
                     metrics = {**metrics, "checkpoint_path": str(store.keep(metrics["point"], int(metrics["step"]), folder))}
                 ray.train.report(metrics)
         else:
-            if len(points_of(config)) > 1:
+            if len(spec.points) > 1:
                 raise LmaddaError("several grid points in one worker group need a `store` folder to keep each point's result")
             checkpoint = ray.train.get_checkpoint()
             store = _TrainCheckpointStore(Path(stack.enter_context(checkpoint.as_directory())) if checkpoint else None)
@@ -349,11 +343,11 @@ def adaptation_worker(config: dict) -> None:
             def report(metrics: dict, folder: Path | None) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if folder else None)
 
-        run_points(config, world_size=context.get_world_size(), rank=rank, device=ray.train.torch.get_device(),
+        run_points(spec, world_size=context.get_world_size(), rank=rank, device=ray.train.torch.get_device(),
                    store=store, report=report)
 
 
-def in_trial_adaptation(config: dict, store_root: Path, device: torch.device) -> None:
+def in_trial_adaptation(spec: TrialSpec, store_root: Path, device: torch.device) -> None:
     """Run `run_points` inside the Tune trial's own process, with no Ray Train worker group.
 
     For short trials on one device the worker group's start-up dominates (bench/sweep_overhead.py);
@@ -369,4 +363,4 @@ def in_trial_adaptation(config: dict, store_root: Path, device: torch.device) ->
             metrics = {**metrics, "checkpoint_path": str(store.keep(metrics["point"], int(metrics["step"]), folder))}
         tune.report(metrics)
 
-    run_points(config, world_size=1, rank=0, device=device, store=store, report=report)
+    run_points(spec, world_size=1, rank=0, device=device, store=store, report=report)

@@ -1,0 +1,66 @@
+"""What one sweep trial runs: its grid points and what they share, as a validated model.
+
+A Tune trial hands it to the point runner (`lmadda_tune.train_workers.run_points`), in its own process
+or as a Ray Train worker's `train_loop_config` (a plain dict on the way: `model_dump(mode="json")`,
+validated again on arrival). Each point's adaptation options are checked as the `AdaptConfig` they
+become when the spec is made, before any image is loaded.
+
+    source_checkpoint, manifest, source_setting, target_setting
+    adapt       AdaptConfig options every point shares
+    points      each: key (its name in the trial's store), adapt (its layer, lr, seed), shift, tags
+    store       the trial's folder of saved reports (worker groups of a sweep); None: one adaptation alone
+
+A spec without `points` describes one adaptation, with `shift` and `tags` at the top.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmadda.training.adapt import AdaptConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrialPoint(_Strict):
+    key: str = Field(min_length=1, description="the point's name in its trial's store, e.g. L3-lr2e-05-m2-s0")
+    adapt: dict[str, Any] = Field(default_factory=dict, description="this point's AdaptConfig options (its layer, lr, seed)")
+    shift: str | None = Field(None, description="the target's shift, e.g. overexposure:2; None for a setting change")
+    tags: dict[str, float | int | str] = Field(default_factory=dict, description="reported with every metric of the point")
+
+
+class TrialSpec(_Strict):
+    source_checkpoint: Path
+    manifest: Path
+    source_setting: str
+    target_setting: str
+    adapt: dict[str, Any] = Field(default_factory=dict, description="AdaptConfig options every point shares")
+    points: list[TrialPoint] = Field(min_length=1)
+    store: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_adaptation(cls, values):
+        """A spec without `points` is one adaptation, its shift and tags at the top."""
+        if isinstance(values, dict) and "points" not in values:
+            values = dict(values)
+            values["points"] = [{"key": "adaptation", "shift": values.pop("shift", None), "tags": values.pop("tags", {})}]
+        return values
+
+    @model_validator(mode="after")
+    def _points_adapt(self) -> "TrialSpec":
+        for point in self.points:
+            try:
+                AdaptConfig.model_validate(self.adapt_options(point))
+            except ValidationError as error:
+                raise ValueError(f"grid point {point.key}: {error.errors()[0]['loc']}: {error.errors()[0]['msg']}") from None
+        return self
+
+    def adapt_options(self, point: TrialPoint) -> dict[str, Any]:
+        """The point's AdaptConfig options: the shared ones, then its own."""
+        return {**self.adapt, **point.adapt}
