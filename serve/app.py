@@ -33,10 +33,12 @@ One deployment, `StainService`, behind a FastAPI ingress:
 
 
 import asyncio
+import inspect
 import logging
 import os
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -52,9 +55,9 @@ from starlette.requests import ClientDisconnect
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.calibration import PixelSize, check_pixel_size
 from lmadda.data.dataset import target_from_model_range
-from lmadda.errors import LmaddaError
-from lmadda.domain import DomainScore, DomainTally, domain_headers, forward_scored, score_tiles
 from lmadda.device import resolve_device
+from lmadda.domain import DomainScore, DomainTally, domain_headers, forward_scored, score_tiles
+from lmadda.errors import LmaddaError
 from lmadda.inference import TilePlan, model_input, to_camera_units
 from lmadda_serve.auth import resolve_auth
 from lmadda_serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers, read_body
@@ -405,18 +408,34 @@ class StainService:
         return JSONResponse({"status": "ready", "models": len(table)})
 
 
-ARG_NAMES = ("tracking_uri", "cache_dir", "refresh_s", "max_body_mb", "max_in_flight", "tile", "overlap", "tile_batch",
-             "micro_batch", "token_env", "token_sha256", "allow_unauthenticated", "body_timeout_s", "max_megapixels", "min_side")
-BOOLEAN_ARGS = ("micro_batch", "allow_unauthenticated")
+def _serve_args_model() -> type[BaseModel]:
+    """The serve args as `StainService.__init__` declares them (names, types and defaults are written once,
+    there), as a strict model: an unknown name or a wrongly typed value is refused before Serve starts."""
+    init = StainService.func_or_class.__mro__[1].__init__  # the class as written, under Serve's ASGI wrapper
+    hints = typing.get_type_hints(init)
+    fields = {name: (hints[name], parameter.default) for name, parameter in inspect.signature(init).parameters.items()
+              if name in hints}
+    # strict: YAML's "false" in quotes is a string, and a string would pass for true
+    return create_model("ServeArgs", __config__=ConfigDict(extra="forbid", strict=True), **fields)
+
+
+ServeArgs = _serve_args_model()
+ARG_NAMES = tuple(ServeArgs.model_fields)
 
 
 def check_args(args: dict) -> dict:
-    unknown = set(args) - set(ARG_NAMES)
-    if unknown:
-        raise ValueError(f"unknown serve args {sorted(unknown)}; known: {', '.join(ARG_NAMES)}")
-    for name in BOOLEAN_ARGS:  # YAML's "false" in quotes is a string, and a string is true: refuse it
-        if name in args and not isinstance(args[name], bool):
-            raise ValueError(f"serve arg {name} is {args[name]!r}; write true or false without quotes")
+    """`args` as given, once they validate as `ServeArgs`; else a ValueError naming the arg and the fix."""
+    try:
+        ServeArgs.model_validate(args)
+    except ValidationError as error:
+        unknown = sorted(str(e["loc"][0]) for e in error.errors() if e["type"] == "extra_forbidden")
+        if unknown:
+            raise ValueError(f"unknown serve args {unknown}; known: {', '.join(ARG_NAMES)}") from None
+        first = error.errors()[0]
+        name = first["loc"][0]
+        if first["type"] == "bool_type":
+            raise ValueError(f"serve arg {name} is {first['input']!r}; write true or false without quotes") from None
+        raise ValueError(f"serve arg {name} is {first['input']!r}: {first['msg']}") from None
     return args
 
 

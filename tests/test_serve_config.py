@@ -51,3 +51,12 @@ def test_lmadda_serve_refuses_a_non_loopback_host_without_a_token_before_ray_sta
     monkeypatch.setitem(sys.modules, "ray", None)  # importing ray fails: the refusal must come before it
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "refusing to serve on 0.0.0.0 without a token" in capsys.readouterr().err
+
+
+def test_serve_args_are_typed_from_the_deployments_own_signature():
+    from lmadda_serve.app import check_args
+
+    config = read_serve_config()
+    assert check_args(config["args"]) == config["args"]  # the shipped args validate as they are
+    with pytest.raises(ValueError, match="serve arg tile is 'big': Input should be a valid integer"):
+        check_args({"tile": "big"})
