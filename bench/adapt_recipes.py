@@ -29,7 +29,8 @@ from lmadda.config import build_config, read_config_file
 from lmadda.data.manifest import Manifest
 from lmadda.evaluation import evaluate_generator
 from lmadda.selector import SCORES, Candidate, Selector, decide
-from lmadda.study.grid import ImageSource, TargetDomain
+from lmadda.result_rows import TargetDomain
+from lmadda.study.grid import ImageSource
 from lmadda.study.config import StudyConfig
 from lmadda.study.runner import prepare_manifest, prepare_source
 from lmadda.training.adapt import AdaptConfig, adapt

@@ -23,7 +23,8 @@ from lmadda.domain import predict_and_score
 from lmadda.inference import predict_tiled
 from lmadda.report import choice_lines, summary_table, write_report
 from lmadda.study.figures import panel_file_name, stain_panel
-from lmadda.study.grid import TargetDomain, run_grid
+from lmadda.result_rows import TargetDomain
+from lmadda.study.grid import run_grid
 from lmadda.study.config import SelectionSpec
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source

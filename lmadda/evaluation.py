@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -19,6 +18,7 @@ from lmadda.errors import LmaddaError
 from lmadda.inference import predict_tiled
 from lmadda.metrics import nrmse, pearson, psnr, ssim
 from lmadda.models.generator import UNetGenerator
+from lmadda.result_rows import TargetDomain, matched_name, rows_table, tag_rows
 
 InputTransform = Callable[[np.ndarray], np.ndarray]
 
@@ -68,8 +68,6 @@ def checkpoint_tags(checkpoint: GeneratorCheckpoint, name: str) -> dict:
     """The result-table columns a checkpoint's own metadata gives: which model it is and how its adaptation went.
 
     `checkpoint` is `name` (the path it was given as), so two checkpoints of one method and layer stay apart."""
-    from lmadda.study.grid import matched_name
-
     metadata = checkpoint.metadata
     method = metadata.get("method", "source")
     layers = metadata.get("layer", -1)
@@ -99,7 +97,6 @@ def evaluate_checkpoints(
     and, for source checkpoints, the test-time `baselines` built as the study builds them with `seed`.
     With `progress`, images evaluated / (checkpoints x methods x images) go to stderr (`Progress`)."""
     from lmadda.baselines import build_baseline
-    from lmadda.study.grid import TargetDomain, _tag
     from lmadda.training.common import Progress
 
     domain = TargetDomain.parse(target)
@@ -127,7 +124,7 @@ def evaluate_checkpoints(
         for method, generator, transform in variants:
             measured = evaluate_generator(generator, images, checkpoint.markers, device=device, input_transform=transform,
                                           on_image=image_done)
-            rows += _tag(measured, domain, method=method, seed=seed, **tags)
+            rows += tag_rows(measured, domain, method=method, seed=seed, **tags)
             log(f"evaluated {name} as {method}: {len(measured)} rows")
     return rows
 
@@ -140,13 +137,9 @@ def _methods(checkpoint: GeneratorCheckpoint, name: str, baselines: list[str]) -
 
 def write_results(rows: list[dict], path: Path, *, overwrite: bool = False) -> Path:
     """Write result rows as a Parquet table at once and atomically; an existing `path` only with `overwrite`."""
-    from lmadda.study.grid import CRITERION_PREFIX, RESULT_COLUMNS
-
     path = Path(path)
     refuse_existing(path, overwrite)
-    columns = ["checkpoint", *RESULT_COLUMNS]
-    columns += sorted({k for row in rows for k in row if k.startswith(CRITERION_PREFIX)})
-    table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows])
+    table = rows_table(rows, leading=("checkpoint",))
     return write_atomically(path, lambda temporary: pq.write_table(table, temporary))
 
 

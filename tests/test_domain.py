@@ -297,7 +297,7 @@ def test_a_label_free_choice_of_a_cheap_correction_carries_the_corrected_target_
 
 def test_the_demo_shows_the_verdict_of_an_in_domain_and_a_shifted_image(source, domain_data):
     from lmadda.demo import domain_lines
-    from lmadda.study.grid import TargetDomain
+    from lmadda.result_rows import TargetDomain
 
     lines = domain_lines(source, domain_data, [TargetDomain.parse("phase_contrast+overexposure:3")])
     assert lines[0].startswith("Is this image in domain?")

@@ -65,7 +65,8 @@ def test_an_existing_out_is_refused_before_any_work_and_replaced_with_overwrite(
 
 
 def test_source_baselines_reproduce_the_studys_rows_for_the_same_seed(tiny_synth, tiny_source, tmp_path):
-    from lmadda.study.grid import TargetDomain, run_grid
+    from lmadda.result_rows import TargetDomain
+    from lmadda.study.grid import run_grid
     from lmadda.training.adapt import AdaptConfig
 
     source = load_checkpoint(tiny_source)

@@ -41,7 +41,7 @@ def test_a_target_is_its_setting_with_the_shift_after_a_plus():
 
 
 def test_the_study_and_the_cli_name_a_target_alike():
-    from lmadda.study.grid import TargetDomain
+    from lmadda.result_rows import TargetDomain
 
     for text in ("bright_field", "phase_contrast+overexposure:2.5", "phase_contrast+defocus:1"):
         domain = TargetDomain.parse(text)

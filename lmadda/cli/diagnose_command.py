@@ -134,7 +134,7 @@ def add_reference(config: DiagnoseConfig, checkpoint) -> int:
     from lmadda.data.manifest import Manifest
     from lmadda.data.shifts import Shift
     from lmadda.domain import reference_from_images
-    from lmadda.study.grid import TargetDomain
+    from lmadda.result_rows import TargetDomain
 
     manifest = Manifest.load(config.manifest)
     setting, shift = _setting_and_shift(checkpoint, config)

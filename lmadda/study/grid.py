@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmadda.baselines import build_baseline
@@ -27,28 +25,22 @@ from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
-from lmadda.evaluation import InputTransform, evaluate_generator
+from lmadda.evaluation import evaluate_generator
 from lmadda.models.generator import UNetGenerator
-from lmadda.registry_names import SHIFT_SEPARATOR, target_name
+from lmadda.result_rows import (CRITERION_PREFIX, RESULT_COLUMNS, TargetDomain, adaptation_method, matched_name, rows_table,
+                                tag_rows)
+from lmadda.selection import SelectionProbe
 from lmadda.selector import Candidate, Choice, Observation, Selector
-from lmadda.training.adapt import AdaptConfig, adapt
+from lmadda.study.trial import TrialResult, TrialTarget, run_trial
+from lmadda.training.adapt import AdaptConfig, Adapter
+from lmadda.training.common import Progress
 from lmadda.training.source import SourceTrainConfig, train_source
 
-RESULT_COLUMNS = [
-    "target", "setting", "shift", "magnitude", "method", "layer", "matched", "lr", "seed", "marker", "field",
-    "pearson", "ssim", "psnr", "nrmse", "collapsed", "d_saturated", "g_updates", "seconds", "chosen", "fell_back",
-]
 LABEL_FREE = "label_free"  # the selector's choice among the candidates of one (target, seed), as its own rows
 # Methods the selector may choose: what a checkpoint can carry. FDA needs source images at run time,
 # so it is reported as a baseline but is no candidate; multi-layer sets are a comparison, not a product.
 CANDIDATE_FAMILIES = {"unadapted": "unadapted", "adabn": "adabn", "histogram_matching": "histogram_matching",
                       "lmadda": "lmadda", "adda": "lmadda", "lmadda_paper": "paper", "adda_paper": "paper"}
-CRITERION_PREFIX = "lf_"  # label-free criterion columns (lmadda.selection), kept as they come
-
-
-def matched_name(layers: list[int]) -> str:
-    """'7' for single-layer matching, '0+7+15' for a set of layers."""
-    return "+".join(str(layer) for layer in sorted(layers))
 
 
 class ImageSource:
@@ -81,23 +73,8 @@ def _rows_of(image: LoadedImage, fraction: float, bottom: bool) -> LoadedImage:
 
 
 RowsCallback = Callable[[list[dict]], None]
-ModelCallback = Callable[["TargetDomain", dict, UNetGenerator, "InputTransform | None"], dict]
-
-
-@dataclass(frozen=True)
-class TargetDomain:
-    setting: str
-    shift: Shift | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "TargetDomain":
-        """`bright_field` or `phase_contrast+overexposure:2`."""
-        setting, _, shift = text.partition(SHIFT_SEPARATOR)
-        return cls(setting.strip(), Shift.parse(shift) if shift else None)
-
-    @property
-    def name(self) -> str:
-        return target_name(self.setting, self.shift)
+ModelCallback = Callable[[TargetDomain, dict, TrialResult], None]
+ProbeFactory = Callable[[TargetDomain], SelectionProbe]
 
 
 class ResultTable:
@@ -123,11 +100,7 @@ class ResultTable:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             temporary = self.path.with_name(f".{self.path.name}.partial")
-            # every row gets every column: pyarrow takes the columns from the first row, and the first
-            # rows (unadapted, baselines) have no criterion columns
-            criteria = sorted({k for row in self.rows for k in row if k.startswith(CRITERION_PREFIX)})
-            columns = RESULT_COLUMNS + criteria
-            pq.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in self.rows]), temporary)
+            pq.write_table(rows_table(self.rows), temporary)
             temporary.replace(self.path)
 
     def has_choice(self, target: str, seed: int) -> bool:
@@ -164,15 +137,6 @@ def label_free_rows(rows: list[dict], target: str, seed: int, selection: Path, s
     return chosen, choice
 
 
-def _tag(rows: list[dict], domain: TargetDomain, target: str | None = None, **tags) -> list[dict]:
-    """Label result rows with the domain they were measured on (`target` overrides its name)."""
-    shift = domain.shift
-    for row in rows:
-        row.update(target=target or domain.name, setting=domain.setting, shift=shift.name if shift else "none",
-                   magnitude=shift.magnitude if shift else float("nan"), **tags)
-    return rows
-
-
 def run_grid(
     source: GeneratorCheckpoint,
     manifest: Manifest | ImageSource,
@@ -189,6 +153,7 @@ def run_grid(
     choose: bool = True,
     oracle: SourceTrainConfig | None = None,
     save_models: bool = False,
+    probe_for: ProbeFactory | None = None,
     on_model: ModelCallback | None = None,
     on_rows: RowsCallback | None = None,
     progress: bool = True,
@@ -203,8 +168,10 @@ def run_grid(
     on disk in `out`/selection, and once a domain's candidates exist the choice lands as rows of
     method `label_free`, the chosen candidate's test rows with `chosen` and `fell_back` set (`choose`
     False defers it, for a caller that adds more candidates of the same seed in a later call).
-    `on_model(domain, tags, generator, input_transform)` sees every adapted model and returns extra columns for
-    its rows (the label-free criteria); `on_rows(rows)` gets the rows of each model as they land.
+    Every adapted model is one grid point run by `lmadda.study.trial.run_trial`, measured on the test split
+    and, with `probe_for(domain)`, by the label-free criteria on that probe's crops (columns `lf_*` of its
+    rows). `on_model(domain, tags, trial)` sees every adapted model's trial result (the study keeps its
+    probe predictions); `on_rows(rows)` gets the rows of each model as they land.
     """
     data = manifest if isinstance(manifest, ImageSource) else ImageSource(manifest)
     markers = source.markers
@@ -220,15 +187,18 @@ def run_grid(
     source_test = data.load(source_setting, "test", markers, percentiles=source.percentiles)
     if not table.has("source", "unadapted", -1, None, seed):
         rows = evaluate_generator(source.generator, source_test, markers)
-        add(_tag(rows, TargetDomain(source_setting), method="unadapted", layer=-1, seed=seed, target="source"))
+        add(tag_rows(rows, TargetDomain(source_setting), method="unadapted", layer=-1, seed=seed, target="source"))
     for domain in domains:
         target_train = data.load(domain.setting, "train", shift=domain.shift, percentiles=source.percentiles, seed=seed)
         target_test = data.load(domain.setting, "test", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 7)
 
-        def record(method: str, rows: list[dict], layer: int = -1, **tags) -> None:
-            add(_tag(rows, domain, method=method, layer=layer, seed=seed, **tags))
+        def log_model(method: str, rows: list[dict], tags: dict) -> None:
             mean = np.nanmean([r["pearson"] for r in rows])
-            log(f"[study] {domain.name:34s} {method:18s} layer {tags.get('matched', layer)!s:>8s} lr {tags.get('lr') or '-'!s:7s} Pearson {mean:.3f}")
+            log(f"[study] {domain.name:34s} {method:18s} layer {tags.get('matched', tags['layer'])!s:>8s} lr {tags.get('lr') or '-'!s:7s} Pearson {mean:.3f}")
+
+        def record(method: str, rows: list[dict], layer: int = -1, **tags) -> None:
+            add(tag_rows(rows, domain, method=method, layer=layer, seed=seed, **tags))
+            log_model(method, rows, {"layer": layer, **tags})
 
         selection = out / "selection" / domain.name.replace(":", "_") / f"seed{seed}" if selector_options is not None and out else None
         selector: Selector | None = None
@@ -253,10 +223,10 @@ def run_grid(
             observe(name, name, generator, transform)
 
         last = source.generator.last_layer
-        matchings = [("adda" if layer == last else "lmadda", [layer], adapt_config) for layer in layers]
+        matchings = [(adaptation_method([layer], last), [layer], adapt_config) for layer in layers]
         paper = AdaptConfig.model_validate({**adapt_config.model_dump(exclude=set(PAPER_FIXED)), "recipe": "paper"})
-        matchings += [("adda_paper" if layer == last else "lmadda_paper", [layer], paper) for layer in paper_layers]
-        matchings += [("lmadda_multi", sorted(layer_set), adapt_config) for layer_set in layer_sets]
+        matchings += [(adaptation_method([layer], last, "paper"), [layer], paper) for layer in paper_layers]
+        matchings += [(adaptation_method(layer_set, last), sorted(layer_set), adapt_config) for layer_set in layer_sets]
         for method, matched_layers, base_config in matchings:
             layer, matched = max(matched_layers), matched_name(matched_layers)
             candidate = candidate_name(method, matched, base_config.lr)
@@ -264,17 +234,19 @@ def run_grid(
             if done and (selection is None or method not in CANDIDATE_FAMILIES or (selection / f"{candidate}.npz").exists()):
                 continue
             config = base_config.model_copy(update={"layer": matched_layers})
-            result = adapt(source, source_train, target_train, config, progress=progress)
+            bar = Progress(config.steps, f"adapt layer {config.layer}", progress)
+            tags = dict(method=method, layer=layer, matched=matched, lr=config.lr, seed=seed)
+            trial = run_trial(Adapter(source, source_train, target_train, config),
+                              TrialTarget(domain, markers, target_test, probe_for(domain) if probe_for else None), tags,
+                              on_record=lambda r: bar.update(r["step"], g=r["g_loss"], d=r["d_loss"], acc=r["d_acc"]))
+            result = trial.adapted
             observe(candidate, method, result.generator, result.input_correction)
             if done:  # measured in an earlier run that predates the label-free choice: observed now, not re-logged
                 continue
-            tags = dict(layer=layer, matched=matched, lr=config.lr, collapsed=result.collapsed,
-                        d_saturated=result.d_saturated, g_updates=result.g_updates, seconds=result.seconds)
-            rows = evaluate_generator(result.generator, target_test, markers, input_transform=result.input_correction)
             if on_model is not None:
-                extra = on_model(domain, {**tags, "method": method, "seed": seed}, result.generator, result.input_correction)
-                rows = [{**row, **extra} for row in rows]
-            record(method, rows, **tags)
+                on_model(domain, {**tags, "target": domain.name}, trial)
+            add(trial.rows)
+            log_model(method, trial.rows, tags)
             if save_models and out is not None and len(matched_layers) == 1:
                 checkpoint = result.checkpoint(source, config, domain.name, target=domain.name)
                 recipe = "_paper" if config.recipe == "paper" else ""

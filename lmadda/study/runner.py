@@ -33,7 +33,9 @@ from lmadda.errors import LmaddaError
 from lmadda.inference import predict_tiled
 from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
-from lmadda.study.grid import CRITERION_PREFIX, LABEL_FREE, ImageSource, ResultTable, TargetDomain, run_grid
+from lmadda.result_rows import TargetDomain
+from lmadda.study.grid import LABEL_FREE, ImageSource, ResultTable, run_grid
+from lmadda.study.trial import TrialResult
 from lmadda.study.config import ExperimentSpec, StudyConfig
 from lmadda.study.failures import RECOVERABLE, FailureLog
 from lmadda.study.tracking import StudyTracker, model_key
@@ -118,17 +120,16 @@ class CriteriaRecorder:
                                                       crop_size=criteria.crop_size, crops=criteria.crops)
         return self.probes[domain.name]
 
-    def __call__(self, domain: TargetDomain, tags: dict, generator, input_transform=None) -> dict:
-        criteria, prediction = self.probe(domain).measure(generator, input_transform)
-        row = {"target": domain.name, **tags}
-        path = self.prediction_path(row)
+    def __call__(self, domain: TargetDomain, tags: dict, trial: TrialResult) -> None:
+        """Keep an adapted model's stains of the probe crops (the ensemble criteria compare them) and, for single
+        layers, of the sample panel's window."""
+        path = self.prediction_path(tags)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, prediction.astype(np.float16))
+        np.save(path, trial.probe_prediction.astype(np.float16))
         if tags["method"] in ("lmadda", "adda"):  # the sample panel's stain, kept so that drawing it adapts nothing again
             window = self._window_input(domain, tags["seed"])
-            correct = input_transform or (lambda image: image)
-            np.save(self.panel_path(row), predict_tiled(generator, correct(window)).astype(np.float16))
-        return {f"{CRITERION_PREFIX}{name}": value for name, value in criteria.items()}
+            correct = trial.adapted.input_correction or (lambda image: image)
+            np.save(self.panel_path(tags), predict_tiled(trial.adapted.generator, correct(window)).astype(np.float16))
 
     def prediction_path(self, row: dict) -> Path:
         return self.folder / (model_key(row).replace("|", "__").replace(":", "_").replace("+", "_") + ".npy")
@@ -248,7 +249,8 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
                                          baselines=tuple(spec.baselines), layer_sets=grid.layer_sets,
                                          paper_layers=grid.paper_layer_list(source.generator.num_layers),
                                          selector_options=spec.selection.options(), choose=lr == grid.lrs[-1],
-                                         oracle=oracle if first else None, on_model=recorder, progress=False, log=log)
+                                         oracle=oracle if first else None, probe_for=recorder.probe, on_model=recorder,
+                                         progress=False, log=log)
                     except RECOVERABLE as error:
                         failures.record(domain.name, f"adapting (seed {seed}, lr {lr:g})", error, log)
                         continue

@@ -13,16 +13,13 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from lmadda.metrics import is_finite
-from lmadda.study.grid import CRITERION_PREFIX
+from lmadda.result_rows import model_metrics, model_params
 from lmadda.tracking_store import FINISHED, all_runs, ensure_experiment, one_finished_run_per_key, relocate_artifacts
 
-PARAMS = ("target", "setting", "shift", "magnitude", "method", "layer", "matched", "lr", "seed")
-METRICS = ("pearson", "ssim", "psnr", "nrmse")
 
 
 def model_key(row: dict) -> str:
@@ -55,28 +52,7 @@ class StudyTracker:
         return new
 
     def _log_model(self, key: str, rows: list[dict]) -> None:
-        first = rows[0]
-        params = {name: first.get(name) for name in PARAMS}
-        params["matched"] = params["matched"] or str(first["layer"])
-        metrics: dict[str, float] = {}
-        for metric in METRICS:
-            values = [r[metric] for r in rows if is_finite(r.get(metric))]
-            if values:
-                metrics[metric] = float(np.mean(values))
-            for marker in sorted({r["marker"] for r in rows}):
-                values = [r[metric] for r in rows if r["marker"] == marker and is_finite(r.get(metric))]
-                if values:
-                    metrics[f"{metric}_{marker}"] = float(np.mean(values))
-        metrics["collapsed"] = float(bool(first.get("collapsed")))
-        metrics["d_saturated"] = float(bool(first.get("d_saturated")))
-        if is_finite(first.get("g_updates")):
-            metrics["g_updates"] = float(first["g_updates"])
-        if first.get("fell_back") is not None:  # a label-free choice: did it keep the unadapted model?
-            metrics["fell_back"] = float(bool(first["fell_back"]))
-        if is_finite(first.get("seconds")):
-            metrics["seconds"] = float(first["seconds"])
-        metrics.update({k: float(v) for k, v in first.items() if k.startswith(CRITERION_PREFIX) and is_finite(v)})
-        self._new_run(key, "model", params, metrics, name=key.replace("|", " "))
+        self._new_run(key, "model", model_params(rows[0]), model_metrics(rows), name=key.replace("|", " "))
 
     def _new_run(self, key: str, kind: str, params: dict, metrics: dict[str, float], name: str) -> None:
         run = self.client.create_run(self.experiment.experiment_id, run_name=name,

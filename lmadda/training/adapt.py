@@ -476,12 +476,36 @@ def adapt(
     adapter = Adapter(source, source_images, target_images, config)
     bar = Progress(config.steps, f"adapt layer {config.layer}", progress)
     start = time.perf_counter()
-    while not adapter.finished:
-        record = adapter.step()
-        if record is not None:
-            if on_log:
-                on_log(record)
-            bar.update(record["step"], g=record["g_loss"], d=record["d_loss"], acc=record["d_acc"])
+
+    def logged(record: dict) -> None:
+        if on_log:
+            on_log(record)
+        bar.update(record["step"], g=record["g_loss"], d=record["d_loss"], acc=record["d_acc"])
+
+    logged(run_steps(adapter, logged))
     result = adapter.finish()
     result.seconds = time.perf_counter() - start
     return result
+
+
+def run_steps(adapter: Adapter, on_record: Callable[[dict], None] | None = None, *, end_on_collapse: bool = False,
+              steps_s: float = 0.0) -> dict:
+    """Step `adapter` to its end and return its last log record, which `on_record` does not see: a caller
+    reports it with what it then measures of the finished model (the study's and the sweep's trials).
+
+    The end is the Adapter's (its last step, or its collapse under `stop_on_collapse`), or, with
+    `end_on_collapse`, the first record flagged collapsed whatever `stop_on_collapse` says (a grid point
+    ends there). Every record carries `steps_s`: seconds spent inside steps, counted on from `steps_s`
+    (what a resumed run had spent before).
+    """
+    while True:
+        started = time.perf_counter()
+        record = adapter.step()
+        steps_s += time.perf_counter() - started
+        if record is None:
+            continue
+        record = {**record, "steps_s": steps_s}
+        if adapter.finished or (end_on_collapse and record["collapsed"]):
+            return record
+        if on_record is not None:
+            on_record(record)
