@@ -13,4 +13,14 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 from lmadda.errors import LmaddaError
 
-__all__ = ["LmaddaError", "__version__"]
+__all__ = ["LmaddaError", "VirtualStainer", "__version__"]
+
+
+def __getattr__(name: str):
+    """`lmadda.VirtualStainer` (the facade, lmadda.stainer) is imported on first use: `import lmadda` stays cheap
+    (no torch), which the CLI's start-up and `lmadda --help` rely on."""
+    if name == "VirtualStainer":
+        from lmadda.stainer import VirtualStainer
+
+        return VirtualStainer
+    raise AttributeError(f"module 'lmadda' has no attribute {name!r}")

@@ -12,23 +12,31 @@ with the tiles' predictions gathered in one of two ways that give the same pixel
   same order, so the blend is bit-identical; once the next row of tiles starts below a row of pixels, that row
   is final and goes to the output (an OME-Zarr image written chunk by chunk), so a whole slide or a plate
   never needs its input or its output in memory. `lmadda predict` takes this path when IN or OUT is OME-Zarr.
+
+Staining a whole image in memory, from camera pixels to the markers' camera units, is one routine too (`StainPlan`):
+it owns every step but the forward, so `stain` drives it with a plain call and the endpoint with its awaited,
+micro-batched one, and both give the same pixels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.data.bands import BLOCK_VALUES, RegionSource, ValueCounts, blocks, percentiles
 from lmadda.data.calibration import PixelSize, PixelSizeCheck, PixelSizeNote, check_pixel_size
 from lmadda.data.dataset import target_from_model_range, tile_origins, to_model_range
 from lmadda.data.io import check_image_output, clip_to_dtype, read_image, sensor_max_for, write_image
 from lmadda.data.normalise import apply_normalisation, denormalise, normalise, params_from_percentiles
 from lmadda.device import resolve_device
+from lmadda.domain import DomainScore, forward_scored, score_tiles
 from lmadda.errors import LmaddaError
 from lmadda.models.generator import UNetGenerator
 from lmadda.training.common import Progress
@@ -97,8 +105,8 @@ class TileGrid:
 class TilePlan(TileGrid):
     """How an image is cut into overlapping tiles and how the tiles' predictions are blended back.
 
-    `predict_tiled` runs it in one call; the HTTP endpoint runs the same plan with its tiles
-    micro-batched across requests, so both produce the same pixels.
+    `predict_tiled` runs it in one call; `StainPlan` holds one for a whole stain, from camera pixels to camera
+    units, which `lmadda predict` and the HTTP endpoint (its tiles micro-batched across requests) both drive.
     """
 
     def __init__(self, image: np.ndarray, config, *, tile: int = 256, overlap: float = 0.25):
@@ -182,16 +190,86 @@ class BandedTilePlan(TileGrid):
         self.top = below
 
 
-def _run_plan(plan: TileGrid, generator: UNetGenerator, *, batch_size: int, device, progress: str | None,
-              forward: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-    """Every tile of `plan` through the generator (in eval mode), in batches, into `plan.add`."""
+@dataclass(frozen=True)
+class Stain:
+    """One stained image: the markers in camera units ((C_out, H, W) float, not yet rounded to the output's pixel type)
+    and, when the checkpoint carries a domain reference, the image's domain score from the same forward pass."""
+
+    camera: np.ndarray
+    domain: DomainScore | None
+
+
+class StainPlan:
+    """The one staining routine: camera pixels -> model input (the checkpoint's normalisation and input correction) ->
+    tiles -> feathered blend -> 0..1 -> the markers' camera units, and the domain score from the tiles' features.
+
+    It owns every step but the forward, because the two callers run the forward differently: `stain` (lmadda predict,
+    `VirtualStainer.stain`) calls the generator, the HTTP endpoint awaits a micro-batched forward shared with other
+    requests, which a synchronous loop could not do. Each drives the same plan, so both give the same pixels:
+
+        plan = StainPlan(checkpoint, pixels, tile=256, overlap=0.25)
+        for origins, tiles in plan.batches(batch_size):
+            plan.add(origins, *forward(tiles))  # (predictions, features or None), as lmadda.domain.forward_scored gives
+        stained = plan.result()
+    """
+
+    def __init__(self, checkpoint: GeneratorCheckpoint, pixels: np.ndarray, *, tile: int = 256, overlap: float = 0.25):
+        in_channels = checkpoint.config.in_channels
+        shape = getattr(pixels, "shape", None)
+        if shape is None or len(shape) != 3 or shape[0] != in_channels:
+            fix = "add the channel axis: pixels[None]" if shape is not None and len(shape) == 2 and in_channels == 1 else (
+                f"give a (C, H, W) array with C = {in_channels}, the model's input channels")
+            raise LmaddaError(f"camera pixels of shape {shape}: this model ({checkpoint.setting}) stains ({in_channels}, H, W) "
+                              f"arrays; {fix}")
+        self.checkpoint = checkpoint
+        self.tiles = TilePlan(model_input(pixels, checkpoint), checkpoint.config, tile=tile, overlap=overlap)
+        self.features: list[np.ndarray | None] = []
+
+    def batches(self, batch_size: int, progress: str | None = None) -> Iterator[tuple[list[tuple[int, int]], np.ndarray]]:
+        """(origins, model-input tiles) in groups of at most `batch_size`, in the order `add` expects them back."""
+        return self.tiles.batches(batch_size, progress=progress)
+
+    def add(self, origins: list[tuple[int, int]], predictions: np.ndarray, features: np.ndarray | None = None) -> None:
+        """The model-unit predictions of one group of tiles and, for the domain check, their features (rows follow the tiles)."""
+        self.tiles.add(origins, predictions)
+        self.features.append(features)
+
+    def result(self) -> Stain:
+        prediction01 = target_from_model_range(self.tiles.result())
+        return Stain(to_camera_units(prediction01, self.checkpoint), score_tiles(self.checkpoint, self.features))
+
+
+@contextmanager
+def _evaluating(generator: UNetGenerator, device) -> Iterator[torch.device]:
+    """The generator in eval mode on `device` (resolved) for the duration; its training flag restored after."""
     device = resolve_device(device)
     was_training = generator.training
     generator.eval().to(device)
-    run = forward or generator
-    for origins, batch in plan.batches(batch_size, progress=progress):
-        plan.add(origins, run(torch.from_numpy(batch).to(device)).float().cpu().numpy())
-    generator.train(was_training)
+    try:
+        yield device
+    finally:
+        generator.train(was_training)
+
+
+@torch.no_grad()
+def stain(checkpoint: GeneratorCheckpoint, pixels: np.ndarray, *, tile: int = 256, overlap: float = 0.25, batch_size: int = 8,
+          device: torch.device | str | None = None, progress: str | None = None) -> Stain:
+    """Stain (C_in, H, W) camera pixels with `checkpoint`: `StainPlan` driven with the generator's own forward (in eval
+    mode, on `device`). The markers in camera units and the domain score, exactly as the endpoint stains the image."""
+    plan = StainPlan(checkpoint, pixels, tile=tile, overlap=overlap)
+    with _evaluating(checkpoint.generator, device) as device:
+        for origins, tiles in plan.batches(batch_size, progress=progress):
+            plan.add(origins, *forward_scored(checkpoint, torch.from_numpy(tiles).to(device)))
+    return plan.result()
+
+
+def _run_plan(plan: TileGrid, generator: UNetGenerator, *, batch_size: int, device, progress: str | None,
+              forward: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+    """Every tile of `plan` through the generator (in eval mode), in batches, into `plan.add`."""
+    with _evaluating(generator, device) as device:
+        run = forward or generator
+        for origins, batch in plan.batches(batch_size, progress=progress):
+            plan.add(origins, run(torch.from_numpy(batch).to(device)).float().cpu().numpy())
 
 
 @torch.no_grad()
@@ -240,14 +318,14 @@ def predict_banded(
 
 
 def predict_file(
-    checkpoint_path: str | Path,
+    checkpoint_path: str | Path | GeneratorCheckpoint,
     input_path: str | Path,
     output_path: str | Path,
     *,
     tile: int = 256,
     overlap: float = 0.25,
     batch_size: int = 8,
-    device: str | None = None,
+    device: torch.device | str | None = None,
     bit_depth: int | None = None,
     on_domain=None,
     pixel_size: PixelSize | None = None,
@@ -257,7 +335,8 @@ def predict_file(
     channel: int | str | None = None,
 ) -> Path:
     """`lmadda predict`: read an image, stain it, write the markers in camera units as the image type
-    `output_path` names (TIFF, PNG for a single 8/16-bit marker, or OME-Zarr: .zarr / .ome.zarr).
+    `output_path` names (TIFF, PNG for a single 8/16-bit marker, or OME-Zarr: .zarr / .ome.zarr). The model is a
+    checkpoint file or one already in memory (`VirtualStainer.stain_file`, e.g. a model just adapted).
 
     With a domain reference in the checkpoint, the same forward pass scores the image against it
     (`lmadda.domain`); the score goes into the output's metadata and to `on_domain(score)` (None
@@ -272,10 +351,12 @@ def predict_file(
     When the input or the output is OME-Zarr, the image goes through `predict_banded`: an OME-Zarr input is read
     one row of tiles at a time (its normalisation statistics in bands first, `ModelInputRows`) and an OME-Zarr
     output is written chunk by chunk, with the same pixels as the TIFF path."""
-    from lmadda.checkpoint import load_checkpoint
     from lmadda.data.omezarr import is_zarr, open_image
 
-    checkpoint = load_checkpoint(checkpoint_path)
+    if isinstance(checkpoint_path, GeneratorCheckpoint):  # in memory: messages name it by what it is
+        checkpoint, checkpoint_path = checkpoint_path, checkpoint_path.describe()
+    else:
+        checkpoint = load_checkpoint(checkpoint_path)
     check_image_output(output_path, channels=checkpoint.config.out_channels, dtype=checkpoint.target_dtype)  # before the work
     if is_zarr(input_path):  # read region by region: the pixels stay on disk
         source = open_image(input_path)
@@ -314,16 +395,10 @@ def predict_file(
         if on_domain is not None:
             on_domain(domain)
         return path
-    image, domain = model_input(raw.pixels, checkpoint), None
-    if checkpoint.domain_reference is None:
-        prediction = predict_tiled(checkpoint.generator, image, **options)
-    else:
-        from lmadda.domain import predict_and_score
-
-        prediction, domain = predict_and_score(checkpoint.generator, checkpoint.domain_reference, image, **options)
+    stained = stain(checkpoint, raw.pixels, **options)
     if on_domain is not None:
-        on_domain(domain)
-    return write_prediction(output_path, target_from_model_range(prediction), checkpoint, domain=domain, pixel_size=pixel_size)
+        on_domain(stained.domain)
+    return write_prediction(output_path, stained.camera, checkpoint, domain=stained.domain, pixel_size=pixel_size)
 
 
 def _predict_to_file(checkpoint, read_rows: RowReader, shape: tuple[int, int], output_path: str | Path, *,
@@ -425,10 +500,9 @@ def to_camera_units(prediction01: np.ndarray, checkpoint) -> np.ndarray:
     return denormalise(prediction01, checkpoint.target_norm)
 
 
-def write_prediction(output_path: str | Path, prediction01: np.ndarray, checkpoint, domain=None,
+def write_prediction(output_path: str | Path, pixels: np.ndarray, checkpoint, domain=None,
                      pixel_size: PixelSize | None = None) -> Path:
-    """Write the stain in camera units, with the model that made it and, when known, the input's pixel size."""
-    pixels = to_camera_units(prediction01, checkpoint)
+    """Write the stain (camera units, `Stain.camera`), with the model that made it and, when known, the input's pixel size."""
     return write_image(output_path, pixels if pixels.shape[0] > 1 else pixels[0], dtype=checkpoint.target_dtype,
                        metadata=prediction_metadata(checkpoint, domain), pixel_size=pixel_size)
 

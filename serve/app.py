@@ -9,8 +9,9 @@ One deployment, `StainService`, behind a FastAPI ingress:
   name and version, so promoting a new champion yields a new key and is served after the next alias
   refresh (`refresh_s`, or `POST /v1/reload`), and a version that fails to load leaves the previous
   one serving;
-- the image is tiled exactly as `lmadda predict` tiles it (`lmadda.inference.TilePlan`), and tiles
-  of concurrent requests for the same model are micro-batched into one forward (`@serve.batch`);
+- the image is stained by `lmadda predict`'s own routine (`lmadda.inference.StainPlan`: normalisation,
+  input correction, tiles, blend, camera units, domain score), driven here with an awaited forward in
+  which tiles of concurrent requests for the same model are micro-batched (`@serve.batch`);
 - admission is Serve's: `max_ongoing_requests` per replica (Serve routes each request to a replica
   with room and scales on the count) and `max_queued_requests` beyond them, past which Serve answers
   503 with Retry-After (`backpressure_config`); `serve/proxy.py` reads each body whole in the proxy,
@@ -54,11 +55,10 @@ from starlette.requests import ClientDisconnect
 
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.calibration import PixelSize, check_pixel_size
-from lmadda.data.dataset import target_from_model_range
 from lmadda.device import resolve_device
-from lmadda.domain import DomainScore, DomainTally, domain_headers, forward_scored, score_tiles
+from lmadda.domain import DomainTally, domain_headers, forward_scored
 from lmadda.errors import LmaddaError
-from lmadda.inference import TilePlan, model_input, to_camera_units
+from lmadda.inference import Stain, StainPlan
 from lmadda_serve.auth import resolve_auth
 from lmadda_serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers, read_body
 from lmadda_serve.registry import StainModels
@@ -278,10 +278,10 @@ class StainService:
                 start += count
         return outputs
 
-    async def stain_image(self, checkpoint: GeneratorCheckpoint, pixels: np.ndarray) -> tuple[np.ndarray, DomainScore | None]:
-        """`lmadda predict`'s arithmetic: normalise, tile, blend, back to the marker's camera units; and the image's domain score."""
-        plan = TilePlan(model_input(pixels, checkpoint), checkpoint.config, tile=self.tile, overlap=self.overlap)
-        features = []
+    async def stain_image(self, checkpoint: GeneratorCheckpoint, pixels: np.ndarray) -> Stain:
+        """`lmadda predict`'s staining routine (`StainPlan`: camera pixels to the markers' camera units and the domain
+        score), driven with this replica's forward, which it may await so that concurrent requests share it."""
+        plan = StainPlan(checkpoint, pixels, tile=self.tile, overlap=self.overlap)
         for origins, tiles in plan.batches(self.tile_batch):
             # Tiles of concurrent requests share a forward. A request alone on the replica skips the
             # batcher: it would wait batch_wait_timeout_s per tile batch for tiles that never come.
@@ -291,9 +291,8 @@ class StainService:
                 predictions, tile_features = self.forward(checkpoint, tiles)
                 if self.micro_batch:  # let requests that arrived meanwhile in: the next tile batch can then be shared
                     await asyncio.sleep(0)
-            plan.add(origins, predictions)
-            features.append(tile_features)
-        return to_camera_units(target_from_model_range(plan.result()), checkpoint), score_tiles(checkpoint, features)
+            plan.add(origins, predictions, tile_features)
+        return plan.result()
 
     # -- routes -----------------------------------------------------------------------------------
     def authorise(self, request: Request) -> None:
@@ -344,10 +343,10 @@ class StainService:
                                     model_name=f"models:/{model_id}")
             if note is not None and note.level == "warning":
                 warnings.append(note.message)
-            stains, domain = await self.stain_image(checkpoint, image.pixels)
-            domains.append(domain)
-            self.domain_tallies.setdefault((name, setting), DomainTally()).add(domain)
-            channels.append(stains[checkpoint.markers.index(name)])
+            stained = await self.stain_image(checkpoint, image.pixels)
+            domains.append(stained.domain)
+            self.domain_tallies.setdefault((name, setting), DomainTally()).add(stained.domain)
+            channels.append(stained.camera[checkpoint.markers.index(name)])
             versions.append(model_id)
             dtypes.add(checkpoint.target_dtype)
             norm = checkpoint.target_norm.to_dict() if checkpoint.target_norm else None

@@ -429,3 +429,31 @@ def test_a_pixel_size_beyond_predicts_tolerance_gets_predicts_warning_in_a_heade
     assert "x-lmadda-warning" not in asyncio.run(stain(service, chunks=[_calibrated_tiff(0.7)]))[1]
     status, headers, _ = asyncio.run(stain(service, chunks=[_calibrated_tiff(None)]))
     assert status == 200 and "x-lmadda-pixel-size-um" not in headers and "x-lmadda-warning" not in headers
+
+
+# -- one staining routine: the endpoint drives lmadda.inference.StainPlan, as lmadda predict does ------------
+def test_the_endpoint_stains_an_image_exactly_as_the_library_and_lmadda_predict_do(monkeypatch, tmp_path):
+    from lmadda.checkpoint import save_checkpoint
+    from lmadda.data.io import decode_image
+    from lmadda.domain import build_reference
+    from lmadda.inference import predict_file
+    from lmadda.inference import stain as library_stain
+
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN})
+    checkpoint = asyncio.run(service.get_model("lmadda-dapi/2"))
+    rng = np.random.default_rng(5)
+    references = [rng.normal(size=(1, 64, 64)).astype(np.float32) for _ in range(3)]
+    checkpoint.domain_reference = build_reference(checkpoint.generator, references, domain="bright_field", crop_size=64, crops=4)
+    pixels = rng.integers(0, 4000, size=(1, 100, 72)).astype(np.uint16)  # 6 tiles of 64: two batches of tile_batch 4
+
+    served = asyncio.run(service.stain_image(checkpoint, pixels))
+    library = library_stain(checkpoint, pixels, tile=64, batch_size=service.tile_batch, device="cpu")
+    np.testing.assert_array_equal(served.camera, library.camera)
+    assert served.domain is not None and served.domain == library.domain
+
+    status, headers, body = asyncio.run(stain(service, chunks=[_tiff(pixels[0])]))
+    tifffile.imwrite(tmp_path / "in.tif", pixels[0])
+    predict_file(save_checkpoint(tmp_path / "model.pt", checkpoint), tmp_path / "in.tif", tmp_path / "out.tif", tile=64,
+                 batch_size=service.tile_batch, device="cpu")
+    assert status == 200 and headers["x-lmadda-domain-score"] == f"{library.domain.score:.3f}"
+    np.testing.assert_array_equal(decode_image(body, "tiff", "response").pixels[0], tifffile.imread(tmp_path / "out.tif")[0])

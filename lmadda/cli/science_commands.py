@@ -104,48 +104,23 @@ def run_train_source(args: argparse.Namespace) -> int:
 
 
 def run_adapt(args: argparse.Namespace) -> int:
-    from lmadda.checkpoint import load_checkpoint, save_checkpoint
-    from lmadda.config import build_config
-    from lmadda.data.calibration import images_pixel_size
-    from lmadda.data.dataset import load_images
-    from lmadda.data.manifest import Manifest
-    from lmadda.data.shifts import Shift
-    from lmadda.training.adapt import AdaptConfig, adapt
+    from lmadda.stainer import VirtualStainer
 
-    source = load_checkpoint(args.source)
-    auto = args.layer == "auto"
-    config = build_config(AdaptConfig, args.config, layer=[0] if auto else args.layer, **model_overrides(args))
-    source_setting = source.metadata.get("train_config", {}).get("setting", source.setting)
-    manifest = Manifest.load(args.manifest)
-    source_manifest = Manifest.load(args.source_manifest) if args.source_manifest else manifest
-    shift = Shift.parse(args.shift) if args.shift else None
-    source_images = load_images(source_manifest, source_setting, "train", percentiles=source.percentiles)
-    target_images = load_images(manifest, args.setting, "train", shift=shift, percentiles=source.percentiles, seed=config.seed)
-    target = target_name(args.setting, shift)
-    # The adapted model is meant for the target's images: it records their pixel size (else keeps its source's).
-    target_pixel_size = images_pixel_size(manifest, args.setting, shift)
-    if auto:
+    selector_options = None
+    if args.layer == "auto":  # the study's selection defaults: the selector of `adapt --layer auto` and the study is one
         from lmadda.study.config import SelectionSpec
-        from lmadda.training.auto import adapt_and_choose
 
-        chosen = adapt_and_choose(source, source_images, target_images, config, target, selector_options=SelectionSpec().options())
-        if target_pixel_size is not None:
-            chosen.checkpoint.metadata["pixel_size_um"] = target_pixel_size
-        save_checkpoint(args.out, chosen.checkpoint)
-        scores = ", ".join(f"{name} {value:.4f}" for name, value in sorted(chosen.choice.means.items(), key=lambda kv: kv[1]))
-        print(f"wrote {args.out}: label-free choice {chosen.choice.chosen}{' (kept the unadapted model)' if chosen.choice.fell_back else ''}: "
-              f"{chosen.choice.reason}\n{chosen.choice.score} per candidate (lower is better): {scores}")
-        return 0
-    result = adapt(source, source_images, target_images, config)
-    save_checkpoint(args.out, result.checkpoint(source, config, target, pixel_size_um=target_pixel_size))
-    state = f"COLLAPSED ({result.collapse_reason})" if result.collapsed else "ok"
-    print(f"wrote {args.out}: layer {config.layer}, {result.steps_done} steps in {result.seconds:.0f} s, {state}"
-          + (", discriminator saturated" if result.d_saturated else "") + f"; G' updated at {result.g_updates} steps")
-    if result.g_updates == 0 and not result.collapsed:
-        print(f"warning: the discriminator never reached the gate accuracy ({config.gate_accuracy}), so G' never moved and "
+        selector_options = SelectionSpec().options()
+    source = VirtualStainer.load(args.source)
+    outcome = source.adapt(args.manifest, args.setting, shift=args.shift, layer=args.layer, config=args.config,
+                           source_manifest=args.source_manifest, selector_options=selector_options, **model_overrides(args))
+    outcome.stainer.save(args.out)
+    print(f"wrote {args.out}: {outcome.summary}")
+    if outcome.result is not None and outcome.result.g_updates == 0 and not outcome.collapsed:
+        print(f"warning: the discriminator never reached the gate accuracy ({outcome.config.gate_accuracy}), so G' never moved and "
               f"{args.out} predicts exactly like the source model. Give it more --steps, or lower gate_accuracy in --config "
               "(gate_accuracy: null updates G' at every step).")
-    return 1 if result.collapsed else 0
+    return 1 if outcome.collapsed else 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
