@@ -53,7 +53,7 @@ def sweep(tmp_path, migrated_store) -> SimpleNamespace:
                      "pearson_dapi": dapi, "pearson_cd29": cd29, "lf_output_w1": 0.1 * layer,
                      "_history": [{"step": 2, "g_loss": 1.0, "d_loss": 0.7, "d_acc": 0.5}, {"step": 4, "g_loss": 0.9, "d_loss": 0.6, "d_acc": 0.6}]})
     (tmp_path / "results.parquet").write_bytes(b"table")
-    log_sweep(config, rows, tmp_path / "results.parquet", **QUIET)
+    log_sweep(config, rows, [tmp_path / "results.parquet"], **QUIET)
     config.winner = tmp_path / "trial11" / "generator.pt"
     return config
 

@@ -67,8 +67,15 @@ def test_a_two_point_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_ses
                    resources={"workers_per_trial": 1, "cpus_per_worker": 0.5, "max_concurrent_trials": 2, "points_per_trial": 2})
     rows = run_sweep(sweep, log=lambda *_: None)
     assert load_checkpoint(trained).markers == ["dapi", "cd29"]
-    table = pq.read_table(sweep.storage_path / "two" / "results.parquet").to_pylist()
+    table = pq.read_table(sweep.storage_path / "two" / "points.parquet").to_pylist()
     assert sorted(r["layer"] for r in table) == [1, 11] and all(r["steps_done"] == 4 for r in rows)
+    # The result rows are the study's: one per model x test image x marker, the unadapted reference among them.
+    results = pq.read_table(sweep.storage_path / "two" / "results.parquet").to_pylist()
+    assert {(r["method"], r["layer"]) for r in results} == {("unadapted", -1), ("lmadda", 1), ("adda", 11)}  # 11: the last layer
+    assert {r["marker"] for r in results} == {"dapi", "cd29"} and {r["target"] for r in results} == {"phase_contrast+overexposure:2"}
+    for point in table:  # a point's Pearson is the mean of its rows
+        mine = [r["pearson"] for r in results if r["layer"] == point["layer"] and r["marker"] == "dapi"]
+        assert point["pearson_dapi"] == pytest.approx(sum(mine) / len(mine))
     assert len({r["trial_id"] for r in table}) == 1 and all(r["trial_points"] == 2 for r in table)
     assert {load_checkpoint(r["generator_path"]).metadata["layer"] for r in table} == {1, 11}
     assert any((sweep.storage_path / "mlartifacts").rglob("generator.pt"))  # artifacts beside the SQLite store

@@ -86,5 +86,5 @@ def test_ray_job_submit_runs_a_tiny_sweep_on_a_local_head(local_head, tiny_synth
         time.sleep(3)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout
-    rows = pq.read_table(tmp_path / "sweeps" / "job" / "results.parquet").to_pylist()
+    rows = pq.read_table(tmp_path / "sweeps" / "job" / "points.parquet").to_pylist()
     assert [(r["layer"], r["steps_done"], r["collapsed"]) for r in rows] == [(2, 2, False)]

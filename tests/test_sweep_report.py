@@ -25,8 +25,20 @@ def test_a_rate_that_collapses_at_any_layer_is_not_selected_even_where_it_scores
     assert math.isclose(best["gain"], 0.09)
 
 
+def _results(row, pearson=None):
+    """A grid point's result rows (two test images), as the trial function writes them."""
+    return [{"target": row["target"], "setting": "pc", "shift": "overexposure", "magnitude": row["magnitude"],
+             "method": "adda" if row["layer"] == 15 else "lmadda", "layer": row["layer"], "lr": row["lr"], "seed": 0, "marker": "dapi",
+             "field": field, "pearson": row["pearson_dapi"] if pearson is None else pearson, "collapsed": row["collapsed"]}
+            for field in ("f0", "f1")]
+
+
+RESULTS = [r for row in ROWS for r in _results(row)] + [
+    {**r, "method": "unadapted", "layer": -1, "lr": None} for r in _results(_row(-1, None, 0.65))]
+
+
 def test_report_writes_figures_per_rate_the_best_table_and_the_selection(tmp_path):
-    written = write_sweep_report(ROWS, UNADAPTED, last_layer=15, out_dir=tmp_path)
+    written = write_sweep_report(ROWS, RESULTS, UNADAPTED, out_dir=tmp_path)
     names = {p.relative_to(tmp_path).as_posix() for p in written}
     assert {"lr_1e-05/pearson_by_layer.png", "lr_0.001/pearson_by_layer.png", "best.parquet", "summary.txt"} <= names
     assert pq.read_table(tmp_path / "best.parquet").to_pylist()[0]["layer"] == 3

@@ -51,7 +51,7 @@ def fake_rows(root: Path) -> list[dict]:
 def log(root: Path) -> str:
     from lmadda_tune.tracking import log_sweep
 
-    return log_sweep(fake_sweep(root), fake_rows(root), root / "results.parquet", log=lambda *_: None)
+    return log_sweep(fake_sweep(root), fake_rows(root), [root / "results.parquet"], log=lambda *_: None)
 
 
 # Run in a child process that dies like SIGKILL (no `finally`, no atexit) right after the

@@ -35,13 +35,17 @@ from lmadda.checkpoint import load_checkpoint
 from lmadda.config import build_config, read_config_file
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
+from lmadda.data.io import write_atomically
 from lmadda.errors import LmaddaError
+from lmadda.evaluation import evaluate_generator
+from lmadda.result_rows import TargetDomain, marker_means, rows_table, tag_rows
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 from lmadda_tune.stopper import ModeCollapseStopper
 from lmadda_tune.sweep_config import SweepConfig
 from lmadda_tune.sweep_report import best_per_target, format_selection, markers_of, write_sweep_report
-from lmadda_tune.train_workers import GENERATOR_FILE, adaptation_worker, in_trial_adaptation, labelled_pearson, source_worker
+from lmadda_tune.train_workers import (GENERATOR_FILE, ROWS_FILE, adaptation_worker, in_trial_adaptation, labelled_test_images,
+                                        source_worker)
 from lmadda_tune.trial_config import TrialPoint, TrialSpec
 
 
@@ -54,6 +58,7 @@ Without both, the second trial waits forever for CPUs the first one still holds.
 # Source training reports a checkpoint every epoch (Train V2 needs one for Result.metrics); only the
 # latest is needed to resume or to read the result. (Adaptation trials keep theirs in a PointStore.)
 KEEP_LATEST = CheckpointConfig(num_to_keep=1)
+POINTS_FILE = "points.parquet"  # one row per grid point: how its run went (steps, timing, collapse, generator file)
 
 
 def shift_text(sweep: SweepConfig, magnitude: float | None) -> str | None:
@@ -223,19 +228,19 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
         records = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
         for point in trial:
             rows.append(point_row(sweep, point, point_history(records, sweep.point_key(point), len(trial) == 1), result, len(trial)))
-    table_rows = [{k: v for k, v in r.items() if k != "_history"} for r in rows]
-    out = sweep.storage_path / sweep.name / "results.parquet"
-    temporary = out.with_name(".results.parquet.partial")
-    pq.write_table(pa.Table.from_pylist(table_rows), temporary)
-    temporary.replace(out)
-    log(f"[sweep] {len(rows)} grid points -> {out}")
-    unadapted = unadapted_pearson(sweep, source)
-    report = write_sweep_report(table_rows, unadapted, source.generator.last_layer, experiment_path / "report")
+    table_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    points_path = write_atomically(experiment_path / POINTS_FILE, lambda temporary: pq.write_table(pa.Table.from_pylist(table_rows), temporary))
+    reference = unadapted_rows(sweep, source)
+    results = reference + [measured for row in rows for measured in row["_rows"]]
+    out = write_atomically(experiment_path / "results.parquet", lambda temporary: pq.write_table(rows_table(results), temporary))
+    log(f"[sweep] {len(rows)} grid points -> {points_path}; {len(results)} result rows (model x image x marker) -> {out}")
+    unadapted = {target: marker_means([r for r in reference if r["target"] == target]) for target in sorted({r["target"] for r in reference})}
+    report = write_sweep_report(table_rows, results, unadapted, experiment_path / "report")
     log(format_selection(table_rows, unadapted, best_per_target(table_rows, unadapted)))
     log(f"[sweep] figures and selection -> {experiment_path / 'report'}")
     from lmadda_tune.tracking import log_sweep
 
-    log_sweep(sweep, rows, out, log=log, unadapted=unadapted, report_files=report)
+    log_sweep(sweep, rows, [out, points_path], log=log, unadapted=unadapted, report_files=report)
     return table_rows
 
 
@@ -261,19 +266,24 @@ def point_row(sweep: SweepConfig, point: dict, history: list[dict], result, poin
     }
     row.update({k: v for k, v in last.items() if k.startswith(("pearson", "lf_")) and isinstance(v, float) and math.isfinite(v)})
     row["_history"] = history if finished else []  # MLflow gets finished points only; a resumed sweep logs the rest
+    measured = generator.parent / ROWS_FILE if generator is not None else None
+    row["_rows"] = pq.read_table(measured).to_pylist() if measured is not None and measured.is_file() else []
     return row
 
 
-def unadapted_pearson(sweep: SweepConfig, source) -> dict[str, dict[str, float]]:
-    """The source model, unadapted, on each target's labelled test split: the reference every trial must beat."""
+def unadapted_rows(sweep: SweepConfig, source) -> list[dict]:
+    """The source model, unadapted, on each target's labelled test split (none where a target has no labels):
+    the reference every trial must beat, in the result-row schema."""
     manifest = Manifest.load(sweep.data.manifest)
-    results = {}
+    rows = []
     for magnitude in sweep.grid.magnitude or [None]:
         shift = shift_text(sweep, magnitude)
-        metrics = labelled_pearson(source.generator, manifest, sweep.data.target_setting, Shift.parse(shift) if shift else None, source)
-        if metrics:
-            results[target_name(sweep, magnitude)] = metrics
-    return results
+        domain = TargetDomain(sweep.data.target_setting, Shift.parse(shift) if shift else None)
+        images = labelled_test_images(manifest, domain.setting, domain.shift, source)
+        if images:
+            rows += tag_rows(evaluate_generator(source.generator, images, source.markers), domain, method="unadapted", layer=-1,
+                             seed=sweep.grid.seed[0])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,31 +41,16 @@ def best_per_target(rows: list[dict], unadapted: dict[str, dict[str, float]]) ->
     return best
 
 
-def report_rows(rows: list[dict], unadapted: dict[str, dict[str, float]], last_layer: int) -> list[dict]:
-    """Trial rows -> the per-(model, marker) rows `lmadda report` draws, the unadapted model as a baseline."""
-    out = []
-    for row in rows:
-        for marker in markers_of([row]):
-            out.append({"target": row["target"], "setting": row["setting"], "shift": row["shift"], "magnitude": row["magnitude"],
-                        "marker": marker, "method": "adda" if row["layer"] == last_layer else "lmadda", "layer": row["layer"],
-                        "pearson": row[f"pearson_{marker}"], "collapsed": row["collapsed"]})
-    for target, metrics in unadapted.items():
-        example = next(r for r in rows if r["target"] == target)
-        for key, value in metrics.items():
-            if key.startswith("pearson_"):
-                out.append({"target": target, "setting": example["setting"], "shift": example["shift"], "magnitude": example["magnitude"],
-                            "marker": key[len("pearson_"):], "method": "unadapted", "layer": -1, "pearson": value, "collapsed": False})
-    return out
-
-
-def write_sweep_report(rows: list[dict], unadapted: dict[str, dict[str, float]], last_layer: int, out_dir: Path) -> list[Path]:
-    """Figures per learning rate, best.parquet and summary.txt under `out_dir`."""
+def write_sweep_report(rows: list[dict], results: list[dict], unadapted: dict[str, dict[str, float]], out_dir: Path) -> list[Path]:
+    """Per learning rate, `lmadda report`'s summary and figures of the result rows (`results`: every trial's and the
+    unadapted model's, one per model x image x marker); best.parquet and summary.txt from the grid points' rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    reference = [r for r in results if r["method"] == "unadapted"]
     for lr in sorted({r["lr"] for r in rows}):
-        subset = [r for r in rows if r["lr"] == lr]
-        if markers_of(subset):
-            written += write_report(report_rows(subset, unadapted, last_layer), out_dir / f"lr_{lr:g}")
+        adapted = [r for r in results if r["method"] != "unadapted" and r["lr"] == lr]
+        if adapted:
+            written += write_report(adapted + reference, out_dir / f"lr_{lr:g}")
     best = best_per_target(rows, unadapted)
     if best:
         path = out_dir / "best.parquet"

@@ -32,6 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_PARENT_RUN_ID
 
 from lmadda.errors import LmaddaError
 from lmadda.metrics import is_finite
+from lmadda.result_rows import model_metrics, model_params
 from lmadda.registry_names import SHA256_TAG, alias_for, logged_model_name, model_name
 from lmadda.tracking_store import FINISHED, all_runs, delete_run, ensure_experiment, one_finished_run_per_key, relocate_artifacts
 
@@ -42,9 +43,13 @@ SOURCE_ARTIFACT_TAG = "lmadda.source_artifact"  # a LoggedModel's tag: the run a
 
 
 
-def log_sweep(sweep, rows: list[dict], results_path: Path, log=print, *, unadapted: dict | None = None,
+def log_sweep(sweep, rows: list[dict], result_files: list[Path], log=print, *, unadapted: dict | None = None,
               report_files: list[Path] = ()) -> str:
     """Log every trial as a nested run; return the parent run id. A resumed sweep logs only new trials.
+
+    A trial run holds what a study's model run holds (`lmadda.result_rows.model_params` and `model_metrics` of
+    its result rows, in `_rows`), plus its loss curves by step, its steps done and its generator file; the
+    parent run holds `result_files` (the result rows and the grid points' table) and the report.
 
     Runs are created with their tags, and a trial counts as logged only once its run has FINISHED:
     a run a killed driver left behind (RUNNING, or untagged from before tags were set at creation) is
@@ -77,20 +82,25 @@ def log_sweep(sweep, rows: list[dict], results_path: Path, log=print, *, unadapt
             tags = {"lmadda.kind": "trial", "lmadda.trial_key": key, "lmadda.sweep": sweep.name, "setting": row["setting"], "shift": row["shift"],
                     "target": row["target"], "layer": str(row["layer"]), "collapsed": str(row["collapsed"]).lower(),
                     "collapse_reason": row["collapse_reason"], "markers": ",".join(k[8:] for k in row if k.startswith("pearson_"))}
+            measured = row.get("_rows") or []
+            identity = model_params(measured[0]) if measured else {"layer": row["layer"], "lr": row["lr"], "seed": row["seed"],
+                                                                    "target": row["target"], "magnitude": row["magnitude"]}
             with mlflow.start_run(run_name=f"{row['target']}-L{row['layer']}-lr{row['lr']:g}-s{row['seed']}", nested=True, tags=tags):
-                mlflow.log_params({"layer": row["layer"], "lr": row["lr"], "seed": row["seed"], "target": row["target"],
-                                   "magnitude": row["magnitude"], **{f"adapt.{k}": v for k, v in sweep.adapt.items()}})
+                mlflow.log_params({**identity, **{f"adapt.{k}": v for k, v in sweep.adapt.items()}})
                 for record in row.get("_history", []):
                     step = int(record.get("step", 0) or 0)
                     metrics = {k: float(record[k]) for k in ("g_loss", "d_loss", "d_acc", "d_running_acc", "g_updates") if is_finite(record.get(k))}
                     mlflow.log_metrics(metrics, step=step)
                 final = {k: float(v) for k, v in row.items() if k.startswith(("pearson", "lf_")) and is_finite(v)}
+                if measured:  # labelled: every metric per marker, as a study's model run has them
+                    final.update(model_metrics(measured))
                 final["collapsed"] = float(row["collapsed"])
                 final["steps_done"] = float(row["steps_done"])
                 mlflow.log_metrics(final)
                 if row.get("generator_path") and Path(row["generator_path"]).exists():
                     mlflow.log_artifact(row["generator_path"], artifact_path=ARTIFACT_DIR)
-        mlflow.log_artifact(str(results_path))
+        for path in result_files:
+            mlflow.log_artifact(str(path))
         for path in report_files:  # per-layer figures, best.parquet, the learning-rate selection
             mlflow.log_artifact(str(path), artifact_path="report" + (f"/{path.parent.name}" if path.parent.name.startswith("lr_") else ""))
         for target, metrics in (unadapted or {}).items():

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+import pyarrow.parquet as pq
 import ray.train
 import ray.train.torch
 import torch
@@ -52,17 +52,18 @@ from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
-from lmadda.evaluation import evaluate_generator
-from lmadda.models.generator import UNetGenerator
 from lmadda.registry_names import target_name
+from lmadda.result_rows import TargetDomain, adaptation_method, marker_means, matched_name, rows_table
 from lmadda.selection import SelectionProbe
-from lmadda.training.adapt import AdaptConfig, Adapter
+from lmadda.study.trial import TrialResult, TrialTarget, run_trial
+from lmadda.training.adapt import AdaptConfig, Adapter, run_steps
 from lmadda.training.source import SourceHooks, SourceTrainConfig, load_source_data, source_checkpoint, train_source
 from lmadda_tune.trial_config import TrialPoint, TrialSpec
 
 STATE_FILE = "adapter_state.pt"
 SOURCE_STATE_FILE = "source_state.pt"
 GENERATOR_FILE = "generator.pt"
+ROWS_FILE = "rows.parquet"  # a finished point's result rows (lmadda.result_rows), beside its generator
 
 
 def worker_batch(batch_size: int, world_size: int) -> int:
@@ -135,20 +136,6 @@ def labelled_test_images(manifest: Manifest, setting: str, shift: Shift | None, 
         return load_images(manifest, setting, "test", source.markers, shift=shift, percentiles=source.percentiles)
     except LmaddaError:
         return None  # no paired target images: a label-free criterion has to choose
-
-
-def pearson_per_marker(generator: UNetGenerator, images: list[LoadedImage], markers: list[str], input_transform=None) -> dict[str, float]:
-    rows = evaluate_generator(generator, images, markers, input_transform=input_transform)
-    metrics = {f"pearson_{m}": float(np.nanmean([r["pearson"] for r in rows if r["marker"] == m])) for m in markers}
-    metrics["pearson"] = float(np.nanmean(list(metrics.values())))
-    return metrics
-
-
-def labelled_pearson(generator: UNetGenerator, manifest: Manifest, setting: str, shift: Shift | None, source,
-                     input_transform=None) -> dict[str, float]:
-    """Pearson per marker on the target's labelled test split; empty when the target has no labels."""
-    images = labelled_test_images(manifest, setting, shift, source)
-    return pearson_per_marker(generator, images, source.markers, input_transform) if images else {}
 
 
 def _mean_over_workers(values: list[float]) -> list[float]:
@@ -275,7 +262,8 @@ def run_points(spec: TrialSpec | dict, *, world_size: int, rank: int, device: to
 
 def run_adaptation(trial: TrialData, target: _Target, adapt_options: dict, point: TrialPoint, *, world_size: int, rank: int,
                    device: torch.device, resume: LoopState | None, report: Report, points_in_trial: int = 1) -> None:
-    """One grid point: LM-ADDA from the shared data, reporting every `log_every` steps (see `run_points`)."""
+    """One grid point: the study's trial function (`lmadda.study.trial.run_trial`) on the shared data, reporting
+    every `log_every` steps (see `run_points`). Rank 0 measures the adapted model; the other ranks only step."""
     started = time.perf_counter()
     distributed = world_size > 1
     source = trial.source
@@ -291,32 +279,35 @@ def run_adaptation(trial: TrialData, target: _Target, adapt_options: dict, point
         adapter.load_state_dict(resume.state)
     steps_s = resume.metadata["metrics"]["steps_s"] if resume is not None else 0.0
     tags = {**point.tags, "point": point.key, "points_in_trial": points_in_trial}
-    last = False
-    while not last:
-        step_started = time.perf_counter()
-        record = adapter.step()
-        steps_s += time.perf_counter() - step_started
-        if record is None:
-            continue
-        last = adapter.finished or record["collapsed"]  # a collapse ends the point (not the trial), whatever stop_on_collapse says
+
+    def send(record: dict, last: bool, outcome: TrialResult | None = None) -> None:
         metrics = {**record, "collapsed": float(record["collapsed"]), "d_saturated": float(record["d_saturated"]),
-                   "point_done": float(last), "steps_s": steps_s, **tags}  # not `done`: that one ends a Tune trial
+                   "point_done": float(last), **tags}  # not `done`: that one ends a Tune trial
         with tempfile.TemporaryDirectory() as folder:
+            if outcome is not None:  # the last report carries the evaluations, the result rows and the generator
+                metrics.update(marker_means(outcome.rows))
+                metrics.update(outcome.criteria)
+                save_checkpoint(Path(folder) / GENERATOR_FILE, outcome.adapted.checkpoint(
+                    source, adapt_config.model_copy(update={"batch_size": effective_batch}), target.name, **point.tags))
+                pq.write_table(rows_table(outcome.rows), Path(folder) / ROWS_FILE)
+            metrics["worker_s"] = time.perf_counter() - started
             if rank == 0:
-                if last:  # the last report carries the evaluations (labelled where labels exist, label-free always) and the generator
-                    result = adapter.finish()
-                    test_images = target.test_images(trial)
-                    if test_images:
-                        metrics.update(pearson_per_marker(result.generator, test_images, source.markers, result.input_correction))
-                    criteria, _ = target.probe(trial, adapt_config.crop_size).measure(result.generator, result.input_correction)
-                    metrics.update({f"lf_{name}": value for name, value in criteria.items()})
-                    save_checkpoint(Path(folder) / GENERATOR_FILE, result.checkpoint(
-                        source, adapt_config.model_copy(update={"batch_size": effective_batch}), target.name, **point.tags))
-                metrics["worker_s"] = time.perf_counter() - started
                 save_loop_state(Path(folder) / STATE_FILE, "adapter", adapter.state_dict(), {"metrics": metrics})
-            else:
-                metrics["worker_s"] = time.perf_counter() - started
             report(metrics, Path(folder) if rank == 0 else None)
+
+    def step_report(record: dict) -> None:
+        send(record, last=False)
+
+    if rank == 0:
+        row_tags = {"method": adaptation_method(adapt_config.layer, source.generator.last_layer, adapt_config.recipe),
+                    "layer": max(adapt_config.layer), "matched": matched_name(adapt_config.layer), "lr": adapt_config.lr,
+                    "seed": adapt_config.seed}
+        measured_on = TrialTarget(TargetDomain(trial.target_setting, target.shift), source.markers, target.test_images(trial),
+                                  target.probe(trial, adapt_config.crop_size))
+        outcome = run_trial(adapter, measured_on, row_tags, on_record=step_report, steps_s=steps_s)
+        send(outcome.last_record, last=True, outcome=outcome)
+    else:  # a collapse ends the point on every rank at the same report: the flags are averaged over workers
+        send(run_steps(adapter, step_report, end_on_collapse=True, steps_s=steps_s), last=True)
 
 
 def adaptation_worker(config: dict) -> None:
