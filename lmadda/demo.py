@@ -25,8 +25,7 @@ from lmadda.report import choice_lines, summary_table, write_report
 from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.result_rows import TargetDomain
 from lmadda.study.grid import run_grid
-from lmadda.study.config import SelectionSpec
-from lmadda.training.adapt import AdaptConfig
+from lmadda.study.config import Grid, SelectionSpec
 from lmadda.training.source import SourceTrainConfig, train_source
 
 
@@ -75,10 +74,11 @@ def run_demo(config: DemoConfig, log=print) -> Path:
     source = load_checkpoint(source_path)
 
     domains = [TargetDomain.parse(t) for t in config.targets]
-    adapt_config = AdaptConfig(layer=[config.layers[0]], steps=config.adapt_steps, lr=config.adapt_lr, seed=config.seed)
-    rows = run_grid(source, manifest, domains, config.layers, adapt_config, source_setting="phase_contrast", out=out,
-                     paper_layers=[source.generator.last_layer] if config.paper else [], selector_options=SelectionSpec().options(),
-                     oracle=source_config if config.oracle else None, save_models=True, log=log)
+    grid = Grid(targets=[domain.name for domain in domains], layers=config.layers, lrs=[config.adapt_lr], seeds=[config.seed],
+                paper_layers="last" if config.paper else [])
+    rows = run_grid(source, manifest, domains, grid.points(source.generator.num_layers), {"steps": config.adapt_steps},
+                    seed=config.seed, source_setting="phase_contrast", out=out, selector_options=SelectionSpec().options(),
+                    oracle=source_config if config.oracle else None, save_models=True, log=log)
     log("")
     log(summary_table(rows))
     log("")

@@ -69,22 +69,23 @@ def test_adapt_layer_auto_writes_the_label_free_choice_as_a_usable_checkpoint(ti
 def test_study_writes_every_method_and_resumes_without_redoing(tiny_synth, source_model):
     from lmadda.checkpoint import load_checkpoint
     from lmadda.result_rows import TargetDomain
+    from lmadda.study.config import Grid
     from lmadda.study.grid import run_grid
-    from lmadda.training.adapt import AdaptConfig
 
     folder, source_path = source_model
     source = load_checkpoint(source_path)
-    config = AdaptConfig(layer=[0], steps=2, batch_size=2, crop_size=64, device="cpu")
+    options = {"steps": 2, "batch_size": 2, "crop_size": 64, "device": "cpu"}
     domains = [TargetDomain.parse("bright_field"), TargetDomain.parse("phase_contrast+overexposure:2")]
+    grid = Grid(targets=[d.name for d in domains], layers=[0, source.generator.last_layer], paper_layers=[])
     out = folder / "study"
-    rows = run_grid(source, tiny_synth, domains, [0, source.generator.last_layer], config, source_setting="phase_contrast",
-                     out=out, progress=False, log=lambda *_: None)
+    rows = run_grid(source, tiny_synth, domains, grid.points(source.generator.num_layers), options, seed=0,
+                    source_setting="phase_contrast", out=out, progress=False, log=lambda *_: None)
     methods = {(r["target"], r["method"]) for r in rows}
     for domain in ("bright_field", "phase_contrast+overexposure:2"):
         assert {(domain, m) for m in ("unadapted", "adabn", "histogram_matching", "fda", "lmadda", "adda")} <= methods
     before = len(rows)
-    again = run_grid(source, tiny_synth, domains, [0, source.generator.last_layer], config, source_setting="phase_contrast",
-                      out=out, progress=False, log=lambda *_: None)
+    again = run_grid(source, tiny_synth, domains, grid.points(source.generator.num_layers), options, seed=0,
+                     source_setting="phase_contrast", out=out, progress=False, log=lambda *_: None)
     assert len(again) == before == len(pq.read_table(out / "results.parquet"))
 
 

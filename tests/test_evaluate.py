@@ -67,7 +67,6 @@ def test_an_existing_out_is_refused_before_any_work_and_replaced_with_overwrite(
 def test_source_baselines_reproduce_the_studys_rows_for_the_same_seed(tiny_synth, tiny_source, tmp_path):
     from lmadda.result_rows import TargetDomain
     from lmadda.study.grid import run_grid
-    from lmadda.training.adapt import AdaptConfig
 
     source = load_checkpoint(tiny_source)
     target = "bright_field+noise:0.2"  # a seeded shift: the test images depend on the seed too
@@ -77,7 +76,7 @@ def test_source_baselines_reproduce_the_studys_rows_for_the_same_seed(tiny_synth
     evaluated = pq.read_table(out).to_pylist()
     assert {r["method"] for r in evaluated} == {"unadapted", "histogram_matching", "fda"}
     assert all(r["seed"] == 1 and r["checkpoint"] == str(tiny_source) and r["g_updates"] is None for r in evaluated)
-    studied = run_grid(source, tiny_synth, [TargetDomain.parse(target)], [], AdaptConfig(layer=[0], seed=1, device="cpu"),
+    studied = run_grid(source, tiny_synth, [TargetDomain.parse(target)], [], {"device": "cpu"}, seed=1,
                         source_setting="phase_contrast", baselines=("histogram_matching", "fda"), progress=False, log=lambda *_: None)
     key = lambda r: (r["method"], r["field"], r["marker"])
     study_rows = {key(r): r for r in studied if r["target"] == target}

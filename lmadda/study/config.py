@@ -32,7 +32,9 @@ from lmadda.baselines import BASELINES
 from lmadda.selector import DEFAULT_SCORE, SCORES
 from lmadda.config import LearningRates, describe_validation_error
 from lmadda.data.shifts import Shift
-from lmadda.training.adapt import AdaptConfig
+from lmadda.result_rows import TargetDomain
+from lmadda.study.trial import GridPoint
+from lmadda.training.adapt import PAPER_RECIPE, AdaptConfig
 from lmadda.training.source import SourceTrainConfig
 
 
@@ -132,6 +134,19 @@ class Grid(_Strict):
 
     def paper_layer_list(self, num_layers: int) -> list[int]:
         return [num_layers - 1] if self.paper_layers == "last" else list(self.paper_layers)
+
+    def points_for(self, target: str, seed: int, lr: float, num_layers: int) -> list[GridPoint]:
+        """The adapted models of one (target, seed, learning rate) cell: each single layer, each layer set, and, under
+        the first learning rate only (the published recipe fixes its own), each paper layer."""
+        points = [GridPoint(target, (layer,), lr, seed) for layer in self.layer_list(num_layers)]
+        if lr == self.lrs[0]:
+            points += [GridPoint(target, (layer,), PAPER_RECIPE["lr"], seed, "paper") for layer in self.paper_layer_list(num_layers)]
+        return points + [GridPoint(target, tuple(sorted(layer_set)), lr, seed) for layer_set in self.layer_sets]
+
+    def points(self, num_layers: int) -> list[GridPoint]:
+        """Every adapted model of the grid, seed by seed, learning rate by learning rate, target by target."""
+        return [point for seed in self.seeds for lr in self.lrs for target in self.targets
+                for point in self.points_for(TargetDomain.parse(target).name, seed, lr, num_layers)]
 
 
 class CriteriaSpec(_Strict):

@@ -27,11 +27,10 @@ from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.models.generator import UNetGenerator
-from lmadda.result_rows import (CRITERION_PREFIX, RESULT_COLUMNS, TargetDomain, adaptation_method, matched_name, rows_table,
-                                tag_rows)
+from lmadda.result_rows import CRITERION_PREFIX, RESULT_COLUMNS, TargetDomain, rows_table, tag_rows
 from lmadda.selection import SelectionProbe
 from lmadda.selector import Candidate, Choice, Observation, Selector
-from lmadda.study.trial import TrialResult, TrialTarget, run_trial
+from lmadda.study.trial import GridPoint, TrialResult, TrialTarget, run_trial
 from lmadda.training.adapt import AdaptConfig, Adapter
 from lmadda.training.common import Progress
 from lmadda.training.source import SourceTrainConfig, train_source
@@ -113,9 +112,6 @@ class ResultTable:
                    and (matched is None or r.get("matched") == matched) for r in self.rows)
 
 
-PAPER_FIXED = ("lr", "d_lr", "gate_accuracy", "d_warmup_steps", "source_anchor", "input_correction", "recipe")
-
-
 def candidate_name(method: str, matched: str, lr: float | None) -> str:
     """How a model is named among the label-free candidates: 'lmadda:3@2e-05', 'adda_paper:15@0.0002'."""
     return f"{method}:{matched}@{lr:g}"
@@ -141,14 +137,13 @@ def run_grid(
     source: GeneratorCheckpoint,
     manifest: Manifest | ImageSource,
     domains: list[TargetDomain],
-    layers: list[int],
-    adapt_config: AdaptConfig,
+    points: list[GridPoint],
+    adapt_options: dict,
     *,
+    seed: int,
     source_setting: str,
     out: Path | None = None,
     baselines: tuple[str, ...] = ("adabn", "histogram_matching", "fda"),
-    layer_sets: list[list[int]] = (),
-    paper_layers: list[int] = (),
     selector_options: dict | None = None,
     choose: bool = True,
     oracle: SourceTrainConfig | None = None,
@@ -159,10 +154,10 @@ def run_grid(
     progress: bool = True,
     log=print,
 ) -> list[dict]:
-    """Run every (domain, method, layer); returns all rows (also written to `out`/results.parquet).
+    """Evaluate, on `seed`'s shifted images, each domain's unadapted model and baselines and adapt its grid points
+    (`points` whose target it is: `lmadda.study.config.Grid.points_for`), with `adapt_options` (the grid's shared
+    AdaptConfig options); returns all rows (also written to `out`/results.parquet).
 
-    `layer_sets` adds multi-layer matching (method `lmadda_multi`, one discriminator per layer).
-    `paper_layers` adapts those layers with the published recipe too (`adda_paper`, `lmadda_paper`).
     `selector_options` (Selector keywords) turns on the label-free choice: every candidate (unadapted,
     AdaBN, histogram matching, each adapted model) is observed on fixed unlabelled target crops, kept
     on disk in `out`/selection, and once a domain's candidates exist the choice lands as rows of
@@ -176,7 +171,6 @@ def run_grid(
     data = manifest if isinstance(manifest, ImageSource) else ImageSource(manifest)
     markers = source.markers
     table = ResultTable(out / "results.parquet" if out else None)
-    seed = adapt_config.seed
 
     def add(rows: list[dict]) -> None:
         table.add(rows)
@@ -223,19 +217,17 @@ def run_grid(
             observe(name, name, generator, transform)
 
         last = source.generator.last_layer
-        matchings = [(adaptation_method([layer], last), [layer], adapt_config) for layer in layers]
-        paper = AdaptConfig.model_validate({**adapt_config.model_dump(exclude=set(PAPER_FIXED)), "recipe": "paper"})
-        matchings += [(adaptation_method([layer], last, "paper"), [layer], paper) for layer in paper_layers]
-        matchings += [(adaptation_method(layer_set, last), sorted(layer_set), adapt_config) for layer_set in layer_sets]
-        for method, matched_layers, base_config in matchings:
-            layer, matched = max(matched_layers), matched_name(matched_layers)
-            candidate = candidate_name(method, matched, base_config.lr)
-            done = table.has(domain.name, method, layer, base_config.lr, seed, matched)
+        for point in (point for point in points if point.target == domain.name):
+            if point.seed != seed:
+                raise LmaddaError(f"grid point {point.key} has seed {point.seed}, but this grid runs seed {seed}")
+            tags = point.tags(last)
+            method, layer, matched = tags["method"], tags["layer"], tags["matched"]
+            candidate = candidate_name(method, matched, point.lr)
+            done = table.has(domain.name, method, layer, point.lr, seed, matched)
             if done and (selection is None or method not in CANDIDATE_FAMILIES or (selection / f"{candidate}.npz").exists()):
                 continue
-            config = base_config.model_copy(update={"layer": matched_layers})
+            config = AdaptConfig.model_validate(point.adapt_options(adapt_options))
             bar = Progress(config.steps, f"adapt layer {config.layer}", progress)
-            tags = dict(method=method, layer=layer, matched=matched, lr=config.lr, seed=seed)
             trial = run_trial(Adapter(source, source_train, target_train, config),
                               TrialTarget(domain, markers, target_test, probe_for(domain) if probe_for else None), tags,
                               on_record=lambda r: bar.update(r["step"], g=r["g_loss"], d=r["d_loss"], acc=r["d_acc"]))
@@ -247,7 +239,7 @@ def run_grid(
                 on_model(domain, {**tags, "target": domain.name}, trial)
             add(trial.rows)
             log_model(method, trial.rows, tags)
-            if save_models and out is not None and len(matched_layers) == 1:
+            if save_models and out is not None and len(point.layers) == 1:
                 checkpoint = result.checkpoint(source, config, domain.name, target=domain.name)
                 recipe = "_paper" if config.recipe == "paper" else ""
                 save_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{layer:02d}{recipe}.pt", checkpoint)

@@ -39,7 +39,6 @@ from lmadda.study.trial import TrialResult
 from lmadda.study.config import ExperimentSpec, StudyConfig
 from lmadda.study.failures import RECOVERABLE, FailureLog
 from lmadda.study.tracking import StudyTracker, model_key
-from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 
 
@@ -234,23 +233,21 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
     if spec.oracle is not None:
         oracle = source_config.model_copy(update={**spec.oracle, "init_from": source_path})
         oracle = SourceTrainConfig.model_validate(oracle.model_dump())
+    num_layers = source.generator.num_layers
     for grid in spec.grids:
-        layers = grid.layer_list(source.generator.num_layers)
         domains = [TargetDomain.parse(t) for t in grid.targets]
         for seed in grid.seeds:
             for lr in grid.lrs:
-                adapt_config = AdaptConfig(layer=[0], lr=lr, seed=seed, **spec.adapt)
                 first = seed == grid.seeds[0] and lr == grid.lrs[0]
                 for domain in domains:  # one target at a time: a target that fails is recorded, the others go on
                     if failures.failed(domain.name):
                         continue
                     try:
-                        rows = run_grid(source, data, [domain], layers, adapt_config, source_setting=spec.source.setting, out=out,
-                                         baselines=tuple(spec.baselines), layer_sets=grid.layer_sets,
-                                         paper_layers=grid.paper_layer_list(source.generator.num_layers),
-                                         selector_options=spec.selection.options(), choose=lr == grid.lrs[-1],
-                                         oracle=oracle if first else None, probe_for=recorder.probe, on_model=recorder,
-                                         progress=False, log=log)
+                        rows = run_grid(source, data, [domain], grid.points_for(domain.name, seed, lr, num_layers), spec.adapt,
+                                        seed=seed, source_setting=spec.source.setting, out=out, baselines=tuple(spec.baselines),
+                                        selector_options=spec.selection.options(), choose=lr == grid.lrs[-1],
+                                        oracle=oracle if first else None, probe_for=recorder.probe, on_model=recorder,
+                                        progress=False, log=log)
                     except RECOVERABLE as error:
                         failures.record(domain.name, f"adapting (seed {seed}, lr {lr:g})", error, log)
                         continue

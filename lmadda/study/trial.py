@@ -1,7 +1,7 @@
-"""One grid point, adapted and measured: the trial function the study and the sweep both run.
+"""One grid point, adapted and measured: the grid point and the trial function the study and the sweep both run.
 
-A grid point is LM-ADDA of the source model at some layer(s), learning rate and seed, on one target
-domain. `run_trial` steps an `Adapter` to its end (its last step, or the first step flagged collapsed:
+A grid point (`GridPoint`, expanded from the one grid spec `lmadda.study.config.Grid`) is LM-ADDA of
+the source model at some layer(s), learning rate and seed, on one target domain. `run_trial` steps an `Adapter` to its end (its last step, or the first step flagged collapsed:
 a collapse ends the point, whatever `stop_on_collapse` says), then measures the adapted model once:
 
 - on the target's labelled test images, where they exist: one row per image x marker in the one
@@ -17,16 +17,75 @@ the result (the study its probe predictions, the sweep the generator file) is th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
 from lmadda.data.dataset import LoadedImage
 from lmadda.evaluation import evaluate_generator
-from lmadda.result_rows import CRITERION_PREFIX, TargetDomain, tag_rows
+from lmadda.errors import LmaddaError
+from lmadda.registry_names import alias_for
+from lmadda.result_rows import CRITERION_PREFIX, TargetDomain, adaptation_method, matched_name, tag_rows
 from lmadda.selection import SelectionProbe
-from lmadda.training.adapt import AdaptResult, Adapter, run_steps
+from lmadda.training.adapt import PAPER_RECIPE, AdaptResult, Adapter, run_steps
+
+# The options the published recipe fixes (lmadda.training.adapt.PAPER_RECIPE): a paper point drops them from the
+# grid's shared adaptation options, so the recipe's own values hold.
+PAPER_FIXED = (*PAPER_RECIPE, "recipe")
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One adapted model of a grid: LM-ADDA of the source model on `target` (a target domain's name) matching
+    `layers`, at learning rate `lr`, from `seed`; `recipe` paper is ADDA as published at those layers (its
+    learning rate is the recipe's)."""
+
+    target: str
+    layers: tuple[int, ...]
+    lr: float
+    seed: int
+    recipe: Literal["lmadda", "paper"] = "lmadda"
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> GridPoint:
+        """A point from `as_dict` (a Ray Tune trial's config); a grid point of an older lmadda is refused."""
+        if "target" not in values:
+            raise LmaddaError(f"grid point {dict(values)} was written by an older lmadda (no target): finish that sweep with the "
+                              "lmadda version that started it, or run it again under a new name")
+        return cls(values["target"], tuple(values["layers"]), float(values["lr"]), int(values["seed"]), values.get("recipe", "lmadda"))
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "layers": list(self.layers)}
+
+    @property
+    def domain(self) -> TargetDomain:
+        return TargetDomain.parse(self.target)
+
+    @property
+    def matched(self) -> str:
+        return matched_name(self.layers)
+
+    def method(self, last_layer: int) -> str:
+        return adaptation_method(self.layers, last_layer, self.recipe)
+
+    @property
+    def key(self) -> str:
+        """Its name: a sweep trial's store folder and its reports' `point` (e.g. bright_field-L3-lr2e-05-s0)."""
+        paper = "-paper" if self.recipe == "paper" else ""
+        return f"{alias_for(self.target)}-L{self.matched}-lr{self.lr:g}-s{self.seed}{paper}"
+
+    def adapt_options(self, shared: Mapping[str, Any]) -> dict[str, Any]:
+        """Its AdaptConfig options: the grid's `shared` ones (the published recipe's own values over them for a
+        paper point), then its layers, learning rate and seed."""
+        if self.recipe == "paper":
+            return {**{k: v for k, v in shared.items() if k not in PAPER_FIXED}, "recipe": "paper", "layer": list(self.layers),
+                    "seed": self.seed}
+        return {**shared, "layer": list(self.layers), "lr": self.lr, "seed": self.seed}
+
+    def tags(self, last_layer: int) -> dict:
+        """Its identity in the result rows."""
+        return dict(method=self.method(last_layer), layer=max(self.layers), matched=self.matched, lr=self.lr, seed=self.seed)
 
 
 @dataclass
