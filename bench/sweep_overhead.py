@@ -88,8 +88,8 @@ def main() -> int:
         workers, concurrent, points_per_trial, steps_factor = RUNS[key]
         sweep = SweepConfig.model_validate({
             "name": f"bench-{key}", "storage_path": str(root / "sweeps"), "source": {"checkpoint": str(source)},
-            "data": {"manifest": str(manifest.source), "source_setting": "phase_contrast", "target_setting": "bright_field"},
-            "grid": {"layer": [0, 3, 7, 13], "lr": [2e-5]},
+            "data": {"manifest": str(manifest.source), "source_setting": "phase_contrast"},
+            "grid": {"targets": ["bright_field"], "layers": [0, 3, 7, 13], "lrs": [2e-5], "paper_layers": []},
             "adapt": {"steps": args.steps * steps_factor, "batch_size": 4, "crop_size": 128, "log_every": 10},
             "resources": {"workers_per_trial": workers, "cpus_per_worker": args.num_cpus / concurrent - 0.02,
                           "max_concurrent_trials": concurrent, "points_per_trial": points_per_trial},

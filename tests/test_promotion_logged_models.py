@@ -43,12 +43,13 @@ def sweep(tmp_path, migrated_store) -> SimpleNamespace:
     config = SimpleNamespace(
         name="lm", storage_path=storage, tracking_uri=f"sqlite:///{storage / 'mlflow.db'}", experiment="lmadda-lm",
         source=SimpleNamespace(checkpoint=tmp_path / "source.pt"), adapt={"steps": 4},
-        data=SimpleNamespace(manifest=tmp_path / "manifest.parquet", source_setting="phase_contrast", target_setting="phase_contrast",
-                             shift="overexposure"))
+        data=SimpleNamespace(manifest=tmp_path / "manifest.parquet", source_setting="phase_contrast"),
+        grid=SimpleNamespace(targets=[TARGET]))
     rows = []
     for layer, dapi, cd29 in ((1, 0.5, 0.4), (11, 0.7, 0.6)):
         generator = _checkpoint(tmp_path / f"trial{layer}" / "generator.pt", seed=layer)
-        rows.append({"target": TARGET, "setting": "phase_contrast", "shift": "overexposure", "magnitude": 2.0, "layer": layer, "lr": 1e-4,
+        rows.append({"point": f"{ALIAS}-L{layer}-lr0.0001-s0", "target": TARGET, "setting": "phase_contrast", "shift": "overexposure", "magnitude": 2.0,
+                     "method": "lmadda", "layer": layer, "matched": str(layer), "lr": 1e-4,
                      "seed": 0, "steps_done": 4, "collapsed": False, "collapse_reason": "", "generator_path": str(generator),
                      "pearson_dapi": dapi, "pearson_cd29": cd29, "lf_output_w1": 0.1 * layer,
                      "_history": [{"step": 2, "g_loss": 1.0, "d_loss": 0.7, "d_acc": 0.5}, {"step": 4, "g_loss": 0.9, "d_loss": 0.6, "d_acc": 0.6}]})
@@ -137,7 +138,7 @@ def test_runs_compare_lists_the_logged_models_with_their_versions_and_aliases(sw
     promoted = _promote(sweep)
     table = compare_runs(sweep.tracking_uri, sweep.experiment)
     line = next(line for line in table.splitlines() if line.startswith(promoted[0]["model_id"]))
-    assert f"generator-{ALIAS}" in line and "READY" in line and f"{TARGET}-L11-lr0.0001-s0" in line
+    assert f"generator-{ALIAS}" in line and "READY" in line and f"{ALIAS}-L11-lr0.0001-s0" in line
     assert "pearson_cd29 0.600, pearson_dapi 0.700" in line
     assert f"lmadda-cd29 v1@{ALIAS}; lmadda-dapi v1@{ALIAS}" in line
     assert table.splitlines()[0].startswith("target")  # the trial table comes first, as before

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def _loop_config(tiny_synth, tiny_source, **adapt):
     return {"source_checkpoint": str(tiny_source), "manifest": str(tiny_synth.source), "source_setting": "phase_contrast",
-            "target_setting": "bright_field", "shift": None,
+            "target": "bright_field",
             "adapt": {"layer": [2], "steps": 4, "batch_size": 2, "crop_size": 64, "log_every": 2,
                       "gate_accuracy": None, "d_warmup_steps": 0, **adapt}, "tags": {"layer": 2}}
 
@@ -44,8 +44,8 @@ def _sweep(tiny_synth, tiny_source, tmp_path, name, **overrides):
 
     data = {
         "name": name, "storage_path": str(tmp_path / "sweeps"), "source": {"checkpoint": str(tiny_source)},
-        "data": {"manifest": str(tiny_synth.source), "source_setting": "phase_contrast", "target_setting": "phase_contrast", "shift": "overexposure"},
-        "grid": {"layer": [1, 11], "lr": [1e-4], "magnitude": [2.0]},
+        "data": {"manifest": str(tiny_synth.source), "source_setting": "phase_contrast"},
+        "grid": {"targets": ["phase_contrast+overexposure:2"], "layers": [1, 11], "lrs": [1e-4], "paper_layers": []},
         "adapt": {"steps": 4, "batch_size": 2, "crop_size": 64, "log_every": 2, "gate_accuracy": None, "d_warmup_steps": 0},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.5, "max_concurrent_trials": 2},
     }
@@ -127,10 +127,9 @@ def test_a_collapse_ends_its_point_not_its_trial_and_the_table_marks_it_collapse
     from lmadda_tune.sweep_config import SweepConfig
 
     sweep = _sweep(tiny_synth, tiny_source, tmp_path, "diverge",
-                   grid={"layer": [1, 3], "lr": [1.0], "magnitude": [2.0]},
+                   grid={"targets": ["phase_contrast+overexposure:2"], "layers": [1, 3], "lrs": [1.0], "paper_layers": []},
                    adapt={"steps": 40, "batch_size": 2, "crop_size": 64, "log_every": 2, "gate_accuracy": None,
-                          # the loop flags the collapse but would go on: the sweep ends the point on that flag
-                          "d_warmup_steps": 0, "stop_on_collapse": False, "collapse_g_loss": 0.5},
+                          "d_warmup_steps": 0, "collapse_g_loss": 0.5},
                    # in the trial's own process, both points in one trial (points_per_trial auto, one slot)
                    resources={"workers_per_trial": 0, "cpus_per_worker": 1, "max_concurrent_trials": 1})
     rows = run_sweep(sweep, log=lambda *_: None)
@@ -140,8 +139,7 @@ def test_a_collapse_ends_its_point_not_its_trial_and_the_table_marks_it_collapse
     assert all(r["generator_path"] and not r["error"] for r in rows)
     (trial,) = (sweep.storage_path / "train").glob("diverge-*")  # in-trial reports: one folder per point, the latest kept
     for row in rows:
-        key = SweepConfig.point_key(row)
-        assert [p.name for p in (trial / key).glob("step_*")] == [f"step_{row['steps_done']}"]
+        assert [p.name for p in (trial / row["point"]).glob("step_*")] == [f"step_{row['steps_done']}"]
 
 
 @pytest.mark.parametrize("resources", [
@@ -151,7 +149,8 @@ def test_a_collapse_ends_its_point_not_its_trial_and_the_table_marks_it_collapse
 def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_points(ray_session, tiny_synth, tiny_source, tmp_path, resources):
     from lmadda_tune.sweep import run_sweep
 
-    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "killed", grid={"layer": [1, 2, 11], "lr": [1e-4], "magnitude": [2.0]},
+    sweep = _sweep(tiny_synth, tiny_source, tmp_path, "killed",
+                   grid={"targets": ["phase_contrast+overexposure:2"], "layers": [1, 2, 11], "lrs": [1e-4], "paper_layers": []},
                    resources=resources)
     grouped = len(sweep.trial_groups(16)) == 1
     config = tmp_path / "killed.yaml"
@@ -167,7 +166,7 @@ def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_points(ray_s
 
         def first_point_finished() -> bool:
             if grouped:  # the first point's last report keeps its generator; the trial goes on with the second
-                return any(first_point.glob(f"killed-*/L1-lr0.0001-m2-s0/step_4/{GENERATOR_FILE}"))
+                return any(first_point.glob(f"killed-*/phase_contrast-overexposure-2-L1-lr0.0001-s0/step_4/{GENERATOR_FILE}"))
             return len(list(experiment.glob("trial_driver_*"))) >= 2  # one trial at a time: the first has finished
 
         while not first_point_finished():
@@ -175,13 +174,13 @@ def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_points(ray_s
             assert time.monotonic() < deadline, "the sweep did not finish its first point in 240 s"
             time.sleep(0.2)
         if grouped:  # killed inside its one trial: the last point has not finished
-            assert not any(first_point.glob(f"killed-*/L11-lr0.0001-m2-s0/step_4/{GENERATOR_FILE}"))
+            assert not any(first_point.glob(f"killed-*/phase_contrast-overexposure-2-L11-lr0.0001-s0/step_4/{GENERATOR_FILE}"))
         else:
             time.sleep(4)  # longer than the driver's state-saving period (TUNE_GLOBAL_CHECKPOINT_S=2)
     finally:
         driver.kill()
         driver.wait()
-    (generator,) = first_point.glob(f"killed-*/L1-lr0.0001-m2-s0/step_4/{GENERATOR_FILE}")
+    (generator,) = first_point.glob(f"killed-*/phase_contrast-overexposure-2-L1-lr0.0001-s0/step_4/{GENERATOR_FILE}")
     written = generator.stat().st_mtime_ns
     first = next(experiment.glob("trial_driver_*_00000_*")) / "result.json"
     finished_before = first.read_bytes()

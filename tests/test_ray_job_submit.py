@@ -65,8 +65,8 @@ def test_ray_job_submit_runs_a_tiny_sweep_on_a_local_head(local_head, tiny_synth
     ray_cli, address, env = local_head
     config = {
         "name": "job", "storage_path": str(tmp_path / "sweeps"), "source": {"checkpoint": str(tiny_source)},
-        "data": {"manifest": str(tiny_synth.source), "source_setting": "phase_contrast", "target_setting": "bright_field"},
-        "grid": {"layer": [2], "lr": [1e-4]},
+        "data": {"manifest": str(tiny_synth.source), "source_setting": "phase_contrast"},
+        "grid": {"targets": ["bright_field"], "layers": [2], "lrs": [1e-4], "paper_layers": []},
         "adapt": {"steps": 2, "batch_size": 2, "crop_size": 64, "log_every": 2, "gate_accuracy": None, "d_warmup_steps": 0},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.5},
     }

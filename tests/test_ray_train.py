@@ -42,7 +42,7 @@ def test_two_ddp_workers_adapt_exactly_as_one_process_with_the_same_effective_ba
     adapt = {"layer": [3], "steps": 6, "batch_size": 4, "crop_size": 64, "log_every": 3, "lr": 1e-3, "d_lr": 1e-2,
              "gate_accuracy": None, "d_warmup_steps": 2, "seed": 5}
     loop_config = {"source_checkpoint": str(tiny_source), "manifest": str(tiny_synth.source), "source_setting": "phase_contrast",
-                   "target_setting": "bright_field", "shift": None, "adapt": adapt, "tags": {"layer": 3}}
+                   "target": "bright_field", "adapt": adapt, "tags": {"layer": 3}}
     result = TorchTrainer(adaptation_worker, train_loop_config=loop_config,
                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
                           run_config=RunConfig(name="ddp", storage_path=str(tmp_path))).fit()

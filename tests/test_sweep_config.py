@@ -11,8 +11,8 @@ from lmadda_tune.tracking import alias_for
 def _config(**changes):
     data = {
         "name": "s", "storage_path": "out", "source": {"checkpoint": "src.pt"},
-        "data": {"manifest": "m.parquet", "target_setting": "phase_contrast", "shift": "overexposure"},
-        "grid": {"layer": [0, 15], "lr": [1e-5, 1e-4], "magnitude": [1.5, 2.0]},
+        "data": {"manifest": "m.parquet"},
+        "grid": {"targets": ["phase_contrast+overexposure:1.5", "phase_contrast+overexposure:2"], "layers": [0, 15], "lrs": [1e-5, 1e-4], "paper_layers": []},
     }
     for key, value in changes.items():
         data[key] = value
@@ -20,10 +20,35 @@ def _config(**changes):
 
 
 def test_grid_expands_to_every_point_in_a_stable_order():
-    trials = _config().trials(16)
-    assert len(trials) == 8
-    assert trials[0] == {"layer": 0, "lr": 1e-5, "magnitude": 1.5, "seed": 0}
-    assert len(_config(grid={"layer": "all", "lr": [1e-4], "magnitude": [2.0]}).trials(16)) == 16
+    from lmadda.study.trial import GridPoint
+
+    points = _config().points(16)
+    assert len(points) == 8
+    assert points[0] == GridPoint("phase_contrast+overexposure:1.5", (0,), 1e-5, 0)
+    assert len(_config(grid={"targets": ["bright_field"], "layers": "all", "lrs": [1e-4], "paper_layers": []}).points(16)) == 16
+
+
+def test_the_sweeps_grid_is_the_studys_paper_recipe_and_layer_sets_included():
+    from lmadda.study.config import Grid
+
+    grid = {"targets": ["bright_field", "phase_contrast+overexposure:2"], "layers": [0, 7], "lrs": [1e-5, 1e-4],
+            "layer_sets": [[0, 7]], "seeds": [0, 1]}
+    sweep = _config(grid=grid)
+    assert sweep.points(16) == Grid(**grid).points(16)  # one spec, one expansion
+    paper = [p for p in sweep.points(16) if p.recipe == "paper"]
+    assert {(p.target, p.layers, p.lr, p.seed) for p in paper} == {(t, (15,), 2e-4, s) for t in grid["targets"] for s in (0, 1)}
+    assert {p.method(15) for p in sweep.points(16)} == {"lmadda", "lmadda_multi", "adda_paper"}
+    options = paper[0].adapt_options({"steps": 9, "gate_accuracy": 0.7})
+    assert options == {"steps": 9, "recipe": "paper", "layer": [15], "seed": paper[0].seed}  # the recipe fixes the rest
+
+
+def test_a_config_of_the_sweeps_old_grid_is_refused_with_its_rewrite():
+    old = {"name": "s", "storage_path": "out", "source": {"checkpoint": "src.pt"},
+           "data": {"manifest": "m.parquet", "target_setting": "phase_contrast", "shift": "overexposure"},
+           "grid": {"layer": [0, 15], "lr": [1e-4], "magnitude": [1.5, 2.0]}}
+    with pytest.raises(LmaddaError, match=r'"targets": \["phase_contrast\+overexposure:1.5", "phase_contrast\+overexposure:2"\], '
+                                          r'"layers": \[0, 15\], "lrs": \[0.0001\], "seeds": \[0\], "paper_layers": \[\]'):
+        build_config(SweepConfig, None, **old)
 
 
 def test_relative_paths_are_made_absolute(tmp_path):
@@ -35,10 +60,11 @@ def test_relative_paths_are_made_absolute(tmp_path):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"grid": {"layer": [0], "lr": [-1.0], "magnitude": [2.0]}}, "learning rates must be positive"),
-        ({"grid": {"layer": [0], "lr": [1e-4]}}, "needs grid.magnitude"),
-        ({"data": {"manifest": "m", "shift": "blur"}, "grid": {"layer": [0], "lr": [1e-4], "magnitude": [2.0]}}, "unknown shift 'blur'"),
-        ({"grid": {"layer": [0], "lr": [1e-4], "magnitude": [0.5]}}, "magnitude 0.5 out of range"),
+        ({"grid": {"targets": ["bright_field"], "layers": [0], "lrs": [-1.0]}}, "learning rates must be positive"),
+        ({"grid": {"layers": [0], "lrs": [1e-4]}}, "grid.targets"),
+        ({"grid": {"targets": ["phase_contrast+blur:2"], "layers": [0]}}, "blur"),
+        ({"grid": {"targets": ["phase_contrast+overexposure:0.5"], "layers": [0]}}, "magnitude 0.5 out of range"),
+        ({"adapt": {"stop_on_collapse": False}}, "ends where it collapses"),
         ({"adapt": {"layer": 3}}, "come from the grid"),
         ({"adapt": {"stepz": 3}}, "stepz"),
         ({"resourcez": {}}, "unknown option 'resourcez'"),
@@ -61,7 +87,8 @@ def test_every_shipped_sweep_config_validates_and_keeps_what_its_file_says():
         raw = yaml.safe_load(path.read_text())
         sweep = build_config(SweepConfig, None, **raw)
         assert sweep.name == raw["name"], path
-        assert sweep.grid.layer == raw["grid"]["layer"] and sweep.grid.lr == raw["grid"]["lr"], path
+        assert sweep.grid.layers == raw["grid"]["layers"] and sweep.grid.lrs == raw["grid"]["lrs"], path
+        assert sweep.grid.targets == raw["grid"]["targets"], path
 
 
 def test_the_stopper_reads_the_adaptation_loops_collapse_verdict_and_remembers_why():
@@ -84,16 +111,15 @@ def test_the_stopper_never_ends_a_trial_of_several_points_on_one_points_collapse
 
 
 def test_the_grid_is_dealt_into_trials_that_mix_layers_and_load_each_target_once():
-    sweep = _config(grid={"layer": [0, 1, 2, 3], "lr": [1e-4], "magnitude": [1.5, 2.0]},
+    sweep = _config(grid={"targets": ["phase_contrast+overexposure:1.5", "phase_contrast+overexposure:2"], "layers": [0, 1, 2, 3], "lrs": [1e-4], "paper_layers": []},
                     resources={"workers_per_trial": 0, "max_concurrent_trials": 2, "points_per_trial": 4})
     groups = sweep.trial_groups(16)
-    assert [[(p["magnitude"], p["layer"]) for p in group] for group in groups] == [
-        [(1.5, 0), (1.5, 3), (2.0, 0), (2.0, 3)],  # dealt back and forth: 0 and 3, 1 and 2 share a trial
-        [(1.5, 1), (1.5, 2), (2.0, 1), (2.0, 2)]]
-    every = sorted((p["magnitude"], p["layer"], p["lr"], p["seed"]) for group in groups for p in group)
-    assert every == sorted((p["magnitude"], p["layer"], p["lr"], p["seed"]) for p in sweep.trials(16))  # each point once
-    assert len({sweep.point_key(p) for group in groups for p in group}) == 8
-    assert sweep.point_key(groups[0][1]) == "L3-lr0.0001-m1.5-s0"
+    assert [[(p.domain.shift.magnitude, p.layers) for p in group] for group in groups] == [
+        [(1.5, (0,)), (1.5, (3,)), (2.0, (0,)), (2.0, (3,))],  # dealt back and forth: 0 and 3, 1 and 2 share a trial
+        [(1.5, (1,)), (1.5, (2,)), (2.0, (1,)), (2.0, (2,))]]
+    assert sorted(p.key for group in groups for p in group) == sorted(p.key for p in sweep.points(16))  # each point once
+    assert len({p.key for group in groups for p in group}) == 8
+    assert groups[0][1].key == "phase_contrast-overexposure-1_5-L3-lr0.0001-s0"
 
 
 @pytest.mark.parametrize("resources, sizes", [

@@ -17,9 +17,8 @@ from lmadda_tune.train_workers import GENERATOR_FILE, PointStore, run_points
 
 def _config(tiny_synth, tiny_source, layers=(1, 2)) -> dict:
     return {"source_checkpoint": str(tiny_source), "manifest": str(tiny_synth.source), "source_setting": "phase_contrast",
-            "target_setting": "bright_field",
             "adapt": {"steps": 4, "batch_size": 2, "crop_size": 64, "log_every": 2, "gate_accuracy": None, "d_warmup_steps": 0},
-            "points": [{"key": f"L{layer}", "shift": None, "adapt": {"layer": [layer], "lr": 1e-3, "seed": 0}, "tags": {"layer": layer}}
+            "points": [{"key": f"L{layer}", "target": "bright_field", "adapt": {"layer": [layer], "lr": 1e-3, "seed": 0}, "tags": {"layer": layer}}
                        for layer in layers]}
 
 

@@ -29,8 +29,8 @@ def fake_sweep(root: Path) -> SimpleNamespace:
     return SimpleNamespace(
         name="killed", storage_path=storage, tracking_uri=f"sqlite:///{storage / 'mlflow.db'}", experiment="lmadda-killed",
         source=SimpleNamespace(checkpoint=root / "source.pt"), adapt={"steps": 4},
-        data=SimpleNamespace(manifest=root / "manifest.parquet", source_setting="phase_contrast", target_setting="phase_contrast",
-                             shift="overexposure"))
+        data=SimpleNamespace(manifest=root / "manifest.parquet", source_setting="phase_contrast"),
+        grid=SimpleNamespace(targets=["phase_contrast+overexposure:2"]))
 
 
 def fake_rows(root: Path) -> list[dict]:
@@ -40,8 +40,8 @@ def fake_rows(root: Path) -> list[dict]:
         generator = root / f"trial{layer}" / "generator.pt"
         generator.parent.mkdir(parents=True, exist_ok=True)
         generator.write_bytes(b"weights")
-        rows.append({"target": "phase_contrast+overexposure:2", "setting": "phase_contrast", "shift": "overexposure", "magnitude": 2.0,
-                     "layer": layer, "lr": 1e-4, "seed": 0, "steps_done": 4, "collapsed": False, "collapse_reason": "",
+        rows.append({"point": f"L{layer}", "target": "phase_contrast+overexposure:2", "setting": "phase_contrast", "shift": "overexposure",
+                     "magnitude": 2.0, "method": "lmadda", "layer": layer, "matched": str(layer), "lr": 1e-4, "seed": 0, "steps_done": 4, "collapsed": False, "collapse_reason": "",
                      "generator_path": str(generator), "pearson_dapi": 0.5,
                      "_history": [{"step": 2, "g_loss": 1.0, "d_loss": 0.7, "d_acc": 0.5}, {"step": 4, "g_loss": 0.9, "d_loss": 0.6, "d_acc": 0.6}]})
     (root / "results.parquet").write_bytes(b"table")
@@ -91,7 +91,7 @@ def _assert_one_finished_run_per_trial(root: Path) -> None:
     assert {r.info.status for r in runs} == {"FINISHED"}, [(r.info.run_name, r.info.status, r.data.tags.get("lmadda.kind")) for r in runs]
     trials = [r for r in runs if r.data.tags.get("lmadda.kind") == "trial"]
     assert sorted(r.data.tags["lmadda.trial_key"] for r in trials) == [
-        "killed/phase_contrast+overexposure:2/L1/lr0.0001/s0", "killed/phase_contrast+overexposure:2/L11/lr0.0001/s0"]
+        "killed/L1", "killed/L11"]
     assert len(runs) == 3  # the two trials and their sweep run, nothing else
     for trial in trials:
         assert [a.path for a in client.list_artifacts(trial.info.run_id, "generator")] == ["generator/generator.pt"]

@@ -25,6 +25,7 @@ from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpo
 from lmadda.data.dataset import load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
+from lmadda.result_rows import TargetDomain
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.selector import UNADAPTED, Candidate, Selector
@@ -40,8 +41,10 @@ def _trial_candidate(client: MlflowClient, run, folder: Path, artifact_dir: str)
     path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifacts[0].path, dst_path=str(folder / run.info.run_id))
     checkpoint = load_checkpoint(path)
     params = run.data.params
-    name = f"lmadda:{params.get('layer')}@{float(params.get('lr')):g}/seed{params.get('seed')}"
-    return Candidate(name, checkpoint.generator, family=CANDIDATE_FAMILIES["lmadda"]), checkpoint
+    method = params.get("method") or "lmadda"  # trial runs of sweeps before the study's params name no method
+    paper = "/paper" if method.endswith("_paper") else ""
+    name = f"lmadda:{params.get('matched') or params.get('layer')}@{float(params.get('lr')):g}/seed{params.get('seed')}{paper}"
+    return Candidate(name, checkpoint.generator, family=CANDIDATE_FAMILIES.get(method, "lmadda")), checkpoint
 
 
 def choose_per_target(client: MlflowClient, runs: list, sweep: SweepConfig, artifact_dir: str, log=print) -> dict[str, dict]:
@@ -59,9 +62,8 @@ def choose_per_target(client: MlflowClient, runs: list, sweep: SweepConfig, arti
     chosen: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as folder:
         for target, target_runs in sorted(by_target.items()):
-            magnitude = target_runs[0].data.params.get("magnitude")
-            shift = Shift.parse(f"{sweep.data.shift}:{float(magnitude):g}") if sweep.data.shift and magnitude not in (None, "", "None") else None
-            target_train = load_images(manifest, sweep.data.target_setting, "train", shift=shift, percentiles=source.percentiles)
+            domain = TargetDomain.parse(target)
+            target_train = load_images(manifest, domain.setting, "train", shift=domain.shift, percentiles=source.percentiles)
             candidates = baseline_candidates(source, source_train, target_train)
             trials: dict[str, tuple[object, GeneratorCheckpoint]] = {}
             for run in target_runs:
@@ -72,7 +74,7 @@ def choose_per_target(client: MlflowClient, runs: list, sweep: SweepConfig, arti
             run, checkpoint = trials.get(choice.chosen, (None, None))
             checkpoint = checkpoint_for(source, choice, candidates, target, checkpoint, target_images=target_train)
             log(f"[promote] {target}: label-free choice {choice.chosen} ({choice.reason})")
-            shown = labelled_view(candidates, choice.chosen, manifest, sweep.data.target_setting, shift, source)
+            shown = labelled_view(candidates, choice.chosen, manifest, domain.setting, domain.shift, source)
             if shown:
                 log(f"[promote] {target}: test Pearson, measured after the choice: {shown}")
             chosen[target] = {"choice": choice, "run": run, "checkpoint": checkpoint}

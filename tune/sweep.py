@@ -1,13 +1,17 @@
-"""The layer x learning-rate x shift-magnitude sweep: Ray Tune over Ray Train, results to Parquet and MLflow.
+"""The layer x learning-rate x target (shift magnitude) sweep: the study's grid engine on Ray Tune over Ray Train,
+results to Parquet and MLflow.
 
-Train V2 shape: each Tune trial runs `trial_driver` on a group of grid points (`resources.points_per_trial`;
-`SweepConfig.trial_groups`). With a worker group it fits a `TorchTrainer` running `adaptation_worker`
-(the lmadda loop, point after point) and relays its reports to Tune with `TuneReportCallback`; with
-`workers_per_trial: 0` it runs the same points in its own process. Either way the source model, the
-manifest and the images are loaded once per trial, every report names its point, and
-`ModeCollapseStopper` sees every report. The last report of each point carries the Pearson per marker
-on the labelled target test split, where labels exist, and the label-free criteria. After the sweep,
-every grid point becomes one row of a Parquet table and one MLflow run nested under one sweep run.
+The grid is the study's (`lmadda.study.config.Grid`, expanded into `GridPoint`s) and each point runs the
+study's trial function (`lmadda.study.trial.run_trial`). Train V2 shape: each Tune trial runs `trial_driver`
+on a group of grid points (`resources.points_per_trial`; `SweepConfig.trial_groups`). With a worker group it
+fits a `TorchTrainer` running `adaptation_worker` (the lmadda loop, point after point) and relays its reports
+to Tune with `TuneReportCallback`; with `workers_per_trial: 0` it runs the same points in its own process.
+Either way the source model, the manifest and the images are loaded once per trial, every report names its
+point, and `ModeCollapseStopper` sees every report. The last report of each point carries the Pearson per
+marker on the labelled target test split, where labels exist, and the label-free criteria; its folder keeps
+the point's result rows. After the sweep, every grid point becomes one row of `points.parquet` and one MLflow
+run nested under one sweep run, and the result rows of every point and of the unadapted model form
+`results.parquet`, the study's schema.
 
     python -m lmadda_tune.sweep --config tune/configs/quick.yaml          # or: lmadda sweep run --config ...
     python -m lmadda_tune.sweep --config tune/configs/quick.yaml --resume # finish an interrupted sweep
@@ -30,15 +34,14 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 import torch
 
-from lmadda import registry_names
 from lmadda.checkpoint import load_checkpoint
 from lmadda.config import build_config, read_config_file
 from lmadda.data.manifest import Manifest
-from lmadda.data.shifts import Shift
 from lmadda.data.io import write_atomically
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.result_rows import TargetDomain, marker_means, rows_table, tag_rows
+from lmadda.study.trial import GridPoint
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 from lmadda_tune.stopper import ModeCollapseStopper
@@ -61,30 +64,28 @@ KEEP_LATEST = CheckpointConfig(num_to_keep=1)
 POINTS_FILE = "points.parquet"  # one row per grid point: how its run went (steps, timing, collapse, generator file)
 
 
-def shift_text(sweep: SweepConfig, magnitude: float | None) -> str | None:
-    return f"{sweep.data.shift}:{magnitude:g}" if sweep.data.shift and magnitude is not None else None
-
-
-def target_name(sweep: SweepConfig, magnitude: float | None) -> str:
-    return registry_names.target_name(sweep.data.target_setting, shift_text(sweep, magnitude))
-
-
-def trial_config(sweep: SweepConfig, points: list[dict]) -> TrialSpec:
-    """What `run_points` needs for one trial's grid points."""
+def trial_config(sweep: SweepConfig, points: list[GridPoint]) -> TrialSpec:
+    """What `run_points` needs for one trial's grid points: each point's whole AdaptConfig options (the sweep's shared
+    ones under its layers, lr and seed; the published recipe's own for a paper point)."""
     return TrialSpec(
-        source_checkpoint=sweep.source.checkpoint, manifest=sweep.data.manifest,
-        source_setting=sweep.data.source_setting, target_setting=sweep.data.target_setting, adapt=dict(sweep.adapt),
-        points=[TrialPoint(key=sweep.point_key(point), shift=shift_text(sweep, point["magnitude"]),
-                           adapt={"layer": [point["layer"]], "lr": point["lr"], "seed": point["seed"]},
-                           tags={"layer": point["layer"], "lr": point["lr"], "seed": point["seed"],
-                                 "magnitude": float("nan") if point["magnitude"] is None else point["magnitude"]})
+        source_checkpoint=sweep.source.checkpoint, manifest=sweep.data.manifest, source_setting=sweep.data.source_setting,
+        points=[TrialPoint(key=point.key, target=point.target, adapt=point.adapt_options(sweep.adapt),
+                           tags={"matched": point.matched, "lr": point.lr, "seed": point.seed, "magnitude": _magnitude(point)})
                 for point in points],
     )
 
 
-def trial_points(config: dict) -> list[dict]:
-    """A trial's grid points (trials of sweeps started before points were grouped hold one, as `point`)."""
-    return config["points"] if "points" in config else [config["point"]]
+def _magnitude(point: GridPoint) -> float:
+    shift = point.domain.shift
+    return float(shift.magnitude) if shift else float("nan")
+
+
+def trial_points(config: dict) -> list[GridPoint]:
+    """A trial's grid points, from its Tune config (`GridPoint.as_dict` each)."""
+    if "points" not in config:
+        raise LmaddaError("this trial was started by an older lmadda (one grid point per trial): finish that sweep with the "
+                          "lmadda version that started it, or run it again under a new name")
+    return [GridPoint.from_dict(point) for point in config["points"]]
 
 
 def trial_driver(config: dict) -> None:
@@ -135,7 +136,7 @@ def scaling_config(sweep: SweepConfig) -> ScalingConfig:
     workers = resources.workers_per_trial
     return ScalingConfig(
         num_workers=workers, use_gpu=resources.gpus_per_worker > 0,
-        resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})} if workers else None,
+        resources_per_worker={"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpus_per_worker else {})},
     )
 
 
@@ -190,12 +191,14 @@ def _check_cpus(sweep: SweepConfig) -> None:
 
 
 def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[dict]:
-    """Run (or resume) the sweep; return one row per grid point and write results.parquet + MLflow runs."""
+    """Run (or resume) the sweep; return one row per grid point and write points.parquet, results.parquet (the result
+    rows) and the MLflow runs."""
     _check_cpus(sweep)
     source = load_checkpoint(train_source_stage(sweep, log=log))
-    points = sweep.trials(source.generator.num_layers)
-    for point in points:
-        source.generator.check_layer(point["layer"])
+    try:
+        points = sweep.points(source.generator.num_layers)
+    except ValueError as error:  # a layer the source model does not have
+        raise LmaddaError(f"sweep {sweep.name}: grid: {error}") from None
     resources = sweep.resources
     experiment_path = sweep.storage_path / sweep.name
     if resources.workers_per_trial:  # the trial only waits for its worker group
@@ -212,7 +215,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     else:
         if experiment_path.exists() and tune.Tuner.can_restore(str(experiment_path)):
             raise LmaddaError(f"sweep {sweep.name!r} already exists at {experiment_path}; use --resume to finish it, or another name")
-        groups = sweep.trial_groups(source.generator.num_layers)
+        groups = [[point.as_dict() for point in group] for group in sweep.trial_groups(source.generator.num_layers)]
         log(f"[sweep] {len(points)} grid points in {len(groups)} trials of up to {max(map(len, groups))}")
         tuner = tune.Tuner(
             trainable,
@@ -227,7 +230,8 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
         trial = trial_points(result.config)
         records = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
         for point in trial:
-            rows.append(point_row(sweep, point, point_history(records, sweep.point_key(point), len(trial) == 1), result, len(trial)))
+            rows.append(point_row(sweep, point, point_history(records, point.key, len(trial) == 1), result, len(trial),
+                                  source.generator.last_layer))
     table_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     points_path = write_atomically(experiment_path / POINTS_FILE, lambda temporary: pq.write_table(pa.Table.from_pylist(table_rows), temporary))
     reference = unadapted_rows(sweep, source)
@@ -244,19 +248,19 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     return table_rows
 
 
-def point_row(sweep: SweepConfig, point: dict, history: list[dict], result, points_in_trial: int) -> dict:
+def point_row(sweep: SweepConfig, point: GridPoint, history: list[dict], result, points_in_trial: int, last_layer: int) -> dict:
     """One grid point's row of the results table (and, in `_history`, its curve for MLflow)."""
     collapsed, reason = _collapsed(history)
     last = history[-1] if history else {}
     steps = int(last.get("step", 0) or 0)
-    finished = last.get("point_done") == 1.0 or collapsed or steps >= AdaptConfig(layer=[0], **sweep.adapt).steps
+    finished = last.get("point_done") == 1.0 or collapsed or steps >= AdaptConfig.model_validate(point.adapt_options(sweep.adapt)).steps
     saved = last.get("checkpoint_path")
     generator = Path(saved) / GENERATOR_FILE if isinstance(saved, str) and saved else None
+    domain = point.domain
     row = {
-        "sweep": sweep.name, "trial_id": result.metrics.get("trial_id") if result.metrics else None,
-        "target": target_name(sweep, point["magnitude"]), "setting": sweep.data.target_setting,
-        "shift": sweep.data.shift or "none", "magnitude": float("nan") if point["magnitude"] is None else float(point["magnitude"]),
-        "layer": point["layer"], "lr": point["lr"], "seed": point["seed"],
+        "sweep": sweep.name, "trial_id": result.metrics.get("trial_id") if result.metrics else None, "point": point.key,
+        "target": domain.name, "setting": domain.setting, "shift": domain.shift.name if domain.shift else "none",
+        "magnitude": _magnitude(point), **point.tags(last_layer),
         "steps_done": steps, "final_g_loss": last.get("g_loss"), "final_d_acc": last.get("d_acc"),
         "collapsed": collapsed, "collapse_reason": reason, "error": str(result.error) if result.error and not finished else "",
         "generator_path": str(generator) if generator is not None and generator.is_file() else "",
@@ -276,13 +280,11 @@ def unadapted_rows(sweep: SweepConfig, source) -> list[dict]:
     the reference every trial must beat, in the result-row schema."""
     manifest = Manifest.load(sweep.data.manifest)
     rows = []
-    for magnitude in sweep.grid.magnitude or [None]:
-        shift = shift_text(sweep, magnitude)
-        domain = TargetDomain(sweep.data.target_setting, Shift.parse(shift) if shift else None)
+    for domain in dict.fromkeys(TargetDomain.parse(target) for target in sweep.grid.targets):
         images = labelled_test_images(manifest, domain.setting, domain.shift, source)
         if images:
             rows += tag_rows(evaluate_generator(source.generator, images, source.markers), domain, method="unadapted", layer=-1,
-                             seed=sweep.grid.seed[0])
+                             seed=sweep.grid.seeds[0])
     return rows
 
 

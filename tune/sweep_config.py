@@ -1,14 +1,15 @@
-"""The sweep config: one YAML file names the source model, the target data, the grid and the resources.
+"""The sweep config: one YAML file names the source model, the data, the grid and the resources.
 
     name: quick
     storage_path: out/sweeps                 # made absolute: Tune trials change directory
     source: {checkpoint: demo-out/models/source_phase_contrast.pt}   # + train: {...} to train it first
-    data:
-      manifest: demo-out/data/manifest.parquet
-      source_setting: phase_contrast
-      target_setting: phase_contrast
-      shift: overexposure                    # the grid's magnitudes apply to it; omit for a setting change
-    grid: {layer: [0, 3, 7, 15], lr: [2.0e-5, 1.0e-4], magnitude: [1.5, 2.5], seed: [0]}
+    data: {manifest: demo-out/data/manifest.parquet, source_setting: phase_contrast}
+    grid:                                    # the study's grid (lmadda.study.config.Grid): one spec for both
+      targets: [phase_contrast+overexposure:1.5, phase_contrast+overexposure:2.5]   # setting, or setting+shift:magnitude
+      layers: [0, 3, 7, 15]                  # or all; layer_sets: [[0, 7]] adds multi-layer matching
+      lrs: [2.0e-5, 1.0e-4]
+      seeds: [0]
+      paper_layers: []                       # layers also adapted as published (recipe: paper); default: last (ADDA)
     adapt: {steps: 60, batch_size: 4, saturation_collapses: true}   # any AdaptConfig option except layer, lr, seed;
                                              # collapse thresholds too (collapse_g_loss, saturation_*)
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent_trials: 1,
@@ -18,15 +19,15 @@
 
 from __future__ import annotations
 
-import itertools
+import json
 import math
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lmadda.config import LearningRates
-from lmadda.data.shifts import KINDS, Shift
+from lmadda.study.config import Grid
+from lmadda.study.trial import GridPoint
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig
 
@@ -52,22 +53,6 @@ class SourceSpec(_Strict):
 class DataSpec(_Strict):
     manifest: Path
     source_setting: str = "phase_contrast"
-    target_setting: str = "bright_field"
-    shift: str | None = Field(None, description=f"shift applied to the target setting with the grid's magnitudes: {', '.join(KINDS)}")
-
-    @field_validator("shift")
-    @classmethod
-    def _known_shift(cls, value: str | None) -> str | None:
-        if value is not None and value not in KINDS:
-            raise ValueError(f"unknown shift {value!r}; known: {', '.join(KINDS)}")
-        return value
-
-
-class GridSpec(_Strict):
-    layer: list[int] | Literal["all"] = Field(description="matched layers, or 'all'")
-    lr: LearningRates
-    magnitude: list[float] = Field(default_factory=list, description="shift magnitudes (needs data.shift)")
-    seed: list[int] = Field(default_factory=lambda: [0], min_length=1)
 
 
 class ResourceSpec(_Strict):
@@ -102,7 +87,7 @@ class SweepConfig(_Strict):
     storage_path: Path
     source: SourceSpec
     data: DataSpec
-    grid: GridSpec
+    grid: Grid
     adapt: dict = Field(default_factory=dict)
     resources: ResourceSpec = ResourceSpec()
     mlflow: MlflowSpec = MlflowSpec()
@@ -116,18 +101,35 @@ class SweepConfig(_Strict):
                              "saturation_accuracy, d_saturation_patience -> saturation_patience, and add saturation_collapses: true")
         return values
 
+    @model_validator(mode="before")
+    @classmethod
+    def _grid_is_the_studys(cls, values):
+        """A config of the sweep's own, older grid (data.target_setting + data.shift, grid.layer/lr/magnitude/seed) is
+        refused with its rewrite in the one grid spec, which the study uses too."""
+        if not isinstance(values, dict):
+            return values
+        data, grid = values.get("data") or {}, values.get("grid") or {}
+        if not (isinstance(data, dict) and isinstance(grid, dict)):
+            return values
+        if not ({"target_setting", "shift"} & set(data) or {"layer", "lr", "magnitude", "seed"} & set(grid)):
+            return values
+        setting, shift = data.get("target_setting", "bright_field"), data.get("shift")
+        targets = [f"{setting}+{shift}:{magnitude:g}" for magnitude in grid.get("magnitude") or []] if shift else [setting]
+        rewrite = {"targets": targets, "layers": grid.get("layer", "all"), "lrs": grid.get("lr"), "seeds": grid.get("seed", [0]),
+                   "paper_layers": []}
+        raise ValueError("the sweep's grid is the study's grid now (the same spec for `lmadda study` and `lmadda sweep`): "
+                         "remove data.target_setting and data.shift, and write the grid as "
+                         f"grid: {json.dumps(rewrite)}")
+
     @model_validator(mode="after")
     def _consistent(self) -> "SweepConfig":
         forbidden = {"layer", "lr", "seed", "device"} & set(self.adapt)
         if forbidden:
             raise ValueError(f"adapt: {sorted(forbidden)} come from the grid or the workers; remove them from adapt")
         AdaptConfig(layer=[0], **self.adapt)  # every other option is checked here, by name
-        if self.grid.magnitude and not self.data.shift:
-            raise ValueError("grid.magnitude needs data.shift (e.g. overexposure)")
-        if self.data.shift and not self.grid.magnitude:
-            raise ValueError(f"data.shift {self.data.shift!r} needs grid.magnitude values")
-        for magnitude in self.grid.magnitude:
-            Shift(self.data.shift, magnitude)
+        if self.adapt.get("stop_on_collapse") is False:
+            raise ValueError("adapt.stop_on_collapse: a sweep's grid point ends where it collapses (the stopper reads that "
+                             "report), so it cannot be turned off here; remove it")
         workers = max(1, self.resources.workers_per_trial)
         for where, batch in (("adapt", self.adapt.get("batch_size", AdaptConfig.model_fields["batch_size"].default)),
                              ("source.train", (self.source.train or {}).get("batch_size", SourceTrainConfig.model_fields["batch_size"].default))):
@@ -158,16 +160,9 @@ class SweepConfig(_Strict):
     def experiment(self) -> str:
         return self.mlflow.experiment or f"lmadda-{self.name}"
 
-    def layers(self, num_layers: int) -> list[int]:
-        return list(range(num_layers)) if self.grid.layer == "all" else list(self.grid.layer)
-
-    def trials(self, num_layers: int) -> list[dict]:
-        """Every point of the grid, in a stable order."""
-        magnitudes = self.grid.magnitude or [None]
-        return [
-            {"layer": layer, "lr": lr, "magnitude": magnitude, "seed": seed}
-            for magnitude, layer, lr, seed in itertools.product(magnitudes, self.layers(num_layers), self.grid.lr, self.grid.seed)
-        ]
+    def points(self, num_layers: int) -> list[GridPoint]:
+        """Every adapted model of the grid (`Grid.points`), its layers checked against a generator of `num_layers`."""
+        return self.grid.points(num_layers)
 
     def points_per_trial(self, points: int) -> int:
         setting = self.resources.points_per_trial
@@ -177,26 +172,17 @@ class SweepConfig(_Strict):
             return 1
         return max(1, math.ceil(points / self.resources.max_concurrent_trials))
 
-    def trial_groups(self, num_layers: int) -> list[list[dict]]:
+    def trial_groups(self, num_layers: int) -> list[list[GridPoint]]:
         """The grid dealt out into trials of at most `points_per_trial` points, each list in the order its trial runs them.
 
-        Points are ordered by target (magnitude, seed), then lr, then layer, and dealt like cards, back and forth
+        Points are ordered by target and seed, then lr, then layers, and dealt like cards, back and forth
         (trial 0, 1, ..., n-1, n-1, ..., 0, ...), so concurrent trials get a similar mix of cheap early and costly
         late layers; within a trial they keep that order, so it loads each target's images once.
         """
-        def target_order(point: dict) -> tuple:
-            return (point["magnitude"] is not None, point["magnitude"] or 0.0, point["seed"], point["lr"], point["layer"])
-
-        points = sorted(self.trials(num_layers), key=target_order)
+        points = sorted(self.points(num_layers), key=lambda p: (p.target, p.seed, p.lr, p.recipe, p.layers))
         count = math.ceil(len(points) / self.points_per_trial(len(points)))
-        groups: list[list[dict]] = [[] for _ in range(count)]
+        groups: list[list[GridPoint]] = [[] for _ in range(count)]
         for index, point in enumerate(points):
             lap, seat = divmod(index, count)
             groups[seat if lap % 2 == 0 else count - 1 - seat].append(point)
         return [group for group in groups if group]
-
-    @staticmethod
-    def point_key(point: dict) -> str:
-        """A grid point's name: its trial folder and its reports' `point` field (e.g. L3-lr2e-05-m1.5-s0)."""
-        magnitude = "none" if point["magnitude"] is None else f"{point['magnitude']:g}"
-        return f"L{point['layer']}-lr{point['lr']:g}-m{magnitude}-s{point['seed']}"

@@ -73,20 +73,18 @@ def log_sweep(sweep, rows: list[dict], result_files: list[Path], log=print, *, u
     with mlflow.start_run(run_id=parent_id) if parent_id else mlflow.start_run(run_name=sweep.name, tags=sweep_tags) as parent:
         if not parent_id:
             mlflow.log_params({"sweep": sweep.name, "source_checkpoint": str(sweep.source.checkpoint), "manifest": str(sweep.data.manifest),
-                               "source_setting": sweep.data.source_setting, "target_setting": sweep.data.target_setting,
-                               "shift": sweep.data.shift or "none", "trials": len(rows)})
+                               "source_setting": sweep.data.source_setting, "targets": ",".join(sweep.grid.targets),
+                               "trials": len(rows)})
         for row in rows:
-            key = f"{sweep.name}/{row['target']}/L{row['layer']}/lr{row['lr']:g}/s{row['seed']}"
+            key = f"{sweep.name}/{row['point']}"
             if key in logged or not row.get("_history"):
                 continue  # already logged by an earlier run of this sweep, or never started
             tags = {"lmadda.kind": "trial", "lmadda.trial_key": key, "lmadda.sweep": sweep.name, "setting": row["setting"], "shift": row["shift"],
                     "target": row["target"], "layer": str(row["layer"]), "collapsed": str(row["collapsed"]).lower(),
                     "collapse_reason": row["collapse_reason"], "markers": ",".join(k[8:] for k in row if k.startswith("pearson_"))}
             measured = row.get("_rows") or []
-            identity = model_params(measured[0]) if measured else {"layer": row["layer"], "lr": row["lr"], "seed": row["seed"],
-                                                                    "target": row["target"], "magnitude": row["magnitude"]}
-            with mlflow.start_run(run_name=f"{row['target']}-L{row['layer']}-lr{row['lr']:g}-s{row['seed']}", nested=True, tags=tags):
-                mlflow.log_params({**identity, **{f"adapt.{k}": v for k, v in sweep.adapt.items()}})
+            with mlflow.start_run(run_name=row["point"], nested=True, tags=tags):
+                mlflow.log_params({**model_params(row), **{f"adapt.{k}": v for k, v in sweep.adapt.items()}})
                 for record in row.get("_history", []):
                     step = int(record.get("step", 0) or 0)
                     metrics = {k: float(record[k]) for k in ("g_loss", "d_loss", "d_acc", "d_running_acc", "g_updates") if is_finite(record.get(k))}

@@ -52,7 +52,6 @@ from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
-from lmadda.registry_names import target_name
 from lmadda.result_rows import TargetDomain, adaptation_method, marker_means, matched_name, rows_table
 from lmadda.selection import SelectionProbe
 from lmadda.study.trial import TrialResult, TrialTarget, run_trial
@@ -185,13 +184,13 @@ class _TrainCheckpointStore:
 
 
 class _Target:
-    """One target domain of a trial (target setting + shift, and the seed of the shift's noise) and what its points share."""
+    """One target domain of a trial (a setting and its shift, and the seed of the shift's noise) and what its points share."""
 
-    def __init__(self, trial: "TrialData", shift_text: str | None, seed: int):
-        self.key = (shift_text, seed)
-        self.shift = Shift.parse(shift_text) if shift_text else None
-        self.name = target_name(trial.target_setting, self.shift)
-        self.images = load_images(trial.manifest, trial.target_setting, "train", shift=self.shift,
+    def __init__(self, trial: "TrialData", target: str, seed: int):
+        self.key = (target, seed)
+        self.domain = TargetDomain.parse(target)
+        self.name = self.domain.name
+        self.images = load_images(trial.manifest, self.domain.setting, "train", shift=self.domain.shift,
                                   percentiles=trial.source.percentiles, seed=seed)
         self.seed = seed
         self._test_images: list[LoadedImage] | None | bool = False  # False: not loaded yet
@@ -199,7 +198,7 @@ class _Target:
 
     def test_images(self, trial: "TrialData") -> list[LoadedImage] | None:
         if self._test_images is False:
-            self._test_images = labelled_test_images(trial.manifest, trial.target_setting, self.shift, trial.source)
+            self._test_images = labelled_test_images(trial.manifest, self.domain.setting, self.domain.shift, trial.source)
         return self._test_images
 
     def probe(self, trial: "TrialData", crop_size: int) -> SelectionProbe:
@@ -217,14 +216,14 @@ class TrialData:
     def __init__(self, spec: TrialSpec):
         self.source = load_checkpoint(spec.source_checkpoint)
         self.manifest = Manifest.load(spec.manifest)
-        self.source_setting, self.target_setting = spec.source_setting, spec.target_setting
+        self.source_setting = spec.source_setting
         self.source_images = load_images(self.manifest, self.source_setting, "train", percentiles=self.source.percentiles)
         self._target: _Target | None = None
 
-    def target(self, shift_text: str | None, seed: int) -> _Target:
-        if self._target is None or self._target.key != (shift_text, seed):
+    def target(self, target: str, seed: int) -> _Target:
+        if self._target is None or self._target.key != (target, seed):
             self._target = None  # let the previous target's images go first
-            self._target = _Target(self, shift_text, seed)
+            self._target = _Target(self, target, seed)
         return self._target
 
 
@@ -255,7 +254,7 @@ def run_points(spec: TrialSpec | dict, *, world_size: int, rank: int, device: to
             report(metrics, None)
             continue
         adapt_options = spec.adapt_options(point)
-        target = trial.target(point.shift, adapt_options.get("seed", AdaptConfig.model_fields["seed"].default))
+        target = trial.target(point.target, adapt_options.get("seed", AdaptConfig.model_fields["seed"].default))
         run_adaptation(trial, target, adapt_options, point, world_size=world_size, rank=rank, device=device, resume=state,
                        report=report, points_in_trial=len(points))
 
@@ -302,7 +301,7 @@ def run_adaptation(trial: TrialData, target: _Target, adapt_options: dict, point
         row_tags = {"method": adaptation_method(adapt_config.layer, source.generator.last_layer, adapt_config.recipe),
                     "layer": max(adapt_config.layer), "matched": matched_name(adapt_config.layer), "lr": adapt_config.lr,
                     "seed": adapt_config.seed}
-        measured_on = TrialTarget(TargetDomain(trial.target_setting, target.shift), source.markers, target.test_images(trial),
+        measured_on = TrialTarget(target.domain, source.markers, target.test_images(trial),
                                   target.probe(trial, adapt_config.crop_size))
         outcome = run_trial(adapter, measured_on, row_tags, on_record=step_report, steps_s=steps_s)
         send(outcome.last_record, last=True, outcome=outcome)

@@ -5,12 +5,13 @@ or as a Ray Train worker's `train_loop_config` (a plain dict on the way: `model_
 validated again on arrival). Each point's adaptation options are checked as the `AdaptConfig` they
 become when the spec is made, before any image is loaded.
 
-    source_checkpoint, manifest, source_setting, target_setting
+    source_checkpoint, manifest, source_setting
     adapt       AdaptConfig options every point shares
-    points      each: key (its name in the trial's store), adapt (its layer, lr, seed), shift, tags
+    points      each: key (its name in the trial's store), target (setting or setting+shift:magnitude),
+                adapt (its own options: layer, lr, seed; a grid point's whole set, `GridPoint.adapt_options`), tags
     store       the trial's folder of saved reports (worker groups of a sweep); None: one adaptation alone
 
-A spec without `points` describes one adaptation, with `shift` and `tags` at the top.
+A spec without `points` describes one adaptation, with `target` and `tags` at the top.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmadda.errors import LmaddaError
+from lmadda.result_rows import TargetDomain
 from lmadda.training.adapt import AdaptConfig
 
 
@@ -28,9 +31,9 @@ class _Strict(BaseModel):
 
 
 class TrialPoint(_Strict):
-    key: str = Field(min_length=1, description="the point's name in its trial's store, e.g. L3-lr2e-05-m2-s0")
+    key: str = Field(min_length=1, description="the point's name in its trial's store (GridPoint.key), e.g. bright_field-L3-lr2e-05-s0")
+    target: str = Field(min_length=1, description="the target domain: a setting, or setting+shift:magnitude")
     adapt: dict[str, Any] = Field(default_factory=dict, description="this point's AdaptConfig options (its layer, lr, seed)")
-    shift: str | None = Field(None, description="the target's shift, e.g. overexposure:2; None for a setting change")
     tags: dict[str, float | int | str] = Field(default_factory=dict, description="reported with every metric of the point")
 
 
@@ -38,7 +41,6 @@ class TrialSpec(_Strict):
     source_checkpoint: Path
     manifest: Path
     source_setting: str
-    target_setting: str
     adapt: dict[str, Any] = Field(default_factory=dict, description="AdaptConfig options every point shares")
     points: list[TrialPoint] = Field(min_length=1)
     store: Path | None = None
@@ -46,15 +48,19 @@ class TrialSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _one_adaptation(cls, values):
-        """A spec without `points` is one adaptation, its shift and tags at the top."""
+        """A spec without `points` is one adaptation, its target and tags at the top."""
         if isinstance(values, dict) and "points" not in values:
             values = dict(values)
-            values["points"] = [{"key": "adaptation", "shift": values.pop("shift", None), "tags": values.pop("tags", {})}]
+            values["points"] = [{"key": "adaptation", "target": values.pop("target", ""), "tags": values.pop("tags", {})}]
         return values
 
     @model_validator(mode="after")
     def _points_adapt(self) -> "TrialSpec":
         for point in self.points:
+            try:
+                TargetDomain.parse(point.target)
+            except (LmaddaError, ValueError) as error:
+                raise ValueError(f"grid point {point.key}: target {point.target!r}: {error}") from None
             try:
                 AdaptConfig.model_validate(self.adapt_options(point))
             except ValidationError as error:
