@@ -145,18 +145,21 @@ class DomainReference:
         return np.array(distances)
 
     def score_of_distances(self, distances: np.ndarray) -> float:
-        """The score from per-layer distances: the encoder's mean ratio to the in-domain level, averaged with the
-        output layer's (the input's shift and its effect on the stain, weighed equally)."""
-        by_layer = dict(zip(self.layers, np.asarray(distances) / np.asarray(self.levels)))
+        """The score from per-layer distances (see `_score_of_ratios`)."""
+        return self._score_of_ratios(np.asarray(distances) / np.asarray(self.levels))
+
+    def _score_of_ratios(self, ratios: np.ndarray) -> float:
+        """The encoder's mean ratio of distance to in-domain level, averaged with the output layer's (the input's shift
+        and its effect on the stain, weighed equally)."""
+        by_layer = dict(zip(self.layers, ratios))
         value = float(np.mean([by_layer[layer] for layer in self.encoder_layers]))
         if self.output_layer is not None:
             value = 0.5 * (value + float(by_layer[self.output_layer]))
         return value
 
     def score(self, features: torch.Tensor | np.ndarray) -> DomainScore:
-        distances = self.layer_distances(features)
-        ratios = distances / np.asarray(self.levels)
-        value = self.score_of_distances(distances)
+        ratios = self.layer_distances(features) / np.asarray(self.levels)
+        value = self._score_of_ratios(ratios)
         borderline, out = self.thresholds
         verdict = VERDICTS[0] if value <= borderline else VERDICTS[2] if value > out else VERDICTS[1]
         return DomainScore(value, verdict, {layer: float(r) for layer, r in zip(self.layers, ratios)}, self.thresholds)

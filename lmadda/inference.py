@@ -437,8 +437,7 @@ class _WholeImageWriter:
         self.stain[:, top : top + rows.shape[1]] = rows
 
     def close(self, metadata: dict) -> Path:
-        stain = self.stain if self.stain.shape[0] > 1 else self.stain[0]
-        return write_image(self.path, stain, dtype=self.dtype, metadata=metadata, pixel_size=self.pixel_size)
+        return write_stain(self.path, self.stain, self.dtype, metadata, self.pixel_size)
 
     def __enter__(self) -> "_WholeImageWriter":
         return self
@@ -503,8 +502,12 @@ def to_camera_units(prediction01: np.ndarray, checkpoint) -> np.ndarray:
 def write_prediction(output_path: str | Path, pixels: np.ndarray, checkpoint, domain=None,
                      pixel_size: PixelSize | None = None) -> Path:
     """Write the stain (camera units, `Stain.camera`), with the model that made it and, when known, the input's pixel size."""
-    return write_image(output_path, pixels if pixels.shape[0] > 1 else pixels[0], dtype=checkpoint.target_dtype,
-                       metadata=prediction_metadata(checkpoint, domain), pixel_size=pixel_size)
+    return write_stain(output_path, pixels, checkpoint.target_dtype, prediction_metadata(checkpoint, domain), pixel_size)
+
+
+def write_stain(path: str | Path, pixels: np.ndarray, dtype: str, metadata: dict, pixel_size: PixelSize | None) -> Path:
+    """(markers, H, W) stains as one image file of `dtype`: a single marker as a plain (H, W) image."""
+    return write_image(path, pixels if pixels.shape[0] > 1 else pixels[0], dtype=dtype, metadata=metadata, pixel_size=pixel_size)
 
 
 def prediction_metadata(checkpoint, domain=None) -> dict:

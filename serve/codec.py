@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -166,9 +165,3 @@ def encode_tiff(stains: np.ndarray, dtype: str, metadata: dict, pixel_size: Pixe
     resolution = tiff_resolution(pixel_size) if pixel_size is not None else {}
     tifffile.imwrite(buffer, array.astype(target), photometric="minisblack", metadata=metadata, **resolution)
     return buffer.getvalue()
-
-
-def decode_response_metadata(tiff: bytes) -> dict:
-    """The metadata `encode_tiff` wrote (for clients and tests)."""
-    with tifffile.TiffFile(io.BytesIO(tiff)) as file:
-        return json.loads(file.pages[0].description)

@@ -1,13 +1,14 @@
 """Request decoding and response encoding of the staining endpoint (no Ray)."""
 
 import io
+import json
 
 import numpy as np
 import pytest
 import tifffile
 from PIL import Image
 
-from lmadda_serve.codec import RequestError, check_channels, check_name, decode_request_image, decode_response_metadata, encode_tiff, parse_markers
+from lmadda_serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers
 
 MIB = 2**20
 
@@ -72,7 +73,8 @@ def test_response_tiff_keeps_dtype_range_and_metadata():
     array = tifffile.imread(io.BytesIO(body))
     assert array.dtype == np.uint16 and array.shape == (2, 2, 2)
     assert array[0].tolist() == [[0, 65535], [1, 3]]  # clipped to the dtype's range, rounded
-    metadata = decode_response_metadata(body)
+    with tifffile.TiffFile(io.BytesIO(body)) as file:  # what a client reads back: the JSON in the first page's description
+        metadata = json.loads(file.pages[0].description)
     assert metadata["lmadda_setting"] == "bright_field" and metadata["lmadda_models"][0]["model"] == "lmadda-dapi/3"
 
 
