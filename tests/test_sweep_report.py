@@ -52,3 +52,16 @@ def test_auto_promotion_uses_labels_where_they_exist_and_the_label_free_selector
     assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": 0.8}]) == "pearson"
     assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": float("nan")}]) == LABEL_FREE
     assert resolve_criterion([{"lf_output_w1": 0.1}, {"g_loss": 1.0}]) == LABEL_FREE
+
+
+def test_a_sweep_too_small_to_rank_the_criteria_says_so_instead_of_printing_nan():
+    from lmadda_tune.sweep_report import format_selection
+
+    rows = [{**_row(layer, 1e-5, dapi), "pearson": dapi, "lf_output_w1": 0.1 * layer} for layer, dapi in ((0, 0.7), (3, 0.74))]
+    text = format_selection(rows, UNADAPTED, best_per_target(rows, UNADAPTED))
+    assert "not ranked: no target has 3 non-collapsed trials" in text and "nan" not in text
+    ranked = format_selection(ROWS_WITH_CRITERIA, UNADAPTED, best_per_target(ROWS_WITH_CRITERIA, UNADAPTED))
+    assert "Spearman" in ranked and "output_w1" in ranked
+
+
+ROWS_WITH_CRITERIA = [{**row, "pearson": row["pearson_dapi"], "lf_output_w1": 1.0 - row["pearson_dapi"]} for row in ROWS]

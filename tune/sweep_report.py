@@ -72,8 +72,11 @@ def format_selection(rows: list[dict], unadapted: dict[str, dict[str, float]], b
         lines.append(f"  {b['marker']:8s} {b['target']:34s} {b['layer']:>5} {b['lr']:>9.2g} {b['pearson']:8.3f} {b['unadapted']:9.3f} {b['gain']:+7.3f}")
     agreement = [(name, criterion_agreement(rows, f"lf_{name}", "pearson")) for name in CRITERIA if any(f"lf_{name}" in r for r in rows)]
     if agreement and any(math.isfinite(r.get("pearson", float("nan"))) for r in rows):
-        lines += ["", "label-free criteria against the labelled Pearson (per target over non-collapsed trials, then averaged):",
-                  f"  {'criterion':22s} {'Spearman':>9} {'regret':>8} {'targets':>8}"]
-        for name, result in agreement:
-            lines.append(f"  {name:22s} {result['spearman']:9.3f} {result['regret']:8.3f} {result['targets']:>8}")
+        lines += ["", "label-free criteria against the labelled Pearson (per target over non-collapsed trials, then averaged):"]
+        if not any(result["targets"] for _, result in agreement):  # a ranking needs 3 trials: say so, not a table of nan
+            lines.append("  not ranked: no target has 3 non-collapsed trials with labels (sweep more layers or rates)")
+        else:
+            lines.append(f"  {'criterion':22s} {'Spearman':>9} {'regret':>8} {'targets':>8}")
+            for name, result in agreement:
+                lines.append(f"  {name:22s} {result['spearman']:9.3f} {result['regret']:8.3f} {result['targets']:>8}")
     return "\n".join(lines)
