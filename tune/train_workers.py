@@ -9,13 +9,14 @@ does not depend on how many workers computed it.
 sharded with `DistributedSampler`, and a checkpoint (loop state + best generator so far) reported
 after every epoch, from which a restarted worker group resumes.
 
-`run_points` adapts the grid points of one sweep trial one after another. It loads what they share
-once (the source model, the manifest, the source images; each target's images, labelled test
-images and label-free probe while its points run), so a trial of several points pays its start-up
-once. Every `log_every` steps it reports the point's metrics, tagged with the point's key, and keeps
-the point's loop state in a `PointStore` folder; at the point's last report (its last step, or its
-first report flagged collapsed: a collapse ends the point, never the rest of the trial) it adds the
-evaluations and the adapted generator. A restarted trial re-reports the points it had finished
+`run_points` adapts the grid points of one sweep trial one after another, each through the study's
+trial function (`lmadda.study.trial.run_trial` on rank 0; `run_steps` on the other ranks). It loads
+what they share once (the source model, the manifest, the source images; each target's images,
+labelled test images and label-free probe while its points run), so a trial of several points pays
+its start-up once. Every `log_every` steps it reports the point's metrics, tagged with the point's
+key, and keeps the point's loop state in a `PointStore` folder; at the point's last report (its last
+step, or its first report flagged collapsed: a collapse ends the point, never the rest of the trial)
+it adds the evaluations, the adapted generator and the point's result rows (`rows.parquet`). A restarted trial re-reports the points it had finished
 (without running them again) and resumes the one it was in from its state.
 
 `adaptation_worker` runs `run_points` as a Ray Train worker with:
