@@ -29,6 +29,7 @@ def _config(**changes) -> dict:
 
 @pytest.mark.parametrize("change, message", [
     ({"adapt": {"lr": 1e-3}}, "adapt.lr is set by the grids"),
+    ({"adapt": {"stop_on_collapse": False}}, "ends where it collapses"),
     ({"data": {"simulate": {"fields": 12}, "index": {"root": "x", "patterns": ["a"]}}}, "exactly one of data.simulate"),
     ({"grids": [{"targets": ["bright_field"], "layer_sets": [[3, 3]]}]}, "needs at least two different layers"),
     ({"grids": [{"targets": ["phase_contrast+overexposur:2"]}]}, "overexposur"),

@@ -114,7 +114,8 @@ class SweepConfig(_Strict):
         if not ({"target_setting", "shift"} & set(data) or {"layer", "lr", "magnitude", "seed"} & set(grid)):
             return values
         setting, shift = data.get("target_setting", "bright_field"), data.get("shift")
-        targets = [f"{setting}+{shift}:{magnitude:g}" for magnitude in grid.get("magnitude") or []] if shift else [setting]
+        magnitudes = [f"{m:g}" if isinstance(m, (int, float)) else str(m) for m in grid.get("magnitude") or []]
+        targets = [f"{setting}+{shift}:{magnitude}" for magnitude in magnitudes] if shift else [setting]
         rewrite = {"targets": targets, "layers": grid.get("layer", "all"), "lrs": grid.get("lr"), "seeds": grid.get("seed", [0]),
                    "paper_layers": []}
         raise ValueError("the sweep's grid is the study's grid now (the same spec for `lmadda study` and `lmadda sweep`): "

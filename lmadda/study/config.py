@@ -193,6 +193,9 @@ class ExperimentSpec(_Strict):
         self.source_train_config()
         self.adapt_config()
         self.oracle_config()
+        if self.adapt.get("stop_on_collapse") is False:
+            raise ValueError(f"experiment {self.name}: adapt.stop_on_collapse: a grid point ends where it collapses "
+                             "(lmadda.study.trial.run_trial), so it cannot be turned off here; remove it")
         num_layers = self.source_train_config().generator_config().num_layers
         for grid in self.grids:
             try:
