@@ -62,7 +62,12 @@ def build_config(model: type[ConfigT], file: str | Path | None = None, **overrid
     """Config file values, then overrides that are not None, validated into `model`."""
     data = read_config_file(file) if file else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
+    return validated(model, data, f"config {file}" if file else model.__name__)
+
+
+def validated(model: type[ConfigT], data: dict[str, Any], source: str) -> ConfigT:
+    """`data` validated into `model`; a validation error becomes an LmaddaError naming `source`, the field and the fix."""
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise LmaddaError(describe_validation_error(error, model, f"config {file}" if file else f"{model.__name__}")) from None
+        raise LmaddaError(describe_validation_error(error, model, source)) from None

@@ -47,6 +47,15 @@ class TargetDomain:
     def name(self) -> str:
         return target_name(self.setting, self.shift)
 
+    @property
+    def magnitude(self) -> float:
+        return float(self.shift.magnitude) if self.shift else float("nan")
+
+    def columns(self) -> dict:
+        """The result-row columns that say which domain a model was measured on."""
+        return {"target": self.name, "setting": self.setting, "shift": self.shift.name if self.shift else "none",
+                "magnitude": self.magnitude}
+
 
 def matched_name(layers: Iterable[int]) -> str:
     """'7' for single-layer matching, '0+7+15' for a set of layers."""
@@ -66,10 +75,9 @@ def adaptation_method(layers: Iterable[int], last_layer: int, recipe: str = "lma
 def tag_rows(rows: list[dict], domain: TargetDomain, target: str | None = None, **tags) -> list[dict]:
     """Label per-image rows (`lmadda.evaluation.evaluate_generator`) with the model and the domain they were
     measured on (`target` overrides the domain's name, e.g. `source`); returns `rows`, changed in place."""
-    shift = domain.shift
+    columns = {**domain.columns(), **({"target": target} if target else {})}
     for row in rows:
-        row.update(target=target or domain.name, setting=domain.setting, shift=shift.name if shift else "none",
-                   magnitude=shift.magnitude if shift else float("nan"), **tags)
+        row.update(**columns, **tags)
     return rows
 
 

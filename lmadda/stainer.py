@@ -22,17 +22,15 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
-from lmadda.config import describe_validation_error, read_config_file
+from lmadda.config import read_config_file, validated
 from lmadda.data.calibration import PixelSize, images_pixel_size
 from lmadda.data.dataset import load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.device import resolve_device
 from lmadda.domain import DomainScore
-from lmadda.errors import LmaddaError
 from lmadda.inference import predict_file, stain
 from lmadda.registry_names import target_name
 from lmadda.selector import Choice
@@ -173,7 +171,4 @@ def _adapt_config(config: AdaptConfig | Mapping[str, Any] | str | Path | None, l
     data.update(options)
     if layer is not None:
         data["layer"] = layer
-    try:
-        return AdaptConfig.model_validate(data)
-    except ValidationError as error:
-        raise LmaddaError(describe_validation_error(error, AdaptConfig, source)) from None
+    return validated(AdaptConfig, data, source)

@@ -70,14 +70,9 @@ def trial_config(sweep: SweepConfig, points: list[GridPoint]) -> TrialSpec:
     return TrialSpec(
         source_checkpoint=sweep.source.checkpoint, manifest=sweep.data.manifest, source_setting=sweep.data.source_setting,
         points=[TrialPoint(key=point.key, target=point.target, adapt=point.adapt_options(sweep.adapt),
-                           tags={"matched": point.matched, "lr": point.lr, "seed": point.seed, "magnitude": _magnitude(point)})
+                           tags={"matched": point.matched, "lr": point.lr, "seed": point.seed, "magnitude": point.domain.magnitude})
                 for point in points],
     )
-
-
-def _magnitude(point: GridPoint) -> float:
-    shift = point.domain.shift
-    return float(shift.magnitude) if shift else float("nan")
 
 
 def trial_points(config: dict) -> list[GridPoint]:
@@ -256,11 +251,9 @@ def point_row(sweep: SweepConfig, point: GridPoint, history: list[dict], result,
     finished = last.get("point_done") == 1.0 or collapsed or steps >= AdaptConfig.model_validate(point.adapt_options(sweep.adapt)).steps
     saved = last.get("checkpoint_path")
     generator = Path(saved) / GENERATOR_FILE if isinstance(saved, str) and saved else None
-    domain = point.domain
     row = {
         "sweep": sweep.name, "trial_id": result.metrics.get("trial_id") if result.metrics else None, "point": point.key,
-        "target": domain.name, "setting": domain.setting, "shift": domain.shift.name if domain.shift else "none",
-        "magnitude": _magnitude(point), **point.tags(last_layer),
+        **point.domain.columns(), **point.tags(last_layer),
         "steps_done": steps, "final_g_loss": last.get("g_loss"), "final_d_acc": last.get("d_acc"),
         "collapsed": collapsed, "collapse_reason": reason, "error": str(result.error) if result.error and not finished else "",
         "generator_path": str(generator) if generator is not None and generator.is_file() else "",

@@ -53,9 +53,9 @@ from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
-from lmadda.result_rows import TargetDomain, adaptation_method, marker_means, matched_name, rows_table
+from lmadda.result_rows import TargetDomain, marker_means, rows_table
 from lmadda.selection import SelectionProbe
-from lmadda.study.trial import TrialResult, TrialTarget, run_trial
+from lmadda.study.trial import GridPoint, TrialResult, TrialTarget, run_trial
 from lmadda.training.adapt import AdaptConfig, Adapter, run_steps
 from lmadda.training.source import SourceHooks, SourceTrainConfig, load_source_data, source_checkpoint, train_source
 from lmadda_tune.trial_config import TrialPoint, TrialSpec
@@ -299,9 +299,8 @@ def run_adaptation(trial: TrialData, target: _Target, adapt_options: dict, point
         send(record, last=False)
 
     if rank == 0:
-        row_tags = {"method": adaptation_method(adapt_config.layer, source.generator.last_layer, adapt_config.recipe),
-                    "layer": max(adapt_config.layer), "matched": matched_name(adapt_config.layer), "lr": adapt_config.lr,
-                    "seed": adapt_config.seed}
+        identity = GridPoint(point.target, tuple(adapt_config.layer), adapt_config.lr, adapt_config.seed, adapt_config.recipe)
+        row_tags = identity.tags(source.generator.last_layer)
         measured_on = TrialTarget(target.domain, source.markers, target.test_images(trial),
                                   target.probe(trial, adapt_config.crop_size))
         outcome = run_trial(adapter, measured_on, row_tags, on_record=step_report, steps_s=steps_s)
