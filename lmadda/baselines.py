@@ -1,9 +1,13 @@
 """Honest, cheap baselines that need no target labels, to compare LM-ADDA against.
 
 - AdaBN (Li et al. 2016): re-estimate every BatchNorm's statistics on target images; no training.
+  `adabn:l` re-estimates only those of layers 0..l (the paper's layer cut without an adversary):
+  the decoder keeps the source statistics its weights were trained with.
 - Histogram matching: map each target input's intensities onto the source inputs' distribution.
 - Fourier domain adaptation (FDA, Yang & Soatto 2020) at test time: give a target image the
   low-frequency amplitude spectrum of a source image, keeping its own phase; no training.
+- Composites: `histogram_matching+adabn:3` corrects the inputs first, then re-estimates the statistics
+  on the corrected target images; the model carries the correction.
 - The oracle (a generator trained on paired target data) is `train_source` on the target setting,
   an upper bound that exists only when target pairs exist.
 """
@@ -11,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 from typing import Callable
 
@@ -28,25 +33,42 @@ BASELINES = ("unadapted", "adabn", "histogram_matching", "fda")
 InputTransform = Callable[[np.ndarray], np.ndarray]
 
 
+def parse_baseline(name: str) -> tuple[str | None, str, int | None]:
+    """`[correction+]baseline[:layer]` -> (correction, baseline, layer), checked: `adabn:3`, `histogram_matching+adabn`."""
+    correction, _, core = name.rpartition("+")
+    base, _, layer_text = core.partition(":")
+    known = f"known: {', '.join(BASELINES)}, adabn:<layer> (layers 0..l only), and histogram_matching+adabn[:<layer>]"
+    if base not in BASELINES or (correction and (correction != "histogram_matching" or base != "adabn")):
+        raise LmaddaError(f"unknown baseline {name!r}; {known}")
+    if layer_text and (base != "adabn" or not layer_text.isdigit()):
+        raise LmaddaError(f"baseline {name!r}: only AdaBN takes a layer, written adabn:<layer> (e.g. adabn:3); {known}")
+    return correction or None, base, int(layer_text) if layer_text else None
+
+
 def build_baseline(name: str, generator: UNetGenerator, source_train: list[LoadedImage], target_train: list[LoadedImage], *,
                    seed: int = 0) -> tuple[UNetGenerator, InputTransform | None]:
-    """The (generator, input transform) pair that evaluates baseline `name`: one construction for every caller
-    (the study, `lmadda evaluate`), so the same seed gives the same baseline everywhere."""
-    if name == "unadapted":
+    """The (generator, input transform) pair that evaluates baseline `name` (`parse_baseline`): one construction for
+    every caller (the study, `lmadda evaluate`, `adapt --layer auto`), so the same seed gives the same baseline everywhere."""
+    correction, base, layer = parse_baseline(name)
+    if layer is not None:
+        generator.check_layer(layer)
+    if base == "unadapted":
         return generator, None
-    if name == "adabn":
-        return adabn(generator, target_train), None
-    if name == "histogram_matching":
+    if base == "adabn":
+        transform = HistogramMatcher(source_train) if correction else None
+        if transform is not None:  # the statistics of the images the model will see: corrected ones
+            target_train = [dataclasses.replace(image, input=transform(image.input)) for image in target_train]
+        return adabn(generator, target_train, up_to=layer), transform
+    if base == "histogram_matching":
         return generator, HistogramMatcher(source_train)
-    if name == "fda":
-        return generator, FourierAmplitudeTransfer(source_train, seed=seed)
-    raise LmaddaError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    return generator, FourierAmplitudeTransfer(source_train, seed=seed)
 
 
 @torch.no_grad()
 def adabn(generator: UNetGenerator, target_images: list[LoadedImage], *, tile: int | None = None, batch_size: int = 4,
-          device: torch.device | str | None = None) -> UNetGenerator:
-    """A copy of `generator` whose BatchNorm running statistics are the target images' own.
+          device: torch.device | str | None = None, up_to: int | None = None) -> UNetGenerator:
+    """A copy of `generator` whose BatchNorm running statistics are the target images' own: every BatchNorm's,
+    or (`up_to` l) only those of layers 0..l, the others keeping the source's.
 
     Statistics come from tiles of `tile` pixels (default: the largest multiple of 2**depth up to 256
     that fits the smallest image).
@@ -59,7 +81,10 @@ def adabn(generator: UNetGenerator, target_images: list[LoadedImage], *, tile: i
         if tile == 0:
             raise LmaddaError(f"AdaBN: target images ({smallest} px) are smaller than the model's input multiple {multiple}")
     adapted = copy.deepcopy(generator).to(device).eval()
-    norms = [m for m in adapted.modules() if isinstance(m, nn.BatchNorm2d)]
+    layers = adapted.layers if up_to is None else adapted.layers[: up_to + 1]
+    norms = [m for layer in layers for m in layer.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:  # layer 0 has no BatchNorm (pix2pix): nothing to re-estimate, which would be a silent no-op
+        raise LmaddaError(f"AdaBN up to layer {up_to}: layers 0..{up_to} have no BatchNorm; choose a later layer (1 or more)")
     for norm in norms:
         norm.reset_running_stats()
         norm.train()
@@ -80,7 +105,8 @@ def adabn(generator: UNetGenerator, target_images: list[LoadedImage], *, tile: i
         # pass; the running variance is the tile-weighted mean of the per-batch variances.
         for norm in norms:
             norm.momentum = len(batch) / (start + len(batch))
-        adapted(torch.from_numpy(np.stack(batch)).to(device))
+        x = torch.from_numpy(np.stack(batch)).to(device)
+        adapted(x) if up_to is None else adapted.forward_to(up_to, x)  # later layers are not re-estimated: no need to run them
     adapted.eval()
     return adapted.cpu()
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lmadda.data.augment import NuisanceAugmentation, apply_chain, apply_chain_to_target
 from lmadda.data.io import read_image
 from lmadda.data.manifest import Manifest, ManifestRow
 from lmadda.data.normalise import NormalisationParams, PercentileRange, normalise
@@ -71,8 +72,13 @@ def load_images(
     shift: Shift | None = None,
     percentiles: PercentileRange = PercentileRange(),
     seed: int = 0,
+    augment: NuisanceAugmentation | None = None,
 ) -> list[LoadedImage]:
-    """Read, shift, normalise. With `markers`, fields come paired with their targets; without, input only."""
+    """Read, shift, normalise. With `markers`, fields come paired with their targets; without, input only.
+
+    `augment` (source training): each field comes as its clean copy and then its augmented copies, each
+    put through its own chain of imaging shifts in camera units before normalisation (`lmadda.data.augment`);
+    copies are named `<field>~aug<k>`."""
     loaded = []
     if markers:
         entries = [(row, targets) for row, targets in manifest.pairs(setting, markers, split)]
@@ -80,29 +86,37 @@ def load_images(
         entries = [(row, []) for row in manifest.inputs(setting, split)]
     for number, (input_row, target_rows) in enumerate(entries):
         raw, sensor_max = _read_channel(manifest, input_row)
-        if shift is not None:
-            raw = shift.apply_input(raw, sensor_max, seed=seed * 100_003 + number)
-        input_normalised, input_norm = normalise(raw, percentiles)
-        item = LoadedImage(field=input_row.field, input=to_model_range(input_normalised).astype(np.float32), input_norm=input_norm)
-        if target_rows:
-            channels = []
-            for target_row in target_rows:
-                pixels, _ = _read_channel(manifest, target_row)
-                if pixels.shape[1:] != raw.shape[1:] and shift is None:
-                    raise LmaddaError(
-                        f"field {input_row.field}: input {manifest.resolve(input_row)} is {raw.shape[1]}x{raw.shape[2]} but target "
-                        f"{manifest.resolve(target_row)} is {pixels.shape[1]}x{pixels.shape[2]}; paired images must be registered and the same size"
-                    )
-                if shift is not None:
-                    pixels = shift.apply_target(pixels)
-                    if pixels.shape[1:] != raw.shape[1:]:
-                        raise LmaddaError(f"field {input_row.field}: input and target sizes differ after shift {shift}")
-                channels.append(pixels[0])
-            target_normalised, target_norm = normalise(np.stack(channels), percentiles)
-            item.target = target_to_model_range(target_normalised).astype(np.float32)
-            item.target_norm = target_norm
-        loaded.append(item)
+        targets = []
+        for target_row in target_rows:
+            pixels, _ = _read_channel(manifest, target_row)
+            if pixels.shape[1:] != raw.shape[1:]:
+                raise LmaddaError(
+                    f"field {input_row.field}: input {manifest.resolve(input_row)} is {raw.shape[1]}x{raw.shape[2]} but target "
+                    f"{manifest.resolve(target_row)} is {pixels.shape[1]}x{pixels.shape[2]}; paired images must be registered and the same size"
+                )
+            targets.append(pixels)
+        chains = augment.variants(number) if augment is not None else [[]]
+        for copy_number, chain in enumerate(chains):
+            chain = ([shift] if shift is not None else []) + chain
+            name = input_row.field if copy_number == 0 else f"{input_row.field}~aug{copy_number}"
+            loaded.append(_prepared(name, raw, sensor_max, targets, chain, percentiles, seed * 100_003 + number + 7919 * copy_number))
     return loaded
+
+
+def _prepared(name: str, raw: np.ndarray, sensor_max: float, targets: list[np.ndarray], chain: list[Shift],
+              percentiles: PercentileRange, seed: int) -> LoadedImage:
+    """One field through its chain of shifts (camera units), then normalised per image."""
+    shifted = apply_chain(raw, chain, sensor_max, seed) if chain else raw
+    input_normalised, input_norm = normalise(shifted, percentiles)
+    item = LoadedImage(field=name, input=to_model_range(input_normalised).astype(np.float32), input_norm=input_norm)
+    if targets:
+        channels = [apply_chain_to_target(pixels, chain)[0] for pixels in targets]
+        if channels[0].shape != shifted.shape[1:]:
+            raise LmaddaError(f"field {name}: input and target sizes differ after shifts {', '.join(map(str, chain))}")
+        target_normalised, target_norm = normalise(np.stack(channels), percentiles)
+        item.target = target_to_model_range(target_normalised).astype(np.float32)
+        item.target_norm = target_norm
+    return item
 
 
 def _check_crop(images: list[LoadedImage], crop_size: int) -> None:

@@ -11,6 +11,7 @@ a longer exposure saturates at the sensor maximum, a different objective changes
 | defocus       | defocus in waves (W20), >= 0       | the specimen out of the focal plane: incoherent blur by a defocused circular pupil |
 | noise         | relative shot noise at full scale  | fewer photons: Poisson noise (full-scale photon count 1/m^2) plus Gaussian read noise m/10 |
 | illumination  | vignetting strength in [0, 1)      | uneven illumination: intensity falls as 1 - m r^2 towards the corners |
+| gamma         | exponent in [0.2, 5]               | another camera response or display curve: counts go to full * (counts / full)^m |
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ KINDS: dict[str, ShiftKind] = {
         ShiftKind("defocus", 0.0, 50.0, True, 0.0, False, "defocus in waves of the pupil's W20 aberration"),
         ShiftKind("noise", 0.0, 1.0, True, 0.0, False, "relative shot noise at full scale"),
         ShiftKind("illumination", 0.0, 1.0, True, 0.0, False, "vignetting strength (intensity 1 - m r^2)"),
+        ShiftKind("gamma", 0.2, 5.0, True, 1.0, False, "contrast exponent of the camera response"),
     )
 }
 
@@ -167,10 +169,16 @@ def _illumination(pixels: np.ndarray, strength: float, sensor_max: float, seed: 
     return (pixels * (1.0 - strength * r2)).astype(np.float32)
 
 
+def _gamma(pixels: np.ndarray, exponent: float, sensor_max: float, seed: int) -> np.ndarray:
+    full_scale = _saturation(sensor_max, pixels)
+    return (full_scale * np.power(np.clip(pixels, 0, full_scale) / full_scale, exponent)).astype(np.float32)
+
+
 _INPUT_TRANSFORMS: dict[str, Callable[[np.ndarray, float, float, int], np.ndarray]] = {
     "overexposure": _overexposure,
     "scale": _scale_input,
     "defocus": _defocus,
     "noise": _noise,
     "illumination": _illumination,
+    "gamma": _gamma,
 }

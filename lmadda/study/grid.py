@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from lmadda.baselines import build_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
+from lmadda.data.augment import NuisanceAugmentation
 from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
@@ -54,8 +55,10 @@ class ImageSource:
         self.validation_rows = validation_rows
 
     def load(self, setting: str, split: str, markers: list[str] | None = None, *, shift: Shift | None = None,
-             percentiles=None, seed: int = 0) -> list[LoadedImage]:
+             percentiles=None, seed: int = 0, augment: NuisanceAugmentation | None = None) -> list[LoadedImage]:
         options = {} if percentiles is None else {"percentiles": percentiles}
+        if augment is not None:
+            options["augment"] = augment
         if not self.validation_rows or split not in ("train", "val"):
             return load_images(self.manifest, setting, split, markers, shift=shift, seed=seed, **options)
         images = load_images(self.manifest, setting, "train", markers, shift=shift, seed=seed, **options)

@@ -55,7 +55,7 @@ from lmadda.training.common import Progress, autocast_for, endless, seed_everyth
 
 
 # ADDA as published (Tzeng et al. 2017): one Adam setting for both players, G' updated at every step.
-PAPER_RECIPE = {"lr": 2e-4, "d_lr": None, "gate_accuracy": None, "d_warmup_steps": 0, "source_anchor": 0.0, "input_correction": None}
+PAPER_RECIPE = {"adversary": "discriminator", "lr": 2e-4, "d_lr": None, "gate_accuracy": None, "d_warmup_steps": 0, "source_anchor": 0.0, "input_correction": None}
 
 
 class AdaptConfig(BaseModel):
@@ -67,6 +67,10 @@ class AdaptConfig(BaseModel):
                                                                       "no anchor, G' and D at 2e-4); lmadda: the measured stabilisers")
     layer: list[int] = Field(description="matched layer(s), 0..2*depth-1; the last layer is ADDA")
     layer_weights: list[float] | None = Field(None, description="weights of the matched layers (multi-layer matching)")
+    adversary: Literal["discriminator", "moments"] = Field("discriminator", description="what tells the domains apart at the "
+                                                                                         "cut: a discriminator D (ADDA), or their "
+                                                                                         "per-channel mean and covariance (CORAL-style "
+                                                                                         "moment matching, no adversary)")
     match: Literal["activation", "cut"] = Field("activation", description="match the layer activation only, or every tensor crossing the cut")
     steps: int = Field(300, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -146,11 +150,13 @@ class AdaptResult:
     seconds: float = 0.0
     input_correction: HistogramMatcher | None = None  # applied to target inputs before G' (config.input_correction)
     domain_reference: DomainReference | None = None  # the target domain as G' sees it (lmadda.domain)
+    method: str = ""  # the family that made it, when not LM-ADDA (e.g. self_training)
 
-    def checkpoint(self, source: GeneratorCheckpoint, config: AdaptConfig, target_setting: str, **extra) -> GeneratorCheckpoint:
-        method = "adda" if config.layer == [self.generator.last_layer] else "lmadda"
+    def checkpoint(self, source: GeneratorCheckpoint, config: BaseModel, target_setting: str, **extra) -> GeneratorCheckpoint:
+        """The adapted model as a checkpoint; `config` is the AdaptConfig (or another family's config) that made it."""
+        method = self.method or adapted_method_name(config, self.generator.last_layer)
         metadata = {
-            "method": method, "recipe": config.recipe, "layer": config.layer[0] if len(config.layer) == 1 else list(config.layer),
+            "method": method, "recipe": getattr(config, "recipe", None), "layer": config.layer[0] if len(config.layer) == 1 else list(config.layer),
             "adapt_config": config.model_dump(mode="json"), "collapsed": self.collapsed,
             "collapse_reason": self.collapse_reason, "d_saturated": self.d_saturated,
             "steps_done": self.steps_done, "g_updates": self.g_updates, "source_setting": source.setting,
@@ -182,6 +188,26 @@ def features_of(state: CutState, config: AdaptConfig) -> dict[str, torch.Tensor]
     if config.match == "cut":
         features.update({f"skip{i}": t for i, t in state.skips.items()})
     return features
+
+
+def adapted_method_name(config: "AdaptConfig", last_layer: int) -> str:
+    """How a checkpoint names an adapted model: `moments` (statistics matching), `adda` (the last layer), `lmadda`."""
+    if config.adversary == "moments":
+        return "moments"
+    return "adda" if config.layer == [last_layer] else "lmadda"
+
+
+def moment_gap(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CORAL-style distance between two batches of feature maps (B, C, H, W): the squared distance of their
+    per-channel means plus that of their channel covariances (Sun & Saenko 2016, / 4 C^2), every position
+    of every map one sample. Zero when the two batches share first and second moments."""
+    channels = source.shape[1]
+    a = source.transpose(0, 1).reshape(channels, -1).float()
+    b = target.transpose(0, 1).reshape(channels, -1).float()
+    mean_a, mean_b = a.mean(dim=1, keepdim=True), b.mean(dim=1, keepdim=True)
+    cov_a = (a - mean_a) @ (a - mean_a).T / max(a.shape[1] - 1, 1)
+    cov_b = (b - mean_b) @ (b - mean_b).T / max(b.shape[1] - 1, 1)
+    return ((mean_a - mean_b) ** 2).mean() + ((cov_a - cov_b) ** 2).sum() / (4 * channels**2)
 
 
 class MatchedFeatures(nn.Module):
@@ -345,39 +371,47 @@ class Adapter:
             source_features = features_of(source_state, config)
         target_features, anchor_tensors = self.target_features(x_target, x_source if anchored else None)
 
-        # 1. Discriminator: source features are real, adapted target features are fake.
-        #    (one forward over both batches: a DDP-wrapped D allows one forward per backward)
-        self.optimizer_d.zero_grad(set_to_none=True)
-        batch = x_source.shape[0]
-        both = {name: torch.cat([source_features[name], target_features[name].detach()]) for name in self.weights}
-        logits = self.discriminators(both)
-        loss_d = torch.zeros((), device=device)
-        correct = 0.0
-        for name, weight in self.weights.items():
-            logits_source, logits_target = logits[name][:batch], logits[name][batch:]
-            loss_d = loss_d + weight * (bce(logits_source, torch.full_like(logits_source, real_label))
-                                        + bce(logits_target, torch.zeros_like(logits_target)))
-            correct += weight * 0.5 * ((logits_source > 0).float().mean() + (logits_target < 0).float().mean()).item()
-        loss_d.backward()
-        self.optimizer_d.step()
+        if config.adversary == "moments":  # no D: G' closes the gap in the features' first and second moments
+            loss_g = sum(weight * moment_gap(source_features[name], target_features[name]) for name, weight in self.weights.items())
+            self.optimizer_g.zero_grad(set_to_none=True)
+            correct, d_value, g_value = 1.0, 0.0, loss_g.item()  # accuracy 1: nothing holds G' back
+        else:
+            # 1. Discriminator: source features are real, adapted target features are fake.
+            #    (one forward over both batches: a DDP-wrapped D allows one forward per backward)
+            self.optimizer_d.zero_grad(set_to_none=True)
+            batch = x_source.shape[0]
+            both = {name: torch.cat([source_features[name], target_features[name].detach()]) for name in self.weights}
+            logits = self.discriminators(both)
+            loss_d = torch.zeros((), device=device)
+            correct = 0.0
+            for name, weight in self.weights.items():
+                logits_source, logits_target = logits[name][:batch], logits[name][batch:]
+                loss_d = loss_d + weight * (bce(logits_source, torch.full_like(logits_source, real_label))
+                                            + bce(logits_target, torch.zeros_like(logits_target)))
+                correct += weight * 0.5 * ((logits_source > 0).float().mean() + (logits_target < 0).float().mean()).item()
+            loss_d.backward()
+            self.optimizer_d.step()
 
-        # 2. Target generator: inverted labels, so G' learns to make target features look like source.
-        self.optimizer_g.zero_grad(set_to_none=True)
-        logits = self.discriminators({name: target_features[name] for name in self.weights})
-        loss_g = torch.zeros((), device=device)
-        for name, weight in self.weights.items():
-            loss_g = loss_g + weight * bce(logits[name], torch.ones_like(logits[name]))
-        g_value, d_value = loss_g.item(), loss_d.item()
+            # 2. Target generator: inverted labels, so G' learns to make target features look like source.
+            self.optimizer_g.zero_grad(set_to_none=True)
+            logits = self.discriminators({name: target_features[name] for name in self.weights})
+            loss_g = torch.zeros((), device=device)
+            for name, weight in self.weights.items():
+                loss_g = loss_g + weight * bce(logits[name], torch.ones_like(logits[name]))
+            g_value, d_value = loss_g.item(), loss_d.item()
         if anchored:  # G' must still do to source images what G does: fooling D by erasing content costs here
             reference = source_state.tensors()
             anchor_loss = torch.stack([(anchor_tensors[n] - reference[n]).abs().mean() for n in reference]).mean()
             loss_g = loss_g + config.source_anchor * anchor_loss
         non_finite = float(not (math.isfinite(g_value) and math.isfinite(d_value)))
-        over_bound = float(g_value > config.collapse_g_loss)
+        # the bound is on D's BCE; a moment gap has no such scale (its collapse shows as a non-finite loss)
+        over_bound = float(g_value > config.collapse_g_loss and config.adversary != "moments")
         if self.reduce is not None:  # every worker decides (and logs) on the same numbers
             correct, non_finite, over_bound, g_value, d_value = self.reduce([correct, non_finite, over_bound, g_value, d_value])
         self.running_accuracy = 0.9 * self.running_accuracy + 0.1 * correct
-        update_g = step > config.d_warmup_steps and (config.gate_accuracy is None or self.running_accuracy >= config.gate_accuracy)
+        moments = config.adversary == "moments"  # no D to warm up, gate on, or saturate
+        update_g = moments or (step > config.d_warmup_steps
+                               and (config.gate_accuracy is None or self.running_accuracy >= config.gate_accuracy))
         if update_g or self.distributed:  # DDP expects a backward after each forward on every worker
             loss_g.backward()
         if update_g:
@@ -399,7 +433,7 @@ class Adapter:
         count = (step - 1) % config.log_every + 1
         record = {"step": step, **{k: v / count for k, v in self._sums.items()}, "d_running_acc": self.running_accuracy,
                   "g_updates_total": result.g_updates}
-        self.saturated_logs = self.saturated_logs + 1 if record["d_acc"] >= config.saturation_accuracy else 0
+        self.saturated_logs = self.saturated_logs + 1 if record["d_acc"] >= config.saturation_accuracy and not moments else 0
         result.d_saturated = result.d_saturated or self.saturated_logs >= config.saturation_patience
         if result.d_saturated and config.saturation_collapses and not result.collapsed:
             result.collapsed = True

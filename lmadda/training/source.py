@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
+from lmadda.data.augment import NuisanceAugmentation
 from lmadda.data.dataset import LoadedImage, PairedCrops, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.normalise import PercentileRange, median_params
@@ -61,6 +62,8 @@ class SourceTrainConfig(BaseModel):
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast: 1.4-1.8x faster on CPU here (docs/performance.md)")
+    augment: NuisanceAugmentation | None = Field(None, description="train on augmented copies of each field beside the clean one "
+                                                                     "(imaging nuisances, lmadda.data.augment): a robust source model")
     init_from: Path | None = Field(None, description="start from this checkpoint's generator weights (fine-tuning, e.g. the study's "
                                                      "oracle on target pairs); its architecture must match ngf/depth")
 
@@ -143,7 +146,8 @@ def load_source_data(config: SourceTrainConfig) -> tuple[Manifest, list[LoadedIm
     manifest = Manifest.load(config.manifest)
     percentiles = PercentileRange(*config.percentiles)
     shift = Shift.parse(config.shift) if config.shift else None
-    train = load_images(manifest, config.setting, "train", config.markers, shift=shift, percentiles=percentiles, seed=config.seed)
+    train = load_images(manifest, config.setting, "train", config.markers, shift=shift, percentiles=percentiles, seed=config.seed,
+                        augment=config.augment)
     val = load_images(manifest, config.setting, "val", config.markers, shift=shift, percentiles=percentiles, seed=config.seed + 1)
     return manifest, train, val
 

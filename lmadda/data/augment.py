@@ -1,0 +1,122 @@
+"""Imaging-nuisance augmentation: the robust source model a lab would train instead of adapting.
+
+Cytoland/VisCy (Liu et al., Nature Machine Intelligence 2025) trains virtual staining with input
+augmentations of the imaging nuisances (contrast, intensity, noise, blur, affine scale) and claims
+robustness to imaging parameters. `NuisanceAugmentation` replays the same nuisances, plus sensor
+saturation, which none of its recipes models, with the physics of `lmadda.data.shifts`: each
+augmented copy of a training field is the raw camera image put through a random chain of shifts,
+*then* normalised per image, exactly as a shifted target image is. So an augmentation covers a
+target shift when it draws that shift at that magnitude (`covers`).
+
+Intensity scale and offset are not separate nuisances here: per-image percentile normalisation
+removes them exactly, except where they clip, which is what `overexposure` models. The target
+(fluorescence) is never augmented, except by zoom, which moves both images together.
+
+Copies are drawn once, when the images load (`variants`), from the augmentation's own seed: the same
+config gives the same training set, bit for bit, and the checkpoint records the config
+(`SourceTrainConfig.augment`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lmadda.data.shifts import Shift
+from lmadda.errors import LmaddaError
+
+# Application order: optics first (zoom, defocus, vignetting), then the camera (gain with saturation,
+# shot and read noise, response curve), as light reaches the sensor.
+ORDER = ("scale", "defocus", "illumination", "overexposure", "noise", "gamma")
+# Ranges drawn log-uniformly (multiplicative knobs: x2 and x0.5 are equally far from 1).
+LOG_UNIFORM = ("scale", "overexposure", "gamma")
+
+Range = tuple[float, float]
+
+
+class NuisanceAugmentation(BaseModel):
+    """Input-only augmentation of source training fields by random chains of imaging shifts.
+
+    Each nuisance has a magnitude range (None: never drawn). Every training field keeps its clean
+    copy and gains `copies` augmented ones; each augmented copy draws each nuisance with
+    `probability` (at least one per copy), its magnitude uniformly (log-uniformly for gain, zoom and
+    gamma) in its range."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    copies: int = Field(3, ge=1, le=32, description="augmented copies of each training field, beside its clean copy")
+    probability: float = Field(0.5, gt=0, le=1, description="chance that a copy draws each nuisance")
+    overexposure: Range | None = Field((1.0, 4.0), description="gain with clipping at the sensor maximum")
+    gamma: Range | None = Field((0.6, 1.6), description="contrast exponent")
+    noise: Range | None = Field((0.0, 0.05), description="Poisson-Gaussian noise level at full scale")
+    defocus: Range | None = Field((0.0, 1.0), description="defocus in waves (W20)")
+    scale: Range | None = Field((0.5, 1.5), description="zoom: blur (anti-aliasing), then rescale, input and target together")
+    illumination: Range | None = Field((0.0, 0.4), description="uneven illumination (vignetting strength)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges_valid(self) -> "NuisanceAugmentation":
+        if not self.nuisances:
+            raise ValueError("augment: every nuisance is off; give at least one range, or leave augment out")
+        for name in self.nuisances:
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"augment.{name}: range [{low}, {high}] runs backwards; write [low, high]")
+            for value in (low, high):
+                try:
+                    Shift(name, value)  # names the shift's own valid range when a bound lies outside it
+                except LmaddaError as error:
+                    raise ValueError(f"augment.{name}: {error}") from None
+            if name in LOG_UNIFORM and low <= 0:
+                raise ValueError(f"augment.{name}: {low} must be above 0 (drawn log-uniformly)")
+        return self
+
+    @property
+    def nuisances(self) -> list[str]:
+        return [name for name in ORDER if getattr(self, name) is not None]
+
+    def draw(self, rng: np.random.Generator) -> list[Shift]:
+        """One augmented copy's chain of shifts, in application order (never empty)."""
+        chosen = [name for name in self.nuisances if rng.random() < self.probability]
+        if not chosen:
+            chosen = [self.nuisances[int(rng.integers(len(self.nuisances)))]]
+        chain = []
+        for name in ORDER:
+            if name not in chosen:
+                continue
+            low, high = getattr(self, name)
+            if name in LOG_UNIFORM:
+                magnitude = math.exp(rng.uniform(math.log(low), math.log(high)))
+            else:
+                magnitude = float(rng.uniform(low, high))
+            chain.append(Shift(name, magnitude))
+        return chain
+
+    def variants(self, field_number: int) -> list[list[Shift]]:
+        """The shift chains of one training field: its clean copy (no shift), then `copies` augmented ones."""
+        rng = np.random.default_rng([self.seed, field_number])
+        return [[]] + [self.draw(rng) for _ in range(self.copies)]
+
+    def covers(self, shift: Shift | None) -> bool:
+        """Whether this augmentation replays `shift`: it draws that nuisance, over a range holding its magnitude.
+        A change of setting (another contrast, another experiment) is never covered: pass its shift, or None."""
+        if shift is None or shift.name not in self.nuisances:
+            return False
+        low, high = getattr(self, shift.name)
+        return low <= shift.magnitude <= high
+
+
+def apply_chain(pixels: np.ndarray, chain: list[Shift], sensor_max: float, seed: int) -> np.ndarray:
+    """A raw (C, H, W) input image in camera units through each shift of `chain` in turn."""
+    for number, shift in enumerate(chain):  # the first shift draws from `seed` itself: a lone shift is as it always was
+        pixels = shift.apply_input(pixels, sensor_max, seed=seed if number == 0 else seed * 31 + number)
+    return pixels
+
+
+def apply_chain_to_target(pixels: np.ndarray, chain: list[Shift]) -> np.ndarray:
+    """The target moves with the input's geometry (zoom) and nothing else."""
+    for shift in chain:
+        pixels = shift.apply_target(pixels)
+    return pixels

@@ -1,0 +1,213 @@
+"""The adaptation families beyond LM-ADDA: self-training, moment matching, layer-limited AdaBN, composites,
+and the imaging-nuisance augmentation of the robust source model."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lmadda.baselines import HistogramMatcher, adabn, build_baseline, parse_baseline
+from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
+from lmadda.data.augment import NuisanceAugmentation
+from lmadda.data.dataset import LoadedImage, load_images
+from lmadda.data.normalise import NormalisationParams
+from lmadda.data.shifts import Shift
+from lmadda.errors import LmaddaError
+from lmadda.models import GeneratorConfig, UNetGenerator
+from lmadda.models.generator import init_weights
+from lmadda.training.adapt import AdaptConfig, adapt, moment_gap
+from lmadda.training.self_training import SelfTrainConfig, SelfTrainer
+
+NORM = NormalisationParams((0.0,), (1.0,))
+
+
+def _source() -> GeneratorCheckpoint:
+    torch.manual_seed(0)
+    generator = UNetGenerator(GeneratorConfig(ngf=4, depth=4, out_channels=1))
+    init_weights(generator)
+    generator.train()
+    with torch.no_grad():  # non-trivial running statistics, as a trained model has
+        for _ in range(3):
+            generator(torch.randn(4, 1, 32, 32))
+    return GeneratorCheckpoint(generator=generator.eval(), markers=["dapi"], setting="source")
+
+
+def _images(offset: float, n: int = 4, seed: int = 0, scale: float = 1.0) -> list[LoadedImage]:
+    rng = np.random.default_rng(seed)
+    return [LoadedImage(field=f"f{i}", input=(rng.normal(size=(1, 32, 32)) * scale + offset).astype(np.float32), input_norm=NORM)
+            for i in range(n)]
+
+
+def _layers(generator: UNetGenerator) -> list[dict]:
+    return [{k: v.clone() for k, v in layer.state_dict().items()} for layer in generator.layers]
+
+
+def _self_train(source: GeneratorCheckpoint, **options):
+    config = SelfTrainConfig(**{"layer": 2, "steps": 6, "batch_size": 2, "crop_size": 32, "lr": 1e-2, "ema": 0.5, "log_every": 2,
+                                "patience": 100, "device": "cpu", **options})
+    trainer = SelfTrainer(source, _images(0.0), _images(1.5, seed=1), config)
+    while not trainer.finished:
+        trainer.step()
+    return trainer, trainer.finish()
+
+
+@pytest.mark.parametrize("layer", [1, 2, 5])
+def test_self_training_updates_only_layers_up_to_l(layer):
+    source = _source()
+    before = _layers(source.generator)
+    _, result = _self_train(source, layer=layer)
+    after = _layers(result.generator)
+    for index, (old, new) in enumerate(zip(before, after)):
+        weights_same = all(torch.equal(old[k], new[k]) for k in old if "running" not in k and "num_batches" not in k)
+        stats_same = all(torch.equal(old[k], new[k]) for k in old if "running" in k)
+        assert stats_same, f"layer {index}: BatchNorm statistics changed (self-training keeps the source's)"
+        if index <= layer:
+            assert not weights_same, f"trainable layer {index} did not change"
+        else:
+            assert weights_same, f"frozen layer {index} changed"
+    assert result.method == "self_training" and result.g_updates == 6
+
+
+def test_l2_sp_bounds_the_drift_from_the_source_weights():
+    free, _ = _self_train(_source(), l2_sp=0.0)
+    held, _ = _self_train(_source(), l2_sp=50.0)
+    assert float(held.drift().detach()) < 0.5 * float(free.drift().detach())
+    assert float(free.drift().detach()) > 0
+
+
+def test_self_training_stops_by_its_label_free_rule_before_the_step_budget():
+    trainer, result = _self_train(_source(), steps=200, patience=1, min_delta=0.99, lr=1e-6)
+    assert trainer.stopped and result.steps_done < 200
+    assert all(np.isfinite(record["probe_disagreement"]) for record in result.history)
+
+
+def test_self_training_refuses_several_layers():
+    with pytest.raises(ValueError, match="one layer"):
+        SelfTrainConfig(layer=[1, 3])
+
+
+def test_moment_gap_is_zero_for_equal_batches_and_grows_with_the_shift():
+    x = torch.randn(2, 8, 6, 6)
+    assert float(moment_gap(x, x)) == pytest.approx(0.0, abs=1e-7)
+    assert float(moment_gap(x, x + 0.5)) < float(moment_gap(x, x + 2.0))
+    assert float(moment_gap(x, 3 * x)) > 0  # covariance alone differs
+
+
+def test_moment_matching_trains_only_the_head_and_never_collapses_on_its_scale():
+    source = _source()
+    before = _layers(source.generator)
+    config = AdaptConfig(layer=2, adversary="moments", steps=6, batch_size=2, crop_size=32, lr=1e-2, log_every=2, device="cpu",
+                         saturation_collapses=True, collapse_g_loss=1e-9)
+    result = adapt(source, _images(0.0), _images(3.0, seed=1, scale=4.0), config, progress=False)
+    assert result.g_updates == 6 and not result.collapsed and not result.d_saturated
+    after = _layers(result.generator)
+    assert not all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+    assert all(torch.equal(before[3][k], after[3][k]) for k in before[3])
+    assert result.checkpoint(source, config, "target").metadata["method"] == "moments"
+
+
+def test_paper_recipe_refuses_moment_matching():
+    with pytest.raises(ValueError, match="adversary"):
+        AdaptConfig(layer=3, recipe="paper", adversary="moments")
+
+
+@pytest.mark.parametrize("up_to", [1, 3, 5])
+def test_layer_limited_adabn_changes_only_the_statistics_of_batchnorms_up_to_l(up_to):
+    source = _source().generator
+    adapted = adabn(source, _images(2.0, seed=1), up_to=up_to, device="cpu")
+    for index, (old, new) in enumerate(zip(source.layers, adapted.layers)):
+        old_state, new_state = old.state_dict(), new.state_dict()
+        assert all(torch.equal(old_state[k], new_state[k]) for k in old_state if "running" not in k and "num_batches" not in k), \
+            "weights must not change"
+        stats = [k for k in old_state if k.endswith("running_mean")]
+        changed = any(not torch.equal(old_state[k], new_state[k]) for k in stats)
+        if stats:
+            assert changed == (index <= up_to), f"layer {index}: statistics {'unchanged' if index <= up_to else 'changed'}"
+
+
+def test_adabn_up_to_a_layer_without_batchnorm_is_refused():
+    with pytest.raises(LmaddaError, match="no BatchNorm"):
+        adabn(_source().generator, _images(2.0), up_to=0, device="cpu")
+
+
+def test_composite_baseline_corrects_inputs_before_estimating_statistics():
+    source = _source().generator
+    generator, transform = build_baseline("histogram_matching+adabn:3", source, _images(0.0), _images(2.0, seed=1))
+    assert isinstance(transform, HistogramMatcher)
+    corrected = [LoadedImage(i.field, transform(i.input), NORM) for i in _images(2.0, seed=1)]
+    expected = adabn(source, corrected, up_to=3, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(generator.state_dict().values(), expected.state_dict().values()))
+
+
+@pytest.mark.parametrize("name, message", [("adabn:x", "adabn:<layer>"), ("fda:3", "only AdaBN"), ("fda+adabn", "unknown"),
+                                           ("adabm", "unknown")])
+def test_bad_baseline_names_say_what_is_known(name, message):
+    with pytest.raises(LmaddaError, match=message):
+        parse_baseline(name)
+
+
+def test_saturation_augmentation_clips_at_the_sensor_maximum():
+    pixels = np.linspace(0, 4095, 64 * 64, dtype=np.float32).reshape(1, 64, 64)
+    shifted = Shift("overexposure", 3.0).apply_input(pixels, sensor_max=4095.0)
+    assert shifted.max() == 4095.0
+    assert np.mean(shifted == 4095.0) == pytest.approx(2 / 3, abs=0.01)  # everything above a third of full scale saturates
+    np.testing.assert_allclose(shifted[pixels * 3 < 4095], (pixels * 3)[pixels * 3 < 4095])
+
+
+def test_gamma_shift_keeps_the_range_and_bends_the_contrast():
+    pixels = np.array([[[0.0, 1024.0, 4095.0]]], dtype=np.float32)
+    out = Shift("gamma", 2.0).apply_input(pixels, sensor_max=4095.0)
+    np.testing.assert_allclose(out[0, 0], [0.0, 4095.0 * (1024 / 4095) ** 2, 4095.0], rtol=1e-5)
+
+
+def test_augmentation_draws_are_seeded_and_cover_only_their_families():
+    augment = NuisanceAugmentation(copies=4, seed=1)
+    assert augment.variants(0) == augment.variants(0) and augment.variants(0) != augment.variants(1)
+    assert augment.variants(0)[0] == [] and all(chain for chain in augment.variants(0)[1:])
+    assert augment.covers(Shift("overexposure", 3.0)) and not augment.covers(Shift("overexposure", 5.0))
+    assert augment.covers(Shift("scale", 0.5)) and not augment.covers(None)
+    assert not NuisanceAugmentation(overexposure=None).covers(Shift("overexposure", 2.0))
+
+
+@pytest.mark.parametrize("options, message", [({"gamma": (1.5, 0.7)}, "backwards"), ({"overexposure": (0.5, 2.0)}, "out of range"),
+                                              ({name: None for name in ("overexposure", "gamma", "noise", "defocus", "scale",
+                                                                         "illumination")}, "every nuisance is off")])
+def test_bad_augmentation_configs_are_refused_with_the_rule(options, message):
+    with pytest.raises(ValueError, match=message):
+        NuisanceAugmentation(**options)
+
+
+def test_augmented_loading_keeps_clean_copies_and_adds_shifted_ones(tiny_synth):
+    from lmadda.data.manifest import Manifest
+
+    manifest = Manifest.load(tiny_synth.source)
+    clean = load_images(manifest, "phase_contrast", "train", ["dapi"])
+    augment = NuisanceAugmentation(copies=2, scale=None, seed=0)
+    augmented = load_images(manifest, "phase_contrast", "train", ["dapi"], augment=augment)
+    assert len(augmented) == 3 * len(clean)
+    for number, image in enumerate(clean):
+        assert augmented[3 * number].field == image.field and np.array_equal(augmented[3 * number].input, image.input)
+        assert augmented[3 * number + 1].field == f"{image.field}~aug1"
+        assert np.array_equal(augmented[3 * number + 1].target, image.target)  # only zoom would move the target
+        assert not np.array_equal(augmented[3 * number + 1].input, image.input)
+
+
+def test_robust_source_records_its_augmentation_in_the_checkpoint(tiny_synth, tmp_path):
+    from lmadda.training.source import SourceTrainConfig, train_source
+
+    augment = {"copies": 1, "scale": None}
+    config = SourceTrainConfig(manifest=tiny_synth.source, markers=["dapi"], ngf=4, depth=6, ndf=4, crop_size=64, batch_size=2,
+                               epochs=1, crops_per_epoch=2, device="cpu", augment=augment)
+    train_source(config, tmp_path / "robust.pt", progress=False)
+    recorded = load_checkpoint(tmp_path / "robust.pt").metadata["train_config"]["augment"]
+    assert NuisanceAugmentation(**recorded) == NuisanceAugmentation(**augment)
+
+
+def test_self_trained_model_is_a_checkpoint_that_predict_serves(tmp_path):
+    source = _source()
+    trainer, result = _self_train(source, input_correction="histogram_matching")
+    path = save_checkpoint(tmp_path / "st.pt", result.checkpoint(source, trainer.config, "target"))
+    loaded = load_checkpoint(path)
+    assert loaded.metadata["method"] == "self_training" and loaded.metadata["input_correction"]["kind"] == "histogram_matching"
+    with torch.no_grad():
+        assert torch.equal(loaded.generator(torch.ones(1, 1, 32, 32)), result.generator(torch.ones(1, 1, 32, 32)))
