@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from lmadda.data.dataset import LoadedImage, target_from_model_range
+from lmadda.domain import DomainReference
 from lmadda.evaluation import InputTransform
 from lmadda.models.generator import UNetGenerator
 from lmadda.selection import CRITERIA, fixed_crops, wasserstein_1d
@@ -123,7 +124,8 @@ class Selector:
 
     def __init__(self, source: UNetGenerator, source_images: list[LoadedImage], target_images: list[LoadedImage], *,
                  crop_size: int = 128, crops: int = 16, seed: int = 0, score: str = DEFAULT_SCORE,
-                 min_win_fraction: float = 0.75, min_gain: float = 0.25, guard: str | None = None):
+                 min_win_fraction: float = 0.75, min_gain: float = 0.25, guard: str | None = None,
+                 domain_reference: DomainReference | None = None):
         if score not in SCORES or guard not in (None, *SCORES):
             raise ValueError(f"unknown selection score {score!r} or guard {guard!r}; known: {', '.join(SCORES)}")
         if not source_images or not target_images:
@@ -134,6 +136,8 @@ class Selector:
             raise ValueError(f"images ({smallest} px) are smaller than the model's input multiple {multiple} (2**depth)")
         size = min(max(crop_size, multiple), smallest) // multiple * multiple  # crops are multiples of 2**depth
         self.score, self.min_win_fraction, self.min_gain, self.guard = score, min_win_fraction, min_gain, guard
+        self.source, self.target_images, self.domain_reference = source, target_images, domain_reference
+        self._out_of_domain: float | None = None
         self.bottleneck = source.config.depth - 1
         self.target_crops = fixed_crops(target_images, size, crops, seed + 1)
         predicted, means, _ = _run(source, fixed_crops(source_images, size, crops, seed), None, self.bottleneck)
@@ -180,17 +184,31 @@ class Selector:
                 result[score][name] = values
         return result
 
+    def out_of_domain(self) -> float:
+        """The fraction of the target images (8 at most) that the source model's domain check does not call in domain;
+        0 without a domain reference. Features see shifts that leave the stain's intensities alone (a zoom)."""
+        if self.domain_reference is None:
+            return 0.0
+        if self._out_of_domain is None:
+            from lmadda.domain import predict_and_score
+
+            images = self.target_images[:: max(1, len(self.target_images) // 8)][:8]
+            verdicts = [predict_and_score(self.source, self.domain_reference, image.input)[1].verdict for image in images]
+            self._out_of_domain = float(np.mean([verdict != "in_domain" for verdict in verdicts]))
+        return self._out_of_domain
+
     def choose(self, candidates: list[Candidate] | dict[str, Observation]) -> Choice:
         if UNADAPTED not in (candidates if isinstance(candidates, dict) else [c.name for c in candidates]):
             raise ValueError("the candidates must include the unadapted model: 'don't adapt' is always an answer")
         floor = None if self.score == "consensus" else self.floor[self.score]  # consensus has no in-domain reference
         scores = self.per_crop(candidates)
         return decide(scores[self.score], self.score, floor=floor, guard=scores[self.guard] if self.guard else None,
-                      min_win_fraction=self.min_win_fraction, min_gain=self.min_gain)
+                      min_win_fraction=self.min_win_fraction, min_gain=self.min_gain,
+                      out_of_domain=self.out_of_domain() if floor is not None else 0.0)
 
 
 def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | None = None, guard: dict[str, np.ndarray] | None = None,
-           min_win_fraction: float = 0.75, min_gain: float = 0.25) -> Choice:
+           min_win_fraction: float = 0.75, min_gain: float = 0.25, out_of_domain: float = 0.0) -> Choice:
     """The best candidate by mean score, kept only when it is confidently better than the unadapted model.
 
     `floor`: the score of the source model on held-out source crops, the in-domain level. With it, the
@@ -201,16 +219,25 @@ def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | N
     `guard` (per-crop consensus distances): a second, independent signal that must not object. A
     candidate farther from the other methods' consensus than the unadapted model on most crops is
     passed over for the next best, however source-like it looks.
+    `out_of_domain`: the fraction of target images the source's domain check (encoder features) does not
+    call in domain. When most are out of domain but `score` sees no shift (a zoom leaves the stain's
+    intensities alone), the target is not called "nothing to adapt to": candidates are judged against
+    the unadapted model's own score, as without a floor.
     """
     means = {name: float(np.mean(values)) for name, values in per_crop.items()}
     base = per_crop[UNADAPTED]
     wins = {name: float(np.mean(values < base)) for name, values in per_crop.items()}
+    note = ""
     if floor is not None:
         shifted = float(np.mean(base > np.median(floor)))
-        if shifted < min_win_fraction:
+        if shifted < min_win_fraction and out_of_domain <= 0.5:
             return Choice(UNADAPTED, True, f"the target looks like the source domain: the unadapted model's {score} exceeds the "
                                            f"source's own level on only {shifted:.0%} of the target crops; nothing to adapt to",
                           score, means, wins)
+        if shifted < min_win_fraction:  # the features see a shift the score does not: judge against the unadapted model itself
+            floor = None
+            note = (f" ({score} sees no shift, but the domain check calls {out_of_domain:.0%} of the target images out of "
+                    "domain, so gains are measured against the unadapted model's own score)")
     excess = max(means[UNADAPTED] - (float(np.mean(floor)) if floor is not None else 0.0), 1e-12)
     unit = "of the unadapted model's excess over the source level" if floor is not None else "of the unadapted model's score"
     refusals = []
@@ -227,9 +254,9 @@ def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | N
         else:
             passed = "; passed over: " + "; ".join(refusals) if refusals else ""
             return Choice(name, False, f"{name} removes {min(gain, 9.99):.0%} {unit} in {score} and beats the unadapted model on "
-                                       f"{wins[name]:.0%} of the target crops{passed}", score, means, wins)
+                                       f"{wins[name]:.0%} of the target crops{passed}{note}", score, means, wins)
         if guard is None:
             break  # without a second signal only the best candidate is considered
     if not refusals:
-        return Choice(UNADAPTED, True, f"no candidate scores better than the unadapted model on {score}", score, means, wins)
-    return Choice(UNADAPTED, True, "; ".join(refusals[:3]) + ": not confidently better, keep the unadapted model", score, means, wins)
+        return Choice(UNADAPTED, True, f"no candidate scores better than the unadapted model on {score}{note}", score, means, wins)
+    return Choice(UNADAPTED, True, "; ".join(refusals[:3]) + f": not confidently better, keep the unadapted model{note}", score, means, wins)

@@ -54,6 +54,7 @@ class NuisanceAugmentation(BaseModel):
     defocus: Range | None = Field((0.0, 1.0), description="defocus in waves (W20)")
     scale: Range | None = Field((0.5, 1.5), description="zoom: blur (anti-aliasing), then rescale, input and target together")
     illumination: Range | None = Field((0.0, 0.4), description="uneven illumination (vignetting strength)")
+    min_size: int = Field(256, ge=1, description="a zoom never makes a field smaller than this (pixels): crops and tiles fit")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -94,10 +95,16 @@ class NuisanceAugmentation(BaseModel):
             chain.append(Shift(name, magnitude))
         return chain
 
-    def variants(self, field_number: int) -> list[list[Shift]]:
-        """The shift chains of one training field: its clean copy (no shift), then `copies` augmented ones."""
+    def variants(self, field_number: int, shape: tuple[int, int] | None = None) -> list[list[Shift]]:
+        """The shift chains of one training field: its clean copy (no shift), then `copies` augmented ones. With the
+        field's (height, width), a zoom that would leave it smaller than `min_size` is drawn up to that size."""
         rng = np.random.default_rng([self.seed, field_number])
-        return [[]] + [self.draw(rng) for _ in range(self.copies)]
+        chains = [self.draw(rng) for _ in range(self.copies)]
+        if shape is not None:
+            smallest = min(shape)
+            floor = min(1.0, self.min_size / smallest)
+            chains = [[Shift("scale", max(s.magnitude, floor)) if s.name == "scale" else s for s in chain] for chain in chains]
+        return [[]] + chains
 
     def covers(self, shift: Shift | None) -> bool:
         """Whether this augmentation replays `shift`: it draws that nuisance, over a range holding its magnitude.

@@ -184,6 +184,9 @@ class ExperimentSpec(_Strict):
     baselines: list[str] = Field(default_factory=lambda: ["adabn", "histogram_matching", "fda"])
     oracle: dict | None = Field(None, description="SourceTrainConfig options of the oracle, fine-tuned from the source model "
                                                   "on target pairs (the first seed only); omit for none")
+    robust: dict | None = Field(None, description="SourceTrainConfig options of the robust source model: the source model "
+                                                  "fine-tuned with imaging-nuisance augmentation (`augment`, "
+                                                  "lmadda.data.augment; its defaults when omitted); omit for none")
     criteria: CriteriaSpec = CriteriaSpec()
     selection: SelectionSpec = SelectionSpec()
 
@@ -193,6 +196,7 @@ class ExperimentSpec(_Strict):
         self.source_train_config()
         self.adapt_config()
         self.oracle_config()
+        self.robust_config()
         if self.adapt.get("stop_on_collapse") is False:
             raise ValueError(f"experiment {self.name}: adapt.stop_on_collapse: a grid point ends where it collapses "
                              "(lmadda.study.trial.run_trial), so it cannot be turned off here; remove it")
@@ -236,6 +240,17 @@ class ExperimentSpec(_Strict):
                              "fine-tuned on each target's pairs; remove it from oracle (set ngf/depth in source.train)")
         source = self.source_train_config()
         return self._typed(SourceTrainConfig, "oracle", {**source.model_dump(), **self.oracle})
+
+    def robust_config(self) -> SourceTrainConfig | None:
+        """The robust source model's training: the source's options, then `robust`'s, with the augmentation on."""
+        if self.robust is None:
+            return None
+        fixed = {"manifest", "setting", "markers", "shift", "init_from", "ngf", "depth"} & set(self.robust)
+        if fixed:
+            raise ValueError(f"experiment {self.name}: robust.{sorted(fixed)[0]} is fixed: the robust model is the source model "
+                             "fine-tuned on augmented source pairs; remove it from robust")
+        source = self.source_train_config()
+        return self._typed(SourceTrainConfig, "robust", {**source.model_dump(), "augment": {}, **self.robust})
 
     @property
     def multiple(self) -> int:

@@ -1,0 +1,186 @@
+"""Every adaptation family, measured on VALIDATION fields, with the label-free choice among all of them.
+
+For one experiment of a study config (its data and source model, trained or reused in its `out`
+folder, so `make study` reuses them; the robust source model too, from the experiment's `robust`):
+
+- cheap candidates (no training): the unadapted model, AdaBN over all layers and up to each of
+  `--layers`, histogram matching, histogram matching + AdaBN, the robust source model alone, with
+  AdaBN and with histogram matching;
+- trained candidates per seed, at each of `--layers`: LM-ADDA (the study's recipe), moment matching
+  at the cut, self-training, and histogram matching + self-training;
+- the selector's label-free choice among all candidates of a seed, with the source's domain check
+  on (the gate that sees a zoom) and off.
+
+Each model's Pearson is printed on the target's validation fields; its test-field Pearson is
+recorded beside it for the report and for nothing else: no option here is chosen by it. Seconds per
+model and per step are recorded on this machine, LM-ADDA's in the same run.
+
+    .venv/bin/python bench/adapt_families.py --experiment simulated --layers 3 --seeds 0 1 2
+
+Results go to bench/results/adapt_families.jsonl (one line per model and per choice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from lmadda.baselines import FourierAmplitudeTransfer, build_baseline
+from lmadda.checkpoint import load_checkpoint
+from lmadda.config import build_config, read_config_file
+from lmadda.data.manifest import Manifest
+from lmadda.errors import LmaddaError
+from lmadda.evaluation import evaluate_generator
+from lmadda.result_rows import TargetDomain
+from lmadda.selector import UNADAPTED, Candidate, Selector
+from lmadda.study.config import StudyConfig
+from lmadda.study.grid import ImageSource
+from lmadda.study.runner import prepare_manifest, prepare_robust_source, prepare_source
+from lmadda.training.adapt import AdaptConfig, Adapter, run_steps
+from lmadda.training.self_training import SelfTrainConfig, SelfTrainer
+
+
+def _mean(rows: list[dict]) -> float:
+    return float(np.nanmean([r["pearson"] for r in rows])) if rows else float("nan")
+
+
+def _trained(loop, config) -> tuple[object, float, int]:
+    started = time.perf_counter()
+    run_steps(loop)
+    result = loop.finish()
+    return result, time.perf_counter() - started, result.steps_done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="docs/study.yaml")
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--targets", nargs="*", help="default: the experiment's grid targets")
+    parser.add_argument("--layers", nargs="+", type=int, default=[3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--moments-lr", type=float, default=1e-4)
+    parser.add_argument("--self-training-lr", type=float, default=1e-4)
+    parser.add_argument("--out", default="bench/results/adapt_families.jsonl")
+    args = parser.parse_args()
+
+    study = build_config(StudyConfig, None, **read_config_file(args.config)).resolved(Path.cwd())
+    spec = next(e for e in study.experiments if e.name == args.experiment)
+    out = study.out / spec.name
+    manifest_path = prepare_manifest(spec, out)
+    data = ImageSource(Manifest.load(manifest_path), spec.data.validation_rows)
+    source_path, _ = prepare_source(spec, data, manifest_path, out)
+    source = load_checkpoint(source_path)
+    robust_path = prepare_robust_source(spec, data, manifest_path, out, source_path)
+    robust = load_checkpoint(robust_path) if robust_path else None
+    results = Path(args.out)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    markers, percentiles = source.markers, source.percentiles
+    source_train = data.load(spec.source.setting, "train", percentiles=percentiles)
+    source_val = data.load(spec.source.setting, "val", markers, percentiles=percentiles, seed=1)
+    in_domain = {"source": _mean(evaluate_generator(source.generator, source_val, markers))}
+    if robust is not None:
+        in_domain["robust"] = _mean(evaluate_generator(robust.generator, source_val, markers))
+    print(f"{spec.name}: in-domain validation Pearson " + ", ".join(f"{k} {v:.3f}" for k, v in in_domain.items()), flush=True)
+
+    def write(record: dict) -> None:
+        with results.open("a") as handle:
+            handle.write(json.dumps({"experiment": spec.name, **record}) + "\n")
+
+    write({"kind": "in_domain", **in_domain})
+    targets = args.targets or [t for grid in spec.grids for t in grid.targets if TargetDomain.parse(t).setting != spec.source.setting
+                               or TargetDomain.parse(t).shift is not None]
+    adapt_shared = {**spec.adapt}
+    # self-training gets the study's step budget, batch, crop and device: the same budget as LM-ADDA
+    self_training_shared = {k: v for k, v in adapt_shared.items() if k in ("steps", "batch_size", "crop_size", "device", "precision")}
+    for target in targets:
+        domain = TargetDomain.parse(target)
+        target_train = data.load(domain.setting, "train", shift=domain.shift, percentiles=percentiles)
+        try:
+            target_val = data.load(domain.setting, "val", markers, shift=domain.shift, percentiles=percentiles, seed=1)
+        except LmaddaError:
+            target_val = []
+        if not target_val:
+            print(f"\n{target}: no validation fields, skipped (nothing may be measured on its test fields alone)", flush=True)
+            continue
+        target_test = data.load(domain.setting, "test", markers, shift=domain.shift, percentiles=percentiles, seed=7)
+        pearson: dict[str, tuple[float, float]] = {}
+
+        def measure(candidate: Candidate, seed: int | None, seconds: float = 0.0, steps: int = 0) -> None:
+            val = _mean(evaluate_generator(candidate.generator, target_val, markers, input_transform=candidate.input_transform))
+            test = _mean(evaluate_generator(candidate.generator, target_test, markers, input_transform=candidate.input_transform))
+            pearson[candidate.name] = (val, test)
+            write({"kind": "model", "target": target, "candidate": candidate.name.split("#")[0], "family": candidate.family_name,
+                   "seed": seed, "val_pearson": val, "test_pearson": test, "seconds": round(seconds, 2), "steps": steps,
+                   "seconds_per_step": round(seconds / steps, 4) if steps else None})
+            print(f"  {candidate.name:40s} val {val:.3f}  test {test:.3f}" + (f"  ({seconds:.0f} s, {steps} steps)" if steps else ""),
+                  flush=True)
+
+        print(f"\n{target} ({len(target_val)} validation fields, {len(target_test)} test fields)", flush=True)
+        fda = _mean(evaluate_generator(source.generator, target_val, markers, input_transform=FourierAmplitudeTransfer(source_train)))
+        print(f"  {'fda (reference, not a candidate)':40s} val {fda:.3f}", flush=True)
+        cheap_names = ["unadapted", "adabn", "histogram_matching", "histogram_matching+adabn",
+                       *(f"adabn:{layer}" for layer in args.layers), *(f"histogram_matching+adabn:{layer}" for layer in args.layers)]
+        cheap = []
+        for name in cheap_names:
+            started = time.perf_counter()
+            generator, transform = build_baseline(name, source.generator, source_train, target_train)
+            cheap.append(Candidate(name, generator, transform, family=name.split(":")[0]))
+            measure(cheap[-1], None, time.perf_counter() - started)
+        if robust is not None:
+            for name in ("unadapted", "adabn", "histogram_matching"):
+                generator, transform = build_baseline(name, robust.generator, source_train, target_train)
+                label = "robust" if name == "unadapted" else f"robust+{name}"
+                cheap.append(Candidate(label, generator, transform, family=label))
+                measure(cheap[-1], None)
+        for seed in args.seeds:
+            trained = []
+            for layer in args.layers:
+                loops = {
+                    f"lmadda:{layer}": lambda: Adapter(source, source_train, target_train,
+                                                       AdaptConfig(**{**adapt_shared, "layer": [layer], "seed": seed})),
+                    f"moments:{layer}": lambda: Adapter(source, source_train, target_train,
+                                                        AdaptConfig(**{**adapt_shared, "layer": [layer], "seed": seed,
+                                                                       "adversary": "moments", "lr": args.moments_lr})),
+                    f"self_training:{layer}": lambda: SelfTrainer(source, source_train, target_train, SelfTrainConfig(
+                        **self_training_shared, layer=layer, seed=seed, lr=args.self_training_lr)),
+                    f"histogram_matching+self_training:{layer}": lambda: SelfTrainer(source, source_train, target_train, SelfTrainConfig(
+                        **self_training_shared, layer=layer, seed=seed, lr=args.self_training_lr, input_correction="histogram_matching")),
+                }
+                for name, make in loops.items():
+                    result, seconds, steps = _trained(make(), None)
+                    if result.collapsed:
+                        print(f"  {name} seed {seed}: collapsed ({result.collapse_reason}), not a candidate", flush=True)
+                        continue
+                    trained.append(Candidate(f"{name}#s{seed}", result.generator, result.input_correction, family=name.split(":")[0]))
+                    measure(trained[-1], seed, seconds, steps)
+            candidates = cheap + trained
+            for gate in ("domain_check", "output_w1_only"):
+                selector = Selector(source.generator, source_train, target_train, seed=seed, **spec.selection.options(),
+                                    domain_reference=source.domain_reference if gate == "domain_check" else None)
+                choice = selector.choose(candidates)
+                val, test = pearson[choice.chosen]
+                best = max((n for n in pearson if "#" not in n or n.endswith(f"#s{seed}")), key=lambda n: pearson[n][0])
+                write({"kind": "choice", "target": target, "seed": seed, "gate": gate, "chosen": choice.chosen.split("#")[0],
+                       "fell_back": choice.fell_back, "reason": choice.reason, "val_pearson": val, "test_pearson": test,
+                       "best_by_val": best.split("#")[0], "best_val": pearson[best][0], "best_val_test": pearson[best][1],
+                       "unadapted_val": pearson[UNADAPTED][0], "unadapted_test": pearson[UNADAPTED][1],
+                       "out_of_domain": selector.out_of_domain()})
+                print(f"  seed {seed} choice ({gate}): {choice.chosen} val {val:.3f} test {test:.3f}; {choice.reason}", flush=True)
+
+    by_candidate: dict[tuple, list[float]] = defaultdict(list)
+    for line in results.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("experiment") == spec.name and record.get("kind") == "model":
+            by_candidate[(record["target"], record["candidate"])].append(record["val_pearson"])
+    print("\nvalidation Pearson, mean ± std over seeds (all runs in the results file)")
+    for (target, name), values in sorted(by_candidate.items()):
+        print(f"  {target:36s} {name:40s} {np.mean(values):.3f} ± {np.std(values):.3f} (n={len(values)})")
+
+
+if __name__ == "__main__":
+    main()
