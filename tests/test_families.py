@@ -211,3 +211,26 @@ def test_self_trained_model_is_a_checkpoint_that_predict_serves(tmp_path):
     assert loaded.metadata["method"] == "self_training" and loaded.metadata["input_correction"]["kind"] == "histogram_matching"
     with torch.no_grad():
         assert torch.equal(loaded.generator(torch.ones(1, 1, 32, 32)), result.generator(torch.ones(1, 1, 32, 32)))
+
+
+def test_every_family_is_a_selector_candidate_and_a_checkpoint_that_stains(tmp_path):
+    from lmadda.selector import Choice
+    from lmadda.stainer import VirtualStainer
+    from lmadda.training.auto import adapt_and_choose, checkpoint_for
+
+    source = _source()
+    config = AdaptConfig(layer=[0], steps=2, batch_size=2, crop_size=32, log_every=1, device="cpu", gate_accuracy=None, d_warmup_steps=0)
+    auto = adapt_and_choose(source, _images(0.0), _images(1.5, seed=1), config, "target", layers=[1, 7], progress=False,
+                            log=lambda _: None)
+    names = {candidate.name for candidate in auto.candidates}
+    assert {"unadapted", "adabn", "histogram_matching", "histogram_matching+adabn", "adabn:3", "histogram_matching+adabn:3",
+            "lmadda:1", "adda:7", "moments:3", "self_training:3", "histogram_matching+self_training:3"} <= names
+    pixels = np.random.default_rng(0).integers(0, 4096, size=(1, 48, 40)).astype(np.uint16)
+    for name in names:
+        choice = Choice(name, name == "unadapted", "test", "output_w1")
+        checkpoint = checkpoint_for(source, choice, auto.candidates, "target", auto.checkpoints.get(name))
+        loaded = load_checkpoint(save_checkpoint(tmp_path / f"{name.replace(':', '_')}.pt", checkpoint))
+        corrected = name.startswith("histogram_matching")
+        assert ("input_correction" in loaded.metadata) == corrected, name
+        stain = VirtualStainer(loaded, "cpu").stain(pixels, tile=32)
+        assert stain.shape[-2:] == pixels.shape[-2:] and np.isfinite(stain).all(), name

@@ -1,8 +1,14 @@
 """`lmadda adapt --layer auto`: adapt at several layers, then let the label-free selector pick the model.
 
-The candidates are the unadapted source model, AdaBN, histogram matching and LM-ADDA at each of
-`auto_layers` (the last is ADDA). `lmadda.selector` scores them on unlabelled target crops and keeps
-the unadapted model unless one is confidently better. Whatever it picks is written as one checkpoint
+The candidates are every family lmadda has, so the one selector sees them all:
+
+- needing no training: the unadapted source model, AdaBN (all layers, and layers 0..l only),
+  histogram matching, and histogram matching followed by AdaBN;
+- trained: LM-ADDA at each of `auto_layers` (the last is ADDA), and, at the early encoder cut
+  (`family_layers`), moment matching, self-training and histogram matching + self-training.
+
+`lmadda.selector` scores them on unlabelled target crops and keeps the unadapted model unless one is
+confidently better. Whatever it picks is written as one checkpoint
 a lab can use as it is: an adapted generator, AdaBN's generator, or the source generator carrying the
 histogram-matching correction (applied by `lmadda predict` and the endpoint). The checkpoint records
 the choice, its reason and every candidate's score.
@@ -10,17 +16,40 @@ the choice, its reason and every candidate's score.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
+
+from pydantic import BaseModel
 
 from lmadda.baselines import HistogramMatcher, build_baseline
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage
 from lmadda.domain import reference_from_images
+from lmadda.errors import LmaddaError
 from lmadda.selector import UNADAPTED, Candidate, Choice, Selector
-from lmadda.training.adapt import AdaptConfig, adapt
+from lmadda.training.adapt import AdaptConfig, adapt, run_steps
+from lmadda.training.self_training import SelfTrainConfig, SelfTrainer
 
 CHEAP_CANDIDATES = ("adabn", "histogram_matching")  # what a checkpoint can carry; FDA needs source images at run time
+# The trained families beside LM-ADDA (lmadda.training.self_training, AdaptConfig.adversary "moments").
+FAMILIES = ("lmadda", "moments", "self_training", "histogram_matching+self_training")
+FAMILY_LR = {"moments": 1e-4, "self_training": 1e-4}  # fixed before any measurement; docs/method.md
+
+
+def family_layers(num_layers: int) -> list[int]:
+    """Where the families without an adversary cut: layer 3, the early encoder where contrast and exposure enter
+    (the paper's finding for intensity shifts), or the bottleneck of a shallower generator."""
+    return [min(3, num_layers // 2 - 1)]
+
+
+def cheap_candidate_names(num_layers: int) -> list[str]:
+    """The corrections that need no training: AdaBN and histogram matching, AdaBN limited to the early cut, and both
+    AdaBNs after histogram matching (composites)."""
+    cut = family_layers(num_layers)[0]
+    names = [*CHEAP_CANDIDATES, "histogram_matching+adabn"]
+    if cut >= 1:  # layer 0 has no BatchNorm
+        names += [f"adabn:{cut}", f"histogram_matching+adabn:{cut}"]
+    return names
 
 
 def auto_layers(num_layers: int) -> list[int]:
@@ -33,9 +62,9 @@ def baseline_candidates(source: GeneratorCheckpoint, source_images: list[LoadedI
                         seed: int = 0) -> list[Candidate]:
     """The candidates that need no adaptation: the unadapted model ("don't adapt") and each cheap correction."""
     candidates = [Candidate(UNADAPTED, source.generator)]
-    for name in CHEAP_CANDIDATES:
+    for name in cheap_candidate_names(source.generator.num_layers):
         generator, transform = build_baseline(name, source.generator, source_images, target_images, seed=seed)
-        candidates.append(Candidate(name, generator, transform))
+        candidates.append(Candidate(name, generator, transform, family=name.split(":")[0]))
     return candidates
 
 
@@ -69,24 +98,52 @@ class AutoResult:
     checkpoint: GeneratorCheckpoint
     choice: Choice
     adapted: dict[str, object]  # candidate name -> AdaptResult of each adaptation
+    candidates: list[Candidate] = field(default_factory=list)  # every candidate the selector saw
+    checkpoints: dict[str, GeneratorCheckpoint] = field(default_factory=dict)  # each trained, uncollapsed candidate's checkpoint
+
+
+def family_runs(source: GeneratorCheckpoint, config: AdaptConfig, layers: list[int], families: tuple[str, ...]) -> list[tuple[str, BaseModel]]:
+    """(candidate name, config) of every trained candidate: LM-ADDA at each of `layers`, the other families at the early
+    cut, each with the LM-ADDA config's step budget, batch, crop, seed and device."""
+    last, runs = source.generator.last_layer, []
+    if "lmadda" in families:
+        runs += [(f"{'adda' if layer == last else 'lmadda'}:{layer}", config.model_copy(update={"layer": [layer]})) for layer in layers]
+    shared = {k: getattr(config, k) for k in ("steps", "batch_size", "crop_size", "seed", "device", "precision")}
+    for layer in family_layers(source.generator.num_layers):
+        if "moments" in families:
+            runs.append((f"moments:{layer}", config.model_copy(update={"layer": [layer], "adversary": "moments", "lr": FAMILY_LR["moments"],
+                                                                         "input_correction": None})))
+        for name in ("self_training", "histogram_matching+self_training"):
+            if name in families:
+                correction = "histogram_matching" if name.startswith("histogram_matching") else None
+                runs.append((f"{name}:{layer}", SelfTrainConfig(**shared, layer=layer, lr=FAMILY_LR["self_training"],
+                                                                input_correction=correction)))
+    return runs
 
 
 def adapt_and_choose(source: GeneratorCheckpoint, source_images: list[LoadedImage], target_images: list[LoadedImage],
                      config: AdaptConfig, target_setting: str, *, layers: list[int] | None = None, selector_options: dict | None = None,
-                     progress: bool = True, log: Callable[[str], None] = print) -> AutoResult:
+                     families: tuple[str, ...] = FAMILIES, progress: bool = True, log: Callable[[str], None] = print) -> AutoResult:
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        raise LmaddaError(f"unknown adaptation families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
     layers = layers or auto_layers(source.generator.num_layers)
     candidates = baseline_candidates(source, source_images, target_images, seed=config.seed)
     adapted, checkpoints = {}, {}
-    for layer in layers:
-        layer_config = config.model_copy(update={"layer": [layer]})
-        result = adapt(source, source_images, target_images, layer_config, progress=progress)
-        method = "adda" if layer == source.generator.last_layer else "lmadda"
-        name = f"{method}:{layer}"
-        log(f"[auto] layer {layer}: {result.steps_done} steps, G' updated at {result.g_updates}" + (" COLLAPSED" if result.collapsed else ""))
+    for name, run_config in family_runs(source, config, layers, families):
+        if isinstance(run_config, SelfTrainConfig):
+            trainer = SelfTrainer(source, source_images, target_images, run_config)
+            run_steps(trainer)
+            result = trainer.finish()
+        else:
+            result = adapt(source, source_images, target_images, run_config, progress=progress)
+        log(f"[auto] {name}: {result.steps_done} steps, G' updated at {result.g_updates}" + (" COLLAPSED" if result.collapsed else ""))
         adapted[name] = result
         if not result.collapsed:  # a collapsed run is never a candidate
-            candidates.append(Candidate(name, result.generator, result.input_correction, family="lmadda"))
-            checkpoints[name] = result.checkpoint(source, layer_config, target_setting)
-    choice = Selector(source.generator, source_images, target_images, seed=config.seed, **(selector_options or {})).choose(candidates)
+            candidates.append(Candidate(name, result.generator, result.input_correction, family=name.split(":")[0]))
+            checkpoints[name] = result.checkpoint(source, run_config, target_setting)
+    selector = Selector(source.generator, source_images, target_images, seed=config.seed, domain_reference=source.domain_reference,
+                        **(selector_options or {}))
+    choice = selector.choose(candidates)
     checkpoint = checkpoint_for(source, choice, candidates, target_setting, checkpoints.get(choice.chosen), target_images=target_images)
-    return AutoResult(checkpoint, choice, adapted)
+    return AutoResult(checkpoint, choice, adapted, candidates, checkpoints)
