@@ -295,3 +295,31 @@ def test_indexed_data_is_checked_for_settings_and_crop_sizes_before_any_training
             write_tiff(tmp_path / "images" / f"{field}_{channel}.tif", np.ones((64, 64)), dtype="uint16")
     manifest = Manifest.load(prepare_manifest(spec, tmp_path / "out"))
     assert {r.bit_depth for r in manifest.rows} == {12}
+
+
+@pytest.mark.slow
+def test_study_runs_every_family_and_the_robust_source_as_candidates_of_the_one_choice(tmp_path):
+    from lmadda.study.runner import experiment_name
+    from lmadda.study.tracking import read_study
+
+    experiment = {**EXPERIMENT, "grids": [{"targets": ["phase_contrast+overexposure:3"], "layers": [2], "paper_layers": [], "seeds": [0],
+                                           "families": ["lmadda", "moments", "self_training", "histogram_matching+self_training"],
+                                           "family_layers": [2]}],
+                  "baselines": ["adabn", "histogram_matching", "fda", "adabn:2", "histogram_matching+adabn:2"],
+                  "robust": {"epochs": 1, "crops_per_epoch": 4, "augment": {"copies": 1, "min_size": 64}}}
+    experiment.pop("oracle")
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), "document": str(tmp_path / "docs" / "study.md"),
+                                      "figures": str(tmp_path / "docs" / "study"), "experiments": [experiment]}))
+    assert main(["study", "--config", str(config)]) == 0
+    models = read_study(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", experiment_name(build_config(StudyConfig, config).experiments[0]))[0]
+    target = "phase_contrast+overexposure:3"
+    methods = {m["method"] for m in models if m["target"] == target}
+    assert {"moments", "self_training", "histogram_matching+self_training", "lmadda", "adabn:2", "histogram_matching+adabn:2",
+            "robust", "robust+adabn", "robust+histogram_matching", "label_free"} <= methods
+    assert {m["method"] for m in models if m["target"] == "source"} == {"unadapted", "robust"}
+    observed = {p.stem for p in (tmp_path / "out" / "tiny" / "selection" / "phase_contrast+overexposure_3" / "seed0").glob("*.npz")}
+    assert {"unadapted", "adabn:2", "robust", "robust+adabn", "moments:2@0.0001", "self_training:2@0.0001",
+            "histogram_matching+self_training:2@0.0001", "lmadda:2@2e-05"} <= observed
+    assert "fda" not in observed  # needs source images at run time: reported, never chosen
+    assert (tmp_path / "out" / "tiny" / "models" / "source_robust.pt").is_file()

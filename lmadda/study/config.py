@@ -28,13 +28,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lmadda.baselines import BASELINES
+from lmadda.baselines import parse_baseline
+from lmadda.errors import LmaddaError
 from lmadda.selector import DEFAULT_SCORE, SCORES
 from lmadda.config import LearningRates, describe_validation_error
 from lmadda.data.shifts import Shift
 from lmadda.result_rows import TargetDomain
 from lmadda.study.trial import GridPoint
 from lmadda.training.adapt import PAPER_RECIPE, AdaptConfig
+from lmadda.training.families import FAMILIES, FAMILY_LR
 from lmadda.training.source import SourceTrainConfig
 
 
@@ -106,6 +108,18 @@ class Grid(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     paper_layers: list[int] | Literal["last"] = Field("last", description="layers also adapted with the published recipe "
                                                                             "(recipe: paper); 'last' is ADDA as published")
+    families: list[str] = Field(default_factory=lambda: ["lmadda"], min_length=1,
+                                description="adaptation families (lmadda.training.families): lmadda at `layers`, the others at "
+                                            "`family_layers`, each at its own fixed learning rate")
+    family_layers: list[int] = Field(default_factory=lambda: [3], min_length=1, description="cuts of the families other than lmadda")
+
+    @field_validator("families")
+    @classmethod
+    def _families_known(cls, families: list[str]) -> list[str]:
+        unknown = [family for family in families if family not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown adaptation families {unknown}; known: {', '.join(FAMILIES)}")
+        return families
 
     @field_validator("targets")
     @classmethod
@@ -127,7 +141,7 @@ class Grid(_Strict):
     def layer_list(self, num_layers: int) -> list[int]:
         layers = list(range(num_layers)) if self.layers == "all" else self.layers
         bad = [layer for layer in layers + [l for s in self.layer_sets for l in s] + self.paper_layer_list(num_layers)
-               if not 0 <= layer < num_layers]
+               + self.family_layers if not 0 <= layer < num_layers]
         if bad:
             raise ValueError(f"layers {bad} do not exist: the generator has layers 0..{num_layers - 1}")
         return layers
@@ -138,10 +152,16 @@ class Grid(_Strict):
     def points_for(self, target: str, seed: int, lr: float, num_layers: int) -> list[GridPoint]:
         """The adapted models of one (target, seed, learning rate) cell: each single layer, each layer set, and, under
         the first learning rate only (the published recipe fixes its own), each paper layer."""
-        points = [GridPoint(target, (layer,), lr, seed) for layer in self.layer_list(num_layers)]
-        if lr == self.lrs[0]:
-            points += [GridPoint(target, (layer,), PAPER_RECIPE["lr"], seed, "paper") for layer in self.paper_layer_list(num_layers)]
-        return points + [GridPoint(target, tuple(sorted(layer_set)), lr, seed) for layer_set in self.layer_sets]
+        points = []
+        if "lmadda" in self.families:
+            points += [GridPoint(target, (layer,), lr, seed) for layer in self.layer_list(num_layers)]
+            if lr == self.lrs[0]:
+                points += [GridPoint(target, (layer,), PAPER_RECIPE["lr"], seed, "paper") for layer in self.paper_layer_list(num_layers)]
+            points += [GridPoint(target, tuple(sorted(layer_set)), lr, seed) for layer_set in self.layer_sets]
+        if lr == self.lrs[0]:  # the other families run at their own fixed rate, once
+            points += [GridPoint(target, (layer,), FAMILY_LR[family], seed, family=family)
+                       for family in self.families if family != "lmadda" for layer in self.family_layers]
+        return points
 
     def points(self, num_layers: int) -> list[GridPoint]:
         """Every adapted model of the grid, seed by seed, learning rate by learning rate, target by target."""
@@ -324,9 +344,13 @@ class ExperimentSpec(_Strict):
     @field_validator("baselines")
     @classmethod
     def _known(cls, baselines: list[str]) -> list[str]:
-        unknown = set(baselines) - set(BASELINES) | ({"unadapted"} & set(baselines))
-        if unknown:
-            raise ValueError(f"unknown baseline(s) {sorted(unknown)}; known: {', '.join(b for b in BASELINES if b != 'unadapted')}")
+        for name in baselines:
+            try:
+                _, base, _ = parse_baseline(name)
+            except LmaddaError as error:
+                raise ValueError(str(error)) from None
+            if base == "unadapted":
+                raise ValueError("baselines: the unadapted model is always measured; remove 'unadapted'")
         return baselines
 
     @field_validator("adapt")

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import pyarrow.parquet as pq
 
-from lmadda.baselines import build_baseline
+from lmadda.baselines import build_baseline, parse_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
 from lmadda.data.augment import NuisanceAugmentation
 from lmadda.data.dataset import LoadedImage, load_images
@@ -32,15 +32,30 @@ from lmadda.result_rows import CRITERION_PREFIX, RESULT_COLUMNS, TargetDomain, r
 from lmadda.selection import SelectionProbe
 from lmadda.selector import Candidate, Choice, Observation, Selector
 from lmadda.study.trial import GridPoint, TrialResult, TrialTarget, run_trial
-from lmadda.training.adapt import AdaptConfig, Adapter
+from lmadda.training.families import FAMILIES, make_loop
 from lmadda.training.common import Progress
 from lmadda.training.source import SourceTrainConfig, train_source
 
 LABEL_FREE = "label_free"  # the selector's choice among the candidates of one (target, seed), as its own rows
 # Methods the selector may choose: what a checkpoint can carry. FDA needs source images at run time,
 # so it is reported as a baseline but is no candidate; multi-layer sets are a comparison, not a product.
-CANDIDATE_FAMILIES = {"unadapted": "unadapted", "adabn": "adabn", "histogram_matching": "histogram_matching",
-                      "lmadda": "lmadda", "adda": "lmadda", "lmadda_paper": "paper", "adda_paper": "paper"}
+_ADVERSARIAL_FAMILIES = {"lmadda": "lmadda", "adda": "lmadda", "lmadda_paper": "paper", "adda_paper": "paper"}
+# The robust source model (the experiment's `robust`) as it is, and with each cheap correction: method names of its rows.
+ROBUST_VARIANTS = {"robust": "unadapted", "robust+adabn": "adabn", "robust+histogram_matching": "histogram_matching"}
+
+
+def candidate_family(method: str) -> str | None:
+    """The selector family of a result-row method (candidates of one family share one consensus vote), or None for a
+    method the selector may not choose (FDA, multi-layer sets, the oracle, the label-free choice itself)."""
+    if method in _ADVERSARIAL_FAMILIES:
+        return _ADVERSARIAL_FAMILIES[method]
+    if method in FAMILIES or method in ROBUST_VARIANTS:
+        return method
+    try:
+        _, base, _ = parse_baseline(method)
+    except LmaddaError:
+        return None
+    return None if base == "fda" else method.split(":")[0]
 
 
 class ImageSource:
@@ -126,7 +141,7 @@ def label_free_rows(rows: list[dict], target: str, seed: int, selection: Path, s
     choice = selector.choose(observations)
     chosen = []
     for row in rows:
-        if row["target"] != target or row["seed"] != seed or row["method"] not in CANDIDATE_FAMILIES:
+        if row["target"] != target or row["seed"] != seed or candidate_family(row["method"]) is None:
             continue
         name = row["method"] if row["layer"] == -1 else candidate_name(row["method"], row.get("matched") or str(row["layer"]), row["lr"])
         if name == choice.chosen:
@@ -150,6 +165,7 @@ def run_grid(
     selector_options: dict | None = None,
     choose: bool = True,
     oracle: SourceTrainConfig | None = None,
+    robust: GeneratorCheckpoint | None = None,
     save_models: bool = False,
     probe_for: ProbeFactory | None = None,
     on_model: ModelCallback | None = None,
@@ -161,8 +177,10 @@ def run_grid(
     (`points` whose target it is: `lmadda.study.config.Grid.points_for`), with `adapt_options` (the grid's shared
     AdaptConfig options); returns all rows (also written to `out`/results.parquet).
 
+    `robust` (the robust source model) adds its rows: as it is (`robust`), and with AdaBN and with histogram
+    matching (`ROBUST_VARIANTS`), in domain and on every target; each is a candidate of the label-free choice.
     `selector_options` (Selector keywords) turns on the label-free choice: every candidate (unadapted,
-    AdaBN, histogram matching, each adapted model) is observed on fixed unlabelled target crops, kept
+    each correction and composite, the robust source's rows, each adapted model of every family) is observed on fixed unlabelled target crops, kept
     on disk in `out`/selection, and once a domain's candidates exist the choice lands as rows of
     method `label_free`, the chosen candidate's test rows with `chosen` and `fell_back` set (`choose`
     False defers it, for a caller that adds more candidates of the same seed in a later call).
@@ -182,9 +200,11 @@ def run_grid(
 
     source_train = data.load(source_setting, "train", percentiles=source.percentiles)
     source_test = data.load(source_setting, "test", markers, percentiles=source.percentiles)
-    if not table.has("source", "unadapted", -1, None, seed):
-        rows = evaluate_generator(source.generator, source_test, markers)
-        add(tag_rows(rows, TargetDomain(source_setting), method="unadapted", layer=-1, seed=seed, target="source"))
+    in_domain = {"unadapted": source.generator, **({"robust": robust.generator} if robust is not None else {})}
+    for method, generator in in_domain.items():
+        if not table.has("source", method, -1, None, seed):
+            rows = evaluate_generator(generator, source_test, markers)
+            add(tag_rows(rows, TargetDomain(source_setting), method=method, layer=-1, seed=seed, target="source"))
     for domain in domains:
         target_train = data.load(domain.setting, "train", shift=domain.shift, percentiles=source.percentiles, seed=seed)
         target_test = data.load(domain.setting, "test", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 7)
@@ -203,20 +223,30 @@ def run_grid(
         def observe(name: str, method: str, generator: UNetGenerator, transform=None) -> None:
             """Keep what the label-free choice needs of a candidate, once."""
             nonlocal selector
-            path = selection / f"{name}.npz" if selection is not None and method in CANDIDATE_FAMILIES else None
+            family = candidate_family(method)
+            path = selection / f"{name}.npz" if selection is not None and family is not None else None
             if path is None or path.exists():
                 return
             if selector is None:
-                selector = Selector(source.generator, source_train, target_train, seed=seed, **selector_options)
-            selector.observe(Candidate(name, generator, transform, family=CANDIDATE_FAMILIES[method])).save(path)
+                selector = make_selector()
+            selector.observe(Candidate(name, generator, transform, family=family)).save(path)
 
-        for name in ("unadapted", *baselines):
+        def make_selector() -> Selector:
+            return Selector(source.generator, source_train, target_train, seed=seed, domain_reference=source.domain_reference,
+                            **selector_options)
+
+        cheap = [(name, source, name) for name in ("unadapted", *baselines)]
+        if robust is not None:
+            cheap += [(label, robust, baseline) for label, baseline in ROBUST_VARIANTS.items()]
+        for name, model, baseline in cheap:
             done = table.has(domain.name, name, -1, None, seed)
-            if done and (selection is None or name not in CANDIDATE_FAMILIES or (selection / f"{name}.npz").exists()):
+            if done and (selection is None or candidate_family(name) is None or (selection / f"{name}.npz").exists()):
                 continue
-            generator, transform = build_baseline(name, source.generator, source_train, target_train, seed=seed)
+            started = time.perf_counter()
+            generator, transform = build_baseline(baseline, model.generator, source_train, target_train, seed=seed)
+            seconds = time.perf_counter() - started
             if not done:
-                record(name, evaluate_generator(generator, target_test, markers, input_transform=transform))
+                record(name, evaluate_generator(generator, target_test, markers, input_transform=transform), seconds=seconds)
             observe(name, name, generator, transform)
 
         last = source.generator.last_layer
@@ -227,11 +257,11 @@ def run_grid(
             method, layer, matched = tags["method"], tags["layer"], tags["matched"]
             candidate = candidate_name(method, matched, point.lr)
             done = table.has(domain.name, method, layer, point.lr, seed, matched)
-            if done and (selection is None or method not in CANDIDATE_FAMILIES or (selection / f"{candidate}.npz").exists()):
+            if done and (selection is None or candidate_family(method) is None or (selection / f"{candidate}.npz").exists()):
                 continue
-            config = AdaptConfig.model_validate(point.adapt_options(adapt_options))
-            bar = Progress(config.steps, f"adapt layer {config.layer}", progress)
-            trial = run_trial(Adapter(source, source_train, target_train, config),
+            config = point.config(adapt_options)
+            bar = Progress(config.steps, f"adapt ({point.family}) layer {config.layer}", progress)
+            trial = run_trial(make_loop(config, source, source_train, target_train),
                               TrialTarget(domain, markers, target_test, probe_for(domain) if probe_for else None), tags,
                               on_record=lambda r: bar.update(r["step"], g=r["g_loss"], d=r["d_loss"], acc=r["d_acc"]))
             result = trial.adapted
@@ -244,11 +274,12 @@ def run_grid(
             log_model(method, trial.rows, tags)
             if save_models and out is not None and len(point.layers) == 1:
                 checkpoint = result.checkpoint(source, config, domain.name, target=domain.name)
-                recipe = "_paper" if config.recipe == "paper" else ""
-                save_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{layer:02d}{recipe}.pt", checkpoint)
+                recipe = "_paper" if point.recipe == "paper" else ""
+                family = "" if point.family == "lmadda" else f"_{point.family.replace('+', '_')}"
+                save_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{layer:02d}{recipe}{family}.pt", checkpoint)
 
         if choose and selection is not None and not table.has_choice(domain.name, seed):
-            selector = selector or Selector(source.generator, source_train, target_train, seed=seed, **selector_options)
+            selector = selector or make_selector()
             rows, choice = label_free_rows(table.rows, domain.name, seed, selection, selector)
             if rows:
                 record(LABEL_FREE, rows, layer=rows[0]["layer"], matched=choice.chosen, lr=rows[0].get("lr"),

@@ -2,9 +2,12 @@
 
 For one experiment:
 1. data: simulate it, or index a folder of real images in place;
-2. the source model, trained once (reused when its checkpoint exists);
-3. for each grid, seed and learning rate, `lmadda.study.grid.run_grid`: unadapted, baselines, LM-ADDA
-   at every layer (the last is ADDA), multi-layer sets, and, for the first seed and rate, the oracle;
+2. the source model, trained once (reused when its checkpoint exists), and the robust source model
+   (`robust`: fine-tuned from it with imaging-nuisance augmentation), likewise;
+3. for each grid, seed and learning rate, `lmadda.study.grid.run_grid`: unadapted, baselines and composites,
+   the robust source model (alone, with AdaBN, with histogram matching), LM-ADDA at every layer (the last
+   is ADDA), multi-layer sets, the other families (moments, self-training) at their layers, and, for the
+   first seed and rate, the oracle;
    each adapted model is scored by the label-free criteria on fixed target crops and its predictions
    on those crops are kept for the ensemble criteria;
 4. the zero-training discrepancy profile of the source model per target, and the layer it predicts;
@@ -251,6 +254,8 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
     data = ImageSource(Manifest.load(manifest_path), spec.data.validation_rows)
     source_path, source_config = prepare_source(spec, data, manifest_path, out, log)
     source = load_checkpoint(source_path)
+    robust_path = prepare_robust_source(spec, data, manifest_path, out, source_path, log)
+    robust = load_checkpoint(robust_path) if robust_path is not None else None
     tracker = StudyTracker(study.tracking_uri, experiment_name(spec), study.out)
     recorder = CriteriaRecorder(spec, source, data, out)
     table = ResultTable(out / "results.parquet")
@@ -265,6 +270,7 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
         for seed in grid.seeds:
             for lr in grid.lrs:
                 first = seed == grid.seeds[0] and lr == grid.lrs[0]
+                first_lr = lr == grid.lrs[0]  # the robust source's rows are per seed (its selector crops are), not per rate
                 for domain in domains:  # one target at a time: a target that fails is recorded, the others go on
                     if failures.failed(domain.name):
                         continue
@@ -272,7 +278,8 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
                         rows = run_grid(source, data, [domain], grid.points_for(domain.name, seed, lr, num_layers), spec.adapt,
                                         seed=seed, source_setting=spec.source.setting, out=out, baselines=tuple(spec.baselines),
                                         selector_options=spec.selection.options(), choose=lr == grid.lrs[-1],
-                                        oracle=oracle if first else None, probe_for=recorder.probe, on_model=recorder,
+                                        oracle=oracle if first else None, robust=robust if first_lr else None,
+                                        probe_for=recorder.probe, on_model=recorder,
                                         progress=False, log=log)
                     except RECOVERABLE as error:
                         failures.record(domain.name, f"adapting (seed {seed}, lr {lr:g})", error, log)

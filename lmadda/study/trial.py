@@ -28,7 +28,8 @@ from lmadda.errors import LmaddaError
 from lmadda.registry_names import alias_for
 from lmadda.result_rows import CRITERION_PREFIX, TargetDomain, adaptation_method, matched_name, tag_rows
 from lmadda.selection import SelectionProbe
-from lmadda.training.adapt import PAPER_RECIPE, AdaptResult, Adapter, run_steps
+from lmadda.training.adapt import PAPER_RECIPE, AdaptConfig, AdaptResult, Adapter, run_steps
+from lmadda.training.families import FamilyConfig, Loop, check_family, family_config
 
 # The options the published recipe fixes (lmadda.training.adapt.PAPER_RECIPE): a paper point drops them from the
 # grid's shared adaptation options, so the recipe's own values hold.
@@ -46,6 +47,7 @@ class GridPoint:
     lr: float
     seed: int
     recipe: Literal["lmadda", "paper"] = "lmadda"
+    family: str = "lmadda"  # lmadda.training.families: what trains layers 0..l (LM-ADDA, moments, self-training, ...)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> GridPoint:
@@ -53,7 +55,8 @@ class GridPoint:
         if "target" not in values:
             raise LmaddaError(f"grid point {dict(values)} was written by an older lmadda (no target): finish that sweep with the "
                               "lmadda version that started it, or run it again under a new name")
-        return cls(values["target"], tuple(values["layers"]), float(values["lr"]), int(values["seed"]), values.get("recipe", "lmadda"))
+        return cls(values["target"], tuple(values["layers"]), float(values["lr"]), int(values["seed"]), values.get("recipe", "lmadda"),
+                   check_family(values.get("family", "lmadda")))
 
     def as_dict(self) -> dict:
         return {**asdict(self), "layers": list(self.layers)}
@@ -67,21 +70,34 @@ class GridPoint:
         return matched_name(self.layers)
 
     def method(self, last_layer: int) -> str:
-        return adaptation_method(self.layers, last_layer, self.recipe)
+        """Its result rows' method: LM-ADDA's own names (`adaptation_method`), or the other family's name."""
+        return adaptation_method(self.layers, last_layer, self.recipe) if self.family == "lmadda" else self.family
 
     @property
     def key(self) -> str:
         """Its name: a sweep trial's store folder and its reports' `point` (e.g. bright_field-L3-lr2e-05-s0)."""
         paper = "-paper" if self.recipe == "paper" else ""
-        return f"{alias_for(self.target)}-L{self.matched}-lr{self.lr:g}-s{self.seed}{paper}"
+        family = "" if self.family == "lmadda" else f"-{self.family.replace('+', '-')}"
+        return f"{alias_for(self.target)}-L{self.matched}-lr{self.lr:g}-s{self.seed}{paper}{family}"
 
     def adapt_options(self, shared: Mapping[str, Any]) -> dict[str, Any]:
         """Its AdaptConfig options: the grid's `shared` ones (the published recipe's own values over them for a
-        paper point), then its layers, learning rate and seed."""
+        paper point), then its layers, learning rate and seed (and, for moment matching, its adversary). A
+        self-training point has no AdaptConfig: `config` builds its SelfTrainConfig."""
+        if self.family not in ("lmadda", "moments"):
+            raise LmaddaError(f"grid point {self.key}: family {self.family} is not an AdaptConfig family; the sweep runs "
+                              "lmadda and moments (self-training runs in the study and in `adapt --layer auto`)")
         if self.recipe == "paper":
             return {**{k: v for k, v in shared.items() if k not in PAPER_FIXED}, "recipe": "paper", "layer": list(self.layers),
                     "seed": self.seed}
-        return {**shared, "layer": list(self.layers), "lr": self.lr, "seed": self.seed}
+        extra = {"adversary": "moments", "input_correction": None} if self.family == "moments" else {}
+        return {**shared, "layer": list(self.layers), "lr": self.lr, "seed": self.seed, **extra}
+
+    def config(self, shared: Mapping[str, Any]) -> FamilyConfig:
+        """Its validated config: an AdaptConfig (LM-ADDA, moments) or a SelfTrainConfig, from the grid's shared options."""
+        if self.family in ("lmadda", "moments"):
+            return AdaptConfig.model_validate(self.adapt_options(shared))
+        return family_config(self.family, shared, max(self.layers), self.seed, self.lr)
 
     def tags(self, last_layer: int) -> dict:
         """Its identity in the result rows."""
@@ -108,7 +124,7 @@ class TrialResult:
     probe_prediction: np.ndarray | None = None  # the adapted model's stains of the probe's crops
 
 
-def run_trial(adapter: Adapter, target: TrialTarget, tags: dict, *, on_record: Callable[[dict], None] | None = None,
+def run_trial(adapter: Loop, target: TrialTarget, tags: dict, *, on_record: Callable[[dict], None] | None = None,
               steps_s: float = 0.0) -> TrialResult:
     """Adapt to the end (`on_record` sees every log record but the last), then measure the adapted model.
 

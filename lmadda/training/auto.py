@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pydantic import BaseModel
-
 from lmadda.baselines import HistogramMatcher, build_baseline
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage
@@ -28,12 +26,9 @@ from lmadda.domain import reference_from_images
 from lmadda.errors import LmaddaError
 from lmadda.selector import UNADAPTED, Candidate, Choice, Selector
 from lmadda.training.adapt import AdaptConfig, adapt, run_steps
-from lmadda.training.self_training import SelfTrainConfig, SelfTrainer
+from lmadda.training.families import FAMILIES, FamilyConfig, family_config, make_loop
 
 CHEAP_CANDIDATES = ("adabn", "histogram_matching")  # what a checkpoint can carry; FDA needs source images at run time
-# The trained families beside LM-ADDA (lmadda.training.self_training, AdaptConfig.adversary "moments").
-FAMILIES = ("lmadda", "moments", "self_training", "histogram_matching+self_training")
-FAMILY_LR = {"moments": 1e-4, "self_training": 1e-4}  # fixed before any measurement; docs/method.md
 
 
 def family_layers(num_layers: int) -> list[int]:
@@ -102,22 +97,15 @@ class AutoResult:
     checkpoints: dict[str, GeneratorCheckpoint] = field(default_factory=dict)  # each trained, uncollapsed candidate's checkpoint
 
 
-def family_runs(source: GeneratorCheckpoint, config: AdaptConfig, layers: list[int], families: tuple[str, ...]) -> list[tuple[str, BaseModel]]:
+def family_runs(source: GeneratorCheckpoint, config: AdaptConfig, layers: list[int], families: tuple[str, ...]) -> list[tuple[str, FamilyConfig]]:
     """(candidate name, config) of every trained candidate: LM-ADDA at each of `layers`, the other families at the early
-    cut, each with the LM-ADDA config's step budget, batch, crop, seed and device."""
+    cut, each with the LM-ADDA config's step budget, batch, crop, seed and device (lmadda.training.families)."""
     last, runs = source.generator.last_layer, []
     if "lmadda" in families:
         runs += [(f"{'adda' if layer == last else 'lmadda'}:{layer}", config.model_copy(update={"layer": [layer]})) for layer in layers]
-    shared = {k: getattr(config, k) for k in ("steps", "batch_size", "crop_size", "seed", "device", "precision")}
+    shared = config.model_dump(exclude={"layer", "seed", "lr", "recipe", "adversary"})
     for layer in family_layers(source.generator.num_layers):
-        if "moments" in families:
-            runs.append((f"moments:{layer}", config.model_copy(update={"layer": [layer], "adversary": "moments", "lr": FAMILY_LR["moments"],
-                                                                         "input_correction": None})))
-        for name in ("self_training", "histogram_matching+self_training"):
-            if name in families:
-                correction = "histogram_matching" if name.startswith("histogram_matching") else None
-                runs.append((f"{name}:{layer}", SelfTrainConfig(**shared, layer=layer, lr=FAMILY_LR["self_training"],
-                                                                input_correction=correction)))
+        runs += [(f"{family}:{layer}", family_config(family, shared, layer, config.seed)) for family in families if family != "lmadda"]
     return runs
 
 
@@ -131,12 +119,12 @@ def adapt_and_choose(source: GeneratorCheckpoint, source_images: list[LoadedImag
     candidates = baseline_candidates(source, source_images, target_images, seed=config.seed)
     adapted, checkpoints = {}, {}
     for name, run_config in family_runs(source, config, layers, families):
-        if isinstance(run_config, SelfTrainConfig):
-            trainer = SelfTrainer(source, source_images, target_images, run_config)
-            run_steps(trainer)
-            result = trainer.finish()
-        else:
+        if isinstance(run_config, AdaptConfig):
             result = adapt(source, source_images, target_images, run_config, progress=progress)
+        else:
+            loop = make_loop(run_config, source, source_images, target_images)
+            run_steps(loop)
+            result = loop.finish()
         log(f"[auto] {name}: {result.steps_done} steps, G' updated at {result.g_updates}" + (" COLLAPSED" if result.collapsed else ""))
         adapted[name] = result
         if not result.collapsed:  # a collapsed run is never a candidate
