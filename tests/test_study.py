@@ -1,5 +1,7 @@
 """`lmadda study`: config validation, the image source, and the whole command on tiny simulated data."""
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -323,3 +325,9 @@ def test_study_runs_every_family_and_the_robust_source_as_candidates_of_the_one_
             "histogram_matching+self_training:2@0.0001", "lmadda:2@2e-05"} <= observed
     assert "fda" not in observed  # needs source images at run time: reported, never chosen
     assert (tmp_path / "out" / "tiny" / "models" / "source_robust.pt").is_file()
+    summary = json.loads((tmp_path / "docs" / "study" / "summary.json").read_text())
+    record = next(r for r in summary if r["target"] == target)
+    assert {"moments", "self_training", "lmadda", "adabn", "robust", "robust+adabn"} <= set(record["families"])
+    assert record["best_family"] in record["families"] and record["covered"] is True  # overexposure x3 lies in the default gain range
+    assert record["robust_in_domain_cost"] is not None
+    assert "### Who wins where: every family" in (tmp_path / "docs" / "study.md").read_text()

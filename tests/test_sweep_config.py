@@ -159,3 +159,14 @@ def test_a_missing_source_checkpoint_without_training_options_names_both_fixes(t
 def test_source_training_options_resolve_their_manifest(tmp_path):
     resolved = _config(source={"checkpoint": "s.pt", "train": {"manifest": "data/m.parquet"}}).resolved(tmp_path)
     assert resolved.source.train["manifest"] == str(tmp_path / "data" / "m.parquet")
+
+
+def test_a_sweep_grid_names_the_moment_matching_family_and_refuses_self_training():
+    grid = {"targets": ["bright_field"], "layers": [0], "lrs": [1e-5], "paper_layers": [], "families": ["lmadda", "moments"],
+            "family_layers": [3]}
+    points = _config(grid=grid).points(16)
+    moments = [p for p in points if p.family == "moments"]
+    assert [(p.layers, p.lr, p.method(15)) for p in moments] == [((3,), 1e-4, "moments")]
+    assert moments[0].adapt_options({"steps": 5})["adversary"] == "moments" and "moments" in moments[0].key
+    with pytest.raises(LmaddaError, match="self_training.*run in the study"):
+        _config(grid={**grid, "families": ["lmadda", "self_training"]})

@@ -28,6 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from lmadda.study.config import Grid
 from lmadda.study.trial import GridPoint
+
+# The families a sweep's Ray Train workers run: those of one AdaptConfig (the Adapter's DDP hooks).
+SWEEP_FAMILIES = ("lmadda", "moments")
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig
 
@@ -128,6 +131,10 @@ class SweepConfig(_Strict):
         if forbidden:
             raise ValueError(f"adapt: {sorted(forbidden)} come from the grid or the workers; remove them from adapt")
         AdaptConfig(layer=[0], **self.adapt)  # every other option is checked here, by name
+        not_here = [family for family in self.grid.families if family not in SWEEP_FAMILIES]
+        if not_here:
+            raise ValueError(f"grid.families: {not_here} run in the study and in `lmadda adapt --layer auto`; a sweep runs the "
+                             f"families of one AdaptConfig ({', '.join(SWEEP_FAMILIES)}): remove the others")
         if self.adapt.get("stop_on_collapse") is False:
             raise ValueError("adapt.stop_on_collapse: a sweep's grid point ends where it collapses (the stopper reads that "
                              "report), so it cannot be turned off here; remove it")
@@ -180,7 +187,7 @@ class SweepConfig(_Strict):
         (trial 0, 1, ..., n-1, n-1, ..., 0, ...), so concurrent trials get a similar mix of cheap early and costly
         late layers; within a trial they keep that order, so it loads each target's images once.
         """
-        points = sorted(self.points(num_layers), key=lambda p: (p.target, p.seed, p.lr, p.recipe, p.layers))
+        points = sorted(self.points(num_layers), key=lambda p: (p.target, p.seed, p.lr, p.recipe, p.family, p.layers))
         count = math.ceil(len(points) / self.points_per_trial(len(points)))
         groups: list[list[GridPoint]] = [[] for _ in range(count)]
         for index, point in enumerate(points):

@@ -299,7 +299,8 @@ def run_adaptation(trial: TrialData, target: _Target, adapt_options: dict, point
         send(record, last=False)
 
     if rank == 0:
-        identity = GridPoint(point.target, tuple(adapt_config.layer), adapt_config.lr, adapt_config.seed, adapt_config.recipe)
+        family = "moments" if adapt_config.adversary == "moments" else "lmadda"
+        identity = GridPoint(point.target, tuple(adapt_config.layer), adapt_config.lr, adapt_config.seed, adapt_config.recipe, family)
         row_tags = identity.tags(source.generator.last_layer)
         measured_on = TrialTarget(target.domain, source.markers, target.test_images(trial),
                                   target.probe(trial, adapt_config.crop_size))

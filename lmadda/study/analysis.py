@@ -11,10 +11,21 @@ One record per (experiment, target), Pearson averaged over markers, test images 
     best_labelled  {method, layer, pearson}          the best model chosen WITH test labels (optimistic)
     label_free     {method, layer, pearson, fell_back, choices}   the selector's choice (no labels)
     gap_recovered_label_free   (label_free - unadapted) / (oracle - unadapted), null when that gap < MIN_GAP
+    families   {family: {pearson, config}}  each family's best configuration WITH test labels (a per-family ceiling)
+    best_family                             the family of the best of those
+    covered    whether the robust source's augmentation replays this target's shift (null: no robust model)
+    robust_in_domain_cost                   source model's in-domain Pearson minus the robust model's
 
-The three bars the adaptation issue set are checked here, on targets whose oracle gap is at least
+A family (`family_of`) groups the methods that adapt the same way: LM-ADDA at any layer (`lmadda`,
+ADDA included), ADDA as published, moment matching, self-training (alone and after histogram
+matching), AdaBN (all layers or 0..l), histogram matching, histogram matching + AdaBN, FDA, and
+the robust source model (alone, + AdaBN, + histogram matching).
+
+The bars the adaptation issues set are checked here, on targets whose oracle gap is at least
 MIN_GAP: the choice recovers >= 60 % of the gap on >= 2/3 of them, is at least as good as the best
-cheap baseline on >= 2/3 of them, and is never worse than the unadapted model by more than 0.01.
+cheap baseline on >= 2/3 of them, and is never worse than the unadapted model by more than 0.01;
+the best single candidate with labels (the portfolio's ceiling) recovers >= 80 % on >= 2/3 of them;
+and the robust source model's in-domain Pearson is within 0.01 of the plain source's.
 """
 
 from __future__ import annotations
@@ -29,11 +40,13 @@ import numpy as np
 
 from lmadda.data.io import write_atomically
 from lmadda.metrics import finite_mean_std, gap_recovered
+from lmadda.result_rows import TargetDomain
 from lmadda.selection import criterion_agreement
 from lmadda.study.results import ADAPTED, CRITERIA, Results, never_moved
 
 MIN_GAP = 0.05  # an oracle this little above the unadapted model leaves no gap worth recovering
 RECOVERY_BAR, SHARE_BAR, HARM_BAR = 0.60, 2 / 3, 0.01
+CEILING_BAR, ROBUST_COST_BAR = 0.80, 0.01
 TIE = 0.005  # "at least as good as the best cheap baseline" allows this much noise
 CHEAP = {"adabn": "adabn", "histogram_matching": "histogram", "fda": "fda"}
 NOT_CANDIDATES = ("oracle", "label_free", "lmadda_multi")
@@ -47,9 +60,24 @@ def _json_number(value: float) -> float | None:
     return round(value, 4) if math.isfinite(value) else None
 
 
-def summary_records(experiment: str, models: list[dict]) -> list[dict]:
-    """`models`: the experiment's model runs as `read_study` returns them (one per model, `pearson` marker-averaged)."""
+def family_of(method: str) -> str | None:
+    """The family a result-row method belongs to (see the module docstring); None for what adapts nothing itself."""
+    if method in NOT_CANDIDATES or method == "unadapted":
+        return None
+    if method in ("lmadda", "adda"):
+        return "lmadda"
+    if method in ("lmadda_paper", "adda_paper"):
+        return "adda_paper"
+    return method.split(":")[0]
+
+
+def summary_records(experiment: str, models: list[dict], augment=None) -> list[dict]:
+    """`models`: the experiment's model runs as `read_study` returns them (one per model, `pearson` marker-averaged);
+    `augment`: the robust source model's augmentation (lmadda.data.augment.NuisanceAugmentation), or None."""
     records = []
+    in_domain = {method: _mean(m["pearson"] for m in models if m["target"] == "source" and m["method"] == method)
+                 for method in ("unadapted", "robust")}
+    robust_cost = in_domain["unadapted"] - in_domain["robust"]
     for target in sorted({m["target"] for m in models if m["target"] != "source"}):
         runs = [m for m in models if m["target"] == target]
 
@@ -73,6 +101,15 @@ def summary_records(experiment: str, models: list[dict]) -> list[dict]:
         }
         gap = oracle - unadapted
         recovered = gap_recovered(_mean(m["pearson"] for m in choices), unadapted, oracle) if gap >= MIN_GAP else float("nan")
+        families: dict[str, dict] = {}
+        for (method, layer, lr), members in configs.items():
+            family = family_of(method)
+            pearson = _mean(m["pearson"] for m in members)
+            if family is not None and math.isfinite(pearson) and pearson > families.get(family, {}).get("pearson", -math.inf):
+                where = method if layer is None or int(layer) < 0 else f"{method} L{int(layer)}"
+                families[family] = {"pearson": pearson, "config": where}
+        families = {name: {"pearson": _json_number(v["pearson"]), "config": v["config"]} for name, v in sorted(families.items())}
+        best_family = max(families, key=lambda name: families[name]["pearson"], default=None)
         records.append({
             "experiment": experiment, "target": target,
             "seeds": len({m["seed"] for m in runs if m["method"] in ("lmadda", "adda", "label_free")}),
@@ -84,6 +121,10 @@ def summary_records(experiment: str, models: list[dict]) -> list[dict]:
                 "method": best_key[0], "layer": int(best_key[1]), "pearson": _json_number(_mean(m["pearson"] for m in configs[best_key]))},
             "label_free": label_free,
             "gap_recovered_label_free": _json_number(recovered),
+            "families": families,
+            "best_family": best_family,
+            "covered": None if augment is None else augment.covers(TargetDomain.parse(target).shift),
+            "robust_in_domain_cost": _json_number(robust_cost),
         })
     return records
 
@@ -140,6 +181,8 @@ class Bars:
     as_good_as_cheap: Bar
     harm: Bar
     ceilings: dict[str, float | None] = field(default_factory=dict)
+    ceiling: Bar | None = None  # the best single candidate with labels recovers >= CEILING_BAR
+    robust_cost: dict[str, float] = field(default_factory=dict)  # experiment -> in-domain Pearson the robust model gives up
 
     @property
     def beyond_reach(self) -> list[str]:
@@ -157,12 +200,16 @@ def bars(records: list[dict]) -> Bars | None:
     harmed = [r for r in gapped if r["label_free"]["pearson"] < r["unadapted"] - HARM_BAR]
     need = math.ceil(SHARE_BAR * len(gapped) - 1e-9)
     missed = [r for r in gapped if r not in recovered]
+    high = [r for r in gapped if (value := labelled_recovery(r)) is not None and value >= CEILING_BAR]
+    costs = {r["experiment"]: r["robust_in_domain_cost"] for r in records if r.get("robust_in_domain_cost") is not None}
     return Bars(
         scored=len(scored), gapped=len(gapped),
         recovery=Bar(len(recovered), len(gapped), need, tuple(_name(r) for r in missed)),
         as_good_as_cheap=Bar(len(as_good), len(gapped), need, tuple(_name(r) for r in gapped if r not in as_good)),
         harm=Bar(len(gapped) - len(harmed), len(gapped), len(gapped), tuple(_name(r) for r in harmed)),
         ceilings={_name(r): labelled_recovery(r) for r in missed},
+        ceiling=Bar(len(high), len(gapped), need, tuple(_name(r) for r in gapped if r not in high)),
+        robust_cost=costs,
     )
 
 

@@ -197,3 +197,25 @@ def choice_table(records: list[dict]) -> list[str]:
             + (f"{_number(best['pearson'])} ({best['method']}{'' if best['layer'] < 0 else ' L' + str(best['layer'])})" if best else "—")
             + f" | {_number(r['oracle'])} | " + ("n/a (gap < 0.05)" if recovered is None else f"{recovered:.0%}") + " |")
     return lines
+
+
+FAMILY_COLUMNS = ("lmadda", "adda_paper", "moments", "self_training", "histogram_matching+self_training", "adabn", "histogram_matching",
+                  "histogram_matching+adabn", "fda", "robust", "robust+adabn", "robust+histogram_matching")
+
+
+def family_table(records: list[dict]) -> list[str]:
+    """Target x family: each family's best configuration by test Pearson (bold: the target's best family)."""
+    present = [name for name in FAMILY_COLUMNS if any(name in r.get("families", {}) for r in records)]
+    present += sorted({name for r in records for name in r.get("families", {})} - set(present))
+    lines = ["| experiment | target | covered | unadapted | " + " | ".join(present) + " | oracle |", "|---" * (len(present) + 5) + "|"]
+    for r in records:
+        families = r.get("families", {})
+        cells = []
+        for name in present:
+            entry = families.get(name)
+            text = "—" if entry is None or entry["pearson"] is None else f"{entry['pearson']:.3f}"
+            cells.append(f"**{text}**" if name == r.get("best_family") else text)
+        covered = {None: "—", True: "yes", False: "no"}[r.get("covered")]
+        lines.append(f"| {r['experiment']} | {r['target']} | {covered} | {_number(r['unadapted'])} | " + " | ".join(cells)
+                     + f" | {_number(r['oracle'])} |")
+    return lines
