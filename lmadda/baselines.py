@@ -45,6 +45,15 @@ def parse_baseline(name: str) -> tuple[str | None, str, int | None]:
     return correction or None, base, int(layer_text) if layer_text else None
 
 
+def is_baseline(name: str) -> bool:
+    """Whether `name` names a correction `build_baseline` makes (see `parse_baseline`)."""
+    try:
+        parse_baseline(name)
+    except LmaddaError:
+        return False
+    return True
+
+
 def build_baseline(name: str, generator: UNetGenerator, source_train: list[LoadedImage], target_train: list[LoadedImage], *,
                    seed: int = 0) -> tuple[UNetGenerator, InputTransform | None]:
     """The (generator, input transform) pair that evaluates baseline `name` (`parse_baseline`): one construction for

@@ -1,9 +1,10 @@
 """The demo study on the embedded simulated data (what `make demo` runs).
 
 simulate data -> train a small source model (phase contrast -> DAPI and CD29-like) -> evaluate it
-unadapted on bright field and on overexposed phase contrast -> baselines -> LM-ADDA at a few
-layers including the last (ADDA) -> table, plots and a sample panel. Every stage reuses what an
-earlier run left in the output folder, so an interrupted demo resumes.
+unadapted on bright field and on overexposed phase contrast -> baselines and composites -> LM-ADDA
+at a few layers including the last (ADDA), moment matching and self-training at the early cut ->
+the label-free choice among all of them -> table, plots and a sample panel of the chosen model. Every
+stage reuses what an earlier run left in the output folder, so an interrupted demo resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmadda.baselines import build_baseline, input_correction, is_baseline
 from lmadda.checkpoint import load_checkpoint
 from lmadda.data.contact_sheet import contact_sheet
 from lmadda.data.dataset import target_from_model_range, load_images
@@ -45,6 +47,10 @@ class DemoConfig(BaseModel):
     layers: list[int] = Field(default_factory=lambda: [0, 3, 15])
     adapt_steps: int = Field(150, ge=1)
     adapt_lr: float = Field(2e-5, gt=0)
+    # the other families at the early cut, and the corrections that need no training (lmadda.training.families)
+    families: list[str] = Field(default_factory=lambda: ["lmadda", "moments", "self_training"])
+    family_layers: list[int] = Field(default_factory=lambda: [3])
+    baselines: list[str] = Field(default_factory=lambda: ["adabn", "histogram_matching", "fda", "adabn:3", "histogram_matching+adabn:3"])
     paper: bool = Field(False, description="also adapt with ADDA as published (one Adam setting, no gate; the study always runs it)")
     oracle: bool = Field(False, description="also train an oracle on target pairs for each target (costs one source training each)")
 
@@ -75,9 +81,10 @@ def run_demo(config: DemoConfig, log=print) -> Path:
 
     domains = [TargetDomain.parse(t) for t in config.targets]
     grid = Grid(targets=[domain.name for domain in domains], layers=config.layers, lrs=[config.adapt_lr], seeds=[config.seed],
-                paper_layers="last" if config.paper else [])
+                paper_layers="last" if config.paper else [], families=config.families, family_layers=config.family_layers)
     rows = run_grid(source, manifest, domains, grid.points(source.generator.num_layers), {"steps": config.adapt_steps},
-                    seed=config.seed, source_setting="phase_contrast", out=out, selector_options=SelectionSpec().options(),
+                    seed=config.seed, source_setting="phase_contrast", out=out, baselines=tuple(config.baselines),
+                    selector_options=SelectionSpec().options(),
                     oracle=source_config if config.oracle else None, save_models=True, log=log)
     log("")
     log(summary_table(rows))
@@ -91,7 +98,7 @@ def run_demo(config: DemoConfig, log=print) -> Path:
     for path in write_report(rows, out / "report"):
         log(f"[demo] wrote {path}")
     for domain in domains:
-        log(f"[demo] sample panel: {_panel(source, manifest, domain, rows, out)}")
+        log(f"[demo] sample panel: {_panel(source, manifest, domain, rows, out, config.seed)}")
     log(f"[demo] done in {time.perf_counter() - start:.0f} s; results in {out}/results.parquet, figures in {out}/report/")
     return out
 
@@ -114,18 +121,30 @@ def domain_lines(source, manifest: Manifest, domains: list[TargetDomain]) -> lis
     return lines
 
 
-def _panel(source, manifest: Manifest, domain: TargetDomain, rows: list[dict], out: Path) -> Path:
-    """Input / truth / unadapted / best adapted layer, first marker, first test field."""
+def _chosen_model(name: str, source, manifest: Manifest, domain: TargetDomain, seed: int, out: Path):
+    """The (generator, input transform) of the label-free choice `name`: a correction is built again (cheap, seeded as
+    the study builds it), an adapted model is read from the file `run_grid` saved it to."""
+    if is_baseline(name):
+        source_train = load_images(manifest, "phase_contrast", "train", percentiles=source.percentiles)
+        target_train = load_images(manifest, domain.setting, "train", shift=domain.shift, percentiles=source.percentiles, seed=seed)
+        return build_baseline(name, source.generator, source_train, target_train, seed=seed)
+    method, _, rest = name.partition(":")
+    layer = int(rest.split("@")[0])
+    recipe = "_paper" if method.endswith("_paper") else ""
+    family = "" if method in ("lmadda", "adda", "lmadda_paper", "adda_paper") else f"_{method.replace('+', '_')}"
+    model = load_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{layer:02d}{recipe}{family}.pt")
+    return model.generator, input_correction(model.metadata)
+
+
+def _panel(source, manifest: Manifest, domain: TargetDomain, rows: list[dict], out: Path, seed: int) -> Path:
+    """Input / truth / unadapted / the label-free choice, first marker, first test field: what a lab would get."""
     marker = source.markers[0]
-    adapted = [r for r in rows if r["target"] == domain.name and r["method"] in ("lmadda", "adda") and r["marker"] == marker]
-    by_layer: dict[int, list[float]] = {}
-    for r in adapted:
-        by_layer.setdefault(int(r["layer"]), []).append(r["pearson"])
-    best_layer = max(by_layer, key=lambda l: np.nanmean(by_layer[l]))
-    model = load_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{best_layer:02d}.pt")
-    image = load_images(manifest, domain.setting, "test", source.markers, shift=domain.shift, percentiles=source.percentiles)[0]
+    chosen = next(r["chosen"] for r in rows if r["target"] == domain.name and r["method"] == "label_free")
+    generator, transform = _chosen_model(chosen, source, manifest, domain, seed, out)
+    image = load_images(manifest, domain.setting, "test", source.markers, shift=domain.shift, percentiles=source.percentiles,
+                        seed=seed + 7)[0]
     unadapted = target_from_model_range(predict_tiled(source.generator, image.input))[0]
-    prediction = target_from_model_range(predict_tiled(model.generator, image.input))[0]
+    prediction = target_from_model_range(predict_tiled(generator, transform(image.input) if transform else image.input))[0]
     images = {"input": image.input[0], "truth": target_from_model_range(image.target[0]), "unadapted": unadapted, "adapted": prediction}
-    return stain_panel(domain.name, marker, best_layer, images, out / "report" / panel_file_name(domain.name),
+    return stain_panel(domain.name, marker, f"label-free choice: {chosen}", images, out / "report" / panel_file_name(domain.name),
                        title=f"{domain.name}, field {image.field}")

@@ -10,14 +10,23 @@ from lmadda.metrics import finite_mean_std
 from lmadda.study.figures import plot_pearson_by_layer, plot_pearson_vs_magnitude
 from lmadda.study.results import aggregate
 
-METHOD_ORDER = ["unadapted", "adabn", "histogram_matching", "fda", "lmadda", "adda", "lmadda_paper", "adda_paper", "label_free", "oracle"]
+METHOD_ORDER = ["unadapted", "adabn", "histogram_matching", "histogram_matching+adabn", "fda", "robust", "robust+adabn",
+                "robust+histogram_matching", "lmadda", "adda", "lmadda_paper", "adda_paper", "moments", "self_training",
+                "histogram_matching+self_training", "label_free", "oracle"]
+LAYERED = ("lmadda", "adda", "lmadda_paper", "adda_paper", "moments", "self_training", "histogram_matching+self_training")
 
 
 def _method_label(method: str, layer: int) -> str:
     if method == "label_free":
         return "label-free choice"
     family = method.split(" [")[0]
-    return f"{method} L{layer}" if layer >= 0 and family in ("lmadda", "adda", "lmadda_paper", "adda_paper") else method
+    return f"{method} L{layer}" if layer >= 0 and family in LAYERED else method
+
+
+def _order(method: str) -> int:
+    """Where a method's lines go: its family's place (`adabn:3` beside `adabn`), unknown methods last."""
+    family = method.split(" [")[0].split(":")[0]
+    return METHOD_ORDER.index(family) if family in METHOD_ORDER else len(METHOD_ORDER)
 
 
 def choice_lines(rows: list[dict]) -> list[str]:
@@ -46,15 +55,15 @@ def summary_table(rows: list[dict], metric: str = "pearson") -> str:
     lines = [f"{metric}: mean ± std over test images (* = run flagged collapsed)"]
     for target in targets:
         methods = sorted({(meth, layer) for t, _, meth, layer in stats if t == target},
-                         key=lambda k: (METHOD_ORDER.index(k[0].split(" [")[0]) if k[0].split(" [")[0] in METHOD_ORDER else 99, k[1], k[0]))
-        lines += ["", f"{target}", f"  {'method':20s}" + "".join(f"{m:>18s}" for m in markers)]
+                         key=lambda k: (_order(k[0]), k[1], k[0]))
+        lines += ["", f"{target}", f"  {'method':30s}" + "".join(f"{m:>18s}" for m in markers)]
         for method, layer in methods:
             cells = []
             for marker in markers:
                 entry = stats.get((target, marker, method, layer))
                 text = "" if entry is None else f"{entry[0]:.3f} ± {entry[1]:.3f}" + ("*" if entry[3] else "")
                 cells.append(f"{text:>18s}")
-            lines.append(f"  {_method_label(method, layer):20s}" + "".join(cells))
+            lines.append(f"  {_method_label(method, layer):30s}" + "".join(cells))
     return "\n".join(lines)
 
 

@@ -52,11 +52,12 @@ def save_grid(figure, axes, out: Path) -> Path:
     return _save(figure, out, dpi=90)
 
 
-def stain_panel(domain: str, marker: str, layer: int, images: dict[str, np.ndarray], out: Path, title: str) -> Path:
+def stain_panel(domain: str, marker: str, layer: int | str, images: dict[str, np.ndarray], out: Path, title: str) -> Path:
     """The demo's and the study's sample panel: input, truth, unadapted and adapted stain of one field.
-    `images`: "input", "truth", "unadapted", "adapted", each (H, W)."""
+    `images`: "input", "truth", "unadapted", "adapted", each (H, W); `layer`: LM-ADDA's layer, or the adapted model's label."""
+    label = f"LM-ADDA layer {layer}" if isinstance(layer, int) else layer
     panels = [(f"input ({domain})", images["input"]), (f"truth ({marker})", images["truth"]),
-              ("unadapted", images["unadapted"]), (f"LM-ADDA layer {layer}", images["adapted"])]
+              ("unadapted", images["unadapted"]), (label, images["adapted"])]
     return sample_panel(panels, out, title=title)
 
 

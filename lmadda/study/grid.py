@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import pyarrow.parquet as pq
 
-from lmadda.baselines import build_baseline, parse_baseline
+from lmadda.baselines import build_baseline, is_baseline, parse_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
 from lmadda.data.augment import NuisanceAugmentation
 from lmadda.data.dataset import LoadedImage, load_images
@@ -51,11 +51,9 @@ def candidate_family(method: str) -> str | None:
         return _ADVERSARIAL_FAMILIES[method]
     if method in FAMILIES or method in ROBUST_VARIANTS:
         return method
-    try:
-        _, base, _ = parse_baseline(method)
-    except LmaddaError:
+    if not is_baseline(method) or parse_baseline(method)[1] == "fda":
         return None
-    return None if base == "fda" else method.split(":")[0]
+    return method.split(":")[0]
 
 
 class ImageSource:
