@@ -193,7 +193,11 @@ class Selector:
             from lmadda.domain import predict_and_score
 
             images = self.target_images[:: max(1, len(self.target_images) // 8)][:8]
-            verdicts = [predict_and_score(self.source, self.domain_reference, image.input)[1].verdict for image in images]
+            multiple = self.source.config.multiple
+            # tiles no larger than the image: a padded tile is part mirror image, which the check rightly finds odd
+            tiles = [max(multiple, min(256, *image.input.shape[1:]) // multiple * multiple) for image in images]
+            verdicts = [predict_and_score(self.source, self.domain_reference, image.input, tile=tile)[1].verdict
+                        for image, tile in zip(images, tiles)]
             self._out_of_domain = float(np.mean([verdict != "in_domain" for verdict in verdicts]))
         return self._out_of_domain
 

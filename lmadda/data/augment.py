@@ -106,6 +106,12 @@ class NuisanceAugmentation(BaseModel):
             chains = [[Shift("scale", max(s.magnitude, floor)) if s.name == "scale" else s for s in chain] for chain in chains]
         return [[]] + chains
 
+    def for_validation(self) -> "NuisanceAugmentation":
+        """The augmentation of a robust model's validation fields: one copy each, another draw. A robust model keeps its
+        best epoch by Pearson on the clean validation fields and these copies together: robustness and in-domain
+        accuracy both count, and no target is looked at."""
+        return self.model_copy(update={"seed": self.seed + 1, "copies": 1})
+
     def covers(self, shift: Shift | None) -> bool:
         """Whether this augmentation replays `shift`: it draws that nuisance, over a range holding its magnitude.
         A change of setting (another contrast, another experiment) is never covered: pass its shift, or None."""

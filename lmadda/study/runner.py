@@ -107,9 +107,9 @@ def prepare_source(spec: ExperimentSpec, data: ImageSource, manifest_path: Path,
 def prepare_robust_source(spec: ExperimentSpec, data: ImageSource, manifest_path: Path, out: Path, source_path: Path,
                           log=print) -> Path | None:
     """The robust source model (`robust` in the experiment): the source model fine-tuned on its training fields and
-    their imaging-nuisance copies (lmadda.data.augment). It keeps its best epoch by Pearson on the validation fields
-    *and* their augmented copies (another draw): robustness and in-domain accuracy both count, and no target is
-    looked at. Trained once; reused when its checkpoint exists."""
+    their imaging-nuisance copies (lmadda.data.augment), keeping its best epoch on the validation fields and their
+    augmented copies (`NuisanceAugmentation.for_validation`), as `lmadda train-source` does. Trained once; reused
+    when its checkpoint exists."""
     config = spec.robust_config()
     if config is None:
         return None
@@ -119,9 +119,8 @@ def prepare_robust_source(spec: ExperimentSpec, data: ImageSource, manifest_path
         return path
     config = config.model_copy(update={"manifest": manifest_path, "init_from": source_path})
     augment, markers, seed = config.augment, config.markers, config.seed
-    validation_augment = augment.model_copy(update={"seed": augment.seed + 1, "copies": 1})
     images = (data.load(config.setting, "train", markers, seed=seed, augment=augment),
-              data.load(config.setting, "val", markers, seed=seed + 1, augment=validation_augment))
+              data.load(config.setting, "val", markers, seed=seed + 1, augment=augment.for_validation()))
     log(f"[study:{spec.name}] fine-tuning the robust source model: {config.epochs} epochs on {len(images[0])} fields "
         f"({augment.copies} augmented copies each: {', '.join(augment.nuisances)})")
     result = train_source(config, path, progress=False, data=images)

@@ -148,7 +148,8 @@ def load_source_data(config: SourceTrainConfig) -> tuple[Manifest, list[LoadedIm
     shift = Shift.parse(config.shift) if config.shift else None
     train = load_images(manifest, config.setting, "train", config.markers, shift=shift, percentiles=percentiles, seed=config.seed,
                         augment=config.augment)
-    val = load_images(manifest, config.setting, "val", config.markers, shift=shift, percentiles=percentiles, seed=config.seed + 1)
+    val = load_images(manifest, config.setting, "val", config.markers, shift=shift, percentiles=percentiles, seed=config.seed + 1,
+                      augment=config.augment.for_validation() if config.augment else None)
     return manifest, train, val
 
 
