@@ -37,7 +37,7 @@ from lmadda.data.manifest import Manifest
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.result_rows import TargetDomain
-from lmadda.selector import UNADAPTED, Candidate, Selector
+from lmadda.selector import UNADAPTED, Candidate, Selector, decide
 from lmadda.study.config import StudyConfig
 from lmadda.study.grid import ImageSource
 from lmadda.study.runner import prepare_manifest, prepare_robust_source, prepare_source
@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--targets", nargs="*", help="default: the experiment's grid targets")
     parser.add_argument("--layers", nargs="+", type=int, default=[3])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--families", nargs="+", default=["lmadda", "moments", "self_training", "histogram_matching+self_training"],
+                        help="trained families to run (the cheap candidates always run)")
     parser.add_argument("--moments-lr", type=float, default=1e-4)
     parser.add_argument("--self-training-lr", type=float, default=1e-4)
     parser.add_argument("--out", default="bench/results/adapt_families.jsonl")
@@ -152,6 +154,8 @@ def main() -> None:
                         **self_training_shared, layer=layer, seed=seed, lr=args.self_training_lr, input_correction="histogram_matching")),
                 }
                 for name, make in loops.items():
+                    if name.split(":")[0] not in args.families:
+                        continue
                     result, seconds, steps = _trained(make(), None)
                     if result.collapsed:
                         print(f"  {name} seed {seed}: collapsed ({result.collapse_reason}), not a candidate", flush=True)
@@ -159,18 +163,25 @@ def main() -> None:
                     trained.append(Candidate(f"{name}#s{seed}", result.generator, result.input_correction, family=name.split(":")[0]))
                     measure(trained[-1], seed, seconds, steps)
             candidates = cheap + trained
+            options = spec.selection.options()
+            selector = Selector(source.generator, source_train, target_train, seed=seed, crop_size=options["crop_size"],
+                                crops=options["crops"], domain_reference=source.domain_reference)
+            scores = selector.per_crop(candidates)  # once: every rule below decides on the same per-crop scores
+            score = options["score"]
             for gate in ("domain_check", "output_w1_only"):
-                selector = Selector(source.generator, source_train, target_train, seed=seed, **spec.selection.options(),
-                                    domain_reference=source.domain_reference if gate == "domain_check" else None)
-                choice = selector.choose(candidates)
-                val, test = pearson[choice.chosen]
-                best = max((n for n in pearson if "#" not in n or n.endswith(f"#s{seed}")), key=lambda n: pearson[n][0])
-                write({"kind": "choice", "target": target, "seed": seed, "gate": gate, "chosen": choice.chosen.split("#")[0],
-                       "fell_back": choice.fell_back, "reason": choice.reason, "val_pearson": val, "test_pearson": test,
-                       "best_by_val": best.split("#")[0], "best_val": pearson[best][0], "best_val_test": pearson[best][1],
-                       "unadapted_val": pearson[UNADAPTED][0], "unadapted_test": pearson[UNADAPTED][1],
-                       "out_of_domain": selector.out_of_domain()})
-                print(f"  seed {seed} choice ({gate}): {choice.chosen} val {val:.3f} test {test:.3f}; {choice.reason}", flush=True)
+                for guard in (None, "consensus"):
+                    choice = decide(scores[score], score, floor=selector.floor[score], guard=scores[guard] if guard else None,
+                                    min_win_fraction=options["min_win_fraction"], min_gain=options["min_gain"],
+                                    out_of_domain=selector.out_of_domain() if gate == "domain_check" else 0.0)
+                    val, test = pearson[choice.chosen]
+                    best = max((n for n in pearson if "#" not in n or n.endswith(f"#s{seed}")), key=lambda n: pearson[n][0])
+                    write({"kind": "choice", "target": target, "seed": seed, "gate": gate, "guard": guard,
+                           "chosen": choice.chosen.split("#")[0], "fell_back": choice.fell_back, "reason": choice.reason,
+                           "val_pearson": val, "test_pearson": test, "best_by_val": best.split("#")[0], "best_val": pearson[best][0],
+                           "best_val_test": pearson[best][1], "unadapted_val": pearson[UNADAPTED][0],
+                           "unadapted_test": pearson[UNADAPTED][1], "out_of_domain": selector.out_of_domain()})
+                    print(f"  seed {seed} choice ({gate}, guard {guard}): {choice.chosen} val {val:.3f} test {test:.3f}; {choice.reason}",
+                          flush=True)
 
     by_candidate: dict[tuple, list[float]] = defaultdict(list)
     for line in results.read_text().splitlines():

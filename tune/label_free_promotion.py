@@ -29,7 +29,7 @@ from lmadda.result_rows import TargetDomain
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.selector import UNADAPTED, Candidate, Selector
-from lmadda.study.grid import CANDIDATE_FAMILIES
+from lmadda.study.grid import candidate_family
 from lmadda.study.config import SelectionSpec
 from lmadda.training.auto import CHEAP_CANDIDATES, baseline_candidates, checkpoint_for
 from lmadda_tune.sweep_config import SweepConfig
@@ -43,8 +43,10 @@ def _trial_candidate(client: MlflowClient, run, folder: Path, artifact_dir: str)
     params = run.data.params
     method = params.get("method") or "lmadda"  # trial runs of sweeps before the study's params name no method
     paper = "/paper" if method.endswith("_paper") else ""
-    name = f"lmadda:{params.get('matched') or params.get('layer')}@{float(params.get('lr')):g}/seed{params.get('seed')}{paper}"
-    return Candidate(name, checkpoint.generator, family=CANDIDATE_FAMILIES.get(method, "lmadda")), checkpoint
+    family = candidate_family(method) or "lmadda"
+    prefix = "moments" if family == "moments" else "lmadda"
+    name = f"{prefix}:{params.get('matched') or params.get('layer')}@{float(params.get('lr')):g}/seed{params.get('seed')}{paper}"
+    return Candidate(name, checkpoint.generator, family=family), checkpoint
 
 
 def choose_per_target(client: MlflowClient, runs: list, sweep: SweepConfig, artifact_dir: str, log=print) -> dict[str, dict]:
@@ -70,7 +72,8 @@ def choose_per_target(client: MlflowClient, runs: list, sweep: SweepConfig, arti
                 candidate, checkpoint = _trial_candidate(client, run, Path(folder), artifact_dir)
                 candidates.append(candidate)
                 trials[candidate.name] = (run, checkpoint)
-            choice = Selector(source.generator, source_train, target_train, **options).choose(candidates)
+            choice = Selector(source.generator, source_train, target_train, domain_reference=source.domain_reference,
+                              **options).choose(candidates)
             run, checkpoint = trials.get(choice.chosen, (None, None))
             checkpoint = checkpoint_for(source, choice, candidates, target, checkpoint, target_images=target_train)
             log(f"[promote] {target}: label-free choice {choice.chosen} ({choice.reason})")
@@ -90,7 +93,7 @@ def labelled_view(candidates: list[Candidate], chosen: str, manifest: Manifest, 
     scores = {c.name: float(np.nanmean([r["pearson"] for r in evaluate_generator(c.generator, images, source.markers,
                                                                                    input_transform=c.input_transform)]))
               for c in candidates}
-    trials = {name: value for name, value in scores.items() if name.startswith("lmadda:")}
+    trials = {name: value for name, value in scores.items() if name.startswith(("lmadda:", "moments:"))}
     best_trial = max(trials, key=trials.get) if trials else None
     parts = [f"chosen ({chosen}) {scores[chosen]:.3f}", f"unadapted {scores[UNADAPTED]:.3f}"]
     parts += [f"{name} {scores[name]:.3f}" for name in CHEAP_CANDIDATES]
