@@ -1,8 +1,9 @@
 """The demo study on the embedded simulated data (what `make demo` runs).
 
 simulate data -> train a small source model (phase contrast -> DAPI and CD29-like) -> evaluate it
-unadapted on bright field and on overexposed phase contrast -> baselines and composites -> LM-ADDA
-at a few layers including the last (ADDA), moment matching and self-training at the early cut ->
+unadapted on bright field and on overexposed phase contrast -> a robust source model fine-tuned with
+imaging-nuisance augmentation -> baselines and composites -> LM-ADDA at a few layers including the
+last (ADDA) and moment matching at the early cut ->
 the label-free choice among all of them -> table, plots and a sample panel of the chosen model. Every
 stage reuses what an earlier run left in the output folder, so an interrupted demo resumes.
 """
@@ -16,7 +17,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmadda.baselines import build_baseline, input_correction, is_baseline
-from lmadda.checkpoint import load_checkpoint
+from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
+from lmadda.data.augment import NuisanceAugmentation
 from lmadda.data.contact_sheet import contact_sheet
 from lmadda.data.dataset import target_from_model_range, load_images
 from lmadda.data.manifest import Manifest
@@ -26,7 +28,7 @@ from lmadda.inference import predict_tiled
 from lmadda.report import choice_lines, summary_table, write_report
 from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.result_rows import TargetDomain
-from lmadda.study.grid import run_grid
+from lmadda.study.grid import ROBUST_VARIANTS, run_grid
 from lmadda.study.config import Grid, SelectionSpec
 from lmadda.training.source import SourceTrainConfig, train_source
 
@@ -47,10 +49,13 @@ class DemoConfig(BaseModel):
     layers: list[int] = Field(default_factory=lambda: [0, 3, 15])
     adapt_steps: int = Field(150, ge=1)
     adapt_lr: float = Field(2e-5, gt=0)
-    # the other families at the early cut, and the corrections that need no training (lmadda.training.families)
-    families: list[str] = Field(default_factory=lambda: ["lmadda", "moments", "self_training"])
+    # the other families at the early cut, and the corrections that need no training (lmadda.training.families);
+    # self-training is left out here: it cost 6x LM-ADDA's time per step and gained nothing on validation fields (docs/method.md)
+    families: list[str] = Field(default_factory=lambda: ["lmadda", "moments"])
     family_layers: list[int] = Field(default_factory=lambda: [3])
     baselines: list[str] = Field(default_factory=lambda: ["adabn", "histogram_matching", "fda", "adabn:3", "histogram_matching+adabn:3"])
+    robust_epochs: int = Field(6, ge=0, description="fine-tune a robust source model with imaging-nuisance augmentation for this "
+                                                    "many epochs, a candidate of the choice (0: none)")
     paper: bool = Field(False, description="also adapt with ADDA as published (one Adam setting, no gate; the study always runs it)")
     oracle: bool = Field(False, description="also train an oracle on target pairs for each target (costs one source training each)")
 
@@ -78,6 +83,7 @@ def run_demo(config: DemoConfig, log=print) -> Path:
         result = train_source(source_config, source_path)
         log(f"[demo] source model: best validation Pearson {result.best_val_pearson:.3f} ({result.seconds:.0f} s) -> {source_path}")
     source = load_checkpoint(source_path)
+    robust = _robust_source(config, source_config, source_path, out, log)
 
     domains = [TargetDomain.parse(t) for t in config.targets]
     grid = Grid(targets=[domain.name for domain in domains], layers=config.layers, lrs=[config.adapt_lr], seeds=[config.seed],
@@ -85,7 +91,7 @@ def run_demo(config: DemoConfig, log=print) -> Path:
     rows = run_grid(source, manifest, domains, grid.points(source.generator.num_layers), {"steps": config.adapt_steps},
                     seed=config.seed, source_setting="phase_contrast", out=out, baselines=tuple(config.baselines),
                     selector_options=SelectionSpec().options(),
-                    oracle=source_config if config.oracle else None, save_models=True, log=log)
+                    oracle=source_config if config.oracle else None, robust=robust, save_models=True, log=log)
     log("")
     log(summary_table(rows))
     log("")
@@ -98,9 +104,26 @@ def run_demo(config: DemoConfig, log=print) -> Path:
     for path in write_report(rows, out / "report"):
         log(f"[demo] wrote {path}")
     for domain in domains:
-        log(f"[demo] sample panel: {_panel(source, manifest, domain, rows, out, config.seed)}")
+        log(f"[demo] sample panel: {_panel(source, robust, manifest, domain, rows, out, config.seed)}")
     log(f"[demo] done in {time.perf_counter() - start:.0f} s; results in {out}/results.parquet, figures in {out}/report/")
     return out
+
+
+def _robust_source(config: DemoConfig, source_config: SourceTrainConfig, source_path: Path, out: Path, log) -> GeneratorCheckpoint | None:
+    """The source model fine-tuned on augmented copies of its training fields (lmadda.data.augment): what a lab would
+    train instead of adapting, and a candidate of the label-free choice. Reused when it exists."""
+    if not config.robust_epochs:
+        return None
+    path = out / "models" / "source_robust.pt"
+    if path.exists():
+        log(f"[demo] reusing robust source model {path}")
+    else:
+        robust_config = source_config.model_copy(update={"epochs": config.robust_epochs, "init_from": source_path,
+                                                         "augment": NuisanceAugmentation(min_size=config.size)})
+        result = train_source(SourceTrainConfig.model_validate(robust_config.model_dump()), path)
+        log(f"[demo] robust source model: best validation Pearson {result.best_val_pearson:.3f} on clean and augmented fields "
+            f"({result.seconds:.0f} s) -> {path}")
+    return load_checkpoint(path)
 
 
 def domain_lines(source, manifest: Manifest, domains: list[TargetDomain]) -> list[str]:
@@ -121,13 +144,14 @@ def domain_lines(source, manifest: Manifest, domains: list[TargetDomain]) -> lis
     return lines
 
 
-def _chosen_model(name: str, source, manifest: Manifest, domain: TargetDomain, seed: int, out: Path):
-    """The (generator, input transform) of the label-free choice `name`: a correction is built again (cheap, seeded as
-    the study builds it), an adapted model is read from the file `run_grid` saved it to."""
-    if is_baseline(name):
+def _chosen_model(name: str, source, robust, manifest: Manifest, domain: TargetDomain, seed: int, out: Path):
+    """The (generator, input transform) of the label-free choice `name`: a correction (of the source or the robust
+    model) is built again (cheap, seeded as the study builds it), an adapted model is read from the file `run_grid` saved."""
+    if is_baseline(name) or name in ROBUST_VARIANTS:
+        model, baseline = (robust, ROBUST_VARIANTS[name]) if name in ROBUST_VARIANTS else (source, name)
         source_train = load_images(manifest, "phase_contrast", "train", percentiles=source.percentiles)
         target_train = load_images(manifest, domain.setting, "train", shift=domain.shift, percentiles=source.percentiles, seed=seed)
-        return build_baseline(name, source.generator, source_train, target_train, seed=seed)
+        return build_baseline(baseline, model.generator, source_train, target_train, seed=seed)
     method, _, rest = name.partition(":")
     layer = int(rest.split("@")[0])
     recipe = "_paper" if method.endswith("_paper") else ""
@@ -136,11 +160,11 @@ def _chosen_model(name: str, source, manifest: Manifest, domain: TargetDomain, s
     return model.generator, input_correction(model.metadata)
 
 
-def _panel(source, manifest: Manifest, domain: TargetDomain, rows: list[dict], out: Path, seed: int) -> Path:
+def _panel(source, robust, manifest: Manifest, domain: TargetDomain, rows: list[dict], out: Path, seed: int) -> Path:
     """Input / truth / unadapted / the label-free choice, first marker, first test field: what a lab would get."""
     marker = source.markers[0]
     chosen = next(r["chosen"] for r in rows if r["target"] == domain.name and r["method"] == "label_free")
-    generator, transform = _chosen_model(chosen, source, manifest, domain, seed, out)
+    generator, transform = _chosen_model(chosen, source, robust, manifest, domain, seed, out)
     image = load_images(manifest, domain.setting, "test", source.markers, shift=domain.shift, percentiles=source.percentiles,
                         seed=seed + 7)[0]
     unadapted = target_from_model_range(predict_tiled(source.generator, image.input))[0]
