@@ -252,25 +252,23 @@ class ExperimentSpec(_Strict):
         return self._typed(AdaptConfig, "adapt", {**self.adapt, "layer": [0]})
 
     def oracle_config(self) -> SourceTrainConfig | None:
-        if self.oracle is None:
-            return None
-        fixed = {"manifest", "setting", "markers", "shift", "init_from", "ngf", "depth"} & set(self.oracle)
-        if fixed:
-            raise ValueError(f"experiment {self.name}: oracle.{sorted(fixed)[0]} is fixed: the oracle is the source model "
-                             "fine-tuned on each target's pairs; remove it from oracle (set ngf/depth in source.train)")
-        source = self.source_train_config()
-        return self._typed(SourceTrainConfig, "oracle", {**source.model_dump(), **self.oracle})
+        return self._from_source("oracle", self.oracle, "the oracle is the source model fine-tuned on each target's pairs")
 
     def robust_config(self) -> SourceTrainConfig | None:
         """The robust source model's training: the source's options, then `robust`'s, with the augmentation on."""
-        if self.robust is None:
+        return self._from_source("robust", self.robust, "the robust model is the source model fine-tuned on augmented source "
+                                 "pairs", {"augment": {}})
+
+    def _from_source(self, where: str, options: dict | None, what: str, defaults: dict | None = None) -> SourceTrainConfig | None:
+        """A model fine-tuned from the source model (the oracle, the robust model): the source's training options, then
+        `defaults`, then its own; what makes it the source's fine-tuning is fixed."""
+        if options is None:
             return None
-        fixed = {"manifest", "setting", "markers", "shift", "init_from", "ngf", "depth"} & set(self.robust)
+        fixed = {"manifest", "setting", "markers", "shift", "init_from", "ngf", "depth"} & set(options)
         if fixed:
-            raise ValueError(f"experiment {self.name}: robust.{sorted(fixed)[0]} is fixed: the robust model is the source model "
-                             "fine-tuned on augmented source pairs; remove it from robust")
-        source = self.source_train_config()
-        return self._typed(SourceTrainConfig, "robust", {**source.model_dump(), "augment": {}, **self.robust})
+            raise ValueError(f"experiment {self.name}: {where}.{sorted(fixed)[0]} is fixed: {what}; remove it from {where} "
+                             "(set ngf/depth in source.train)")
+        return self._typed(SourceTrainConfig, where, {**self.source_train_config().model_dump(), **(defaults or {}), **options})
 
     @property
     def multiple(self) -> int:

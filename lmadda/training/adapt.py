@@ -483,18 +483,23 @@ class Adapter:
         self.target_batches = endless(self.target_crops, config.batch_size, config.seed + 1, self.sampler_factory, skip=self.step_number)
 
     def finish(self) -> AdaptResult:
-        generator = copy.deepcopy(self.target_generator).cpu().eval()
-        for parameter in generator.parameters():
-            parameter.requires_grad_(False)
-        self.result.generator = generator
-        # The adapted model's domain is the target's: every fourth target image holds out for its thresholds.
-        held_out = self.target_images[::4] if len(self.target_images) >= 4 else None
-        rest = [image for index, image in enumerate(self.target_images) if held_out is None or index % 4]
-        try:
-            self.result.domain_reference = reference_from_images(generator, rest, held_out, domain="target")
-        except LmaddaError:  # a diverged run (flagged collapsed): saved as it is, but its features describe no domain
-            self.result.domain_reference = None
-        return self.result
+        return finish_result(self.result, self.target_generator, self.target_images)
+
+
+def finish_result(result: AdaptResult, trained: UNetGenerator, target_images: list[LoadedImage]) -> AdaptResult:
+    """`result` with a frozen CPU copy of the `trained` generator and that model's domain reference: the target's,
+    every fourth target image held out for its thresholds (every family's loop ends here)."""
+    generator = copy.deepcopy(trained).cpu().eval()
+    for parameter in generator.parameters():
+        parameter.requires_grad_(False)
+    result.generator = generator
+    held_out = target_images[::4] if len(target_images) >= 4 else None
+    rest = [image for index, image in enumerate(target_images) if held_out is None or index % 4]
+    try:
+        result.domain_reference = reference_from_images(generator, rest, held_out, domain="target")
+    except LmaddaError:  # a diverged run (flagged collapsed): saved as it is, but its features describe no domain
+        result.domain_reference = None
+    return result
 
 
 def adapt(

@@ -41,10 +41,9 @@ from lmadda.baselines import HistogramMatcher
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage, UnpairedCrops
 from lmadda.device import resolve_device
-from lmadda.domain import reference_from_images
 from lmadda.errors import LmaddaError
 from lmadda.models.generator import UNetGenerator
-from lmadda.training.adapt import AdaptResult
+from lmadda.training.adapt import AdaptResult, finish_result
 from lmadda.training.common import autocast_for, endless, seed_everything
 
 
@@ -225,14 +224,4 @@ class SelfTrainer:
         return self.step_number >= self.config.steps or self.stopped or self.result.collapsed
 
     def finish(self) -> AdaptResult:
-        generator = copy.deepcopy(self.teacher).cpu().eval()
-        for parameter in generator.parameters():
-            parameter.requires_grad_(False)
-        self.result.generator = generator
-        held_out = self.target_images[::4] if len(self.target_images) >= 4 else None
-        rest = [image for index, image in enumerate(self.target_images) if held_out is None or index % 4]
-        try:
-            self.result.domain_reference = reference_from_images(generator, rest, held_out, domain="target")
-        except LmaddaError:
-            self.result.domain_reference = None
-        return self.result
+        return finish_result(self.result, self.teacher, self.target_images)  # the teacher is the adapted model
