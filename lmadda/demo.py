@@ -23,12 +23,12 @@ from lmadda.data.contact_sheet import contact_sheet
 from lmadda.data.dataset import target_from_model_range, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
-from lmadda.domain import predict_and_score
+from lmadda.domain import fitting_tile, predict_and_score
 from lmadda.inference import predict_tiled
 from lmadda.report import choice_lines, summary_table, write_report
 from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.result_rows import TargetDomain
-from lmadda.study.grid import ROBUST_VARIANTS, run_grid
+from lmadda.study.grid import ROBUST_VARIANTS, model_file_name, run_grid
 from lmadda.study.config import Grid, SelectionSpec
 from lmadda.training.source import SourceTrainConfig, train_source
 
@@ -136,9 +136,7 @@ def domain_lines(source, manifest: Manifest, domains: list[TargetDomain]) -> lis
              f"{source.domain_reference.thresholds[1]:.2f}, set on held-out {source.setting} fields):"]
     for name, setting, shift in [(source.setting, source.setting, None), *((d.name, d.setting, d.shift) for d in domains)]:
         image = load_images(manifest, setting, "test", source.markers, shift=shift, percentiles=source.percentiles)[0]
-        # tiles no larger than the field: a padded tile is part mirror image, which the check rightly finds odd
-        multiple = source.generator.config.multiple
-        tile = max(multiple, min(256, *image.input.shape[1:]) // multiple * multiple)
+        tile = fitting_tile(image.input.shape, source.generator.config.multiple)
         _, domain = predict_and_score(source.generator, source.domain_reference, image.input, tile=tile)
         lines.append(f"  {name:<34} field {image.field}: score {domain.score:5.2f} -> {domain.verdict}")
     return lines
@@ -154,9 +152,9 @@ def _chosen_model(name: str, source, robust, manifest: Manifest, domain: TargetD
         return build_baseline(baseline, model.generator, source_train, target_train, seed=seed)
     method, _, rest = name.partition(":")
     layer = int(rest.split("@")[0])
-    recipe = "_paper" if method.endswith("_paper") else ""
-    family = "" if method in ("lmadda", "adda", "lmadda_paper", "adda_paper") else f"_{method.replace('+', '_')}"
-    model = load_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{layer:02d}{recipe}{family}.pt")
+    recipe = "paper" if method.endswith("_paper") else "lmadda"
+    family = "lmadda" if method in ("lmadda", "adda", "lmadda_paper", "adda_paper") else method
+    model = load_checkpoint(out / "models" / model_file_name(domain.name, layer, recipe, family))
     return model.generator, input_correction(model.metadata)
 
 

@@ -345,6 +345,12 @@ def tiled(generator: UNetGenerator, image: np.ndarray, layers: list[int], *, til
     return prediction, forward.features()
 
 
+def fitting_tile(shape: tuple[int, ...], multiple: int, largest: int = 256) -> int:
+    """The domain check's tile for an image of (..., H, W) `shape`: no larger than the image, since a padded tile is
+    part mirror image, which the check rightly finds odd; a multiple of the model's 2**depth."""
+    return max(multiple, min(largest, *shape[-2:]) // multiple * multiple)
+
+
 def predict_and_score(generator: UNetGenerator, reference: DomainReference, image: np.ndarray, *, tile: int = 256,
                       overlap: float = 0.25, batch_size: int = 8, device: torch.device | str | None = None,
                       progress: str | None = None) -> tuple[np.ndarray, DomainScore]:

@@ -190,14 +190,12 @@ class Selector:
         if self.domain_reference is None:
             return 0.0
         if self._out_of_domain is None:
-            from lmadda.domain import predict_and_score
+            from lmadda.domain import fitting_tile, predict_and_score
 
             images = self.target_images[:: max(1, len(self.target_images) // 8)][:8]
             multiple = self.source.config.multiple
-            # tiles no larger than the image: a padded tile is part mirror image, which the check rightly finds odd
-            tiles = [max(multiple, min(256, *image.input.shape[1:]) // multiple * multiple) for image in images]
-            verdicts = [predict_and_score(self.source, self.domain_reference, image.input, tile=tile)[1].verdict
-                        for image, tile in zip(images, tiles)]
+            verdicts = [predict_and_score(self.source, self.domain_reference, image.input,
+                                          tile=fitting_tile(image.input.shape, multiple))[1].verdict for image in images]
             self._out_of_domain = float(np.mean([verdict != "in_domain" for verdict in verdicts]))
         return self._out_of_domain
 

@@ -128,6 +128,13 @@ class ResultTable:
                    and (matched is None or r.get("matched") == matched) for r in self.rows)
 
 
+def model_file_name(domain: str, layer: int, recipe: str = "lmadda", family: str = "lmadda") -> str:
+    """The file `run_grid(save_models=True)` keeps an adapted model in, under `out`/models (the demo reads it back)."""
+    paper = "_paper" if recipe == "paper" else ""
+    suffix = "" if family == "lmadda" else f"_{family.replace('+', '_')}"
+    return f"{domain.replace(':', '_')}_layer{layer:02d}{paper}{suffix}.pt"
+
+
 def candidate_name(method: str, matched: str, lr: float | None) -> str:
     """How a model is named among the label-free candidates: 'lmadda:3@2e-05', 'adda_paper:15@0.0002'."""
     return f"{method}:{matched}@{lr:g}"
@@ -272,9 +279,7 @@ def run_grid(
             log_model(method, trial.rows, tags)
             if save_models and out is not None and len(point.layers) == 1:
                 checkpoint = result.checkpoint(source, config, domain.name, target=domain.name)
-                recipe = "_paper" if point.recipe == "paper" else ""
-                family = "" if point.family == "lmadda" else f"_{point.family.replace('+', '_')}"
-                save_checkpoint(out / "models" / f"{domain.name.replace(':', '_')}_layer{layer:02d}{recipe}{family}.pt", checkpoint)
+                save_checkpoint(out / "models" / model_file_name(domain.name, layer, point.recipe, point.family), checkpoint)
 
         if choose and selection is not None and not table.has_choice(domain.name, seed):
             selector = selector or make_selector()

@@ -29,7 +29,7 @@ from lmadda.registry_names import alias_for
 from lmadda.result_rows import CRITERION_PREFIX, TargetDomain, adaptation_method, matched_name, tag_rows
 from lmadda.selection import SelectionProbe
 from lmadda.training.adapt import PAPER_RECIPE, AdaptConfig, AdaptResult, Adapter, run_steps
-from lmadda.training.families import FamilyConfig, Loop, check_family, family_config
+from lmadda.training.families import MOMENT_OPTIONS, FamilyConfig, Loop, check_family, family_config
 
 # The options the published recipe fixes (lmadda.training.adapt.PAPER_RECIPE): a paper point drops them from the
 # grid's shared adaptation options, so the recipe's own values hold.
@@ -90,7 +90,7 @@ class GridPoint:
         if self.recipe == "paper":
             return {**{k: v for k, v in shared.items() if k not in PAPER_FIXED}, "recipe": "paper", "layer": list(self.layers),
                     "seed": self.seed}
-        extra = {"adversary": "moments", "input_correction": None} if self.family == "moments" else {}
+        extra = MOMENT_OPTIONS if self.family == "moments" else {}
         return {**shared, "layer": list(self.layers), "lr": self.lr, "seed": self.seed, **extra}
 
     def config(self, shared: Mapping[str, Any]) -> FamilyConfig:

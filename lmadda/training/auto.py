@@ -23,10 +23,9 @@ from lmadda.baselines import HistogramMatcher, build_baseline
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage
 from lmadda.domain import reference_from_images
-from lmadda.errors import LmaddaError
 from lmadda.selector import UNADAPTED, Candidate, Choice, Selector
 from lmadda.training.adapt import AdaptConfig, adapt, run_steps
-from lmadda.training.families import FAMILIES, FamilyConfig, family_config, make_loop
+from lmadda.training.families import FAMILIES, FamilyConfig, check_family, family_config, make_loop
 
 CHEAP_CANDIDATES = ("adabn", "histogram_matching")  # what a checkpoint can carry; FDA needs source images at run time
 
@@ -112,9 +111,8 @@ def family_runs(source: GeneratorCheckpoint, config: AdaptConfig, layers: list[i
 def adapt_and_choose(source: GeneratorCheckpoint, source_images: list[LoadedImage], target_images: list[LoadedImage],
                      config: AdaptConfig, target_setting: str, *, layers: list[int] | None = None, selector_options: dict | None = None,
                      families: tuple[str, ...] = FAMILIES, progress: bool = True, log: Callable[[str], None] = print) -> AutoResult:
-    unknown = set(families) - set(FAMILIES)
-    if unknown:
-        raise LmaddaError(f"unknown adaptation families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+    for family in families:
+        check_family(family)
     layers = layers or auto_layers(source.generator.num_layers)
     candidates = baseline_candidates(source, source_images, target_images, seed=config.seed)
     adapted, checkpoints = {}, {}

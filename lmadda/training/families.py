@@ -28,6 +28,10 @@ FAMILY_LR = {"moments": 1e-4, "self_training": 1e-4, "histogram_matching+self_tr
 # What self-training takes from the grid's shared (LM-ADDA) options: the budget, not the adversary's settings.
 SHARED_WITH_SELF_TRAINING = ("steps", "batch_size", "crop_size", "device", "precision", "log_every")
 
+# What turns an LM-ADDA config into moment matching: no discriminator, and no input correction (its own
+# composite is not a family here).
+MOMENT_OPTIONS = {"adversary": "moments", "input_correction": None}
+
 FamilyConfig = Union[AdaptConfig, SelfTrainConfig]
 Loop = Union[Adapter, SelfTrainer]
 
@@ -45,7 +49,7 @@ def family_config(family: str, shared: Mapping[str, Any], layer: int, seed: int,
     if family in ("lmadda", "moments"):
         options = {**shared, "layer": [layer], "seed": seed, **({"lr": lr} if lr is not None else {})}
         if family == "moments":
-            options.update(adversary="moments", input_correction=None)
+            options.update(MOMENT_OPTIONS)
         return AdaptConfig.model_validate(options)
     options = {k: v for k, v in shared.items() if k in SHARED_WITH_SELF_TRAINING}
     correction = "histogram_matching" if family.startswith("histogram_matching+") else None
