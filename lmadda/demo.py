@@ -30,6 +30,7 @@ from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.result_rows import TargetDomain
 from lmadda.study.grid import ROBUST_VARIANTS, model_file_name, run_grid
 from lmadda.study.config import Grid, SelectionSpec
+from lmadda.training.robust import admit_robust
 from lmadda.training.source import SourceTrainConfig, train_source
 
 
@@ -84,6 +85,12 @@ def run_demo(config: DemoConfig, log=print) -> Path:
         log(f"[demo] source model: best validation Pearson {result.best_val_pearson:.3f} ({result.seconds:.0f} s) -> {source_path}")
     source = load_checkpoint(source_path)
     robust = _robust_source(config, source_config, source_path, out, log)
+    robust_admitted = True
+    if robust is not None:
+        validation = load_images(manifest, "phase_contrast", "val", config.markers, percentiles=source.percentiles)
+        admission = admit_robust(source.generator, robust.generator, validation, config.markers)
+        log(f"[demo] {admission.reason}")
+        robust_admitted = admission.admitted
 
     domains = [TargetDomain.parse(t) for t in config.targets]
     grid = Grid(targets=[domain.name for domain in domains], layers=config.layers, lrs=[config.adapt_lr], seeds=[config.seed],
@@ -91,7 +98,8 @@ def run_demo(config: DemoConfig, log=print) -> Path:
     rows = run_grid(source, manifest, domains, grid.points(source.generator.num_layers), {"steps": config.adapt_steps},
                     seed=config.seed, source_setting="phase_contrast", out=out, baselines=tuple(config.baselines),
                     selector_options=SelectionSpec().options(),
-                    oracle=source_config if config.oracle else None, robust=robust, save_models=True, log=log)
+                    oracle=source_config if config.oracle else None, robust=robust, robust_admitted=robust_admitted,
+                    save_models=True, log=log)
     log("")
     log(summary_table(rows))
     log("")

@@ -1,6 +1,9 @@
 """The adaptation families beyond LM-ADDA: self-training, moment matching, layer-limited AdaBN, composites,
 and the imaging-nuisance augmentation of the robust source model."""
 
+import copy
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +237,43 @@ def test_every_family_is_a_selector_candidate_and_a_checkpoint_that_stains(tmp_p
         assert ("input_correction" in loaded.metadata) == corrected, name
         stain = VirtualStainer(loaded, "cpu").stain(pixels, tile=32)
         assert stain.shape[-2:] == pixels.shape[-2:] and np.isfinite(stain).all(), name
+
+
+def _broken_copy(checkpoint: GeneratorCheckpoint) -> GeneratorCheckpoint:
+    """A robust model that unlearned the source: its last layer paints a constant."""
+    generator = copy.deepcopy(checkpoint.generator)
+    with torch.no_grad():
+        for parameter in generator.layers[-1].parameters():
+            parameter.zero_()
+    return GeneratorCheckpoint(generator=generator, markers=checkpoint.markers, setting=checkpoint.setting,
+                               percentiles=checkpoint.percentiles)
+
+
+def test_robust_admission_takes_a_model_as_good_in_domain_and_refuses_one_that_forgot_the_source(tiny_synth, tiny_source):
+    from lmadda.training.robust import admit_robust
+
+    source = load_checkpoint(tiny_source)
+    validation = load_images(tiny_synth, "phase_contrast", "val", source.markers, percentiles=source.percentiles)
+    same = admit_robust(source.generator, copy.deepcopy(source.generator), validation, source.markers)
+    assert same.admitted and same.robust_validation == pytest.approx(same.plain_validation)
+    broken = admit_robust(source.generator, _broken_copy(source).generator, validation, source.markers)
+    assert not broken.admitted and "refused" in broken.reason and "augment" in broken.reason
+    assert broken.as_dict()["admitted"] is False
+
+
+def test_a_refused_robust_model_is_measured_but_never_seen_by_the_selector(tiny_synth, tiny_source, tmp_path):
+    from lmadda.result_rows import TargetDomain
+    from lmadda.study.config import SelectionSpec
+    from lmadda.study.grid import ROBUST_VARIANTS, run_grid
+
+    source = load_checkpoint(tiny_source)
+    target = "phase_contrast+overexposure:3"
+    options = dict(seed=0, source_setting="phase_contrast", out=tmp_path, baselines=("adabn",), progress=False, log=lambda *_: None,
+                   selector_options=SelectionSpec(crops=4, crop_size=64).options())
+    rows = run_grid(source, tiny_synth, [TargetDomain.parse(target)], [], {"device": "cpu"}, robust=_broken_copy(source),
+                    robust_admitted=False, **options)
+    assert set(ROBUST_VARIANTS) <= {r["method"] for r in rows if r["target"] == target}  # measured and reported
+    observed = {p.stem for p in (tmp_path / "selection" / "phase_contrast+overexposure_3" / "seed0").glob("*.npz")}
+    assert observed and not observed & set(ROBUST_VARIANTS)
+    choice = json.loads((tmp_path / "selection" / "phase_contrast+overexposure_3" / "seed0" / "choice.json").read_text())
+    assert choice["chosen"] not in ROBUST_VARIANTS

@@ -65,7 +65,7 @@ def test_study_runs_logs_to_mlflow_writes_the_document_and_reruns_nothing(tmp_pa
                                       "figures": str(tmp_path / "docs" / "study"), **_config()}))
     assert main(["study", "--config", str(config)]) == 0
     uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
-    models, profiles, artifacts = read_study(uri, experiment_name(build_config(StudyConfig, config).experiments[0]))
+    models, profiles, artifacts, facts = read_study(uri, experiment_name(build_config(StudyConfig, config).experiments[0]))
     methods = {(m["target"], m["method"]) for m in models}
     for target in ("phase_contrast+overexposure:3", "bright_field"):
         assert {(target, m) for m in ("unadapted", "adabn", "histogram_matching", "fda", "lmadda", "adda", "lmadda_multi", "oracle")} <= methods
@@ -321,7 +321,7 @@ def test_study_runs_every_family_and_the_robust_source_as_candidates_of_the_one_
             "robust", "robust+adabn", "robust+histogram_matching", "label_free"} <= methods
     assert {m["method"] for m in models if m["target"] == "source"} == {"unadapted", "robust"}
     observed = {p.stem for p in (tmp_path / "out" / "tiny" / "selection" / "phase_contrast+overexposure_3" / "seed0").glob("*.npz")}
-    assert {"unadapted", "adabn:2", "robust", "robust+adabn", "moments:2@0.0001", "self_training:2@0.0001",
+    assert {"unadapted", "adabn:2", "moments:2@0.0001", "self_training:2@0.0001",
             "histogram_matching+self_training:2@0.0001", "lmadda:2@2e-05"} <= observed
     assert "fda" not in observed  # needs source images at run time: reported, never chosen
     assert (tmp_path / "out" / "tiny" / "models" / "source_robust.pt").is_file()
@@ -330,4 +330,8 @@ def test_study_runs_every_family_and_the_robust_source_as_candidates_of_the_one_
     assert {"moments", "self_training", "lmadda", "adabn", "robust", "robust+adabn"} <= set(record["families"])
     assert record["best_family"] in record["families"] and record["covered"] is True  # overexposure x3 lies in the default gain range
     assert record["robust_in_domain_cost"] is not None
+    admission = record["robust_admission"]  # measured on the source's validation fields; decides what the selector sees
+    assert admission["admitted"] == (admission["robust"] >= admission["plain"] - 0.01)
+    robust_observed = {"robust", "robust+adabn", "robust+histogram_matching"} & observed
+    assert robust_observed == ({"robust", "robust+adabn", "robust+histogram_matching"} if admission["admitted"] else set())
     assert "### Who wins where: every family" in (tmp_path / "docs" / "study.md").read_text()

@@ -2,8 +2,6 @@
 bars, and the claims of "What held up", each decided from the numbers. Nothing here writes prose or
 draws; `lmadda.study.document` renders these, and tests check them as values.
 
-The records, one per (experiment, target), Pearson averaged over markers, test images and seeds:
-
 One record per (experiment, target), Pearson averaged over markers, test images and seeds:
 
     experiment, target, seeds
@@ -15,6 +13,8 @@ One record per (experiment, target), Pearson averaged over markers, test images 
     best_family                             the family of the best of those
     covered    whether the robust source's augmentation replays this target's shift (null: no robust model)
     robust_in_domain_cost                   source model's in-domain Pearson minus the robust model's
+    robust_admission   {plain, robust, admitted}   both models on the source's validation fields, and whether the
+                                            robust rows were candidates (lmadda.training.robust); null: not measured
 
 A family (`family_of`) groups the methods that adapt the same way: LM-ADDA at any layer (`lmadda`,
 ADDA included), ADDA as published, moment matching, self-training (alone and after histogram
@@ -71,10 +71,15 @@ def family_of(method: str) -> str | None:
     return method.split(":")[0]
 
 
-def summary_records(experiment: str, models: list[dict], augment=None) -> list[dict]:
+def summary_records(experiment: str, models: list[dict], augment=None, facts: dict[str, float] | None = None) -> list[dict]:
     """`models`: the experiment's model runs as `read_study` returns them (one per model, `pearson` marker-averaged);
-    `augment`: the robust source model's augmentation (lmadda.data.augment.NuisanceAugmentation), or None."""
+    `augment`: the robust source model's augmentation (lmadda.data.augment.NuisanceAugmentation), or None;
+    `facts`: the experiment run's metrics (`robust_*`: the robust model's admission, lmadda.training.robust)."""
     records = []
+    facts = facts or {}
+    admission = None if "robust_admitted" not in facts else {
+        "plain": _json_number(facts["robust_plain_validation"]), "robust": _json_number(facts["robust_robust_validation"]),
+        "admitted": bool(facts["robust_admitted"])}
     in_domain = {method: _mean(m["pearson"] for m in models if m["target"] == "source" and m["method"] == method)
                  for method in ("unadapted", "robust")}
     robust_cost = in_domain["unadapted"] - in_domain["robust"]
@@ -125,6 +130,7 @@ def summary_records(experiment: str, models: list[dict], augment=None) -> list[d
             "best_family": best_family,
             "covered": None if augment is None else augment.covers(TargetDomain.parse(target).shift),
             "robust_in_domain_cost": _json_number(robust_cost),
+            "robust_admission": admission,
         })
     return records
 
@@ -183,6 +189,7 @@ class Bars:
     ceilings: dict[str, float | None] = field(default_factory=dict)
     ceiling: Bar | None = None  # the best single candidate with labels recovers >= CEILING_BAR
     robust_cost: dict[str, float] = field(default_factory=dict)  # experiment -> in-domain Pearson the robust model gives up
+    robust_admission: dict[str, dict] = field(default_factory=dict)  # experiment -> validation Pearsons and whether admitted
 
     @property
     def beyond_reach(self) -> list[str]:
@@ -210,6 +217,7 @@ def bars(records: list[dict]) -> Bars | None:
         ceilings={_name(r): labelled_recovery(r) for r in missed},
         ceiling=Bar(len(high), len(gapped), need, tuple(_name(r) for r in gapped if r not in high)),
         robust_cost=costs,
+        robust_admission={r["experiment"]: r["robust_admission"] for r in records if r.get("robust_admission")},
     )
 
 

@@ -59,8 +59,12 @@ def bars_lines(judged: Bars | None) -> list[str]:
                      + (f"; not on {', '.join(ceiling.failing)}" if ceiling.failing else ""))
     for experiment, cost in judged.robust_cost.items():
         verdict = "met" if cost <= ROBUST_COST_BAR else "**not met**"
-        lines.append(f"- {experiment}: the robust source model gives up {cost:+.3f} in-domain Pearson against the plain source "
-                     f"(bar: at most {ROBUST_COST_BAR}) — {verdict}")
+        admission = judged.robust_admission.get(experiment)
+        admitted = "" if admission is None else (
+            f"; on the source's validation fields {admission['robust']:.3f} against {admission['plain']:.3f}, so the selector "
+            + ("saw its rows" if admission["admitted"] else "never saw its rows (refused: more than 0.01 lower)"))
+        lines.append(f"- {experiment}: the robust source model gives up {cost:+.3f} in-domain test Pearson against the plain "
+                     f"source (bar: at most {ROBUST_COST_BAR}) — {verdict}{admitted}")
     return lines
 
 
@@ -137,7 +141,7 @@ def _relative(path: Path, document: Path) -> str:
 
 def experiment_section(spec: ExperimentSpec, config: StudyConfig, config_path: Path | str = "...") -> tuple[list[str], dict[str, float]]:
     """The document's section for one experiment, and the regret of each label-free choice there."""
-    models, profiles, artifacts = read_study(config.tracking_uri, experiment_name(spec))
+    models, profiles, artifacts, _ = read_study(config.tracking_uri, experiment_name(spec))
     lines = [f"## {spec.title}", "", spec.about.strip(), "", *failed_targets_section(config.out / spec.name)]
     if not models:
         return lines + [f"No results in MLflow yet: run `lmadda study --config {config_path} --only {spec.name}`.", ""], {}
@@ -231,7 +235,8 @@ def write_study_document(config: StudyConfig, config_path: Path | str = "...") -
         section, _ = experiment_section(spec, config, config_path)
         sections += section
         augment = spec.robust_config().augment if spec.robust is not None else None
-        records += summary_records(spec.name, read_study(config.tracking_uri, experiment_name(spec))[0], augment)
+        record = read_study(config.tracking_uri, experiment_name(spec))
+        records += summary_records(spec.name, record.models, augment, record.facts)
     if records:
         summary = write_summary(records, config.figures / "summary.json")
         lines += ["## Which model to use: the label-free choice", "",

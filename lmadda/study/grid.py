@@ -140,9 +140,11 @@ def candidate_name(method: str, matched: str, lr: float | None) -> str:
     return f"{method}:{matched}@{lr:g}"
 
 
-def label_free_rows(rows: list[dict], target: str, seed: int, selection: Path, selector: Selector) -> tuple[list[dict], Choice]:
-    """The selector's choice among the observed candidates of (target, seed), as copies of the chosen model's rows."""
-    observations = {path.stem: Observation.load(path) for path in sorted(selection.glob("*.npz"))}
+def label_free_rows(rows: list[dict], target: str, seed: int, selection: Path, selector: Selector,
+                    refused: frozenset[str] = frozenset()) -> tuple[list[dict], Choice]:
+    """The selector's choice among the observed candidates of (target, seed), as copies of the chosen model's rows;
+    `refused` names observed candidates it must not see (a robust source model that failed its admission)."""
+    observations = {path.stem: Observation.load(path) for path in sorted(selection.glob("*.npz")) if path.stem not in refused}
     choice = selector.choose(observations)
     chosen = []
     for row in rows:
@@ -171,6 +173,7 @@ def run_grid(
     choose: bool = True,
     oracle: SourceTrainConfig | None = None,
     robust: GeneratorCheckpoint | None = None,
+    robust_admitted: bool = True,
     save_models: bool = False,
     probe_for: ProbeFactory | None = None,
     on_model: ModelCallback | None = None,
@@ -183,7 +186,8 @@ def run_grid(
     AdaptConfig options); returns all rows (also written to `out`/results.parquet).
 
     `robust` (the robust source model) adds its rows: as it is (`robust`), and with AdaBN and with histogram
-    matching (`ROBUST_VARIANTS`), in domain and on every target; each is a candidate of the label-free choice.
+    matching (`ROBUST_VARIANTS`), in domain and on every target; each is a candidate of the label-free choice when
+    `robust_admitted` (`lmadda.training.robust.admit_robust`; given on every call of a seed, with or without `robust`).
     `selector_options` (Selector keywords) turns on the label-free choice: every candidate (unadapted,
     each correction and composite, the robust source's rows, each adapted model of every family) is observed on fixed unlabelled target crops, kept
     on disk in `out`/selection, and once a domain's candidates exist the choice lands as rows of
@@ -240,19 +244,22 @@ def run_grid(
             return Selector(source.generator, source_train, target_train, seed=seed, domain_reference=source.domain_reference,
                             **selector_options)
 
+        refused = frozenset() if robust_admitted else frozenset(ROBUST_VARIANTS)
         cheap = [(name, source, name) for name in ("unadapted", *baselines)]
         if robust is not None:
             cheap += [(label, robust, baseline) for label, baseline in ROBUST_VARIANTS.items()]
         for name, model, baseline in cheap:
             done = table.has(domain.name, name, -1, None, seed)
-            if done and (selection is None or candidate_family(name) is None or (selection / f"{name}.npz").exists()):
+            if done and (selection is None or candidate_family(name) is None or name in refused
+                         or (selection / f"{name}.npz").exists()):
                 continue
             started = time.perf_counter()
             generator, transform = build_baseline(baseline, model.generator, source_train, target_train, seed=seed)
             seconds = time.perf_counter() - started
             if not done:
                 record(name, evaluate_generator(generator, target_test, markers, input_transform=transform), seconds=seconds)
-            observe(name, name, generator, transform)
+            if name not in refused:
+                observe(name, name, generator, transform)
 
         last = source.generator.last_layer
         for point in (point for point in points if point.target == domain.name):
@@ -283,7 +290,7 @@ def run_grid(
 
         if choose and selection is not None and not table.has_choice(domain.name, seed):
             selector = selector or make_selector()
-            rows, choice = label_free_rows(table.rows, domain.name, seed, selection, selector)
+            rows, choice = label_free_rows(table.rows, domain.name, seed, selection, selector, refused)
             if rows:
                 record(LABEL_FREE, rows, layer=rows[0]["layer"], matched=choice.chosen, lr=rows[0].get("lr"),
                        chosen=choice.chosen, fell_back=choice.fell_back)

@@ -42,6 +42,7 @@ from lmadda.study.trial import TrialResult
 from lmadda.study.config import ExperimentSpec, StudyConfig
 from lmadda.study.failures import RECOVERABLE, FailureLog
 from lmadda.study.tracking import StudyTracker, model_key
+from lmadda.training.robust import admit_robust
 from lmadda.training.source import SourceTrainConfig, train_source
 
 
@@ -256,6 +257,13 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
     robust_path = prepare_robust_source(spec, data, manifest_path, out, source_path, log)
     robust = load_checkpoint(robust_path) if robust_path is not None else None
     tracker = StudyTracker(study.tracking_uri, experiment_name(spec), study.out)
+    robust_admitted = True
+    if robust is not None:
+        validation = data.load(spec.source.setting, "val", source.markers, percentiles=source.percentiles)
+        admission = admit_robust(source.generator, robust.generator, validation, source.markers)
+        log(f"[study:{spec.name}] {admission.reason}")
+        tracker.log_facts({f"robust_{key}": float(value) for key, value in admission.as_dict().items()})
+        robust_admitted = admission.admitted
     recorder = CriteriaRecorder(spec, source, data, out)
     table = ResultTable(out / "results.parquet")
     tracker.sync(table.rows)  # rows a killed run measured but had not logged yet
@@ -278,6 +286,7 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
                                         seed=seed, source_setting=spec.source.setting, out=out, baselines=tuple(spec.baselines),
                                         selector_options=spec.selection.options(), choose=lr == grid.lrs[-1],
                                         oracle=oracle if first else None, robust=robust if first_lr else None,
+                                        robust_admitted=robust_admitted,
                                         probe_for=recorder.probe, on_model=recorder,
                                         progress=False, log=log)
                     except RECOVERABLE as error:

@@ -3,15 +3,18 @@
 A model run carries params (target, method, matched layers, lr, seed, shift) and metrics: Pearson,
 SSIM, PSNR and NRMSE per marker and averaged over the test images, the collapse flags and every
 label-free criterion (`lf_*`). A profile run per target holds the zero-training discrepancy profile
-(`discrepancy_<layer>`) and the layer it predicts. `docs/study.md` is written from these runs
+(`discrepancy_<layer>`) and the layer it predicts. The experiment's own run holds its sample panels and the
+robust source model's admission (`robust_*`). `docs/study.md` is written from these runs
 (`read_study`), so the document shows what the tracking store holds, not what a process remembered.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -86,20 +89,36 @@ class StudyTracker:
 
     def log_artifact(self, path: Path, folder: str) -> None:
         """Figures made while the models exist (sample panels) go to the experiment's own run."""
+        self.client.log_artifact(self._experiment_run(), str(path), folder)
+
+    def log_facts(self, metrics: dict[str, float]) -> None:
+        """Figures about the experiment as a whole (the robust model's admission) on its own run; a rerun's
+        values replace the earlier ones (MLflow reads the value with the latest timestamp)."""
+        now = int(time.time() * 1000)
+        self.client.log_batch(self._experiment_run(), metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if is_finite(v)])
+
+    def _experiment_run(self) -> str:
         key = "experiment"
         if key not in self._runs:
             self._new_run(key, "experiment", {}, {}, name="experiment")
-        self.client.log_artifact(self._runs[key], str(path), folder)
+        return self._runs[key]
 
 
-def read_study(tracking_uri: str, experiment: str) -> tuple[list[dict], list[dict], Path | None]:
-    """(model rows, profile rows, local artifact folder of the experiment run) from the tracking store."""
+class StudyRecord(NamedTuple):
+    models: list[dict]  # one per model: its params and metrics (pearson marker-averaged)
+    profiles: list[dict]  # one per target: its discrepancy profile and predicted layer
+    artifacts: Path | None  # local artifact folder of the experiment run (sample panels)
+    facts: dict[str, float]  # the experiment run's metrics (the robust model's admission)
+
+
+def read_study(tracking_uri: str, experiment: str) -> StudyRecord:
+    """What the tracking store holds about one experiment."""
     relocate_artifacts(tracking_uri)
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        return [], [], None
-    models, profiles, artifacts = [], [], None
+        return StudyRecord([], [], None, {})
+    models, profiles, artifacts, facts = [], [], None, {}
     for run in all_runs(client, found.experiment_id):
         if run.info.status != FINISHED:
             continue  # left by an interrupted study; the next run of the study logs it again
@@ -118,8 +137,10 @@ def read_study(tracking_uri: str, experiment: str) -> tuple[list[dict], list[dic
             layers = sorted(int(name.split("_")[1]) for name in metrics if name.startswith("discrepancy_"))
             profiles.append({"target": run.data.params["target"], "predicted_layer": int(metrics["predicted_layer"]),
                              "profile": [metrics[f"discrepancy_{layer:02d}"] for layer in layers]})
-        elif kind == "experiment" and run.info.artifact_uri.startswith("file:"):
-            from urllib.parse import unquote, urlparse
+        elif kind == "experiment":
+            facts = dict(run.data.metrics)
+            if run.info.artifact_uri.startswith("file:"):
+                from urllib.parse import unquote, urlparse
 
-            artifacts = Path(unquote(urlparse(run.info.artifact_uri).path))
-    return models, profiles, artifacts
+                artifacts = Path(unquote(urlparse(run.info.artifact_uri).path))
+    return StudyRecord(models, profiles, artifacts, facts)
