@@ -15,6 +15,17 @@ of Serve's. It also gives Serve's own refusals, which are plain text (503 when e
 the queue are full, 408 at `request_timeout_s`, 500 when a replica dies mid-request), the
 endpoint's error shape `{"error": ...}`, keeping their headers (Retry-After).
 
+Headers come before any of that, and Serve's proxy parses them with uvicorn's default HTTP parser,
+which has no limit on their size or on how long they may take: a 64 MiB header was accepted
+(before authentication, which only the replica checks) and stalled the proxy's other connections
+while it was parsed, and clients sending header lines slowly were never cut off. The proxy callback
+therefore also makes `GuardedH11Protocol` the proxy's HTTP parser (uvicorn's h11 parser, which stops
+buffering at `MAX_HEADER_BYTES`, as h11 and nginx's 8 KiB lines do): request line plus headers past
+16 KiB get 431, headers not complete within `HEADER_TIMEOUT_S` of their first byte get 408, and a
+request h11 cannot parse (a bad Content-Length, Content-Length with Transfer-Encoding) gets 400; each
+as JSON, and the connection is closed. Ray does not expose uvicorn's parser choice, so the callback
+points uvicorn's "auto" parser at it; it runs in the proxy process only.
+
 It is installed through Serve's proxy callback, an environment variable the proxy reads when it
 starts: `serve/config.yaml` sets it under `controller_options.runtime_env.env_vars` (the Serve
 controller starts the proxies, and they inherit its environment), which `serve run`, `lmadda
@@ -24,6 +35,7 @@ running keeps its proxies as they were; the replica's own limits hold either way
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -40,9 +52,19 @@ SERVE_ERRORS = {
 }
 
 
+MAX_HEADER_BYTES = 16 * 2**10  # request line + headers; h11's own default, twice nginx's 8 KiB per line
+HEADER_TIMEOUT_S = 10.0  # from a request's first byte to its last header line (nginx client_header_timeout: 60 s)
+LINGER_S = 2.0  # after a refusal, how long what the client still sends is read and dropped
+GUARDED_PARSER = "lmadda_serve.proxy:GuardedH11Protocol"
+
+
 def middlewares() -> list:
-    """The proxy callback: Serve calls it in each proxy and wraps its ASGI app in what it returns."""
+    """The proxy callback: Serve calls it in each proxy, before the proxy's HTTP server starts, and wraps its ASGI
+    app in what it returns. It also installs the guarded header parser (module docstring)."""
     from starlette.middleware import Middleware
+    from uvicorn import config
+
+    config.HTTP_PROTOCOLS["auto"] = GUARDED_PARSER  # Serve's proxy builds its uvicorn.Config with http="auto"
 
     mib, seconds = os.environ.get(MAX_BODY_ENV), os.environ.get(BODY_TIMEOUT_ENV)
     return [Middleware(ProxyGuard, max_bytes=int(float(mib) * 2**20) if mib else None,
@@ -133,3 +155,108 @@ class ProxyGuard:
             await send(message)
 
         return rewriting
+
+
+@functools.cache
+def _guarded_h11():
+    """GuardedH11Protocol's class, built on first use: uvicorn and h11 are imported in the proxy only."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class RememberingConnection(h11.Connection):
+        """h11's connection, keeping the parse error that uvicorn swallows (for the status it hints: 431, 400)."""
+
+        last_error: h11.RemoteProtocolError | None = None
+
+        def next_event(self):
+            try:
+                return super().next_event()
+            except h11.RemoteProtocolError as error:
+                self.last_error = error
+                raise
+
+    class GuardedH11Protocol(H11Protocol):
+        """uvicorn's h11 parser with bounded headers: at most MAX_HEADER_BYTES, complete within HEADER_TIMEOUT_S;
+        the parse errors as JSON."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.conn = RememberingConnection(h11.SERVER, MAX_HEADER_BYTES)
+            self.header_deadline = None  # asyncio.TimerHandle while a request's headers are arriving
+            self.refused = False
+
+        def waiting_for_headers(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def connection_made(self, transport) -> None:  # a connection that sends nothing is cut off too
+            super().connection_made(transport)
+            self.arm_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            if self.refused:  # lingering after a refusal: read and drop, so the client gets the answer, not a reset
+                return
+            self.arm_deadline()
+            if self.waiting_for_headers():
+                # h11 bounds only a header section still incomplete when a read ends; one that arrives whole in one
+                # read (64 KiB does) it parses whatever its size. So the size is checked here, on what is buffered.
+                pending = self.conn.trailing_data[0] + data
+                end = pending.find(b"\r\n\r\n")
+                if (end + 4 if end >= 0 else len(pending)) > MAX_HEADER_BYTES:
+                    self.refuse(431, f"request line and headers exceed {MAX_HEADER_BYTES // 2**10} KiB")
+                    return
+                head = pending[:end].lower() if end >= 0 else b""
+                if b"\ncontent-length:" in head and b"\ntransfer-encoding:" in head:  # h11 lets Transfer-Encoding win;
+                    # a front proxy may have let Content-Length win: the way to request smuggling (RFC 9112 6.1)
+                    self.refuse(400, "malformed HTTP request (Content-Length together with Transfer-Encoding): send one")
+                    return
+            super().data_received(data)
+            if not self.waiting_for_headers():
+                self.cancel_deadline()
+
+        def connection_lost(self, exc) -> None:
+            self.cancel_deadline()
+            super().connection_lost(exc)
+
+        def arm_deadline(self) -> None:
+            if self.header_deadline is None and self.waiting_for_headers():
+                self.header_deadline = self.loop.call_later(HEADER_TIMEOUT_S, self.headers_too_slow)
+
+        def cancel_deadline(self) -> None:
+            if self.header_deadline is not None:
+                self.header_deadline.cancel()
+                self.header_deadline = None
+
+        def headers_too_slow(self) -> None:
+            self.header_deadline = None
+            if self.waiting_for_headers() and not self.transport.is_closing():
+                self.refuse(408, f"the request headers did not arrive within {HEADER_TIMEOUT_S:g} s")
+
+        def send_400_response(self, msg: str) -> None:  # uvicorn's answer to a request h11 cannot parse
+            error = self.conn.last_error
+            if error is not None and error.error_status_hint == 431:
+                self.refuse(431, f"request line and headers exceed {MAX_HEADER_BYTES // 2**10} KiB")
+            else:
+                self.refuse(400, f"malformed HTTP request ({error or msg})")
+
+        def refuse(self, status: int, message: str) -> None:
+            """Answer with raw bytes (h11 may be in any state here) and end the connection. A plain close with the
+            client's bytes unread makes the kernel reset it, and the client may lose the answer; so the answer is
+            followed by our end of the stream, what still arrives is dropped unparsed, and the socket is closed
+            LINGER_S later (nginx's lingering close)."""
+            self.cancel_deadline()
+            self.refused = True
+            body = json.dumps({"error": message}).encode()
+            reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                                 % (status, reason, len(body)) + body)
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+    return GuardedH11Protocol
+
+
+def __getattr__(name: str):
+    if name == "GuardedH11Protocol":  # what uvicorn imports by GUARDED_PARSER
+        return _guarded_h11()
+    raise AttributeError(name)

@@ -307,3 +307,34 @@ def test_a_token_from_the_launching_shell_and_a_reload_reach_every_replica(endpo
         assert {h["x-lmadda-models"] for _, h, _ in after} == {f"lmadda-dapi/{second}"}
     finally:
         serve.delete("lmadda-replicas")
+
+
+def test_a_huge_header_is_refused_by_the_proxy_before_auth_and_health_stays_fast(endpoint):
+    """Serve's proxy parses headers before any ASGI code (and before auth, which the replica checks). With
+    uvicorn's default parser a 64 MiB header got 200 after 10 s and stalled /healthz meanwhile; the proxy
+    callback's parser answers 431 once 16 KiB are buffered and closes."""
+    import threading
+    import time
+
+    port = int(endpoint["url"].rsplit(":", 1)[1])
+    answers: list[bytes] = []
+
+    def attack() -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+            try:
+                for _ in range(64):  # up to 64 MiB of one header line, unauthenticated
+                    connection.sendall(b"a" * 2**20)
+            except OSError:  # the proxy answered and closed
+                pass
+            answers.append(_read_answer(connection))
+
+    thread = threading.Thread(target=attack)
+    thread.start()
+    started = time.monotonic()
+    assert _get(f"{endpoint['url']}/healthz", token=None)[0] == 200
+    health_s = time.monotonic() - started
+    thread.join(30)
+    assert answers and answers[0].startswith(b"HTTP/1.1 431"), answers[:1]
+    assert "exceed 16 KiB" in json.loads(answers[0].partition(b"\r\n\r\n")[2])["error"]
+    assert health_s < 2

@@ -137,3 +137,99 @@ def test_serve_config_yaml_installs_the_guard_with_the_same_body_limit_for_serve
     assert env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "lmadda_serve.proxy:middlewares"
     assert float(env["LMADDA_PROXY_MAX_BODY_MB"]) == config["args"]["max_body_mb"]
     assert float(env["LMADDA_PROXY_BODY_TIMEOUT_S"]) == config["args"]["body_timeout_s"]
+
+
+# -- the header guard: Serve's proxy parses headers with uvicorn before any ASGI code runs ----------------
+
+@pytest.fixture
+def http_server(monkeypatch):
+    """A uvicorn server with the proxies' parser (the parser the proxy callback installs), on a free loopback
+    port in a thread; yields its port. The app answers 200 {"ok": true}."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from lmadda_serve import proxy
+
+    monkeypatch.setattr(proxy, "HEADER_TIMEOUT_S", 1.0)
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", b"12")]})
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=proxy.GuardedH11Protocol, lifespan="off",
+                                           log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield port
+    server.should_exit = True
+    thread.join(10)
+
+
+def exchange(port: int, request: bytes, pause_s: float = 0.0, pieces: int = 1) -> tuple[int | None, dict, float]:
+    """Send `request` (in `pieces`, `pause_s` apart, until the server answers); (status, JSON body or {}, seconds
+    until the answer was in)."""
+    import select
+    import socket
+
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        size = -(-len(request) // pieces)
+        try:
+            for start in range(0, len(request), size):
+                sock.sendall(request[start:start + size])
+                if select.select([sock], [], [], pause_s)[0]:  # the server answered: stop sending
+                    break
+        except OSError:  # the server closed while we were still sending: what it answered is still in our buffer
+            pass
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and answer.endswith(b"}"):
+                break
+    seconds = time.monotonic() - started
+    if not answer:
+        return None, {}, seconds
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body or b"{}"), seconds
+
+
+def test_a_64_kib_header_gets_431_json_and_the_connection_closed_at_once(http_server):
+    status, body, seconds = exchange(http_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2**16 + b"\r\n\r\n")
+    assert status == 431 and "exceed 16 KiB" in body["error"] and seconds < 2
+
+
+def test_a_200_kb_query_string_gets_431_json(http_server):
+    status, body, _ = exchange(http_server, b"GET /v1/models?q=" + b"a" * 200_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 431 and "error" in body
+
+
+def test_header_lines_sent_slowly_are_cut_off_with_408_after_the_header_timeout(http_server):
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(40)) + b"\r\n"
+    status, body, seconds = exchange(http_server, request, pause_s=0.1, pieces=40)  # 4 s of header lines
+    assert status == 408 and "did not arrive within 1 s" in body["error"] and seconds < 3
+
+
+@pytest.mark.parametrize("headers", [b"Content-Length: abc\r\n", b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"])
+def test_unparseable_framing_gets_a_json_400(http_server, headers):
+    status, body, _ = exchange(http_server, b"POST /v1/stain HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\nhello")
+    assert status == 400 and "malformed HTTP request" in body["error"]
+
+
+def test_a_normal_request_is_answered_and_the_callback_installs_the_parser(http_server, monkeypatch):
+    from uvicorn import config
+
+    status, body, _ = exchange(http_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 200 and body == {"ok": True}
+    monkeypatch.setitem(config.HTTP_PROTOCOLS, "auto", config.HTTP_PROTOCOLS["auto"])  # restored after the test
+    middlewares()
+    assert config.HTTP_PROTOCOLS["auto"] == "lmadda_serve.proxy:GuardedH11Protocol"
