@@ -37,7 +37,6 @@ import asyncio
 import inspect
 import logging
 import os
-import tempfile
 import time
 import typing
 from pathlib import Path
@@ -166,8 +165,7 @@ class StainService:
         self.auth = resolve_auth(host=host, token_env=token_env, environ=os.environ, token_sha256=token_sha256,
                                  allow_unauthenticated=allow_unauthenticated)
         logger.info("lmadda endpoint: %s", self.auth.describe(host))
-        self.models = StainModels(tracking_uri or default_tracking_uri(),
-                                  cache_dir or Path(tempfile.gettempdir()) / "lmadda-serve-models", refresh_s)
+        self.models = StainModels(tracking_uri or default_tracking_uri(), cache_dir, refresh_s)  # None: the per-user cache
         self.max_bytes = int(max_body_mb * 2**20)
         self.body_timeout_s, self.max_megapixels, self.min_side = body_timeout_s, max_megapixels, min_side
         # The one limit kept by hand. Serve counts a request from the moment it reaches the replica, which

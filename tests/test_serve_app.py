@@ -92,6 +92,9 @@ def make_service(monkeypatch, *, host="127.0.0.1", environ=None, models=None, **
 
     for name in ("LMADDA_SERVE_TOKEN",):
         monkeypatch.delenv(name, raising=False)
+    import tempfile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="lmadda-test-cache-"))  # the per-user model cache
     for name, value in (environ or {}).items():
         monkeypatch.setenv(name, value)
     patch_app_global(monkeypatch, "proxy_host", lambda: host)

@@ -112,3 +112,59 @@ def test_a_promoted_version_carries_its_sha256_and_a_tampered_file_is_never_serv
     with pytest.raises(LmaddaError, match="differs from the registered"):
         models.load(model_id)  # thrown away, downloaded again, refused: never served
     assert not (tmp_path / "cache" / "lmadda-dapi" / str(entry["version"])).exists()  # nothing left to serve from
+
+
+def test_a_cached_file_swapped_with_its_record_rewritten_is_caught_by_the_registry_tag_at_the_next_load(store, tmp_path):
+    """The attack of issue 26: the cached file replaced by a valid checkpoint with other weights, and the cache's
+    own record rewritten to match. A restarted replica (a new StainModels) checks the registry's tag, not the record."""
+    import json
+
+    import torch
+
+    from lmadda.checkpoint import load_checkpoint, save_checkpoint
+    from lmadda_serve.registry import CACHE_RECORD, StainModels, file_sha256
+    from lmadda_tune.tracking import _register, log_generator_model
+
+    client = store["client"]
+    run = client.create_run(store["experiment"])
+    client.log_artifact(run.info.run_id, str(store["good"]), "generator")
+    entry = _register(client, "dapi", "swapped", log_generator_model(client, run.info.run_id, "swapped"), {})
+    model_id = f"{entry['model']}/{entry['version']}"
+    StainModels(store["uri"], tmp_path / "cache").load(model_id)
+    cached = next((tmp_path / "cache").rglob("*.pt"))
+    negated = load_checkpoint(cached)
+    with torch.no_grad():
+        for parameter in negated.generator.parameters():
+            parameter.neg_()
+    save_checkpoint(cached, negated)
+    record_path = cached.parent / CACHE_RECORD
+    while not record_path.exists():
+        record_path = record_path.parent.parent / CACHE_RECORD
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "size": cached.stat().st_size, "sha256": file_sha256(cached)}))
+    served = StainModels(store["uri"], tmp_path / "cache").load(model_id)
+    good = load_checkpoint(store["good"])
+    assert all(torch.equal(a, b) for a, b in zip(served.generator.state_dict().values(), good.generator.state_dict().values()))
+    assert file_sha256(next((tmp_path / "cache").rglob("*.pt"))) == file_sha256(store["good"])
+
+
+def test_the_cache_is_private_per_user_and_per_registry(store, tmp_path, monkeypatch):
+    import os
+
+    from lmadda_serve import registry as registry_module
+    from lmadda_serve.registry import StainModels, default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "lmadda" / "serve-models"  # never a shared /tmp path
+    assert StainModels(store["uri"]).cache_dir.parent == default_cache_dir()
+    assert (default_cache_dir().stat().st_mode & 0o777) == 0o700
+    open_folder = tmp_path / "open"
+    open_folder.mkdir(mode=0o777)
+    open_folder.chmod(0o777)
+    one, other = StainModels(store["uri"], open_folder), StainModels("sqlite:////elsewhere/mlflow.db", open_folder)
+    assert (open_folder.stat().st_mode & 0o777) == 0o700  # closed to others
+    assert one.cache_dir != other.cache_dir  # lmadda-dapi/1 of another registry never lands in this one's folder
+    someone_else = os.getuid() + 1
+    monkeypatch.setattr(registry_module.os, "getuid", lambda: someone_else)
+    with pytest.raises(LmaddaError, match="belongs to uid"):
+        StainModels(store["uri"], open_folder)
