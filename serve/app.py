@@ -26,10 +26,14 @@ One deployment, `StainService`, behind a FastAPI ingress:
 - the answer carries the input's pixel size (TIFF resolution tags, `X-Lmadda-Pixel-Size-Um`) and,
   when it differs from the model's training pixel size beyond `lmadda predict`'s tolerance, the
   same warning (`X-Lmadda-Warning`);
-- a bearer token guards every /v1 route (`serve/auth.py`): a replica behind a non-loopback address
-  without one refuses to start unless the config says `allow_unauthenticated: true`;
-- `POST /v1/reload` bumps a stamp held by a tiny `ReloadStamp` deployment, which every replica reads
-  at most once a second, so all replicas re-read the registry, not only the one that got the POST.
+- a bearer token guards every /v1 route (`serve/auth.py`): a replica without one refuses to start
+  unless the config says `allow_unauthenticated: true` (loopback included), and the Host and Origin
+  headers of every /v1 request are checked (DNS rebinding, cross-origin forms), auth or not;
+- `POST /v1/reload` bumps a stamp held by a tiny `ServiceState` deployment, which every replica reads
+  at most once a second, so all replicas re-read the registry, not only the one that got the POST;
+- a new version replaces the served one only once it loads and passes its contract (`check_contract`:
+  marker, input channels, tile multiple, a smoke forward); otherwise every replica keeps serving the
+  service's last good version, which `ServiceState` holds, and /v1/models says why from every replica.
 """
 
 
@@ -58,7 +62,7 @@ from lmadda.device import resolve_device
 from lmadda.domain import DomainTally, domain_headers, forward_scored
 from lmadda.errors import LmaddaError
 from lmadda.inference import Stain, StainPlan
-from lmadda_serve.auth import resolve_auth
+from lmadda_serve.auth import origin_problem, resolve_auth
 from lmadda_serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers, read_body
 from lmadda_serve.registry import StainModels
 
@@ -133,13 +137,18 @@ def proxy_host() -> str:
     return _get_global_client().http_config.host
 
 
-@serve.deployment(name="ReloadStamp", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
-class ReloadStamp:
-    """A counter that `POST /v1/reload` bumps and every StainService replica polls, so a reload
-    reaches all replicas (a handle call reaches only one)."""
+@serve.deployment(name="ServiceState", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+class ServiceState:
+    """What every StainService replica must agree on, in one place (a handle call reaches only one replica):
+    - the reload stamp that `POST /v1/reload` bumps and every replica polls;
+    - per (marker, setting), the last version that loaded and passed its contract on any replica, so that a
+      replica that never served it still falls back to it, and /v1/models says the same from every replica;
+    - per version, why it failed (load or contract)."""
 
     def __init__(self):
         self.stamp = 0
+        self.good: dict[tuple[str, str], tuple[str, int]] = {}  # (marker, setting) -> (model id, input channels)
+        self.failed: dict[str, str] = {}  # model id -> why
 
     def bump(self) -> int:
         self.stamp += 1
@@ -147,6 +156,39 @@ class ReloadStamp:
 
     def current(self) -> int:
         return self.stamp
+
+    def record_good(self, marker: str, setting: str, model_id: str, in_channels: int) -> None:
+        self.good[(marker, setting)] = (model_id, in_channels)
+        self.failed.pop(model_id, None)
+
+    def record_failure(self, model_id: str, reason: str) -> None:
+        self.failed[model_id] = reason
+
+    def view(self) -> tuple[dict, dict]:
+        return dict(self.good), dict(self.failed)
+
+
+class ContractError(LmaddaError):
+    """A checkpoint that loads but cannot serve its (marker, setting)."""
+
+
+def check_contract(checkpoint: GeneratorCheckpoint, marker: str, *, tile: int, in_channels: int | None, device) -> None:
+    """Before a version replaces the served one: it predicts `marker`, takes the setting's input channels (those of
+    the last good version, when there is one), tiles at `tile` (a multiple of 2**depth), and a smoke forward on a
+    fixed tile gives finite stains of the right shape. ContractError says which failed."""
+    if marker not in checkpoint.markers:
+        raise ContractError(f"it predicts {checkpoint.markers}, not {marker}")
+    config = checkpoint.config
+    if in_channels is not None and config.in_channels != in_channels:
+        raise ContractError(f"it expects {config.in_channels} input channels; this setting's images have {in_channels}")
+    multiple = 2 ** config.depth
+    if tile % multiple:
+        raise ContractError(f"its depth {config.depth} needs tiles that are a multiple of {multiple}; the endpoint's tile is {tile}")
+    side = max(multiple, 32)
+    probe = np.random.default_rng(0).normal(size=(1, config.in_channels, side, side)).astype(np.float32)
+    predictions, _ = forward_scored(checkpoint, torch.from_numpy(probe).to(device))
+    if predictions.shape != (1, len(checkpoint.markers), side, side) or not np.isfinite(predictions).all():
+        raise ContractError(f"its smoke forward gave {predictions.shape} with non-finite values or the wrong shape")
 
 
 # Serve's own admission limits (serve/config.yaml sets them too). A request counts from the moment Serve hands
@@ -159,8 +201,9 @@ class StainService:
                  max_body_mb: float = MAX_BODY_MB, max_in_flight: int = 8, tile: int = 256, overlap: float = 0.25,
                  tile_batch: int = 4, micro_batch: bool = True, token_env: str = "LMADDA_SERVE_TOKEN",
                  token_sha256: str | None = None, allow_unauthenticated: bool = False, body_timeout_s: float = BODY_TIMEOUT_S,
-                 max_megapixels: float = 17.0, min_side: int = 32, stamp=None):
+                 max_megapixels: float = 17.0, min_side: int = 32, allowed_hosts: list[str] | None = None, state=None):
         host = proxy_host()
+        self.bind_host, self.allowed_hosts = host, allowed_hosts
         # Before anything else: a replica that would be open to the network without saying so must not start.
         self.auth = resolve_auth(host=host, token_env=token_env, environ=os.environ, token_sha256=token_sha256,
                                  allow_unauthenticated=allow_unauthenticated)
@@ -178,12 +221,15 @@ class StainService:
             self.forward_tiles.set_max_batch_size(tile_batch)
         self.device = resolve_device()
         self.in_flight = 0
-        self.serving: dict[tuple[str, str], str] = {}  # (marker, setting) -> model id of the last good load
+        self.serving: dict[tuple[str, str], str] = {}  # (marker, setting) -> model id of the last good load here
+        self.channels: dict[tuple[str, str], int] = {}  # (marker, setting) -> input channels of that version
+        self.verified: set[str] = set()  # model ids that passed their contract check on this replica
         # model id -> (when, why) of its last failed load: retried after refresh_s or a reload, not per request
         self.failed: dict[str, tuple[float, str]] = {}
         self.domain_tallies: dict[tuple[str, str], DomainTally] = {}  # (marker, setting) -> how its images scored here
-        self.stamp, self.seen_stamp, self.next_stamp_check = stamp, None, 0.0
+        self.state, self.seen_stamp, self.next_stamp_check = state, None, 0.0
         self.stamp_lock = asyncio.Lock()  # requests that arrive during a stamp check wait for its reload
+        self.contract_lock = asyncio.Lock()
 
     # -- models ---------------------------------------------------------------------------------
     # Serve multiplexing here is the per-replica LRU only, not its routing: Serve routes by a
@@ -197,36 +243,68 @@ class StainService:
         return checkpoint
 
     async def model_for(self, marker: str, setting: str) -> tuple[str, GeneratorCheckpoint, str]:
-        """(served model id, its checkpoint, promoted model id) for (marker, setting): the current
-        champion, or on a failed load the previous good version."""
+        """(served model id, its checkpoint, promoted model id) for (marker, setting): the current champion once it
+        loads and passes its contract, else the last good version of the service (any replica's)."""
         ref = self.models.resolve(marker, setting)
         failed = self.failed.get(ref.model_id)
         if failed is None or time.monotonic() - failed[0] >= self.models.refresh_s:
             try:
                 checkpoint = await self.get_model(ref.model_id)
+                async with self.contract_lock:  # concurrent first requests for a new version check it once
+                    if ref.model_id not in self.verified:
+                        known = self.channels.get((marker, setting)) or (await self.shared_good()).get((marker, setting), (None, None))[1]
+                        await asyncio.to_thread(check_contract, checkpoint, marker, tile=self.tile, in_channels=known, device=self.device)
+                        self.verified.add(ref.model_id)
                 self.serving[(marker, setting)] = ref.model_id
+                self.channels[(marker, setting)] = checkpoint.config.in_channels
                 self.failed.pop(ref.model_id, None)
+                await self.share("record_good", marker, setting, ref.model_id, checkpoint.config.in_channels)
                 return ref.model_id, checkpoint, ref.model_id
-            except Exception as error:  # a broken new version must not take the service down
-                self.failed[ref.model_id] = (time.monotonic(), type(error).__name__)
-                previous = self.serving.get((marker, setting))
-                logger.error("loading %s failed (%s); %s", ref.model_id, error, f"serving {previous}" if previous else "nothing to fall back to")
-        previous = self.serving.get((marker, setting))
+            except Exception as error:  # a broken or wrong new version must not take the service down
+                reason = f"failed its contract check: {error}" if isinstance(error, ContractError) else f"failed to load ({type(error).__name__}; see the replica log)"
+                self.failed[ref.model_id] = (time.monotonic(), reason)
+                await self.share("record_failure", ref.model_id, reason)
+                logger.error("%s %s: %s", ref.model_id, reason, error)
+        previous = self.serving.get((marker, setting)) or (await self.shared_good()).get((marker, setting), (None, None))[0]
         if previous is None or previous == ref.model_id:
-            raise RequestError(503, f"model {ref.model_id} for {marker}@{setting} cannot be loaded; the operator has been logged the cause",
-                               {"Retry-After": "30"})
+            raise RequestError(503, f"model {ref.model_id} for {marker}@{setting} cannot be served ({self.failed[ref.model_id][1]}), "
+                                    "and no earlier version of it served; the operator has been logged the cause", {"Retry-After": "30"})
+        self.serving[(marker, setting)] = previous  # good on another replica (or here): it passed its contract there
         return previous, await self.get_model(previous), ref.model_id
 
-    def served_state(self, marker: str, setting: str, promoted: str) -> tuple[str | None, str]:
-        """(served version, why it is or is not the promoted one) on this replica, for /v1/models."""
-        served = self.serving.get((marker, setting))
-        failed = self.failed.get(promoted)
+    async def share(self, method: str, *args) -> None:
+        """Tell the service state (no-op without one); its being briefly away must not fail a request."""
+        if self.state is None:
+            return
+        try:
+            await getattr(self.state, method).remote(*args)
+        except Exception as error:
+            logger.warning("the service state did not take %s (%s)", method, error)
+
+    async def shared_good(self) -> dict:
+        return (await self.shared_view())[0]
+
+    async def shared_view(self) -> tuple[dict, dict]:
+        if self.state is None:
+            return {}, {}
+        try:
+            return await self.state.view.remote()
+        except Exception as error:
+            logger.warning("reading the service state failed (%s); answering from this replica alone", error)
+            return {}, {}
+
+    def served_state(self, marker: str, setting: str, promoted: str, shared: tuple[dict, dict]) -> tuple[str | None, str]:
+        """(served version, why it is or is not the promoted one) for the service, for /v1/models: from the shared
+        state, so every replica gives the same answer (this replica's own view where there is no shared state)."""
+        good, failures = shared
+        served = good.get((marker, setting), (None, None))[0] or self.serving.get((marker, setting))
+        why = failures.get(promoted) or (self.failed[promoted][1] if promoted in self.failed else None)
         version = served.partition("/")[2] if served else None
-        if failed is not None:
+        if why is not None:
             fallback = f"serving version {version}" if served and served != promoted else "nothing to fall back to: requests get 503"
-            return (version if served != promoted else None), f"the promoted version failed to load ({failed[1]}; see the replica log); {fallback}"
+            return (version if served != promoted else None), f"the promoted version {why}; {fallback}"
         if served is None:
-            return None, "not loaded on this replica yet: the next request loads the promoted version"
+            return None, "not loaded yet: the next request loads the promoted version"
         if served != promoted:
             return version, "the promoted version changed since the last request; the next request loads it"
         return version, "serving the promoted version"
@@ -234,14 +312,14 @@ class StainService:
     async def follow_reloads(self) -> None:
         """Re-read the registry when any replica got POST /v1/reload: the shared stamp changed. Read at
         most once every RELOAD_CHECK_S, so the cost per request is a clock read."""
-        if self.stamp is None or (time.monotonic() < self.next_stamp_check and not self.stamp_lock.locked()):
+        if self.state is None or (time.monotonic() < self.next_stamp_check and not self.stamp_lock.locked()):
             return
         async with self.stamp_lock:  # without it, requests racing the check would resolve the old aliases
             if time.monotonic() < self.next_stamp_check:  # checked while this request waited
                 return
             self.next_stamp_check = time.monotonic() + RELOAD_CHECK_S
             try:
-                stamp = await self.stamp.current.remote()
+                stamp = await self.state.current.remote()
             except Exception as error:  # the stamp replica restarting must not fail a request; refresh_s still applies
                 logger.warning("reading the reload stamp failed (%s); aliases refresh every %s s meanwhile", error, self.models.refresh_s)
                 return
@@ -251,6 +329,7 @@ class StainService:
 
     async def reload_here(self) -> dict:
         self.failed.clear()  # a reload retries every failed version now (the operator may have fixed it)
+        self.verified.clear()
         return await asyncio.to_thread(self.models.refresh, True)
 
     # -- inference --------------------------------------------------------------------------------
@@ -294,6 +373,10 @@ class StainService:
 
     # -- routes -----------------------------------------------------------------------------------
     def authorise(self, request: Request) -> None:
+        problem = origin_problem(request.headers.get("host"), request.headers.get("origin"), bind_host=self.bind_host,
+                                 allowed_hosts=self.allowed_hosts)
+        if problem is not None:
+            raise RequestError(403, problem)
         if not self.auth.accepts(request.headers.get("authorization", "")):
             raise RequestError(401, "missing or wrong bearer token: send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
 
@@ -333,9 +416,7 @@ class StainService:
             model_id, checkpoint, promoted = await self.model_for(name, setting)
             if model_id != promoted:
                 fallbacks.append(f"{promoted} failed to load, served {model_id}")
-            check_channels(image, checkpoint.config.in_channels)
-            if name not in checkpoint.markers:
-                raise RequestError(500, f"model {model_id} does not predict {name} (it predicts {checkpoint.markers})")
+            check_channels(image, checkpoint.config.in_channels)  # the served version passed its contract: the image is wrong
             # lmadda predict's check, before the work: the image's pixel size against the model's training one
             note = check_pixel_size(image.pixel_size, checkpoint.pixel_size_um, image_name="the image",
                                     model_name=f"models:/{model_id}")
@@ -366,9 +447,10 @@ class StainService:
             return error_response(error)
         await self.follow_reloads()
         table = await asyncio.to_thread(self.models.refresh)
+        shared = await self.shared_view()
         rows = []
         for ref in sorted(table.values(), key=lambda r: (r.marker, r.setting)):
-            served, status = self.served_state(ref.marker, ref.setting, ref.model_id)
+            served, status = self.served_state(ref.marker, ref.setting, ref.model_id, shared)
             rows.append({"marker": ref.marker, "setting": ref.setting, "model": ref.name, "promoted_version": ref.version,
                          "served_version": served, "status": status, "uri": f"models:/{ref.name}@{ref.setting}", "tags": dict(ref.tags),
                          # the domain check of the images stained on this replica since it started (lmadda.domain)
@@ -381,8 +463,8 @@ class StainService:
             self.authorise(request)
         except RequestError as error:
             return error_response(error)
-        if self.stamp is not None:  # the other replicas see the new stamp within RELOAD_CHECK_S
-            self.seen_stamp = await self.stamp.bump.remote()
+        if self.state is not None:  # the other replicas see the new stamp within RELOAD_CHECK_S
+            self.seen_stamp = await self.state.bump.remote()
         table = await self.reload_here()
         return JSONResponse({"models": len(table), "replicas": f"every replica re-reads the registry within {RELOAD_CHECK_S:g} s"})
 
@@ -437,9 +519,9 @@ def check_args(args: dict) -> dict:
 
 
 def application(args: dict, deployment: dict | None = None) -> serve.Application:
-    """StainService with `args` (and deployment options), bound to the shared reload stamp."""
+    """StainService with `args` (and deployment options), bound to the shared service state."""
     service = StainService.options(**deployment) if deployment else StainService
-    return service.bind(**check_args(args), stamp=ReloadStamp.bind())
+    return service.bind(**check_args(args), state=ServiceState.bind())
 
 
 def build_app(args: dict) -> serve.Application:

@@ -47,4 +47,7 @@ def stain_remote(url: str, image: Path, *, setting: str, markers: str = "dapi", 
 
 
 def token_from_env(name: str = "LMADDA_SERVE_TOKEN") -> str | None:
-    return os.environ.get(name) or None
+    """The bearer token: $`name`, else the one `lmadda serve` made and stored for this user (lmadda_serve.auth.token_file)."""
+    from lmadda_serve.auth import stored_token
+
+    return os.environ.get(name) or stored_token()

@@ -148,8 +148,11 @@ class ProxyGuard:
                 held[1].append(message.get("body", b""))
                 if not message.get("more_body", False):
                     start, text = held[0], b"".join(held[1]).decode("utf-8", "replace").strip()
+                    headers = list(start.get("headers") or [])
+                    if start["status"] in (500, 503) and not any(k.lower() == b"retry-after" for k, _ in headers):
+                        headers.append((b"retry-after", b"1"))  # both tell the client to retry: say when
                     for rewritten in json_error(start["status"], SERVE_ERRORS[start["status"]] + (f" (Serve: {text})" if text else ""),
-                                                list(start.get("headers") or [])):
+                                                headers):
                         await send(rewritten)
                 return
             await send(message)

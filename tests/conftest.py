@@ -68,3 +68,11 @@ def migrated_store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
     MlflowClient(f"sqlite:///{path}").search_experiments()
     return path
+
+
+@pytest.fixture(autouse=True)
+def private_user_dirs(monkeypatch, tmp_path_factory):
+    """Per-user files lmadda keeps (the endpoint's token and model cache) go to a test folder, never the home."""
+    root = tmp_path_factory.mktemp("user")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(root / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "cache"))

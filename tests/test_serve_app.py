@@ -43,6 +43,7 @@ class FakeModels:
 
     def __init__(self, versions: dict[tuple[str, str], str], broken: set[str] = frozenset()):
         self.versions, self.broken, self.refresh_s, self.tracking_uri = dict(versions), set(broken), 3600.0, "fake://registry"
+        self.wrong: dict[str, GeneratorCheckpoint] = {}  # model id -> a checkpoint that loads but breaks the contract
         self.refreshes = 0
         self.table = self._table()
 
@@ -59,20 +60,17 @@ class FakeModels:
         return self.table[(marker, setting)]
 
 
-class FakeStamp:
-    """ReloadStamp's handle interface: `await handle.current.remote()`."""
+class FakeState:
+    """ServiceState's handle interface (`await handle.<method>.remote(...)`) over a real ServiceState object."""
 
     def __init__(self):
-        self.stamp = 0
+        import lmadda_serve.app as app_module
 
-        async def current():
-            return self.stamp
-
-        async def bump():
-            self.stamp += 1
-            return self.stamp
-
-        self.current, self.bump = SimpleNamespace(remote=current), SimpleNamespace(remote=bump)
+        state = app_module.ServiceState.func_or_class()
+        for name in ("current", "bump", "record_good", "record_failure", "view"):
+            async def method(*args, _call=getattr(state, name)):
+                return _call(*args)
+            setattr(self, name, SimpleNamespace(remote=method))
 
 
 def patch_app_global(monkeypatch, name, value):
@@ -92,9 +90,7 @@ def make_service(monkeypatch, *, host="127.0.0.1", environ=None, models=None, **
 
     for name in ("LMADDA_SERVE_TOKEN",):
         monkeypatch.delenv(name, raising=False)
-    import tempfile
 
-    monkeypatch.setenv("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="lmadda-test-cache-"))  # the per-user model cache
     for name, value in (environ or {}).items():
         monkeypatch.setenv(name, value)
     patch_app_global(monkeypatch, "proxy_host", lambda: host)
@@ -111,6 +107,8 @@ def make_service(monkeypatch, *, host="127.0.0.1", environ=None, models=None, **
         async def get_model(model_id):  # Serve's multiplexed loader, minus Serve
             if model_id in models.broken:
                 raise LmaddaError(f"checkpoint of {model_id} is corrupt")
+            if model_id in models.wrong:
+                return models.wrong[model_id]
             return checkpoints.setdefault(model_id, _checkpoint(int(model_id.rpartition("/")[2])))
 
         service.get_model = get_model
@@ -209,6 +207,8 @@ def test_a_decompression_bomb_gets_413_naming_the_limit_before_it_is_decoded(mon
 def test_a_replica_on_a_non_loopback_address_without_a_token_refuses_to_start(monkeypatch):
     with pytest.raises(LmaddaError, match="refusing to serve on 0.0.0.0 without a token.*allow_unauthenticated: true"):
         make_service(monkeypatch, host="0.0.0.0")
+    with pytest.raises(LmaddaError, match="refusing to serve on 127.0.0.1 without a token.*Loopback is no exception"):
+        make_service(monkeypatch, host="127.0.0.1")  # auth is on by default, on loopback too
     open_on_purpose = make_service(monkeypatch, host="0.0.0.0", models=FakeModels(MODELS), allow_unauthenticated=True)
     assert asyncio.run(stain(open_on_purpose, token=None, chunks=[IMAGE]))[0] == 200
 
@@ -219,11 +219,11 @@ def test_the_start_up_log_says_whether_auth_is_on_and_where_the_token_came_from_
     with caplog.at_level(logging.INFO, logger="ray.serve"):
         make_service(monkeypatch, host="0.0.0.0", token_sha256=token_digest(TOKEN))
         make_service(monkeypatch, host="10.0.0.5", environ={"LMADDA_SERVE_TOKEN": TOKEN})
-        make_service(monkeypatch, host="127.0.0.1")
+        make_service(monkeypatch, host="127.0.0.1", allow_unauthenticated=True)
     lines = [r.getMessage() for r in caplog.records if "lmadda endpoint" in r.getMessage()]
     assert "auth ON on 0.0.0.0" in lines[0] and "token_sha256 in the application args" in lines[0]
     assert "auth ON on 10.0.0.5" in lines[1] and "$LMADDA_SERVE_TOKEN in the replica's environment" in lines[1]
-    assert "auth OFF on 127.0.0.1" in lines[2] and "loopback" in lines[2]
+    assert "auth OFF on 127.0.0.1" in lines[2] and "allow_unauthenticated: true" in lines[2]
     assert not any(TOKEN in line or token_digest(TOKEN) in line for line in lines)
 
 
@@ -299,10 +299,10 @@ def test_a_failed_version_is_retried_after_a_reload_not_on_every_request(monkeyp
 # -- 8: a reload reaches every replica --------------------------------------------------------------------
 def test_a_reload_on_one_replica_reaches_the_others_through_the_shared_stamp(monkeypatch):
     patch_app_global(monkeypatch, "RELOAD_CHECK_S", 0.0)
-    stamp = FakeStamp()
+    state = FakeState()
     models_a, models_b = FakeModels(MODELS), FakeModels(MODELS)
-    replica_a = make_service(monkeypatch, models=models_a, environ={"LMADDA_SERVE_TOKEN": TOKEN}, stamp=stamp)
-    replica_b = make_service(monkeypatch, models=models_b, environ={"LMADDA_SERVE_TOKEN": TOKEN}, stamp=stamp)
+    replica_a = make_service(monkeypatch, models=models_a, environ={"LMADDA_SERVE_TOKEN": TOKEN}, state=state)
+    replica_b = make_service(monkeypatch, models=models_b, environ={"LMADDA_SERVE_TOKEN": TOKEN}, state=state)
     assert asyncio.run(stain(replica_b, chunks=[IMAGE]))[2][:2] in (b"II", b"MM")  # B serves v2 and has read the stamp
     for models in (models_a, models_b):
         models.versions[("dapi", "bright_field")] = "5"  # promoted in the registry both replicas read
@@ -321,7 +321,7 @@ def ray_serve():
 
 # -- 9: routing errors in the documented shape -------------------------------------------------------------
 def test_unknown_routes_and_wrong_methods_answer_with_the_error_shape(monkeypatch):
-    service = make_service(monkeypatch, models=FakeModels(MODELS))
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN})
     status, _, body = asyncio.run(call(service, "GET", "/v1/nothing"))
     assert status == 404 and "POST /v1/stain" in json.loads(body)["error"]
     status, _, body = asyncio.run(call(service, "GET", "/v1/stain"))
@@ -460,3 +460,69 @@ def test_the_endpoint_stains_an_image_exactly_as_the_library_and_lmadda_predict_
                  batch_size=service.tile_batch, device="cpu")
     assert status == 200 and headers["x-lmadda-domain-score"] == f"{library.domain.score:.3f}"
     np.testing.assert_array_equal(decode_image(body, "tiff", "response").pixels[0], tifffile.imread(tmp_path / "out.tif")[0])
+
+
+def test_a_rebinding_host_and_a_cross_origin_post_are_refused_whatever_the_auth(monkeypatch):
+    """With auth off on loopback, `Host: evil.example` on /v1/models and a cross-origin form POST to /v1/reload
+    both got 200 (issue 26, hole 7): DNS rebinding from any page the operator opens."""
+    service = make_service(monkeypatch, models=FakeModels(MODELS), allow_unauthenticated=True)
+    status, headers, body = asyncio.run(call(service, "GET", "/v1/models", headers=[("host", "evil.example:8000")]))
+    assert status == 403 and headers["content-type"] == "application/json" and "not a loopback name" in json.loads(body)["error"]
+    status, _, body = asyncio.run(call(service, "POST", "/v1/reload", headers=[("host", "127.0.0.1:8000"), ("origin", "http://evil.example")]))
+    assert status == 403 and "cross-origin request from http://evil.example refused" in json.loads(body)["error"]
+    same_origin = [("host", "127.0.0.1:8000"), ("origin", "http://127.0.0.1:8000")]  # the endpoint's own /docs page
+    assert asyncio.run(call(service, "GET", "/v1/models", headers=same_origin))[0] == 200
+    assert asyncio.run(call(service, "GET", "/v1/models", headers=[("host", "localhost:8000")]))[0] == 200
+    named = make_service(monkeypatch, host="0.0.0.0", models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN},
+                         allowed_hosts=["stain.lab.example"])
+    authorised = [("authorization", f"Bearer {TOKEN}")]
+    assert asyncio.run(call(named, "GET", "/v1/models", headers=[*authorised, ("host", "stain.lab.example")]))[0] == 200
+    assert asyncio.run(call(named, "GET", "/v1/models", headers=[*authorised, ("host", "evil.example")]))[0] == 403
+
+
+# -- the last good version is the service's, and a version must pass its contract (issue 26, holes 2 and 3) --
+def _two_replicas(monkeypatch, versions):
+    state = FakeState()
+    models = FakeModels(versions)
+    replicas = [make_service(monkeypatch, models=models, environ={"LMADDA_SERVE_TOKEN": TOKEN}, state=state) for _ in range(2)]
+    return models, replicas
+
+
+def _listed(service) -> dict:
+    return json.loads(asyncio.run(call(service, "GET", "/v1/models", headers=[("authorization", f"Bearer {TOKEN}")]))[2])["models"][0]
+
+
+def test_a_replica_that_never_served_the_good_version_falls_back_to_the_services(monkeypatch):
+    """Before: 5 of 20 requests got 503 from a replica that had not served the good version since it started, and
+    /v1/models answered differently per replica."""
+    models, (warm, fresh) = _two_replicas(monkeypatch, MODELS)
+    assert asyncio.run(stain(warm, chunks=[IMAGE]))[0] == 200  # v2 served on one replica only
+    models.versions[("dapi", "bright_field")] = "3"
+    models.broken.add("lmadda-dapi/3")  # a text file registered as v3 and promoted
+    models.refresh(force=True)
+    status, headers, _ = asyncio.run(stain(fresh, chunks=[IMAGE]))
+    assert status == 200 and headers["x-lmadda-models"] == "lmadda-dapi/2" and "lmadda-dapi/3" in headers["x-lmadda-fallback"]
+    assert _listed(warm)["status"] == _listed(fresh)["status"] and _listed(warm)["served_version"] == _listed(fresh)["served_version"] == "2"
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (GeneratorCheckpoint(generator=UNetGenerator(GeneratorConfig(in_channels=1, out_channels=1, ngf=2, depth=6)).eval(), markers=["cd29"],
+                         setting="bright_field"), "it predicts ['cd29'], not dapi"),
+    (GeneratorCheckpoint(generator=UNetGenerator(GeneratorConfig(in_channels=3, out_channels=2, ngf=2, depth=6)).eval(),
+                         markers=["dapi", "cd29"], setting="bright_field"), "expects 3 input channels; this setting's images have 1"),
+    (GeneratorCheckpoint(generator=UNetGenerator(GeneratorConfig(in_channels=1, out_channels=2, ngf=2, depth=7)).eval(),
+                         markers=["dapi", "cd29"], setting="bright_field"), "multiple of 128; the endpoint's tile is 64"),
+])
+def test_a_version_that_loads_but_breaks_the_settings_contract_never_replaces_the_served_one(monkeypatch, wrong, words):
+    """Before: a checkpoint predicting only cd29 registered as lmadda-dapi got 500 on every request and became the
+    replica's fallback; one expecting 3 channels made the endpoint blame the client's image (400)."""
+    models, (first, second) = _two_replicas(monkeypatch, MODELS)
+    assert asyncio.run(stain(first, chunks=[IMAGE]))[0] == 200
+    models.versions[("dapi", "bright_field")] = "4"
+    models.wrong["lmadda-dapi/4"] = wrong
+    models.refresh(force=True)
+    for replica in (first, second):
+        status, headers, _ = asyncio.run(stain(replica, chunks=[IMAGE]))
+        assert status == 200 and headers["x-lmadda-models"] == "lmadda-dapi/2"
+    listed = _listed(second)
+    assert listed["served_version"] == "2" and "failed its contract check" in listed["status"] and words in listed["status"]

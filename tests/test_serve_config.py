@@ -42,15 +42,25 @@ def test_serve_host_help_says_a_non_loopback_address_needs_a_token(capsys):
     assert "LMADDA_SERVE_TOKEN" in help_text and "allow_unauthenticated: true" in help_text
 
 
-def test_lmadda_serve_refuses_a_non_loopback_host_without_a_token_before_ray_starts(monkeypatch, capsys):
+def test_lmadda_serve_without_a_token_makes_one_before_ray_starts_and_shows_it_once(monkeypatch, capsys):
+    import os
     import sys
 
     from lmadda.cli import main
+    from lmadda_serve.auth import token_digest, token_file
 
-    monkeypatch.delenv("LMADDA_SERVE_TOKEN", raising=False)
-    monkeypatch.setitem(sys.modules, "ray", None)  # importing ray fails: the refusal must come before it
-    assert main(["serve", "--host", "0.0.0.0"]) == 2
-    assert "refusing to serve on 0.0.0.0 without a token" in capsys.readouterr().err
+    monkeypatch.setenv("LMADDA_SERVE_TOKEN", "")  # restored after the test, whatever lmadda serve sets
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing ray fails: the token must be made before it
+    with pytest.raises(ModuleNotFoundError):
+        main(["serve", "--host", "0.0.0.0"])
+    token = token_file().read_text().strip()
+    out = capsys.readouterr().out
+    assert "auth ON: made a token" in out and token in out and os.environ["LMADDA_SERVE_TOKEN"] == token
+    monkeypatch.delenv("LMADDA_SERVE_TOKEN")  # a new shell
+    with pytest.raises(ModuleNotFoundError):
+        main(["serve"])
+    again = capsys.readouterr().out
+    assert "auth ON: the token stored in" in again and token not in again and token_digest(token) not in again
 
 
 def test_serve_args_are_typed_from_the_deployments_own_signature():

@@ -105,6 +105,15 @@ def test_serves_own_text_errors_reach_the_client_as_json_and_keep_their_retry_af
     assert error.startswith("the endpoint is busy") and "max_queued_requests=64" in error
 
 
+def test_serves_500_while_a_replica_dies_becomes_json_with_a_retry_after():
+    from ray.serve._private.http_util import convert_object_to_asgi_messages
+
+    died = convert_object_to_asgi_messages("Internal Server Error", status_code=500)
+    status, headers, body = asyncio.run(call(guard(eager_proxy([], died)), [b"image"]))
+    assert status == 500 and headers["content-type"] == "application/json" and headers["retry-after"] == "1"
+    assert json.loads(body)["error"].startswith("a replica failed while answering; retry")
+
+
 def test_the_apps_own_errors_pass_through_unchanged():
     app_error = [{"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"application/json")]},
                  {"type": "http.response.body", "body": b'{"error": "model cannot be loaded"}'}]
