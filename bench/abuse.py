@@ -11,7 +11,12 @@ and of the HTTP proxy before the case and at its peak (VmHWM, reset before each 
 - bomb: a ~150 KiB zlib TIFF that declares 8192x8192 pixels;
 - chunked: a body without Content-Length, streamed 1 MiB at a time up to 300 MiB (--chunked-mib);
 - overload: 32 normal requests at once, twice what the replica takes and queues;
-- tiny: a 2x2 image; no_token: a request without the token; unknown_route: GET /v1/nothing.
+- tiny: a 2x2 image; no_token: a request without the token; unknown_route: GET /v1/nothing;
+- big_header: one unauthenticated header line of up to 64 MiB (--header-mib);
+- slow_headers: 8 clients sending one header line every 0.5 s for 30 s;
+- unauth_clients: 16 unauthenticated clients at once, each with a 1 MiB header.
+The header cases also time a normal GET /healthz and an authorised stain while they run ("normal ... s",
+against "idle ... s" measured before the cases).
 
     python bench/abuse.py [--body-timeout 5]
 """
@@ -130,6 +135,74 @@ def case_chunked(token: str, mib: int) -> list:
     return [status, f"{sent} MiB sent"]
 
 
+def timed_normal(token: str, body: bytes) -> float:
+    started = time.perf_counter()
+    post(ROUTE, body, token)
+    return time.perf_counter() - started
+
+
+def while_running(attack, token: str, body: bytes) -> list:
+    """Run `attack` (returns its outcome list) in a thread; meanwhile, after 0.5 s, time one normal request."""
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.extend(attack()))
+    thread.start()
+    time.sleep(0.5)
+    normal_s = timed_normal(token, body)
+    thread.join()
+    return [*outcome, f"normal {normal_s:.2f} s"]
+
+
+def big_header(mib: int) -> list:
+    connection = raw_request(f"GET /v1/models HTTP/1.1\r\nHost: {HOST}:{PORT}\r\nX-Big: ")
+    sent = 0
+    for _ in range(mib):
+        if select.select([connection], [], [], 0)[0]:
+            break
+        try:
+            connection.sendall(b"a" * 2**20)
+        except OSError:
+            break
+        sent += 1
+    return [read_status(connection), f"{sent} MiB sent"]
+
+
+def slow_headers(clients: int = 8, seconds: float = 30.0) -> list:
+    connections = [raw_request(f"GET /healthz HTTP/1.1\r\nHost: {HOST}:{PORT}\r\n") for _ in range(clients)]
+    started, cut = time.monotonic(), [None] * clients
+    while time.monotonic() - started < seconds and None in cut:
+        for index, connection in enumerate(connections):
+            if cut[index] is None:
+                try:
+                    if select.select([connection], [], [], 0)[0]:
+                        cut[index] = time.monotonic() - started
+                    else:
+                        connection.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    cut[index] = time.monotonic() - started
+        time.sleep(0.5)
+    statuses = [read_status(c) if t is not None else "still open" for c, t in zip(connections, cut)]
+    for connection in connections:
+        connection.close()
+    return [f"statuses {sorted(map(str, statuses))}", f"cut after {max((t for t in cut if t is not None), default=float('nan')):.1f} s"]
+
+
+def unauthenticated_clients(count: int = 16) -> list:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_):
+        connection = raw_request(f"POST {ROUTE} HTTP/1.1\r\nHost: {HOST}:{PORT}\r\nX-Big: ")
+        try:
+            connection.sendall(b"a" * 2**20 + b"\r\n\r\n")
+        except OSError:
+            pass
+        status = read_status(connection)
+        connection.close()
+        return status
+
+    with ThreadPoolExecutor(count) as pool:
+        return [f"statuses {sorted(map(str, pool.map(one, range(count))))}"]
+
+
 def actor_pid(class_part: str) -> int | None:
     import ray
     from ray.util.state import list_actors
@@ -163,6 +236,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--body-timeout", type=float, default=5.0, help="body_timeout_s of the endpoint (config: 20)")
     parser.add_argument("--chunked-mib", type=int, default=300, help="most MiB the chunked case streams")
+    parser.add_argument("--header-mib", type=int, default=64, help="most MiB the big_header case sends in one header line")
     parser.add_argument("--cases", nargs="*", default=None, help="run only these cases")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -203,8 +277,14 @@ def main() -> int:
         "tiny": lambda: [post(ROUTE, tiff(np.ones((2, 2), np.uint16)), token)],
         "no_token": lambda: [post(ROUTE, image, None)],
         "unknown_route": lambda: [post("/v1/nothing", b"", token, method="GET")],
+        "big_header": lambda: while_running(lambda: big_header(args.header_mib), token, image),
+        "slow_headers": lambda: while_running(slow_headers, token, image),
+        "unauth_clients": lambda: while_running(unauthenticated_clients, token, image),
     }
-    record = {"date": date.today().isoformat(), "host": platform.node(), "body_timeout_s": args.body_timeout, "cases": {}}
+    idle_s = min(timed_normal(token, image) for _ in range(3))
+    print(f"idle: a normal request takes {idle_s:.2f} s")
+    record = {"date": date.today().isoformat(), "host": platform.node(), "body_timeout_s": args.body_timeout, "idle_normal_s": idle_s,
+              "cases": {}}
     print(f"{'case':<14} {'seconds':>8} {'replica MiB before/peak':>24} {'proxy MiB before/peak':>22}  status")
     for name, run_case in cases.items():
         if args.cases and name not in args.cases:

@@ -189,7 +189,9 @@ def _guarded_h11():
             self.refused = False
 
         def waiting_for_headers(self) -> bool:
-            return self.cycle is None or self.cycle.response_complete
+            # The client has not begun its next request (h11 IDLE). Not "no response pending": after an early answer
+            # (413) the client may still be sending the old body, which is no header.
+            return self.conn.their_state is h11.IDLE
 
         def connection_made(self, transport) -> None:  # a connection that sends nothing is cut off too
             super().connection_made(transport)
