@@ -33,7 +33,7 @@ from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.data.bands import BLOCK_VALUES, RegionSource, ValueCounts, blocks, percentiles
 from lmadda.data.calibration import PixelSize, PixelSizeCheck, PixelSizeNote, check_pixel_size
 from lmadda.data.dataset import target_from_model_range, tile_origins, to_model_range
-from lmadda.data.io import check_image_output, clip_to_dtype, read_image, sensor_max_for, write_image
+from lmadda.data.io import check_image_output, clip_to_dtype, read_image, refuse_overwriting_inputs, sensor_max_for, write_image
 from lmadda.data.normalise import apply_normalisation, denormalise, normalise, params_from_percentiles
 from lmadda.device import resolve_device
 from lmadda.domain import DomainScore, forward_scored, score_tiles
@@ -350,10 +350,14 @@ def predict_file(
 
     When the input or the output is OME-Zarr, the image goes through `predict_banded`: an OME-Zarr input is read
     one row of tiles at a time (its normalisation statistics in bands first, `ModelInputRows`) and an OME-Zarr
-    output is written chunk by chunk, with the same pixels as the TIFF path."""
+    output is written chunk by chunk, with the same pixels as the TIFF path.
+
+    An output that is the input image or the checkpoint (through a link too) is refused before any work."""
     from lmadda.data.omezarr import is_zarr, open_image
 
-    if isinstance(checkpoint_path, GeneratorCheckpoint):  # in memory: messages name it by what it is
+    in_memory = isinstance(checkpoint_path, GeneratorCheckpoint)
+    refuse_overwriting_inputs([("OUT", output_path)], [("IN", input_path), ("CHECKPOINT", None if in_memory else checkpoint_path)])
+    if in_memory:  # messages name it by what it is
         checkpoint, checkpoint_path = checkpoint_path, checkpoint_path.describe()
     else:
         checkpoint = load_checkpoint(checkpoint_path)

@@ -67,14 +67,16 @@ def summary_table(rows: list[dict], metric: str = "pearson") -> str:
     return "\n".join(lines)
 
 
+REPORT_FILES = ("summary.txt", "pearson_by_layer.png", "pearson_vs_magnitude.png")  # what `write_report` may write in its folder
+
+
 def write_report(rows: list[dict], out_dir: Path) -> list[Path]:
-    """The text table and every figure the rows allow."""
+    """The text table and every figure the rows allow (`REPORT_FILES`)."""
+    summary, by_layer, by_magnitude = (out_dir / name for name in REPORT_FILES)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = out_dir / "summary.txt"
-    table.write_text(summary_table(rows) + "\n")
-    written = [table]
-    for path in (plot_pearson_by_layer(rows, out_dir / "pearson_by_layer.png"),
-                 plot_pearson_vs_magnitude(rows, out_dir / "pearson_vs_magnitude.png")):
+    summary.write_text(summary_table(rows) + "\n")
+    written = [summary]
+    for path in (plot_pearson_by_layer(rows, by_layer), plot_pearson_vs_magnitude(rows, by_magnitude)):
         if path is not None:
             written.append(path)
     return written

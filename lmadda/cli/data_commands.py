@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
 from lmadda.errors import LmaddaError
 
 
@@ -92,6 +93,7 @@ def run_index(args: argparse.Namespace) -> int:
 
     if args.out.suffix != ".parquet":
         raise LmaddaError(f"--out {args.out}: a manifest is a Parquet file; name it *.parquet")
+    refuse_overwriting_inputs([("--out", args.out)], [("DIR", args.folder)])
     spec = IndexSpec(
         patterns=args.pattern, targets=dict(args.target), rename=dict(args.rename), splits=dict(args.split),
         split_fractions=args.split_fractions, acquisition_fractions=dict(args.acquisition_fractions), seed=args.seed,
@@ -99,6 +101,8 @@ def run_index(args: argparse.Namespace) -> int:
     )
     index = index_plate if is_plate(args.folder) else index_folder
     manifest, unmatched = index(args.folder, spec)
+    # The images it found are known only now; a link at --out to one of them is refused here, before anything is written.
+    refuse_overwriting_inputs([("--out", args.out)], [("an image of DIR", image) for image in manifest.image_paths()])
     path = manifest.save(args.out)
     print(f"wrote {path}: {len(manifest.rows)} images, {len(manifest.fields())} fields, settings {manifest.settings}, markers {manifest.markers}")
     if unmatched:
@@ -111,6 +115,7 @@ def run_show(args: argparse.Namespace) -> int:
     from lmadda.data.contact_sheet import contact_sheet
     from lmadda.data.manifest import Manifest
 
+    refuse_overwriting_inputs([("--png", args.png)], manifest_inputs(args.manifest, "MANIFEST"))
     manifest = Manifest.load(args.manifest)
     print(manifest.summary())
     if args.png:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
 from lmadda.errors import LmaddaError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+OUT_FILES = ("diagnosis.json", "profile.png")  # what it writes in --out
 ADVICE = {
     "no_change": "no change needed: these images look like the ones the model was trained on.",
     "input_correction": "a cheap input correction suffices: histogram matching brings the images into the model's domain. Run "
@@ -107,6 +109,12 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from lmadda.checkpoint import load_checkpoint
 
     config = _config(args)
+    if not config.add_reference:  # --add-reference updates CHECKPOINT in place, as asked (atomically, read back first)
+        if config.images.is_dir():
+            inputs = [("IMAGES_OR_MANIFEST", path) for path in _image_files(config.images)]
+        else:
+            inputs = manifest_inputs(config.images, "IMAGES_OR_MANIFEST")
+        refuse_overwriting_inputs([("--out", config.out / name) for name in OUT_FILES], [("CHECKPOINT", config.checkpoint), *inputs])
     checkpoint = load_checkpoint(config.checkpoint)
     if config.add_reference:
         return add_reference(config, checkpoint)
@@ -120,10 +128,11 @@ def run_diagnose(args: argparse.Namespace) -> int:
     result = diagnose(checkpoint.generator, checkpoint.domain_reference, images, tile=config.tile, overlap=config.overlap,
                       device=config.device, try_correction="input_correction" not in checkpoint.metadata)
     config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / "diagnosis.json").write_text(json.dumps(result.as_dict(), indent=2))
-    plot_profile(result, config.out / "profile.png", checkpoint.domain_reference.domain)
+    summary, profile = (config.out / name for name in OUT_FILES)
+    summary.write_text(json.dumps(result.as_dict(), indent=2))
+    plot_profile(result, profile, checkpoint.domain_reference.domain)
     print(render(result, str(config.checkpoint), checkpoint.domain_reference.domain, _target_options(config, checkpoint)))
-    print(f"wrote {config.out / 'profile.png'} and {config.out / 'diagnosis.json'}")
+    print(f"wrote {profile} and {summary}")
     return 0
 
 
@@ -159,7 +168,7 @@ def _read_images(config: DiagnoseConfig, checkpoint) -> dict:
     from lmadda.inference import model_input
 
     if config.images.is_dir():
-        paths = sorted(p for p in config.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = _image_files(config.images)
         if not paths:
             raise LmaddaError(f"{config.images} holds no TIFF or PNG images ({', '.join(IMAGE_SUFFIXES)})")
         if config.shift:
@@ -187,6 +196,11 @@ def _read_images(config: DiagnoseConfig, checkpoint) -> dict:
     if wrong:
         raise LmaddaError(f"{wrong[0]} has {sources[wrong[0]].shape[0]} channel(s); the model {config.checkpoint} expects {channels}")
     return {name: model_input(pixels, checkpoint) for name, pixels in sources.items()}
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The images of a folder that `lmadda diagnose` checks."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _target_options(config: DiagnoseConfig, checkpoint) -> str:

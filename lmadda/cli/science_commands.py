@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lmadda.cli.options import add_model_flags, model_overrides
+from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
 from lmadda.errors import LmaddaError
 from lmadda.registry_names import target_name
 from lmadda.training.adapt import AdaptConfig
@@ -98,6 +99,8 @@ def run_train_source(args: argparse.Namespace) -> int:
     from lmadda.training.source import SourceTrainConfig, train_source
 
     config = build_config(SourceTrainConfig, args.config, **model_overrides(args))
+    refuse_overwriting_inputs([("--out", args.out)], [("--config", args.config), ("--init-from", config.init_from),
+                                                      *manifest_inputs(config.manifest, "--manifest")])
     result = train_source(config, args.out)
     print(f"wrote {args.out}: best validation Pearson {result.best_val_pearson:.3f} after {len(result.history)} epochs ({result.seconds:.0f} s)")
     return 0
@@ -106,6 +109,9 @@ def run_train_source(args: argparse.Namespace) -> int:
 def run_adapt(args: argparse.Namespace) -> int:
     from lmadda.stainer import VirtualStainer
 
+    refuse_overwriting_inputs([("--out", args.out)], [("SOURCE_CHECKPOINT", args.source), ("--config", args.config),
+                                                      *manifest_inputs(args.manifest, "--manifest"),
+                                                      *manifest_inputs(args.source_manifest, "--source-manifest")])
     selector_options = None
     if args.layer == "auto":  # the study's selection defaults: the selector of `adapt --layer auto` and the study is one
         from lmadda.study.config import SelectionSpec
@@ -136,6 +142,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.out.suffix.lower() != ".parquet":
         raise LmaddaError(f"--out {args.out}: results are a Parquet table; name it *.parquet")
     refuse_existing(args.out, args.overwrite)  # before any work, not after it
+    refuse_overwriting_inputs([("--out", args.out)], [*(("CHECKPOINT", path) for path in args.checkpoints),
+                                                      *manifest_inputs(args.manifest, "--manifest")])
     names = [str(path) for path in args.checkpoints]
     if len(set(names)) < len(names):
         raise LmaddaError(f"checkpoint(s) {sorted({n for n in names if names.count(n) > 1})} given twice; name each once")
@@ -154,8 +162,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from lmadda.report import summary_table, write_report
+    from lmadda.report import REPORT_FILES, summary_table, write_report
 
+    refuse_overwriting_inputs([("--out", args.out / name) for name in REPORT_FILES], [("RESULTS_PARQUET", args.results)])
     if not args.results.exists():
         raise LmaddaError(f"results table {args.results} not found; make one with `lmadda evaluate` or `lmadda demo`")
     try:

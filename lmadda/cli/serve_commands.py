@@ -39,8 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_stain(args: argparse.Namespace) -> int:
+    from lmadda.data.io import refuse_overwriting_inputs
     from lmadda_serve.client import stain_remote, token_from_env
 
+    refuse_overwriting_inputs([("--out", args.out)], [("IMAGE", args.image)])  # the default --out is a new name beside IMAGE
     out, headers = stain_remote(args.url, args.image, setting=args.setting, markers=args.marker, out=args.out,
                                 token=token_from_env(args.token_env))
     print(f"{out}  (models {headers.get('x-lmadda-models')}, {headers.get('x-lmadda-seconds')} s on the server)")

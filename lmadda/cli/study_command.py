@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_study_command(args: argparse.Namespace) -> int:
     from lmadda.config import build_config, read_config_file
+    from lmadda.data.io import refuse_overwriting_inputs
     from lmadda.errors import LmaddaError
     from lmadda.study.config import StudyConfig
     from lmadda.study.document import write_study_document
@@ -29,6 +30,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     from lmadda.study.runner import forget_choices, run_experiment
 
     config = build_config(StudyConfig, None, **read_config_file(args.config)).resolved(Path.cwd())
+    refuse_overwriting_inputs([("document", config.document)], [("--config", args.config)], fix="name another document in the config")
     names = [e.name for e in config.experiments]
     only = args.only.split(",") if args.only else names
     unknown = sorted(set(only) - set(names))

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import tifffile
@@ -191,6 +192,56 @@ def check_image_output(path: str | Path, *, channels: int = 1, dtype: str = "uin
         if np.dtype(dtype).name not in ("uint8", "uint16"):
             raise LmaddaError(f"{path}: a PNG holds 8- or 16-bit integers, and this image is {np.dtype(dtype).name}; write a .tif")
     return path
+
+
+Named = tuple[str, "str | Path | None"]  # (how the user gave it, e.g. --out, OUT, --manifest; the path)
+
+
+def refuse_overwriting_inputs(outputs: Iterable[Named], inputs: Iterable[Named], *, fix: str | None = None) -> None:
+    """Refuse, before any work, to write an output over one of the command's own inputs: no command does that.
+
+    An output collides with an input when both are one file once links are followed (`Path.resolve` follows symbolic
+    links, `os.path.samefile` catches hard links where both exist), or when the output is a folder that holds the
+    input (writing it would replace the input too). A command passes the paths it will replace as a whole: files,
+    or an OME-Zarr folder; not a folder it only writes named files into. None paths are skipped. The error names
+    both paths and says what to do: `fix`, by default "choose another <the output's name>"."""
+    known = [(name, Path(path), Path(path).resolve()) for name, path in inputs if path is not None]
+    for out_name, out in outputs:
+        if out is None:
+            continue
+        out = Path(out)
+        target = out.resolve()
+        for in_name, path, source in known:
+            holds = target in source.parents
+            if not (target == source or holds or _same_file(out, path)):
+                continue
+            if holds:
+                how = " (it is a folder that holds it)"
+            else:
+                how = "" if out.absolute() == path.absolute() else " (the same file through a link)"
+            raise LmaddaError(f"{out_name} {out} would overwrite the input {in_name} {path}{how}; "
+                              f"{fix or f'choose another {out_name}'}")
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return one.exists() and other.exists() and os.path.samefile(one, other)
+    except OSError:
+        return False
+
+
+def manifest_inputs(path: str | Path | None, name: str) -> list[Named]:
+    """A manifest and every image file it names, as `refuse_overwriting_inputs` inputs: a command that reads a manifest
+    reads its images. A manifest that does not exist is one input (the command says it is missing); one that is not a
+    manifest is refused here, as the command would refuse it."""
+    from lmadda.data.manifest import Manifest
+
+    if path is None:
+        return []
+    if not Path(path).is_file():
+        return [(name, path)]
+    manifest = Manifest.load(path)
+    return [(name, path)] + [(f"an image of {name}", image) for image in manifest.image_paths()]
 
 
 def write_image(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", metadata: dict | None = None,

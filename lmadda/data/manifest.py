@@ -132,6 +132,10 @@ class Manifest:
     def resolve(self, row: ManifestRow) -> Path:
         return self.root / row.path
 
+    def image_paths(self) -> list[Path]:
+        """Every image file (or OME-Zarr image folder) the rows name, once each."""
+        return list(dict.fromkeys(self.resolve(row) for row in self.rows))
+
     @property
     def settings(self) -> list[str]:
         return sorted({r.setting for r in self.rows if r.role == "input" and r.setting})

@@ -39,7 +39,7 @@ import torch
 from lmadda import __version__
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.data.dataset import TARGET_HEADROOM, target_from_model_range
-from lmadda.data.io import read_image, write_atomically
+from lmadda.data.io import read_image, refuse_overwriting_inputs, write_atomically
 from lmadda.errors import LmaddaError
 from lmadda.export.package_readme import ADDA, LAYER_MATCHING, LICENSE, NAME_CHARS, PIX2PIX, camera_range, default_name, is_adapted, readme
 from lmadda.inference import model_input, predict_tiled, to_camera_units
@@ -77,6 +77,7 @@ def check_export_request(checkpoint: str | Path, out: str | Path, *, overwrite: 
         raise LmaddaError(f"package {out} already exists; pass --overwrite to replace it, or choose another --out")
     if sample_image is not None and not Path(sample_image).is_file():
         raise LmaddaError(f"--sample-image {sample_image} not found; name an image (TIFF or PNG) of the setting the model is for")
+    refuse_overwriting_inputs([("--out", out)], [("CHECKPOINT", checkpoint), ("--sample-image", sample_image)])
     if parent is not None and (not parent or not set(parent) <= _ZOO_ID_CHARS or parent.startswith("/") or parent.endswith("/")):
         raise LmaddaError(f"--parent {parent!r} is not a BioImage Model Zoo id: use the source model's zoo id "
                           "(lower-case letters, digits, '_', '-', '.', '/'; e.g. affable-shark)")
