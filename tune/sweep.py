@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pwd
+import stat
 import sys
 from pathlib import Path
 
@@ -37,7 +39,7 @@ import torch
 from lmadda.checkpoint import load_checkpoint
 from lmadda.config import build_config, read_config_file
 from lmadda.data.manifest import Manifest
-from lmadda.data.io import write_atomically
+from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs, write_atomically
 from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.result_rows import TargetDomain, marker_means, rows_table, tag_rows
@@ -62,6 +64,7 @@ Without both, the second trial waits forever for CPUs the first one still holds.
 # latest is needed to resume or to read the result. (Adaptation trials keep theirs in a PointStore.)
 KEEP_LATEST = CheckpointConfig(num_to_keep=1)
 POINTS_FILE = "points.parquet"  # one row per grid point: how its run went (steps, timing, collapse, generator file)
+RESULTS_FILE = "results.parquet"  # the result rows: every point's and the unadapted model's, model x image x marker
 
 
 def trial_config(sweep: SweepConfig, points: list[GridPoint]) -> TrialSpec:
@@ -171,7 +174,62 @@ def train_source_stage(sweep: SweepConfig, log=print) -> Path:
 
 
 def sweep_exists(sweep: SweepConfig) -> bool:
-    return tune.Tuner.can_restore(str(sweep.storage_path / sweep.name))
+    return tune.Tuner.can_restore(str(sweep.storage_path / sweep.name))  # only looks for tuner.pkl; unpickles nothing
+
+
+def refuse_untrusted_restore(experiment_path: Path, storage_path: Path) -> None:
+    """Refuse to resume a sweep from a folder that someone other than this user can write.
+
+    The pickle is code: `Tuner.restore` unpickles the experiment's tuner.pkl (and Tune's state files beside it), and
+    unpickling runs whatever a `__reduce__` in it names. So whoever can write the storage path can run code in this
+    sweep. Ray cannot be told not to, so before a restore the experiment folder, each folder above it up to and
+    including `storage_path`, and everything directly in the experiment folder (tuner.pkl, the experiment and search
+    states) must belong to the current user and not be group- or world-writable. Paths that do not exist are not
+    checked: there is nothing to restore from them."""
+    experiment_path, storage_path = Path(experiment_path), Path(storage_path)
+    chain = [experiment_path]
+    for folder in experiment_path.parents:
+        if folder == storage_path or storage_path not in folder.parents:
+            break
+        chain.append(folder)
+    chain.append(storage_path)
+    inside = sorted(experiment_path.iterdir()) if experiment_path.is_dir() else []
+    for path in dict.fromkeys(chain + inside):
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid != os.getuid():
+            problem, fix = f"owned by {_user(info.st_uid)}, not by you ({_user(os.getuid())})", "start a fresh sweep in a folder you own"
+        elif mode & 0o022:
+            problem = f"{'group- and world' if mode & 0o022 == 0o022 else 'group' if mode & 0o020 else 'world'}-writable (mode {mode:04o})"
+            fix = f"if you trust its contents, `chmod go-w {path}`; else start a fresh sweep in a folder you own"
+        else:
+            continue
+        raise LmaddaError(f"refusing to resume the sweep from {experiment_path}: {path} is {problem}, and resuming unpickles the "
+                          f"sweep's state, which runs code that anyone who can write there could have planted; {fix}")
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def refuse_overwriting_sweep_inputs(sweep: SweepConfig) -> None:
+    """The sweep writes its source model (when it trains one) and its tables; none of them may be one of its inputs."""
+    experiment_path = sweep.storage_path / sweep.name
+    trains = not sweep.source.checkpoint.is_file()
+    outputs = [("the sweep's points table", experiment_path / POINTS_FILE), ("the sweep's results table", experiment_path / RESULTS_FILE)]
+    inputs = manifest_inputs(sweep.data.manifest, "data.manifest")
+    if trains:
+        outputs.append(("source.checkpoint", sweep.source.checkpoint))
+        inputs += manifest_inputs((sweep.source.train or {}).get("manifest"), "source.train.manifest")
+    else:
+        inputs.append(("source.checkpoint", sweep.source.checkpoint))
+    refuse_overwriting_inputs(outputs, inputs, fix="change storage_path, name or source.checkpoint in the sweep config")
 
 
 def _check_cpus(sweep: SweepConfig) -> None:
@@ -188,6 +246,10 @@ def _check_cpus(sweep: SweepConfig) -> None:
 def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[dict]:
     """Run (or resume) the sweep; return one row per grid point and write points.parquet, results.parquet (the result
     rows) and the MLflow runs."""
+    experiment_path = sweep.storage_path / sweep.name
+    if resume:
+        refuse_untrusted_restore(experiment_path, sweep.storage_path)  # before any work: restoring runs its pickles
+    refuse_overwriting_sweep_inputs(sweep)
     _check_cpus(sweep)
     source = load_checkpoint(train_source_stage(sweep, log=log))
     try:
@@ -195,7 +257,6 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     except ValueError as error:  # a layer the source model does not have
         raise LmaddaError(f"sweep {sweep.name}: grid: {error}") from None
     resources = sweep.resources
-    experiment_path = sweep.storage_path / sweep.name
     if resources.workers_per_trial:  # the trial only waits for its worker group
         trial_resources = {"CPU": resources.trial_cpus}
     else:  # the trial adapts: it holds one worker's resources itself
@@ -231,7 +292,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     points_path = write_atomically(experiment_path / POINTS_FILE, lambda temporary: pq.write_table(pa.Table.from_pylist(table_rows), temporary))
     reference = unadapted_rows(sweep, source)
     results = reference + [measured for row in rows for measured in row["_rows"]]
-    out = write_atomically(experiment_path / "results.parquet", lambda temporary: pq.write_table(rows_table(results), temporary))
+    out = write_atomically(experiment_path / RESULTS_FILE, lambda temporary: pq.write_table(rows_table(results), temporary))
     log(f"[sweep] {len(rows)} grid points -> {points_path}; {len(results)} result rows (model x image x marker) -> {out}")
     unadapted = {target: marker_means([r for r in reference if r["target"] == target]) for target in sorted({r["target"] for r in reference})}
     report = write_sweep_report(table_rows, results, unadapted, experiment_path / "report")
