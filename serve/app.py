@@ -38,6 +38,7 @@ One deployment, `StainService`, behind a FastAPI ingress:
 
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import os
@@ -63,13 +64,17 @@ from lmadda.domain import DomainTally, domain_headers, forward_scored
 from lmadda.errors import LmaddaError
 from lmadda.inference import Stain, StainPlan
 from lmadda_serve.auth import origin_problem, resolve_auth
-from lmadda_serve.codec import RequestError, check_channels, check_name, decode_request_image, encode_tiff, parse_markers, read_body
+from lmadda_serve.codec import (RequestError, check_channels, check_name, declared_request, decode_request_image, encode_tiff,
+                                parse_markers, read_body)
 from lmadda_serve.registry import StainModels
 
 logger = logging.getLogger("ray.serve")
 MODELS_PER_REPLICA = 8  # generators kept per replica (LRU); a 16-layer ngf=64 generator is ~200 MB
 MAX_BODY_MB, BODY_TIMEOUT_S = 80.0, 20.0  # default body limits; serve/proxy.py keeps the same ones in the proxies
 TILES_PER_FORWARD = 16  # most tiles in one micro-batched forward (or tile_batch, if larger): bounds its memory
+# Replica memory per image pixel while it is decoded and stained (tile 256, tile_batch 4, float32): measured 743 MiB
+# for one 4096 x 4096 image (46 bytes), rounded up for the TIFF encode and the allocator.
+BYTES_PER_PIXEL = 60
 app = FastAPI(title="lmadda virtual staining", version="1",
               description="Post a label-free microscopy image (TIFF or PNG body); get the predicted fluorescence stains as a TIFF.")
 
@@ -168,6 +173,32 @@ class ServiceState:
         return dict(self.good), dict(self.failed)
 
 
+class PixelBudget:
+    """The megapixels one replica decodes and stains at once. Counting requests (max_in_flight) does not bound
+    memory: one 4096 x 4096 image took +743 MiB on a replica and four at once 2.2 GB. A request takes the
+    megapixels its image declares, from the header, before it is decoded, and waits while they are not free."""
+
+    def __init__(self, megapixels: float):
+        self.megapixels, self.in_use = megapixels, 0.0
+        self.freed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, megapixels: float):
+        async with self.freed:
+            await self.freed.wait_for(lambda: self.in_use + megapixels <= self.megapixels or self.in_use == 0)
+            self.in_use += megapixels
+        try:
+            yield
+        finally:
+            async with self.freed:
+                self.in_use -= megapixels
+                self.freed.notify_all()
+
+    def as_dict(self) -> dict:
+        return {"megapixel_budget": round(self.megapixels, 2), "megapixels_in_use": round(self.in_use, 2),
+                "bytes_per_pixel": BYTES_PER_PIXEL}
+
+
 class ContractError(LmaddaError):
     """A checkpoint that loads but cannot serve its (marker, setting)."""
 
@@ -201,7 +232,8 @@ class StainService:
                  max_body_mb: float = MAX_BODY_MB, max_in_flight: int = 8, tile: int = 256, overlap: float = 0.25,
                  tile_batch: int = 4, micro_batch: bool = True, token_env: str = "LMADDA_SERVE_TOKEN",
                  token_sha256: str | None = None, allow_unauthenticated: bool = False, body_timeout_s: float = BODY_TIMEOUT_S,
-                 max_megapixels: float = 17.0, min_side: int = 32, allowed_hosts: list[str] | None = None, state=None):
+                 max_megapixels: float = 17.0, min_side: int = 32, allowed_hosts: list[str] | None = None,
+                 replica_memory_mb: float = 2048.0, state=None):
         host = proxy_host()
         self.bind_host, self.allowed_hosts = host, allowed_hosts
         # Before anything else: a replica that would be open to the network without saying so must not start.
@@ -216,6 +248,12 @@ class StainService:
         # now": so a request takes a compute slot once its body is read, or waits here for one (Serve still
         # counts it as ongoing on this replica and routes new requests to replicas with room).
         self.max_in_flight, self.compute_slots = max_in_flight, asyncio.Semaphore(max_in_flight)
+        # And a memory budget, which counting requests is not: the megapixels this replica holds at once.
+        self.budget = PixelBudget(replica_memory_mb * 2**20 / BYTES_PER_PIXEL / 1e6)
+        if max_megapixels > self.budget.megapixels:
+            raise LmaddaError(f"max_megapixels {max_megapixels:g} exceeds what replica_memory_mb {replica_memory_mb:g} holds "
+                              f"({self.budget.megapixels:.1f} megapixels at {BYTES_PER_PIXEL} bytes each): lower max_megapixels "
+                              "or raise replica_memory_mb (and the replica's memory)")
         self.tile, self.overlap, self.tile_batch, self.micro_batch = tile, overlap, tile_batch, micro_batch
         if tile_batch > TILES_PER_FORWARD:  # one call must fit in a batch, or Serve refuses it
             self.forward_tiles.set_max_batch_size(tile_batch)
@@ -409,8 +447,15 @@ class StainService:
     async def answer(self, request: Request, payload: bytes, setting: str, markers: list[str], started: float) -> Response:
         """The stains of one read request body: decode, stain with each marker's served model, encode."""
         await self.follow_reloads()
-        image = decode_request_image(payload, request.headers.get("content-type"), max_bytes=self.max_bytes,
-                                     max_megapixels=self.max_megapixels, min_side=self.min_side)
+        content_type = request.headers.get("content-type")
+        _, samples = declared_request(payload, content_type, max_bytes=self.max_bytes, max_megapixels=self.max_megapixels)
+        async with self.budget.hold(samples / 1e6):
+            image = decode_request_image(payload, content_type, max_bytes=self.max_bytes, max_megapixels=self.max_megapixels,
+                                         min_side=self.min_side)
+            return await self.stain_markers(request, image, setting, markers, started)
+
+    async def stain_markers(self, request: Request, image, setting: str, markers: list[str], started: float) -> Response:
+        """The stains of one decoded image, with each marker's served model, as the TIFF response."""
         channels, described, versions, dtypes, fallbacks, domains, warnings = [], [], [], set(), [], [], []
         for name in markers:
             model_id, checkpoint, promoted = await self.model_for(name, setting)
@@ -455,7 +500,8 @@ class StainService:
                          "served_version": served, "status": status, "uri": f"models:/{ref.name}@{ref.setting}", "tags": dict(ref.tags),
                          # the domain check of the images stained on this replica since it started (lmadda.domain)
                          "domain": self.domain_tallies.get((ref.marker, ref.setting), DomainTally()).as_dict()})
-        return JSONResponse({"models": rows})
+        # what this replica admits at once (the budget is per replica; the models are the service's)
+        return JSONResponse({"models": rows, "replica": self.budget.as_dict()})
 
     @app.post("/v1/reload", summary="Re-read the registry aliases now (after promoting a new champion)")
     async def reload(self, request: Request) -> JSONResponse:

@@ -127,15 +127,22 @@ def check_image_size(image: RawImage, min_side: int) -> None:
                                 "(min_side): send the whole field of view")
 
 
-def decode_request_image(body: bytes, content_type: str | None, *, max_bytes: int, max_megapixels: float = 17.0,
-                         min_side: int = 1) -> RawImage:
-    """The request body as a (C, H, W) image in camera units; 413/415/400 with a clear message otherwise.
-    The pixel limit is checked on the header, before a single pixel is decoded."""
+def declared_request(body: bytes, content_type: str | None, *, max_bytes: int, max_megapixels: float = 17.0) -> tuple[str, int]:
+    """(image kind, samples the image declares), from the body's header only: 415/413 with a clear message
+    otherwise. What a replica admits a request by (its pixel budget) before decoding a single pixel."""
     kind = CONTENT_TYPES.get((content_type or "").split(";")[0].strip().lower())
     if kind is None:
         raise RequestError(415, f"Content-Type {content_type!r} is not supported: send the raw image bytes as image/tiff or image/png")
     check_body_size(len(body), max_bytes)
     check_pixel_count(body, kind, max_megapixels)
+    return kind, declared_pixels(body, kind)[1]
+
+
+def decode_request_image(body: bytes, content_type: str | None, *, max_bytes: int, max_megapixels: float = 17.0,
+                         min_side: int = 1) -> RawImage:
+    """The request body as a (C, H, W) image in camera units; 413/415/400 with a clear message otherwise.
+    The pixel limit is checked on the header, before a single pixel is decoded."""
+    kind, _ = declared_request(body, content_type, max_bytes=max_bytes, max_megapixels=max_megapixels)
     try:
         image = decode_image(body, kind, "request body")
     except LmaddaError as error:

@@ -526,3 +526,34 @@ def test_a_version_that_loads_but_breaks_the_settings_contract_never_replaces_th
         assert status == 200 and headers["x-lmadda-models"] == "lmadda-dapi/2"
     listed = _listed(second)
     assert listed["served_version"] == "2" and "failed its contract check" in listed["status"] and words in listed["status"]
+
+
+# -- capacity checked against memory, not only counted (issue 26) ----------------------------------------
+def test_the_replica_admits_by_pixel_budget_and_says_how_many_megapixels_it_holds(monkeypatch):
+    from lmadda_serve.app import BYTES_PER_PIXEL
+
+    # a budget of 1.5 images of 64 x 64: the second request waits until the first is stained
+    memory_mb = 1.5 * 64 * 64 * BYTES_PER_PIXEL / 2**20
+    service = make_service(monkeypatch, models=FakeModels(MODELS), environ={"LMADDA_SERVE_TOKEN": TOKEN}, replica_memory_mb=memory_mb,
+                           max_megapixels=0.005, max_in_flight=4)
+    listed = json.loads(asyncio.run(call(service, "GET", "/v1/models", headers=[("authorization", f"Bearer {TOKEN}")]))[2])
+    assert listed["replica"] == {"megapixel_budget": 0.01, "megapixels_in_use": 0.0, "bytes_per_pixel": BYTES_PER_PIXEL}
+    peak, stain_image = [], service.stain_image
+
+    async def watched(checkpoint, pixels):
+        peak.append(service.budget.in_use)
+        await asyncio.sleep(0.05)
+        return await stain_image(checkpoint, pixels)
+
+    service.stain_image = watched
+
+    async def both():
+        return await asyncio.gather(stain(service, chunks=[IMAGE]), stain(service, chunks=[IMAGE]))
+
+    assert [answer[0] for answer in asyncio.run(both())] == [200, 200]
+    assert max(peak) == pytest.approx(64 * 64 / 1e6) and service.budget.in_use == 0  # one at a time, all released
+
+
+def test_a_per_image_limit_the_replica_budget_cannot_hold_is_refused_at_start(monkeypatch):
+    with pytest.raises(LmaddaError, match="max_megapixels 17 exceeds what replica_memory_mb 512 holds"):
+        make_service(monkeypatch, environ={"LMADDA_SERVE_TOKEN": TOKEN}, replica_memory_mb=512)

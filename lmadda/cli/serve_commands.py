@@ -18,10 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--config", type=Path, default=None, help="Serve config (default: serve/config.yaml)")
     serve.add_argument("--tracking-uri", default=None, help="MLflow registry (default: $MLFLOW_TRACKING_URI or the demo's SQLite store)")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="bind address (default 127.0.0.1, this machine only). A non-loopback address such as 0.0.0.0 "
-                            "accepts other machines and so needs a bearer token: export LMADDA_SERVE_TOKEN (or the config's "
-                            "token_env / token_sha256); without one the endpoint refuses to start, unless the config sets "
-                            "allow_unauthenticated: true")
+                       help="bind address (default 127.0.0.1, this machine only; 0.0.0.0 accepts other machines). Auth is "
+                            "on everywhere: the token comes from $LMADDA_SERVE_TOKEN (or the config's token_env / token_sha256), "
+                            "else lmadda serve makes one and stores it for this user; turn auth off only on purpose, with "
+                            "allow_unauthenticated: true in the config")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance")
     serve.add_argument("--demo", type=Path, default=None, metavar="DEMO_OUT",
@@ -53,7 +53,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from lmadda_serve.local import DEFAULT_CONFIG, read_serve_config, start_local, with_launcher_token
 
     config = read_serve_config(args.config or DEFAULT_CONFIG)  # a bad config fails here, before Ray starts
-    with_launcher_token(config["args"], args.host, os.environ)  # and so does a non-loopback --host without a token
+    announce_token(config["args"])
+    with_launcher_token(config["args"], args.host, os.environ)  # and so does a config that turns auth off wrongly
     tracking_uri = args.tracking_uri
     if args.demo is not None and tracking_uri is None:
         tracking_uri = f"sqlite:///{(args.demo / 'sweeps' / 'mlflow.db').resolve()}"
@@ -78,6 +79,24 @@ def run_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         if started_ray:  # not left to atexit: the local instance's agents go with it, whatever stopped us
             ray.shutdown()
+
+
+def announce_token(serve_args: dict) -> None:
+    """Auth is on unless the config turns it off: without a token in the environment or the config, use the stored
+    one or make one (lmadda_serve.auth.launcher_token), put it in this process's environment for the replicas'
+    digest, and say where it is (the token itself only when it is new)."""
+    from lmadda_serve.auth import launcher_token, token_file
+
+    token_env = serve_args.get("token_env", "LMADDA_SERVE_TOKEN")
+    if os.environ.get(token_env, "").strip() or serve_args.get("token_sha256") or serve_args.get("allow_unauthenticated"):
+        return
+    token, created = launcher_token()
+    os.environ[token_env] = token
+    if created:
+        print(f"[serve] auth ON: made a token and stored it in {token_file()} (mode 0600); `lmadda stain` reads it there. "
+              f"Other clients send 'Authorization: Bearer <token>'; the token, shown this once: {token}")
+    else:
+        print(f"[serve] auth ON: the token stored in {token_file()} (`lmadda stain` reads it there)")
 
 
 def stop_on_sigterm() -> None:
