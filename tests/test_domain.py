@@ -248,7 +248,9 @@ def test_the_endpoint_returns_the_domain_headers(ray_session, source, domain_dat
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(StainService.options(ray_actor_options={"num_cpus": 0.5}).bind(tracking_uri, cache_dir=str(tmp_path / "cache"), tile=128),
+    token = "domain-test-token"  # auth is on by default, loopback included
+    serve.run(StainService.options(ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"LMADDA_SERVE_TOKEN": token}}})
+              .bind(tracking_uri, cache_dir=str(tmp_path / "cache"), tile=128),
               name="lmadda-domain-test", route_prefix="/")
     try:
         row = domain_data.inputs("phase_contrast", "test")[0]
@@ -259,7 +261,7 @@ def test_the_endpoint_returns_the_domain_headers(ray_session, source, domain_dat
             buffer = io.BytesIO()
             tifffile.imwrite(buffer, image)
             request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/stain?setting=phase_contrast&marker=dapi", data=buffer.getvalue(),
-                                             headers={"Content-Type": "image/tiff"}, method="POST")
+                                             headers={"Content-Type": "image/tiff", "Authorization": f"Bearer {token}"}, method="POST")
             with urllib.request.urlopen(request, timeout=120) as response:
                 headers = {k.lower(): v for k, v in response.headers.items()}
             float(headers["x-lmadda-domain-score"])

@@ -255,8 +255,13 @@ def test_predict_cli_writes_ome_zarr_and_replaces_only_what_it_wrote(tmp_path, c
     assert "wrote" in capsys.readouterr().out
     refused = ["predict", str(model), str(tmp_path / "in.ome.zarr"), str(tmp_path / "in.ome.zarr"), "--tile", "64", "--device", "cpu"]
     assert main(refused) == 2
-    assert "was not written by lmadda predict; remove it or choose another name" in capsys.readouterr().err
+    assert "would overwrite the input IN" in capsys.readouterr().err
     assert read_image(tmp_path / "in.ome.zarr").pixels.shape == (1, 150, 110)  # the input is untouched
+    _write_zarr_image(tmp_path / "theirs.ome.zarr", _pixels())  # another tool's image, not an input
+    foreign = ["predict", str(model), str(tmp_path / "in.ome.zarr"), str(tmp_path / "theirs.ome.zarr"), "--tile", "64", "--device", "cpu"]
+    assert main(foreign) == 2
+    assert "was not written by lmadda predict; remove it or choose another name" in capsys.readouterr().err
+    assert read_image(tmp_path / "theirs.ome.zarr").pixels.shape == (1, 150, 110)
 
 
 # ---- plates --------------------------------------------------------------------------------------
