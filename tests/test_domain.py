@@ -342,3 +342,60 @@ def test_a_version_1_reference_without_the_output_layer_still_scores_on_the_enco
     by_layer = dict(zip(reference.layers, reference.layer_distances(full) / np.asarray(reference.levels)))
     expected = 0.5 * (np.mean([by_layer[l] for l in encoder]) + by_layer[reference.output_layer])
     assert reference.score(full).score == pytest.approx(float(expected))
+
+
+# ---- zoom: another objective's scale, found by the domain check (lmadda.zoom) ----------------------------------------
+@pytest.mark.parametrize("shift, low, high", [(None, 1.0, 1.0), ("scale:0.5", 1.68, 2.0), ("scale:2", 0.5, 0.59),
+                                              ("overexposure:3", 1.0, 1.0)])
+def test_the_zoom_estimate_undoes_a_rescaled_target_and_leaves_other_shifts_alone(source, domain_data, shift, low, high):
+    from lmadda.zoom import estimate_zoom
+
+    source_images = load_images(domain_data, "phase_contrast", "train", percentiles=source.percentiles)
+    images = load_images(domain_data, "phase_contrast", "train", shift=Shift.parse(shift) if shift else None, percentiles=source.percentiles)
+    estimate = estimate_zoom(source.generator, source_images, images)
+    assert low <= estimate.factor <= high, estimate
+    assert 1.0 in estimate.scores and estimate.reason
+
+
+def test_a_zoom_that_lowers_the_score_too_little_is_not_applied(source, domain_data, monkeypatch):
+    import lmadda.zoom as zoom
+
+    images = load_images(domain_data, "phase_contrast", "train", percentiles=source.percentiles)
+    by_width = {}
+
+    def scored(generator, reference, image, tile):  # a score that prefers a larger image by 20 % at most
+        width = image.shape[-1]
+        by_width.setdefault(width, 1.0 - 0.2 * min(1.0, max(0.0, width / 128 - 1.0)))
+        return None, type("Score", (), {"score": by_width[width]})()
+
+    monkeypatch.setattr(zoom, "predict_and_score", scored)
+    estimate = zoom.estimate_zoom(source.generator, images, images)
+    assert estimate.factor == 1.0 and "only 20%" in estimate.reason, estimate
+    assert zoom.estimate_zoom(source.generator, images, images, min_reduction=0.1).factor == 2.0
+
+
+def test_the_zoom_is_a_cheap_candidate_whose_checkpoint_predict_and_the_endpoint_run(source, domain_data, tmp_path):
+    from lmadda.domain import forward_scored
+    from lmadda.inference import predict_file
+    from lmadda.selector import Choice
+    from lmadda.training.auto import baseline_candidates, checkpoint_for
+
+    source_images = load_images(domain_data, "phase_contrast", "train", ["dapi"], percentiles=source.percentiles)
+    target_images = load_images(domain_data, "phase_contrast", "train", ["dapi"], shift=Shift.parse("scale:0.5"),
+                                percentiles=source.percentiles)
+    candidates = {c.name: c for c in baseline_candidates(source, source_images, target_images)}
+    assert candidates["zoom"].generator.config.input_zoom > 1.5 and candidates["zoom"].input_transform is None
+    unshifted = baseline_candidates(source, source_images, source_images)
+    assert "zoom" not in [c.name for c in unshifted]  # a zoom of 1 is the unadapted model: no second candidate
+    choice = Choice(chosen="zoom", fell_back=False, reason="test", score="output_w1")
+    path = save_checkpoint(tmp_path / "zoom.pt", checkpoint_for(source, choice, list(candidates.values()), "zoomed",
+                                                              target_images=target_images))
+    loaded = load_checkpoint(path)
+    assert loaded.config.input_zoom == candidates["zoom"].generator.config.input_zoom
+    raw = tifffile.imread(domain_data.resolve(domain_data.inputs("phase_contrast", "test")[0]))
+    small = Shift.parse("scale:0.5").apply_input(raw[None].astype(np.float32), 4095.0)[0].astype(np.uint16)
+    tifffile.imwrite(tmp_path / "small.tif", small)
+    predict_file(path, tmp_path / "small.tif", tmp_path / "stain.tif", tile=64, device="cpu")
+    assert tifffile.imread(tmp_path / "stain.tif").shape == small.shape  # the stain at the image's own size
+    stains, features = forward_scored(loaded, torch.zeros(2, 1, 64, 64))  # the endpoint's forward of a tile batch
+    assert stains.shape == (2, 1, 64, 64) and features is not None and features.shape[0] == 2

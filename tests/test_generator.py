@@ -82,3 +82,27 @@ def test_feature_discriminator_follows_the_layer_shape(channels, spatial, kind):
 def test_patch_discriminator_scores_patches():
     logits = PatchDiscriminator(in_channels=3, ndf=8)(torch.randn(1, 3, 256, 256))
     assert logits.shape == (1, 1, 30, 30)  # 70x70 receptive fields on a 256 image
+
+
+@pytest.mark.parametrize("zoom", [2.0, 0.71, 1.41])
+def test_a_zoomed_generator_resamples_in_and_back_and_every_cut_agrees(zoom):
+    from pydantic import ValidationError
+
+    from lmadda.models.generator import zoomed
+
+    torch.manual_seed(0)
+    plain = UNetGenerator(GeneratorConfig(ngf=4, depth=4)).eval()
+    scaled = zoomed(plain, zoom).eval()
+    x = torch.randn(2, 1, 48, 32)
+    out = scaled(x)
+    assert out.shape == (2, 1, 48, 32)  # the stain comes back at the input's size
+    for layer in range(scaled.num_layers):
+        torch.testing.assert_close(scaled.forward_from(layer, scaled.forward_to(layer, x)), out)
+    # the same weights, applied to the resampled image: the plain model on the bilinear zoom, resampled back
+    big = torch.nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+    if zoom == 2.0:
+        expected = torch.nn.functional.interpolate(plain(big), size=(48, 32), mode="bilinear", align_corners=False, antialias=True)
+        torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(zoomed(plain, 1.0)(x), plain(x))  # a zoom of 1 changes nothing
+    with pytest.raises(ValidationError):
+        zoomed(plain, 8.0)

@@ -17,6 +17,11 @@ at a layer:
 encoder outputs that layers after l still need (the skip tensors crossing the cut).
 `forward_from(l, state)` runs layers l+1.. and returns the output, so that
 `forward_from(l, forward_to(l, x)) == forward(x)` for every l.
+
+`input_zoom` (1 by default) resamples every input by that factor before layer 0, and the output back to
+the input's size after the last layer: the source model applied at the scale it was trained at, for a
+target imaged with another objective or binning (lmadda.zoom estimates the factor without labels).
+Every layer, cut and feature sees the resampled input, so a zoomed generator is used like any other.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -38,6 +44,8 @@ class GeneratorConfig(BaseModel):
     ngf: int = Field(64, ge=1, description="width: filters of the first layer")
     depth: int = Field(8, ge=2, le=10, description="down layers; the network has 2*depth layers")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout on the three decoder layers after the innermost")
+    input_zoom: float = Field(1.0, ge=0.25, le=4.0, description="resample inputs by this factor first and outputs back "
+                                                                  "(a target imaged at another scale; lmadda.zoom)")
 
     @property
     def num_layers(self) -> int:
@@ -61,6 +69,7 @@ class CutState:
     activation: torch.Tensor
     skips: dict[int, torch.Tensor] = field(default_factory=dict)
     recorded: dict[int, torch.Tensor] = field(default_factory=dict)  # outputs of layers asked for by `record`
+    input_size: tuple[int, int] | None = None  # (H, W) before `input_zoom` resampled the input; None: not resampled
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor crossing the cut, named: 'activation' and 'skip<i>'."""
@@ -157,7 +166,8 @@ class UNetGenerator(nn.Module):
         depth = self.config.depth
         encoder_outputs: list[torch.Tensor] = []
         recorded: dict[int, torch.Tensor] = {}
-        h = x
+        input_size = None if self.config.input_zoom == 1.0 else (x.shape[-2], x.shape[-1])
+        h = x if input_size is None else self._zoom_in(x)
         for i in range(min(layer, depth - 1) + 1):
             h = self.layers[i](h)
             encoder_outputs.append(h)
@@ -172,7 +182,9 @@ class UNetGenerator(nn.Module):
                 if depth + j in record:
                     recorded[depth + j] = h
         skips = {i: encoder_outputs[i] for i in self._pending_skips(layer)}
-        return CutState(layer=layer, activation=h, skips=skips, recorded=recorded)
+        if layer == self.last_layer and input_size is not None:  # the output: back at the input's size
+            h = self._zoom_out(h, input_size)
+        return CutState(layer=layer, activation=h, skips=skips, recorded=recorded, input_size=input_size)
 
     def forward_from(self, layer: int, state: CutState) -> torch.Tensor:
         """Run layers `layer`+1 .. last from a `CutState` made at `layer`."""
@@ -193,7 +205,29 @@ class UNetGenerator(nn.Module):
             start = layer - depth + 1
         for j in range(start, depth):
             h = self.layers[depth + j](torch.cat([skips[depth - 1 - j], h], dim=1))
+        if state.input_size is not None and layer != self.last_layer:
+            h = self._zoom_out(h, state.input_size)
         return h
+
+    def _zoomed_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return max(1, round(size[0] * self.config.input_zoom)), max(1, round(size[1] * self.config.input_zoom))
+
+    def _zoom_in(self, x: torch.Tensor) -> torch.Tensor:
+        """Resample by `input_zoom` (antialiased when shrinking), then pad bottom and right to a multiple of 2**depth."""
+        height, width = self._zoomed_size((x.shape[-2], x.shape[-1]))
+        h = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=self.config.input_zoom < 1)
+        multiple = self.config.multiple
+        pad_h, pad_w = -height % multiple, -width % multiple
+        if pad_h or pad_w:  # mirrored where the image is large enough, as predict_tiled pads; else repeated edges
+            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+            h = F.pad(h, (0, pad_w, 0, pad_h), mode=mode)
+        return h
+
+    def _zoom_out(self, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The output of a zoomed input, its padding cut off, resampled back to the input's `size`."""
+        height, width = self._zoomed_size(size)
+        return F.interpolate(y[..., :height, :width], size=size, mode="bilinear", align_corners=False,
+                             antialias=self.config.input_zoom > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(self.last_layer, self.forward_to(self.last_layer, x))
@@ -201,6 +235,13 @@ class UNetGenerator(nn.Module):
     def layer_parameters(self, upto: int) -> list[nn.Parameter]:
         """Parameters of layers 0..`upto`: what LM-ADDA trains when matching at `upto`."""
         return [p for layer in self.layers[: upto + 1] for p in layer.parameters()]
+
+
+def zoomed(generator: UNetGenerator, factor: float) -> UNetGenerator:
+    """A generator with `generator`'s weights (a copy) that resamples its inputs by `factor` (`GeneratorConfig.input_zoom`)."""
+    result = UNetGenerator(GeneratorConfig.model_validate({**generator.config.model_dump(), "input_zoom": float(factor)}))
+    result.load_state_dict(generator.state_dict())
+    return result.train(generator.training)
 
 
 def build_generator(**options) -> UNetGenerator:

@@ -3,7 +3,8 @@
 The candidates are every family lmadda has, so the one selector sees them all:
 
 - needing no training: the unadapted source model, AdaBN (all layers, and layers 0..l only),
-  histogram matching, and histogram matching followed by AdaBN;
+  histogram matching, histogram matching followed by AdaBN, and the zoom that undoes another
+  objective's scale (lmadda.zoom), when the domain check finds one;
 - trained: LM-ADDA at each of `auto_layers` (the last is ADDA), and, at the early encoder cut
   (`family_layers`), moment matching, self-training and histogram matching + self-training.
 
@@ -37,10 +38,10 @@ def family_layers(num_layers: int) -> list[int]:
 
 
 def cheap_candidate_names(num_layers: int) -> list[str]:
-    """The corrections that need no training: AdaBN and histogram matching, AdaBN limited to the early cut, and both
-    AdaBNs after histogram matching (composites)."""
+    """The corrections that need no training: AdaBN and histogram matching, AdaBN limited to the early cut, both
+    AdaBNs after histogram matching (composites), and the zoom the domain check finds (lmadda.zoom)."""
     cut = family_layers(num_layers)[0]
-    names = [*CHEAP_CANDIDATES, "histogram_matching+adabn"]
+    names = [*CHEAP_CANDIDATES, "histogram_matching+adabn", "zoom"]
     if cut >= 1:  # layer 0 has no BatchNorm
         names += [f"adabn:{cut}", f"histogram_matching+adabn:{cut}"]
     return names
@@ -58,6 +59,8 @@ def baseline_candidates(source: GeneratorCheckpoint, source_images: list[LoadedI
     candidates = [Candidate(UNADAPTED, source.generator)]
     for name in cheap_candidate_names(source.generator.num_layers):
         generator, transform = build_baseline(name, source.generator, source_images, target_images, seed=seed)
+        if generator is source.generator and transform is None:  # a zoom of 1: the unadapted model again, no second vote
+            continue
         candidates.append(Candidate(name, generator, transform, family=name.split(":")[0]))
     return candidates
 
