@@ -14,8 +14,10 @@ and of the HTTP proxy before the case and at its peak (VmHWM, reset before each 
 - tiny: a 2x2 image; no_token: a request without the token; unknown_route: GET /v1/nothing;
 - big_header: one unauthenticated header line of up to 64 MiB (--header-mib);
 - slow_headers: 8 clients sending one header line every 0.5 s for 30 s;
-- unauth_clients: 16 unauthenticated clients at once, each with a 1 MiB header.
-The header cases also time a normal GET /healthz and an authorised stain while they run ("normal ... s",
+- unauth_clients: 16 unauthenticated clients at once, each with a 1 MiB header;
+- big_images: 4 authorised zlib TIFFs of 4096x4096 (16.8 megapixels each) at once, against the replica's
+  pixel budget (replica_memory_mb 2048 at 60 bytes per pixel: 35.8 megapixels, so two at a time).
+The header cases and big_images also time a normal GET /healthz and an authorised stain while they run ("normal ... s",
 against "idle ... s" measured before the cases).
 
     python bench/abuse.py [--body-timeout 5]
@@ -152,6 +154,22 @@ def while_running(attack, token: str, body: bytes) -> list:
     return [*outcome, f"normal {normal_s:.2f} s"]
 
 
+def big_images(token: str, body: bytes, count: int = 4) -> list:
+    """`count` large images at once: each answer's status and seconds (the pixel budget queues what does not fit)."""
+    results: list = [None] * count
+
+    def one(index: int) -> None:
+        started = time.perf_counter()
+        results[index] = f"{post(ROUTE, body, token, timeout=600)} in {time.perf_counter() - started:.0f} s"
+
+    threads = [threading.Thread(target=one, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def big_header(mib: int) -> list:
     connection = raw_request(f"GET /v1/models HTTP/1.1\r\nHost: {HOST}:{PORT}\r\nX-Big: ")
     sent = 0
@@ -269,6 +287,9 @@ def main() -> int:
     assert post(ROUTE, image, token) == 200  # warm: the model is loaded before the cases
     replica, proxy = actor_pid("StainService"), actor_pid("ProxyActor")
     bomb = tiff(np.zeros((8192, 8192), np.uint16), compression="zlib", rowsperstrip=8192)
+    spots = np.zeros((4096, 4096), np.uint16)
+    spots[::64, ::64] = 3000  # compresses to a small body, as the issue's 33 KiB image did: the cost is in the pixels
+    large = tiff(spots, compression="zlib")
     cases = {
         "stalled": lambda: case_stalled(token, image),
         "bomb": lambda: [post(ROUTE, bomb, token), f"{len(bomb) / 1024:.0f} KiB body"],
@@ -280,6 +301,7 @@ def main() -> int:
         "big_header": lambda: while_running(lambda: big_header(args.header_mib), token, image),
         "slow_headers": lambda: while_running(slow_headers, token, image),
         "unauth_clients": lambda: while_running(unauthenticated_clients, token, image),
+        "big_images": lambda: while_running(lambda: big_images(token, large), token, image),
     }
     idle_s = min(timed_normal(token, image) for _ in range(3))
     print(f"idle: a normal request takes {idle_s:.2f} s")

@@ -51,10 +51,21 @@ def test_a_config_of_the_sweeps_old_grid_is_refused_with_its_rewrite():
         build_config(SweepConfig, None, **old)
 
 
-def test_relative_paths_are_made_absolute(tmp_path):
+def test_relative_paths_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     resolved = _config().resolved(tmp_path)
     assert resolved.storage_path == tmp_path / "out" and resolved.source.checkpoint == tmp_path / "src.pt"
     assert resolved.tracking_uri == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # as the k8s ConfigMap sets it
+    assert resolved.tracking_uri == "http://mlflow:5000"
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/sweeps", "gs://bucket/sweeps", "file:///tmp/sweeps"])
+def test_an_object_store_uri_as_storage_path_is_refused_not_made_a_local_folder(uri):
+    fields = {"name": "s", "storage_path": uri, "source": {"checkpoint": "src.pt"},
+              "data": {"manifest": "m.parquet", "source_setting": "phase_contrast"}, "grid": {"targets": ["bright_field"]}}
+    with pytest.raises(LmaddaError, match="storage_path .* is a URI; .* a folder every node of the cluster sees"):
+        build_config(SweepConfig, None, **fields)
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,14 @@
                                              # collapse thresholds too (collapse_g_loss, saturation_*)
     resources: {workers_per_trial: 1, cpus_per_worker: 1, gpus_per_worker: 0, max_concurrent_trials: 1,
                 points_per_trial: auto}      # grid points one trial runs in turn, paying its start-up once
-    mlflow: {tracking_uri: null, experiment: null}   # default: SQLite beside the sweep
+    mlflow: {tracking_uri: null, experiment: null}   # default: $MLFLOW_TRACKING_URI, else SQLite beside the sweep
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import math
 from pathlib import Path
 from typing import Literal
@@ -81,7 +83,8 @@ class ResourceSpec(_Strict):
 
 
 class MlflowSpec(_Strict):
-    tracking_uri: str | None = Field(None, description="default: sqlite:///<storage_path>/mlflow.db")
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI (the k8s ConfigMap sets it), else "
+                                                          "sqlite:///<storage_path>/mlflow.db")
     experiment: str | None = Field(None, description="default: lmadda-<sweep name>")
 
 
@@ -94,6 +97,16 @@ class SweepConfig(_Strict):
     adapt: dict = Field(default_factory=dict)
     resources: ResourceSpec = ResourceSpec()
     mlflow: MlflowSpec = MlflowSpec()
+
+    @field_validator("storage_path", mode="before")
+    @classmethod
+    def _a_folder_not_a_uri(cls, value):
+        # Path("s3://bucket/sweeps") is the local folder "s3:/bucket/sweeps": refuse it rather than write there silently.
+        if isinstance(value, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+            raise ValueError(f"storage_path {value!r} is a URI; a sweep's trials hand their models and result rows to the driver "
+                             "through a folder, so storage_path must be a folder every node of the cluster sees (local on one "
+                             "machine, a shared volume such as NFS or a PVC on a cluster), not object storage")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -162,7 +175,7 @@ class SweepConfig(_Strict):
 
     @property
     def tracking_uri(self) -> str:
-        return self.mlflow.tracking_uri or f"sqlite:///{self.storage_path / 'mlflow.db'}"
+        return self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.storage_path / 'mlflow.db'}"
 
     @property
     def experiment(self) -> str:
