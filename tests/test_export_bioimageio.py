@@ -192,6 +192,10 @@ def request_files(tmp_path_factory, sample_image):
                                     metadata={**SOURCE_METADATA, "method": "histogram_matching",
                                               "input_correction": {"kind": "histogram_matching", "source_values": [0.0, 1.0]}})
     save_checkpoint(tmp_path / "corrected.pt", corrected)
+    from lmadda.models.generator import zoomed
+
+    save_checkpoint(tmp_path / "zoomed.pt", GeneratorCheckpoint(generator=zoomed(_generator(), 2.0), markers=MARKERS,
+                                                                setting="phase_contrast", metadata={**SOURCE_METADATA, "method": "zoom"}))
     write_tiff(tmp_path / "small.tif", np.ones((6, 6)), dtype="uint16")
     (tmp_path / "existing.zip").write_bytes(b"an older package")
     return {"folder": tmp_path, "checkpoint": checkpoint, "sample": sample_image}
@@ -209,6 +213,7 @@ def request_files(tmp_path_factory, sample_image):
     (["{checkpoint}", "--out", "m.zip"], "no sample image for the package's test tensors: pass --sample-image PATH"),
     (["foreign.pt", "--out", "m.zip", "--sample-image", "{sample}"], "is not an lmadda generator checkpoint"),
     (["corrected.pt", "--out", "m.zip", "--sample-image", "{sample}"], "applies an input correction (histogram_matching)"),
+    (["zoomed.pt", "--out", "m.zip", "--sample-image", "{sample}"], "resamples each input by 2 (the zoom correction)"),
 ])
 def test_a_request_that_cannot_work_is_refused_in_one_line_and_writes_nothing(request_files, monkeypatch, capsys, arguments, message):
     folder = request_files["folder"]

@@ -228,6 +228,10 @@ def export_bioimageio(checkpoint_path: str | Path, out: str | Path, *, sample_im
         raise LmaddaError(f"checkpoint {checkpoint_path} applies an input correction ({kind}) to each whole image before the "
                           "generator, which the zoo's preprocessing steps cannot express, so it is not exported; use "
                           "`lmadda predict` or the endpoint for this model")
+    if checkpoint.config.input_zoom != 1.0:
+        raise LmaddaError(f"checkpoint {checkpoint_path} resamples each input by {checkpoint.config.input_zoom:g} (the zoom "
+                          "correction), which TorchScript weights would fix to one image size, so it is not exported; use "
+                          "`lmadda predict` or the endpoint for this model")
     adapted = is_adapted(checkpoint.metadata)
     if parent is not None and not adapted:
         raise LmaddaError(f"--parent names the zoo model an adapted model came from; {checkpoint_path} is a source model "
