@@ -35,6 +35,7 @@ from lmadda.result_rows import TargetDomain
 from lmadda.selector import Selector
 from lmadda.study.config import StudyConfig
 from lmadda.study.grid import ImageSource
+from lmadda.study.runner import prepare_manifest
 from lmadda.training.auto import baseline_candidates
 from lmadda.zoom import estimate_zoom
 
@@ -51,7 +52,7 @@ def main() -> None:
     spec = next(e for e in study.experiments if e.name == args.experiment)
     out = study.out / spec.name
     source = load_checkpoint(out / "models" / "source.pt")
-    data = ImageSource(Manifest.load(out / "data" / "manifest.parquet"), spec.data.validation_rows)
+    data = ImageSource(Manifest.load(prepare_manifest(spec, out)), spec.data.validation_rows)
     markers, percentiles = source.markers, source.percentiles
     source_train = data.load(spec.source.setting, "train", markers, percentiles=percentiles)
     grid_targets = [target for grid in spec.grids for target in grid.targets]
@@ -61,12 +62,12 @@ def main() -> None:
     for target in dict.fromkeys(targets):
         domain = TargetDomain.parse(target)
         train = data.load(domain.setting, "train", None, shift=domain.shift, percentiles=percentiles, seed=0)
-        val = data.load(domain.setting, "val", markers, shift=domain.shift, percentiles=percentiles, seed=1)
-        if not val:
+        if not data.validation_rows and not any(row.setting == domain.setting and row.split == "val" for row in data.manifest.rows):
             print(f"{target}: no validation fields; skipped", flush=True)
             continue
+        val = data.load(domain.setting, "val", markers, shift=domain.shift, percentiles=percentiles, seed=1)
         started = time.perf_counter()
-        estimate = estimate_zoom(source.generator, source.domain_reference, train)
+        estimate = estimate_zoom(source.generator, source_train, train)
         seconds = time.perf_counter() - started
         candidates = baseline_candidates(source, source_train, train)
         choice = Selector(source.generator, source_train, train, domain_reference=source.domain_reference).choose(candidates)
@@ -81,6 +82,7 @@ def main() -> None:
                   "scores": estimate.as_dict()["scores"], "estimate_seconds": round(seconds, 1),
                   "unadapted": round(pearson("unadapted"), 4), "zoom": round(pearson("zoom"), 4) if "zoom" in by_name else None,
                   "chosen": choice.chosen, "chosen_pearson": round(pearson(choice.chosen), 4)}
+        print(f"  {choice.reason[:160]}", flush=True)
         print(f"{target}: factor {estimate.factor:g} ({seconds:.0f} s); validation Pearson unadapted {record['unadapted']:.3f}, "
               f"zoom {record['zoom'] if record['zoom'] is not None else '-'}; chosen {choice.chosen} {record['chosen_pearson']:.3f}",
               flush=True)

@@ -10,6 +10,14 @@ scores each candidate on fixed crops of the unlabelled target images, per crop, 
    `min_win_fraction` of the crops and by at least `min_gain` of the unadapted model's score;
    otherwise it falls back to the unadapted model ("don't adapt") and says why.
 
+Geometry first: a `zoom` candidate exists only when the source model's domain check found the target at
+another scale (resampling removed at least a quarter of its score, lmadda.zoom). When its stains then
+look like source stains (its mean score at or below the source's own level) and beat the unadapted
+model's on `min_win_fraction` of the crops, it is chosen before anything else: below the source's
+level a lower score says nothing more (a candidate cannot look more like the source than the source
+does), so the score cannot rank it against candidates that also got there, and the zoom is the one
+with independent evidence of what the shift was.
+
 The scores (all lower is better, all label-free; docs/method.md has how each was measured against
 labelled Pearson and why the default was chosen):
 
@@ -19,7 +27,8 @@ labelled Pearson and why the default was chosen):
   they share (the ensemble-agreement idea of SIT-ADDA-Auto, across methods rather than seeds).
 - `output_w1`: the W1 distance between a candidate's predicted stain intensities on a target crop
   and the source model's predictions on source crops (a good model predicts stains that look like
-  stains).
+  stains). A zoom candidate (`input_zoom` z, lmadda.zoom) predicts a stain at the target's scale, so
+  its stains are compared with the source's seen at that scale (resampled by 1/z): like with like.
 - `feature_gap`: how far a target crop's bottleneck channel means sit from the source crops', in
   units of the source spread (leftover domain shift where every input has been summarised).
 - `flip`: how much the prediction changes when the crop is mirrored (no preferred orientation).
@@ -44,6 +53,7 @@ SCORES = ("consensus", "output_w1", "feature_gap", "flip")
 PROMOTION_CRITERIA = ("auto", "pearson", "label_free", *(f"lf_{name}" for name in CRITERIA))
 DEFAULT_SCORE = "output_w1"
 UNADAPTED = "unadapted"
+ZOOM = "zoom"  # the zoom correction (lmadda.zoom): a candidate only when the domain check found the target at another scale
 
 
 @dataclass(frozen=True)
@@ -88,20 +98,22 @@ class Observation:
     predicted: np.ndarray  # (N, C, H, W) predictions in 0..1 target units
     mirrored: np.ndarray  # predictions of the mirrored crops, mirrored back
     means: np.ndarray  # (N, channels) bottleneck channel means
+    zoom: float = 1.0  # the candidate's input_zoom: the scale its stains are at, relative to the source's
 
     def save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.partial.npz")
         np.savez(temporary, family=np.array(self.family), predicted=self.predicted.astype(np.float16),
-                 mirrored=self.mirrored.astype(np.float16), means=self.means.astype(np.float32))
+                 mirrored=self.mirrored.astype(np.float16), means=self.means.astype(np.float32), zoom=np.array(self.zoom))
         temporary.replace(path)
         return path
 
     @classmethod
     def load(cls, path: Path) -> "Observation":
         with np.load(path) as data:
+            zoom = float(data["zoom"]) if "zoom" in data.files else 1.0  # observations kept before zoom existed
             return cls(str(data["family"]), data["predicted"].astype(np.float32), data["mirrored"].astype(np.float32),
-                       data["means"].astype(np.float32))
+                       data["means"].astype(np.float32), zoom)
 
 
 @torch.no_grad()
@@ -138,6 +150,7 @@ class Selector:
         self.score, self.min_win_fraction, self.min_gain, self.guard = score, min_win_fraction, min_gain, guard
         self.source, self.target_images, self.domain_reference = source, target_images, domain_reference
         self._out_of_domain: float | None = None
+        self._pools: dict[float, np.ndarray] = {}
         self.bottleneck = source.config.depth - 1
         self.target_crops = fixed_crops(target_images, size, crops, seed + 1)
         predicted, means, _ = _run(source, fixed_crops(source_images, size, crops, seed), None, self.bottleneck)
@@ -150,14 +163,25 @@ class Selector:
 
     def observe(self, candidate: Candidate) -> Observation:
         predicted, means, mirrored = _run(candidate.generator, self.target_crops, candidate.input_transform, self.bottleneck)
-        return Observation(candidate.family_name, predicted, mirrored, means)
+        return Observation(candidate.family_name, predicted, mirrored, means, candidate.generator.config.input_zoom)
+
+    def _pool_at(self, zoom: float) -> np.ndarray:
+        """The source stains as they look at a target's scale: resampled by 1/`zoom` (cached per zoom)."""
+        if zoom == 1.0:
+            return self.source_pool
+        if zoom not in self._pools:
+            from lmadda.zoom import resample
+
+            self._pools[zoom] = np.stack([resample(stain, 1.0 / zoom) for stain in self.source_pool])
+        return self._pools[zoom]
 
     def _scores(self, observation: Observation, consensus: np.ndarray | None) -> dict[str, np.ndarray]:
         predicted, means, mirrored = observation.predicted, observation.means, observation.mirrored
-        channels = self.source_pool.shape[1]
+        pool = self._pool_at(observation.zoom)
+        channels = pool.shape[1]
         return {
             "consensus": np.abs(predicted - consensus).mean(axis=(1, 2, 3)) if consensus is not None else np.zeros(len(predicted)),
-            "output_w1": np.array([np.mean([wasserstein_1d(p[ch], self.source_pool[:, ch], quantiles=128) for ch in range(channels)])
+            "output_w1": np.array([np.mean([wasserstein_1d(p[ch], pool[:, ch], quantiles=128) for ch in range(channels)])
                                    for p in predicted]),
             "feature_gap": (np.abs(means - self.source_mean) / self.source_spread).mean(axis=1),
             "flip": np.abs(mirrored - predicted).mean(axis=(1, 2, 3)),
@@ -230,6 +254,10 @@ def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | N
     base = per_crop[UNADAPTED]
     wins = {name: float(np.mean(values < base)) for name, values in per_crop.items()}
     note = ""
+    if ZOOM in means and floor is not None and means[ZOOM] <= float(np.mean(floor)) and wins[ZOOM] >= min_win_fraction:
+        return Choice(ZOOM, False, f"the domain check found the target at another scale, and the zoomed model's stains sit at the "
+                                   f"source's own level in {score} and beat the unadapted model on {wins[ZOOM]:.0%} of the target "
+                                   "crops: geometry first", score, means, wins)
     if floor is not None:
         shifted = float(np.mean(base > np.median(floor)))
         if shifted < min_win_fraction and out_of_domain <= 0.5:

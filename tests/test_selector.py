@@ -86,3 +86,30 @@ def test_a_guard_passes_over_a_source_looking_candidate_that_the_other_methods_d
     consensus["adabn"] = np.full(8, 0.9)
     alone = decide(scores, "feature_gap", guard=consensus)
     assert (alone.chosen, alone.fell_back) == (UNADAPTED, True)
+
+
+def test_a_zoom_candidate_is_scored_against_source_stains_seen_at_its_scale(tmp_path):
+    from lmadda.models.generator import zoomed
+    from lmadda.selection import wasserstein_1d
+    from lmadda.zoom import resample
+
+    source = _source()
+    source_images, target_images = _images(0.0), _images(0.0, seed=1)
+    selector = Selector(source.generator, source_images, target_images, crop_size=32, crops=4)
+    kept = Observation.load(selector.observe(Candidate("zoom", zoomed(source.generator, 2.0))).save(tmp_path / "zoom.npz"))
+    assert kept.zoom == 2.0  # kept on disk, so a resumed study scores it alike
+    pool = np.stack([resample(stain, 0.5) for stain in selector.source_pool])  # a source stain at half the scale
+    expected = [wasserstein_1d(p[0], pool[:, 0], quantiles=128) for p in kept.predicted]
+    scores = selector.per_crop({"unadapted": selector.observe(Candidate(UNADAPTED, source.generator)), "zoom": kept})
+    np.testing.assert_allclose(scores["output_w1"]["zoom"], expected, rtol=1e-5)
+
+
+def test_geometry_first_a_zoom_at_the_source_level_is_chosen_before_a_lower_score():
+    floor = np.full(8, 0.010)  # the source's own level
+    crops = {UNADAPTED: np.full(8, 0.020), "zoom": np.full(8, 0.009), "histogram_matching+adabn:3": np.full(8, 0.006)}
+    choice = decide(crops, "output_w1", floor=floor)
+    assert choice.chosen == "zoom" and "geometry first" in choice.reason  # below the source's level, lower says nothing more
+    above = {**crops, "zoom": np.full(8, 0.012)}  # zoomed stains that do not look like source stains: no precedence
+    assert decide(above, "output_w1", floor=floor).chosen == "histogram_matching+adabn:3"
+    worse = {**crops, "zoom": np.r_[np.full(5, 0.0002), np.full(3, 0.025)]}  # at the source level on average, but on 5 of 8 crops
+    assert decide(worse, "output_w1", floor=floor).chosen == "histogram_matching+adabn:3"
