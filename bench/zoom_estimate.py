@@ -54,7 +54,7 @@ def main() -> None:
     source = load_checkpoint(out / "models" / "source.pt")
     data = ImageSource(Manifest.load(prepare_manifest(spec, out)), spec.data.validation_rows)
     markers, percentiles = source.markers, source.percentiles
-    source_train = data.load(spec.source.setting, "train", markers, percentiles=percentiles)
+    source_train = data.load(spec.source.setting, "train", percentiles=percentiles)  # as the study loads it
     grid_targets = [target for grid in spec.grids for target in grid.targets]
     targets = args.targets or [*grid_targets, f"{spec.source.setting}+scale:0.5", f"{spec.source.setting}+scale:0.7"]
     results = Path(args.out)
