@@ -24,6 +24,7 @@ from lmadda.data.dataset import target_from_model_range, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
 from lmadda.domain import fitting_tile, predict_and_score
+from lmadda.evaluation import SPLIT_SEED_OFFSET
 from lmadda.inference import predict_tiled
 from lmadda.report import choice_lines, summary_table, write_report
 from lmadda.study.figures import panel_file_name, stain_panel
@@ -172,7 +173,7 @@ def _panel(source, robust, manifest: Manifest, domain: TargetDomain, rows: list[
     chosen = next(r["chosen"] for r in rows if r["target"] == domain.name and r["method"] == "label_free")
     generator, transform = _chosen_model(chosen, source, robust, manifest, domain, seed, out)
     image = load_images(manifest, domain.setting, "test", source.markers, shift=domain.shift, percentiles=source.percentiles,
-                        seed=seed + 7)[0]
+                        seed=seed + SPLIT_SEED_OFFSET["test"])[0]
     unadapted = target_from_model_range(predict_tiled(source.generator, image.input))[0]
     prediction = target_from_model_range(predict_tiled(generator, transform(image.input) if transform else image.input))[0]
     images = {"input": image.input[0], "truth": target_from_model_range(image.target[0]), "unadapted": unadapted, "adapted": prediction}

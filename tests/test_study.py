@@ -335,3 +335,25 @@ def test_study_runs_every_family_and_the_robust_source_as_candidates_of_the_one_
     robust_observed = {"robust", "robust+adabn", "robust+histogram_matching"} & observed
     assert robust_observed == ({"robust", "robust+adabn", "robust+histogram_matching"} if admission["admitted"] else set())
     assert "### Who wins where: every family" in (tmp_path / "docs" / "study.md").read_text()
+
+
+def test_the_documents_commit_is_lmaddas_not_the_working_directorys(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from lmadda.study.document import _git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    lab = tmp_path / "lab"  # a lab running `lmadda study` inside its own repository
+    lab.mkdir()
+    subprocess.run(["git", "init", "-q", str(lab)], check=True)
+    subprocess.run(["git", "-C", str(lab), "-c", "user.name=Lab", "-c", "user.email=lab@example.org", "commit", "-q",
+                    "--allow-empty", "-m", "the lab's work"], check=True)
+    labs = subprocess.run(["git", "-C", str(lab), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.chdir(lab)
+    checkout = Path(__file__).resolve().parents[1]
+    ours = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    assert _git_commit() != labs
+    assert _git_commit() == (ours.stdout.strip() if ours.returncode == 0 else "unknown")

@@ -105,3 +105,20 @@ def test_an_old_unversioned_state_in_a_trial_folder_stops_the_trial_with_the_fix
     torch.save({"step": 2}, tmp_path / "L1" / "step_2" / workers.STATE_FILE)  # what lmadda wrote before states were versioned
     with pytest.raises(LmaddaError, match=r"older lmadda.*delete .*L1"):
         _run(_config(tiny_synth, tiny_source), PointStore(tmp_path), [])
+
+
+def test_a_sweep_scores_the_test_images_the_study_scores_for_a_seeded_shift(tiny_synth, tiny_source):
+    import numpy as np
+
+    from lmadda.data.shifts import Shift
+    from lmadda.study.grid import ImageSource
+
+    source = load_checkpoint(tiny_source)
+    noise = Shift.parse("noise:0.2")  # a seeded shift: each seed draws its own noise
+    for seed in (0, 1):
+        swept = workers.labelled_test_images(tiny_synth, "phase_contrast", noise, source, seed)
+        studied = ImageSource(tiny_synth).load("phase_contrast", "test", source.markers, shift=noise,
+                                               percentiles=source.percentiles, seed=seed + 7)  # lmadda.study.grid.run_grid's draw
+        assert len(swept) == len(studied) > 0
+        for a, b in zip(swept, studied):
+            np.testing.assert_array_equal(a.input, b.input)

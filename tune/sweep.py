@@ -335,7 +335,7 @@ def unadapted_rows(sweep: SweepConfig, source) -> list[dict]:
     manifest = Manifest.load(sweep.data.manifest)
     rows = []
     for domain in dict.fromkeys(TargetDomain.parse(target) for target in sweep.grid.targets):
-        images = labelled_test_images(manifest, domain.setting, domain.shift, source)
+        images = labelled_test_images(manifest, domain.setting, domain.shift, source, sweep.grid.seeds[0])
         if images:
             rows += tag_rows(evaluate_generator(source.generator, images, source.markers), domain, method="unadapted", layer=-1,
                              seed=sweep.grid.seeds[0])

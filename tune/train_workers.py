@@ -53,6 +53,7 @@ from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
+from lmadda.evaluation import SPLIT_SEED_OFFSET
 from lmadda.result_rows import TargetDomain, marker_means, rows_table
 from lmadda.selection import SelectionProbe
 from lmadda.study.trial import GridPoint, TrialResult, TrialTarget, run_trial
@@ -130,10 +131,14 @@ def source_worker(config: dict) -> None:
     train_source(train_config, progress=False, data=(train_images, val_images), hooks=hooks, resume=resume, on_epoch=report)
 
 
-def labelled_test_images(manifest: Manifest, setting: str, shift: Shift | None, source: GeneratorCheckpoint) -> list[LoadedImage] | None:
-    """The target's labelled test split; None when the target has no paired images."""
+def labelled_test_images(manifest: Manifest, setting: str, shift: Shift | None, source: GeneratorCheckpoint,
+                         seed: int) -> list[LoadedImage] | None:
+    """The target's labelled test split, a seeded shift drawn as the study draws it for `seed`
+    (`lmadda.evaluation.SPLIT_SEED_OFFSET`), so a sweep and the study score the same images; None when the
+    target has no paired images."""
     try:
-        return load_images(manifest, setting, "test", source.markers, shift=shift, percentiles=source.percentiles)
+        return load_images(manifest, setting, "test", source.markers, shift=shift, percentiles=source.percentiles,
+                           seed=seed + SPLIT_SEED_OFFSET["test"])
     except LmaddaError:
         return None  # no paired target images: a label-free criterion has to choose
 
@@ -199,7 +204,7 @@ class _Target:
 
     def test_images(self, trial: "TrialData") -> list[LoadedImage] | None:
         if self._test_images is False:
-            self._test_images = labelled_test_images(trial.manifest, self.domain.setting, self.domain.shift, trial.source)
+            self._test_images = labelled_test_images(trial.manifest, self.domain.setting, self.domain.shift, trial.source, self.seed)
         return self._test_images
 
     def probe(self, trial: "TrialData", crop_size: int) -> SelectionProbe:

@@ -120,8 +120,17 @@ def findings_lines(found: Findings) -> list[str]:
 
 
 def _git_commit() -> str:
+    """lmadda's own commit: only when the installed package is the `lmadda/` folder of a git checkout (an editable
+    install of the repository). The working directory's repository, or one that happens to hold site-packages, is a
+    lab's own and says nothing about lmadda."""
+    package = Path(__file__).resolve().parents[1]  # .../lmadda
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        top = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        if Path(top).resolve() != package.parent or not (package.parent / "pyproject.toml").is_file():
+            return "unknown"
+        return subprocess.run(["git", "-C", str(package), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

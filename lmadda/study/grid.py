@@ -26,7 +26,7 @@ from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.errors import LmaddaError
-from lmadda.evaluation import evaluate_generator
+from lmadda.evaluation import SPLIT_SEED_OFFSET, evaluate_generator
 from lmadda.models.generator import UNetGenerator
 from lmadda.result_rows import CRITERION_PREFIX, RESULT_COLUMNS, TargetDomain, rows_table, tag_rows
 from lmadda.selection import SelectionProbe
@@ -216,7 +216,8 @@ def run_grid(
             add(tag_rows(rows, TargetDomain(source_setting), method=method, layer=-1, seed=seed, target="source"))
     for domain in domains:
         target_train = data.load(domain.setting, "train", shift=domain.shift, percentiles=source.percentiles, seed=seed)
-        target_test = data.load(domain.setting, "test", markers, shift=domain.shift, percentiles=source.percentiles, seed=seed + 7)
+        target_test = data.load(domain.setting, "test", markers, shift=domain.shift, percentiles=source.percentiles,
+                                seed=seed + SPLIT_SEED_OFFSET["test"])
 
         def log_model(method: str, rows: list[dict], tags: dict) -> None:
             mean = np.nanmean([r["pearson"] for r in rows])

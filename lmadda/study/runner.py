@@ -33,6 +33,7 @@ from lmadda.data.io import read_image
 from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
 from lmadda.errors import LmaddaError
+from lmadda.evaluation import SPLIT_SEED_OFFSET
 from lmadda.inference import predict_tiled
 from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
@@ -166,11 +167,11 @@ class CriteriaRecorder:
         return self.prediction_path(row).with_suffix(".panel.npy")
 
     def _test_window(self, domain: TargetDomain, seed: int):
-        """The panel's test field (its shift drawn with `seed + 7`) and a 256-px window from its middle,
+        """The panel's test field (its shift drawn as the test split's, `SPLIT_SEED_OFFSET`) and a 256-px window from its middle,
         which keeps the panel small and legible."""
         if (domain.name, seed) not in self.windows:
             image = self.data.load(domain.setting, "test", self.source.markers, shift=domain.shift,
-                                   percentiles=self.source.percentiles, seed=seed + 7)[0]
+                                   percentiles=self.source.percentiles, seed=seed + SPLIT_SEED_OFFSET["test"])[0]
             height, width = image.input.shape[1:]
             size = min(256, height, width) // self.source.config.multiple * self.source.config.multiple
             top, left = (height - size) // 2, (width - size) // 2
