@@ -57,3 +57,20 @@ def test_stain_names_an_unreachable_endpoint(tmp_path):
     result = subprocess.run([sys.executable, "-m", "lmadda", "stain", "a.tif", "--setting", "x", "--url", "http://127.0.0.1:9"],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "cannot reach http://127.0.0.1:9" in result.stderr
+
+
+@pytest.mark.parametrize("argv", [["sweep", "promote", "--experiment", "lmadda-x", "--tracking-uri", "{uri}"],
+                                  ["runs", "compare", "--tracking-uri", "{uri}", "--experiment", "lmadda-x"]])
+def test_an_mlflow_server_that_does_not_answer_is_one_line_with_what_to_do(argv, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    uri = f"http://127.0.0.1:{port}"
+    assert main([a.format(uri=uri) for a in argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"lmadda: error: MLflow at {uri} failed:") and len(error.splitlines()) == 1, error
+    assert "check that the server is up and the URI is right, then" in error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from lmadda.selector import PROMOTION_CRITERIA
@@ -51,6 +52,23 @@ def _sweep_from(path: Path):
     return build_config(SweepConfig, None, **read_config_file(path)).resolved(Path.cwd())
 
 
+@contextlib.contextmanager
+def tracking_server_errors(tracking_uri: str, then: str):
+    """An MLflow failure that outlasted MLflow's own retries (a server down, a wrong URI) as one line that says what to
+    do next, instead of a traceback from deep inside the tracking client."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    from lmadda.errors import LmaddaError
+
+    try:
+        yield
+    except (MlflowException, RequestException) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise LmaddaError(f"MLflow at {tracking_uri} failed: {first}; check that the server is up and the URI is right, "
+                          f"then {then}") from error
+
+
 def run_sweep_command(args: argparse.Namespace) -> int:
     import ray
 
@@ -60,10 +78,12 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     sweep = _sweep_from(args.config)
     if not ray.is_initialized():
         ray.init(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)  # keep the dashboard: see lmadda_tune.sweep.LOCAL_RAY_NOTE
-    rows = run_sweep(sweep, resume=args.resume or (args.reuse and sweep_exists(sweep)))
-    print(format_sweep_table(rows))
-    if args.promote:
-        promote(sweep.tracking_uri, sweep.experiment, sweep=sweep)
+    with tracking_server_errors(sweep.tracking_uri, f"resume with `lmadda sweep run --config {args.config} --resume` "
+                                                    "(finished grid points are kept)"):
+        rows = run_sweep(sweep, resume=args.resume or (args.reuse and sweep_exists(sweep)))
+        print(format_sweep_table(rows))
+        if args.promote:
+            promote(sweep.tracking_uri, sweep.experiment, sweep=sweep)
     return 0
 
 
@@ -76,12 +96,14 @@ def run_promote(args: argparse.Namespace) -> int:
     experiment = args.experiment or (sweep.experiment if sweep else None)
     if not tracking_uri or not experiment:
         raise LmaddaError("give --config, or both --tracking-uri and --experiment")
-    promote(tracking_uri, experiment, criterion=args.criterion, sweep=sweep)
+    with tracking_server_errors(tracking_uri, "run the promotion again"):
+        promote(tracking_uri, experiment, criterion=args.criterion, sweep=sweep)
     return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
     from lmadda_tune.tracking import compare_runs
 
-    print(compare_runs(args.tracking_uri, args.experiment))
+    with tracking_server_errors(args.tracking_uri, "run the comparison again"):
+        print(compare_runs(args.tracking_uri, args.experiment))
     return 0
