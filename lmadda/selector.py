@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmadda.data.dataset import LoadedImage, target_from_model_range
+from lmadda.data.dataset import LoadedImage, spread, target_from_model_range
 from lmadda.domain import DomainReference
 from lmadda.evaluation import InputTransform
 from lmadda.models.generator import UNetGenerator
@@ -216,7 +216,7 @@ class Selector:
         if self._out_of_domain is None:
             from lmadda.domain import fitting_tile, predict_and_score
 
-            images = self.target_images[:: max(1, len(self.target_images) // 8)][:8]
+            images = spread(self.target_images, 8)
             multiple = self.source.config.multiple
             verdicts = [predict_and_score(self.source, self.domain_reference, image.input,
                                           tile=fitting_tile(image.input.shape, multiple))[1].verdict for image in images]

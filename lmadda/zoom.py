@@ -26,12 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lmadda.data.dataset import LoadedImage
+from lmadda.data.dataset import LoadedImage, spread
 from lmadda.domain import build_reference, fitting_tile, predict_and_score
 from lmadda.errors import LmaddaError
-from lmadda.models.generator import UNetGenerator
+from lmadda.models.generator import UNetGenerator, resize, zoomed_size
 
 ZOOMS = tuple(round(2 ** (k / 4), 2) for k in range(-4, 5))  # 0.5 .. 2 in quarter octaves, 1 included
 MIN_REDUCTION = 0.25  # as the selector's min_gain: a correction must remove a quarter of what it corrects
@@ -53,15 +52,13 @@ class ZoomEstimate:
 
 def resample(image: np.ndarray, factor: float) -> np.ndarray:
     """A (C, H, W) image resampled by `factor` (bilinear, antialiased when shrinking), as the zoomed generator does."""
-    height, width = max(1, round(image.shape[-2] * factor)), max(1, round(image.shape[-1] * factor))
-    pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    return F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=factor < 1)[0].numpy()
+    size = zoomed_size((image.shape[-2], image.shape[-1]), factor)
+    return resize(torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None], size)[0].numpy()
 
 
 def band_limited(image: np.ndarray, band: float = max(ZOOMS)) -> np.ndarray:
     """`image` with only the detail it would keep if shrunk by `band` and enlarged again: the common band of `estimate_zoom`."""
-    pixels = torch.from_numpy(resample(image, 1.0 / band))[None]
-    return F.interpolate(pixels, size=image.shape[-2:], mode="bilinear", align_corners=False)[0].numpy()
+    return resize(torch.from_numpy(resample(image, 1.0 / band))[None], tuple(image.shape[-2:]))[0].numpy()
 
 
 def estimate_zoom(generator: UNetGenerator, source_images: list[LoadedImage], target_images: list[LoadedImage], *,
@@ -73,11 +70,11 @@ def estimate_zoom(generator: UNetGenerator, source_images: list[LoadedImage], ta
         raise ValueError("the zooms tried must include 1 (no resampling)")
     band = max(zooms)
     multiple = generator.config.multiple
-    references = [band_limited(image.input, band) for image in _spread(source_images, REFERENCE_IMAGES)]
+    references = [band_limited(image.input, band) for image in spread(source_images, REFERENCE_IMAGES)]
     held_out = references[::4] if len(references) >= 4 else None
     reference = build_reference(generator, [r for index, r in enumerate(references) if held_out is None or index % 4], held_out,
                                 domain="source, band-limited")
-    images = [image.input for image in _spread(target_images, SCORED_IMAGES)]
+    images = [image.input for image in spread(target_images, SCORED_IMAGES)]
     smallest = min(min(image.shape[-2:]) for image in images)
     scores: dict[float, float] = {}
     for factor in sorted(zooms):
@@ -96,7 +93,3 @@ def estimate_zoom(generator: UNetGenerator, source_images: list[LoadedImage], ta
     return ZoomEstimate(best, scores, f"resampled by {best:g}, the target images' domain score falls by {reduction:.0%} "
                                       f"({scores[1.0]:.2f} -> {scores[best]:.2f})")
 
-
-def _spread(images: list[LoadedImage], count: int) -> list[LoadedImage]:
-    """At most `count` of `images`, evenly spread over the list (fields in order, so over the fields)."""
-    return images[:: max(1, len(images) // count)][:count]

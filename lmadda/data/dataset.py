@@ -57,6 +57,11 @@ class LoadedImage:
     target_norm: NormalisationParams | None = None
 
 
+def spread(images: list[LoadedImage], count: int) -> list[LoadedImage]:
+    """At most `count` of `images`, evenly spread over the list (fields come in order, so over the fields)."""
+    return images[:: max(1, len(images) // count)][:count]
+
+
 def _read_channel(manifest: Manifest, row: ManifestRow) -> tuple[np.ndarray, float]:
     image = read_image(manifest.resolve(row), bit_depth=row.bit_depth)
     if row.channel_index >= image.channels:

@@ -209,13 +209,10 @@ class UNetGenerator(nn.Module):
             h = self._zoom_out(h, state.input_size)
         return h
 
-    def _zoomed_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        return max(1, round(size[0] * self.config.input_zoom)), max(1, round(size[1] * self.config.input_zoom))
-
     def _zoom_in(self, x: torch.Tensor) -> torch.Tensor:
         """Resample by `input_zoom` (antialiased when shrinking), then pad bottom and right to a multiple of 2**depth."""
-        height, width = self._zoomed_size((x.shape[-2], x.shape[-1]))
-        h = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=self.config.input_zoom < 1)
+        height, width = zoomed_size((x.shape[-2], x.shape[-1]), self.config.input_zoom)
+        h = resize(x, (height, width))
         multiple = self.config.multiple
         pad_h, pad_w = -height % multiple, -width % multiple
         if pad_h or pad_w:  # mirrored where the image is large enough, as predict_tiled pads; else repeated edges
@@ -225,9 +222,8 @@ class UNetGenerator(nn.Module):
 
     def _zoom_out(self, y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The output of a zoomed input, its padding cut off, resampled back to the input's `size`."""
-        height, width = self._zoomed_size(size)
-        return F.interpolate(y[..., :height, :width], size=size, mode="bilinear", align_corners=False,
-                             antialias=self.config.input_zoom > 1)
+        height, width = zoomed_size(size, self.config.input_zoom)
+        return resize(y[..., :height, :width], size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(self.last_layer, self.forward_to(self.last_layer, x))
@@ -235,6 +231,18 @@ class UNetGenerator(nn.Module):
     def layer_parameters(self, upto: int) -> list[nn.Parameter]:
         """Parameters of layers 0..`upto`: what LM-ADDA trains when matching at `upto`."""
         return [p for layer in self.layers[: upto + 1] for p in layer.parameters()]
+
+
+def zoomed_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
+    """(H, W) of an image of `size` resampled by `factor`."""
+    return max(1, round(size[0] * factor)), max(1, round(size[1] * factor))
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) resampled to `size`: bilinear, antialiased where it shrinks (the one resampling of `input_zoom` and
+    lmadda.zoom, so the zoom estimated is the zoom applied)."""
+    shrinks = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinks)
 
 
 def zoomed(generator: UNetGenerator, factor: float) -> UNetGenerator:

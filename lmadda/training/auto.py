@@ -24,7 +24,7 @@ from lmadda.baselines import HistogramMatcher, build_baseline
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage
 from lmadda.domain import reference_from_images
-from lmadda.selector import UNADAPTED, Candidate, Choice, Selector
+from lmadda.selector import UNADAPTED, ZOOM, Candidate, Choice, Selector
 from lmadda.training.adapt import AdaptConfig, adapt, run_steps
 from lmadda.training.families import FAMILIES, FamilyConfig, check_family, family_config, make_loop
 
@@ -41,7 +41,7 @@ def cheap_candidate_names(num_layers: int) -> list[str]:
     """The corrections that need no training: AdaBN and histogram matching, AdaBN limited to the early cut, both
     AdaBNs after histogram matching (composites), and the zoom the domain check finds (lmadda.zoom)."""
     cut = family_layers(num_layers)[0]
-    names = [*CHEAP_CANDIDATES, "histogram_matching+adabn", "zoom"]
+    names = [*CHEAP_CANDIDATES, "histogram_matching+adabn", ZOOM]
     if cut >= 1:  # layer 0 has no BatchNorm
         names += [f"adabn:{cut}", f"histogram_matching+adabn:{cut}"]
     return names
