@@ -33,8 +33,8 @@ import numpy as np
 from lmadda.baselines import FourierAmplitudeTransfer, build_baseline
 from lmadda.checkpoint import load_checkpoint
 from lmadda.config import build_config, read_config_file
+from lmadda.core.errors import LmaddaError
 from lmadda.data.manifest import Manifest
-from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.result_rows import TargetDomain
 from lmadda.selector import UNADAPTED, Candidate, Selector, decide

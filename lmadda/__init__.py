@@ -4,14 +4,8 @@ The science (data, models, training, adaptation, evaluation) lives here in plain
 Ray Train / Tune / Serve live at the edges (`tune/`, `serve/`).
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("lmadda")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
-
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
+from lmadda.core.version import __version__
 
 __all__ = ["LmaddaError", "VirtualStainer", "__version__"]
 

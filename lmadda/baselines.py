@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmadda.core.device import resolve_device
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import LoadedImage
-from lmadda.errors import LmaddaError
-from lmadda.device import resolve_device
 from lmadda.models.generator import UNetGenerator
 
 BASELINES = ("unadapted", "adabn", "histogram_matching", "fda", "zoom")

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from lmadda import __version__
+from lmadda.core.atomic import write_atomically
+from lmadda.core.errors import LmaddaError
+from lmadda.core.version import __version__
 from lmadda.data.normalise import NormalisationParams, PercentileRange
 from lmadda.domain import DomainReference
-from lmadda.errors import LmaddaError
 from lmadda.models.generator import GeneratorConfig, UNetGenerator
 
 FORMAT = "lmadda-generator"
@@ -88,14 +89,7 @@ def save_checkpoint(path: str | Path, checkpoint: GeneratorCheckpoint) -> Path:
         "metadata": checkpoint.metadata,
         "domain_reference": checkpoint.domain_reference.to_dict() if checkpoint.domain_reference else None,
     }
-    return _write_atomically(path, payload)
-
-
-def _write_atomically(path: Path, payload: dict) -> Path:
-    temporary = path.with_name(f".{path.name}.partial")
-    torch.save(payload, temporary)
-    temporary.replace(path)
-    return path
+    return write_atomically(path, lambda temporary: torch.save(payload, temporary))
 
 
 def add_domain_reference(path: str | Path, reference: DomainReference) -> Path:
@@ -108,15 +102,12 @@ def add_domain_reference(path: str | Path, reference: DomainReference) -> Path:
     load_checkpoint(path)  # a clear error for a missing, foreign or corrupt file before anything is written
     payload = torch.load(path, map_location="cpu", weights_only=True)
     payload["domain_reference"] = reference.to_dict()
-    temporary = path.with_name(f".{path.name}.partial")
-    torch.save(payload, temporary)
-    try:
-        load_checkpoint(temporary)
-    except LmaddaError:
-        temporary.unlink(missing_ok=True)
-        raise
-    temporary.replace(path)
-    return path
+
+    def write(temporary: Path) -> None:
+        torch.save(payload, temporary)
+        load_checkpoint(temporary)  # read back before it replaces the good file; a failure leaves that file as it was
+
+    return write_atomically(path, write)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> GeneratorCheckpoint:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 

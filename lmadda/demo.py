@@ -19,13 +19,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from lmadda.baselines import build_baseline, input_correction, is_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.data.augment import NuisanceAugmentation
+from lmadda.core.errors import LmaddaError
 from lmadda.data.contact_sheet import contact_sheet
-from lmadda.data.dataset import target_from_model_range, load_images
+from lmadda.data.dataset import load_images, target_from_model_range
+from lmadda.data.io import read_image, write_tiff
 from lmadda.data.manifest import Manifest
+from lmadda.data.shifts import Shift
 from lmadda.data.synth import SynthConfig, synthesize
 from lmadda.domain import fitting_tile, predict_and_score
 from lmadda.evaluation import SPLIT_SEED_OFFSET
 from lmadda.inference import predict_tiled
+from lmadda.registry_names import alias_for
 from lmadda.report import choice_lines, summary_table, write_report
 from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.result_rows import TargetDomain
@@ -33,6 +37,9 @@ from lmadda.study.grid import ROBUST_VARIANTS, model_file_name, run_grid
 from lmadda.study.config import Grid, SelectionSpec
 from lmadda.training.robust import admit_robust
 from lmadda.training.source import SourceTrainConfig, train_source
+
+
+SERVED_SHIFT = "overexposure:2.5"  # the demo target `lmadda serve --demo` stains through HTTP
 
 
 class DemoConfig(BaseModel):
@@ -46,7 +53,7 @@ class DemoConfig(BaseModel):
     source_epochs: int = Field(12, ge=1)
     crops_per_epoch: int = Field(160, ge=4)
     # overexposure x1.5 costs this model nothing; the Ray Tune sweep of `make demo` covers the magnitudes
-    targets: list[str] = Field(default_factory=lambda: ["bright_field", "phase_contrast+overexposure:2.5"])
+    targets: list[str] = Field(default_factory=lambda: ["bright_field", f"phase_contrast+{SERVED_SHIFT}"])
     # an early, a middle and the last layer (ADDA): the study (docs/study.md) covers the rest within its budget
     layers: list[int] = Field(default_factory=lambda: [0, 3, 15])
     adapt_steps: int = Field(150, ge=1)
@@ -179,3 +186,24 @@ def _panel(source, robust, manifest: Manifest, domain: TargetDomain, rows: list[
     images = {"input": image.input[0], "truth": target_from_model_range(image.target[0]), "unadapted": unadapted, "adapted": prediction}
     return stain_panel(domain.name, marker, f"label-free choice: {chosen}", images, out / "report" / panel_file_name(domain.name),
                        title=f"{domain.name}, field {image.field}")
+
+
+def served_registry(demo_out: Path) -> str:
+    """The MLflow store the demo's quick sweep (tune/configs/quick.yaml) promoted its models into."""
+    return f"sqlite:///{(Path(demo_out) / 'sweeps' / 'mlflow.db').resolve()}"
+
+
+def serving_input(demo_out: Path) -> tuple[Path, str]:
+    """`lmadda serve --demo`'s request: an overexposed (x2.5) test-split phase-contrast image of a finished demo, written
+    as a TIFF under DEMO_OUT/serve, and the registry alias the demo promoted for that setting."""
+    manifest_path = demo_out / "data" / "manifest.parquet"
+    if not manifest_path.is_file():
+        raise LmaddaError(f"{manifest_path} not found; run `make demo` (or `lmadda demo --out {demo_out}`) first")
+    manifest = Manifest.load(manifest_path)
+    row = manifest.inputs("phase_contrast", "test")[0]
+    raw = read_image(manifest.resolve(row))
+    shift = Shift.parse(SERVED_SHIFT)
+    pixels = shift.apply_input(raw.pixels, raw.sensor_max)
+    path = write_tiff(demo_out / "serve" / f"{row.field}_phase_contrast_{SERVED_SHIFT.replace(':', '_').replace('.', '_')}.tif",
+                      pixels[0], dtype=raw.dtype)
+    return path, alias_for(f"phase_contrast+{SERVED_SHIFT}")

@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda.models.generator import UNetGenerator
 
 REFERENCE_FORMAT = "lmadda-domain-reference"

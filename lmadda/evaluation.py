@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.core.atomic import write_atomically
 from lmadda.data.dataset import LoadedImage, load_images, target_from_model_range
-from lmadda.data.io import write_atomically
+
+from lmadda.core.errors import LmaddaError
 from lmadda.data.manifest import Manifest
-from lmadda.errors import LmaddaError
 from lmadda.inference import predict_tiled
 from lmadda.metrics import nrmse, pearson, psnr, ssim
 from lmadda.models.generator import UNetGenerator
@@ -97,7 +98,7 @@ def evaluate_checkpoints(
     and, for source checkpoints, the test-time `baselines` built as the study builds them with `seed`.
     With `progress`, images evaluated / (checkpoints x methods x images) go to stderr (`Progress`)."""
     from lmadda.baselines import build_baseline
-    from lmadda.training.common import Progress
+    from lmadda.core.progress import Progress
 
     domain = TargetDomain.parse(target)
     rows: list[dict] = []

@@ -30,16 +30,16 @@ import numpy as np
 import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
+from lmadda.core.device import resolve_device
+from lmadda.core.errors import LmaddaError
+from lmadda.core.progress import Progress
 from lmadda.data.bands import BLOCK_VALUES, RegionSource, ValueCounts, blocks, percentiles
 from lmadda.data.calibration import PixelSize, PixelSizeCheck, PixelSizeNote, check_pixel_size
 from lmadda.data.dataset import target_from_model_range, tile_origins, to_model_range
 from lmadda.data.io import check_image_output, clip_to_dtype, read_image, refuse_overwriting_inputs, sensor_max_for, write_image
 from lmadda.data.normalise import apply_normalisation, denormalise, normalise, params_from_percentiles
-from lmadda.device import resolve_device
 from lmadda.domain import DomainScore, forward_scored, score_tiles
-from lmadda.errors import LmaddaError
 from lmadda.models.generator import UNetGenerator
-from lmadda.training.common import Progress
 
 
 def feather_window(tile: int, overlap: int) -> np.ndarray:

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmadda.core.atomic import write_atomically
 from lmadda.data.dataset import LoadedImage, spread, target_from_model_range
 from lmadda.domain import DomainReference
 from lmadda.evaluation import InputTransform
@@ -101,12 +102,12 @@ class Observation:
     zoom: float = 1.0  # the candidate's input_zoom: the scale its stains are at, relative to the source's
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial.npz")
-        np.savez(temporary, family=np.array(self.family), predicted=self.predicted.astype(np.float16),
-                 mirrored=self.mirrored.astype(np.float16), means=self.means.astype(np.float32), zoom=np.array(self.zoom))
-        temporary.replace(path)
-        return path
+        def write(temporary: Path) -> None:
+            with temporary.open("wb") as file:  # a file object: np.savez would append .npz to a path
+                np.savez(file, family=np.array(self.family), predicted=self.predicted.astype(np.float16),
+                         mirrored=self.mirrored.astype(np.float16), means=self.means.astype(np.float32), zoom=np.array(self.zoom))
+
+        return write_atomically(path, write)
 
     @classmethod
     def load(cls, path: Path) -> "Observation":

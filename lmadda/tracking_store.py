@@ -19,7 +19,7 @@ import mlflow
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 

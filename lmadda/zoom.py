@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import LoadedImage, spread
 from lmadda.domain import build_reference, fitting_tile, predict_and_score
-from lmadda.errors import LmaddaError
 from lmadda.models.generator import UNetGenerator, resize, zoomed_size
 
 ZOOMS = tuple(round(2 ** (k / 4), 2) for k in range(-4, 5))  # 0.5 .. 2 in quarter octaves, 1 included

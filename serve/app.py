@@ -1,7 +1,7 @@
 """The Ray Serve application: `POST /v1/stain` turns a label-free image into predicted stains.
 
     serve run serve/config.yaml                       # Serve's config format (also the RayService's)
-    lmadda serve --tracking-uri sqlite:///$PWD/demo-out/sweeps/mlflow.db
+    lmadda serve --tracking-uri sqlite:///$PWD/demo-out/sweeps/mlflow.db   # or $MLFLOW_TRACKING_URI; one is needed
 
 One deployment, `StainService`, behind a FastAPI ingress:
 - models come from the MLflow registry by alias (`models:/lmadda-<marker>@<setting>`) through Serve
@@ -58,10 +58,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.core.device import resolve_device
+from lmadda.core.errors import LmaddaError
 from lmadda.data.calibration import PixelSize, check_pixel_size
-from lmadda.device import resolve_device
 from lmadda.domain import DomainTally, domain_headers, forward_scored
-from lmadda.errors import LmaddaError
 from lmadda.inference import Stain, StainPlan
 from lmadda_serve.auth import origin_problem, resolve_auth
 from lmadda_serve.codec import (RequestError, check_channels, check_name, declared_request, decode_request_image, encode_tiff,
@@ -94,7 +94,13 @@ def pixel_size_headers(pixel_size: PixelSize | None, warnings: list[str]) -> dic
 
 
 def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'demo-out' / 'sweeps' / 'mlflow.db'}"
+    """$MLFLOW_TRACKING_URI: the registry when the args name none. Without either there is nothing to serve from, and
+    guessing a local file would serve whatever sits there: LmaddaError, naming the three ways to give one."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        raise LmaddaError("no model registry: set tracking_uri in the serve config's args, or $MLFLOW_TRACKING_URI, or run "
+                          "`lmadda serve --tracking-uri URI` (the demo's: sqlite:///$PWD/demo-out/sweeps/mlflow.db)")
+    return uri
 
 
 def error_response(error: RequestError) -> JSONResponse:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 SHA256_HEX = 64
 

@@ -9,7 +9,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from lmadda.errors import LmaddaError
+from lmadda.core.atomic import write_atomically
+from lmadda.core.errors import LmaddaError
 
 CONTENT_TYPE_BY_SUFFIX = {".tif": "image/tiff", ".tiff": "image/tiff", ".png": "image/png"}
 
@@ -40,9 +41,7 @@ def stain_remote(url: str, image: Path, *, setting: str, markers: str = "dapi", 
     except urllib.error.URLError as error:
         raise LmaddaError(f"cannot reach {url} ({error.reason}); is `lmadda serve` running, and is the URL right?") from error
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    partial.write_bytes(body)
-    partial.replace(out)
+    write_atomically(out, lambda temporary: temporary.write_bytes(body))
     return out, response_headers
 
 

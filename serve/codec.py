@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import tifffile
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.calibration import PixelSize, tiff_resolution
 from lmadda.data.io import RawImage, decode_image
-from lmadda.errors import LmaddaError
 
 CONTENT_TYPES = {"image/tiff": "tiff", "image/tif": "tiff", "image/x-tiff": "tiff", "image/png": "png"}
 # Settings and markers name registry aliases and models; they never reach a path or URI unchecked.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import signal
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import yaml
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.yaml")
 
@@ -64,7 +66,7 @@ def start_local(config_path: Path = DEFAULT_CONFIG, *, host: str | None = None, 
     by `deployment`); return its URL."""
     from ray import serve
 
-    from lmadda_serve.app import application, check_args
+    from lmadda_serve.app import application, check_args, default_tracking_uri
 
     config = read_serve_config(config_path)
     host = host or config["http_options"].get("host", "127.0.0.1")
@@ -74,9 +76,52 @@ def start_local(config_path: Path = DEFAULT_CONFIG, *, host: str | None = None, 
     except ValueError as error:
         raise LmaddaError(f"{config_path}: {error}") from error
     args = with_launcher_token(args, host, os.environ)
+    if not args.get("tracking_uri"):
+        default_tracking_uri()  # no registry named anywhere: say so here, not in every replica's log
     timeout = config["http_options"].get("request_timeout_s")
     # Options of a Serve instance already running are kept (Serve warns); the replicas' own limits hold either way.
     serve.start(http_options={"host": host, "port": port, **({"request_timeout_s": timeout} if timeout else {})},
                 controller_options=controller_options(config, args))
     serve.run(application(args, {**config["deployment"], **(deployment or {})}), name=config["name"], route_prefix=config["route_prefix"])
     return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+
+
+def serve_until_stopped(config_path: Path = DEFAULT_CONFIG, *, host: str | None = None, port: int | None = None,
+                        tracking_uri: str | None = None, num_cpus: int | None = None,
+                        then: Callable[[str], int] | None = None) -> int:
+    """`lmadda serve`: start a local Ray instance (unless this process is connected to one) and the endpoint, then run
+    `then(url)` and return its exit code, or, without `then`, serve until Ctrl-C or SIGTERM. Serve, and Ray if it was
+    started here, are shut down however it ends."""
+    import ray
+    from ray import serve
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=num_cpus, log_to_driver=False)
+    stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler
+    try:
+        url = start_local(config_path, host=host, port=port, tracking_uri=tracking_uri)
+        print(f"[serve] endpoint at {url}  (POST {url}/v1/stain, GET {url}/v1/models, docs at {url}/docs)")
+        if then is not None:
+            return then(url)
+        print("[serve] Ctrl-C or SIGTERM stops it")
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        if started_ray:  # not left to atexit: the local instance's agents go with it, whatever stopped us
+            ray.shutdown()
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM stop `lmadda serve` exactly as Ctrl-C does (KeyboardInterrupt, then the `finally`).
+
+    Ray's driver handles SIGTERM by aborting the process, which skips Serve's and Ray's shutdown and left
+    the local instance's dashboard and runtime-env agents running. A second SIGTERM while shutting
+    down is ignored, so it cannot cut the shutdown short (SIGKILL still can).
+    """
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)

@@ -40,7 +40,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda.registry_names import MODEL_PREFIX, SHA256_TAG, marker_of
 from lmadda.tracking_store import relocate_artifacts
 from lmadda_serve.codec import RequestError

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from lmadda.baselines import FourierAmplitudeTransfer, HistogramMatcher, adabn, build_baseline
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import LoadedImage
 from lmadda.data.normalise import NormalisationParams
-from lmadda.errors import LmaddaError
 from lmadda.models import GeneratorConfig, UNetGenerator
 
 NORM = NormalisationParams((0.0,), (1.0,))

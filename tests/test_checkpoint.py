@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
+from lmadda.core.errors import LmaddaError
 from lmadda.data.normalise import NormalisationParams
-from lmadda.errors import LmaddaError
 from lmadda.models import GeneratorConfig, UNetGenerator
 
 
@@ -59,6 +59,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(LmaddaError, match="cannot write .*disk full"):  # one line for the user, not a traceback
         save_checkpoint(path, _checkpoint())
     assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["g.pt"]  # no partial file left beside it

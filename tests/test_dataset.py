@@ -3,11 +3,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import PairedCrops, UnpairedCrops, load_images, tile_origins
 from lmadda.data.io import write_tiff
 from lmadda.data.manifest import Manifest, ManifestRow
 from lmadda.data.shifts import Shift
-from lmadda.errors import LmaddaError
 
 
 def test_paired_crops_are_reproducible_in_range_and_change_with_epoch(tiny_synth):

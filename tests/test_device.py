@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lmadda.device import resolve_device
-from lmadda.errors import LmaddaError
+from lmadda.core.device import resolve_device
+from lmadda.core.errors import LmaddaError
 
 
 def test_auto_and_none_pick_the_gpu_only_when_there_is_one():

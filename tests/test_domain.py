@@ -11,10 +11,10 @@ import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint, add_domain_reference, load_checkpoint, save_checkpoint
 from lmadda.cli import main
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import load_images
 from lmadda.data.shifts import Shift
 from lmadda.domain import DomainReference, build_reference, domain_headers, forward_with_features, predict_and_score, reference_layers
-from lmadda.errors import LmaddaError
 from lmadda.inference import predict_tiled
 from lmadda.models.generator import GeneratorConfig, UNetGenerator, init_weights
 

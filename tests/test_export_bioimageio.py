@@ -13,9 +13,9 @@ import yaml
 
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
 from lmadda.cli import main
+from lmadda.core.errors import LmaddaError
 from lmadda.data.io import read_image, write_tiff
 from lmadda.data.normalise import NormalisationParams
-from lmadda.errors import LmaddaError
 from lmadda.models import GeneratorConfig, UNetGenerator
 from lmadda.models.generator import init_weights
 

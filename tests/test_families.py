@@ -11,11 +11,11 @@ from torch import nn
 
 from lmadda.baselines import HistogramMatcher, adabn, build_baseline, parse_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
+from lmadda.core.errors import LmaddaError
 from lmadda.data.augment import NuisanceAugmentation
 from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.normalise import NormalisationParams
 from lmadda.data.shifts import Shift
-from lmadda.errors import LmaddaError
 from lmadda.models import GeneratorConfig, UNetGenerator
 from lmadda.models.generator import init_weights
 from lmadda.training.adapt import AdaptConfig, adapt, moment_gap

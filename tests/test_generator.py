@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda.models import FeatureDiscriminator, GeneratorConfig, PatchDiscriminator, UNetGenerator
 from lmadda.models.generator import init_weights
 

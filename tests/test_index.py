@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.index import IndexSpec, assign_splits, index_folder
 from lmadda.data.io import write_tiff
 from lmadda.data.manifest import Manifest
-from lmadda.errors import LmaddaError
 
 PATTERN = r"(?P<field>w\d+)_(?P<channel>[a-z]+)\.tif$"
 

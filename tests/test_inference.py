@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
+from lmadda.core.errors import LmaddaError
 from lmadda.data.io import read_image, write_tiff
 from lmadda.data.normalise import NormalisationParams
-from lmadda.errors import LmaddaError
 from lmadda.inference import feather_window, predict_file, predict_tiled
 from lmadda.models import GeneratorConfig, UNetGenerator
 from lmadda.models.generator import init_weights

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.io import read_image, write_tiff
-from lmadda.errors import LmaddaError
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16"])

@@ -4,8 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.manifest import Manifest, ManifestRow
-from lmadda.errors import LmaddaError
 
 
 def _rows():

@@ -12,9 +12,9 @@ import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
 from lmadda.cli import main
+from lmadda.core.errors import LmaddaError
 from lmadda.data.io import write_tiff
 from lmadda.data.manifest import Manifest
-from lmadda.errors import LmaddaError
 from lmadda.models import GeneratorConfig, UNetGenerator
 
 

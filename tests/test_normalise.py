@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.normalise import PercentileRange, denormalise, normalise
-from lmadda.errors import LmaddaError
 
 
 def test_percentile_normalisation_maps_percentiles_to_0_and_1_and_inverts():

@@ -19,6 +19,7 @@ from ome_zarr.writer import write_image as ome_zarr_write_image, write_plate_met
 from lmadda.baselines import HistogramMatcher  # noqa: E402
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from lmadda.cli import main  # noqa: E402
+from lmadda.core.errors import LmaddaError  # noqa: E402
 from lmadda.data.bands import ArraySource, ValueCounts, blocks, percentiles  # noqa: E402
 from lmadda.data.calibration import PixelSize, setting_pixel_size  # noqa: E402
 from lmadda.data.dataset import load_images  # noqa: E402
@@ -28,7 +29,6 @@ from lmadda.data.manifest import Manifest  # noqa: E402
 from lmadda.data.normalise import NormalisationParams  # noqa: E402
 from lmadda.data.omezarr import open_image, plate_fields  # noqa: E402
 from lmadda.domain import build_reference  # noqa: E402
-from lmadda.errors import LmaddaError  # noqa: E402
 from lmadda.inference import BandedTilePlan, ModelInputRows, model_input, predict_banded, predict_file, predict_tiled  # noqa: E402
 from lmadda.models import GeneratorConfig, UNetGenerator  # noqa: E402
 from lmadda.models.generator import init_weights  # noqa: E402

@@ -8,8 +8,8 @@ import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
 from lmadda.cli import main
+from lmadda.core.errors import LmaddaError
 from lmadda.data.io import read_image, write_image, write_tiff
-from lmadda.errors import LmaddaError
 from lmadda.models import GeneratorConfig, UNetGenerator
 
 PNG_MAGIC, TIFF_MAGIC = b"\x89PNG", (b"II*\x00", b"MM\x00*")

@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 TARGET = "phase_contrast+overexposure:2"
 ALIAS = "phase_contrast-overexposure-2"

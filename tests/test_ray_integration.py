@@ -12,7 +12,7 @@ import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from mlflow.tracking import MlflowClient
 from lmadda_tune.train_workers import GENERATOR_FILE
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmadda.checkpoint import LOOP_STATE_FORMAT, load_loop_state, save_loop_state
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda.training.adapt import Adapter
 from test_adapt import _config, _images, _source
 

@@ -16,7 +16,7 @@ import tifffile
 import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda.models import GeneratorConfig, UNetGenerator
 from lmadda_serve.registry import ModelRef
 

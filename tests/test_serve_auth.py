@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda_serve.auth import is_loopback, resolve_auth, token_digest
 
 TOKEN = "a-random-token-0123456789abcdef"

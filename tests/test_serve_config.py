@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda_serve.local import DEFAULT_CONFIG, read_serve_config
 
 
@@ -70,3 +70,23 @@ def test_serve_args_are_typed_from_the_deployments_own_signature():
     assert check_args(config["args"]) == config["args"]  # the shipped args validate as they are
     with pytest.raises(ValueError, match="serve arg tile is 'big': Input should be a valid integer"):
         check_args({"tile": "big"})
+
+
+def test_without_a_registry_named_anywhere_serve_refuses_before_serve_starts(monkeypatch):
+    """No tracking_uri in the args and no $MLFLOW_TRACKING_URI: one line naming the ways to give one, not a guessed
+    ./demo-out store (which would serve whatever models sit in the working directory)."""
+    import ray
+
+    from lmadda_serve.app import default_tracking_uri
+    from lmadda_serve.local import start_local
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("LMADDA_SERVE_TOKEN", "a-token-for-this-test")
+    with pytest.raises(LmaddaError, match="no model registry: set tracking_uri .*MLFLOW_TRACKING_URI.*--tracking-uri"):
+        default_tracking_uri()
+    was_running = ray.is_initialized()
+    with pytest.raises(LmaddaError, match="no model registry"):
+        start_local(host="127.0.0.1", port=1)
+    assert ray.is_initialized() == was_running  # refused before Serve (and Ray) started
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/registry.db")
+    assert default_tracking_uri() == "sqlite:////tmp/registry.db"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 pytestmark = pytest.mark.slow  # creating the SQLite registry costs ~10 s on 2 cores
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.shifts import Shift
-from lmadda.errors import LmaddaError
 
 SENSOR_MAX = 4095.0
 

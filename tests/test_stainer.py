@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.calibration import images_pixel_size
 from lmadda.data.dataset import target_from_model_range
 from lmadda.data.io import clip_to_dtype, read_image
-from lmadda.errors import LmaddaError
 from lmadda.inference import model_input, predict_tiled, to_camera_units
 from lmadda.stainer import VirtualStainer
 

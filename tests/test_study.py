@@ -8,7 +8,7 @@ import yaml
 
 from lmadda.cli import main
 from lmadda.config import build_config
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda.study.config import StudyConfig
 
 EXPERIMENT = {

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from lmadda.config import build_config
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda.study.config import IndexFolderSpec, StudyConfig
 
 # depth 6: crops must be multiples of 64

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from lmadda.config import build_config
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda_tune.stopper import ModeCollapseStopper
 from lmadda_tune.sweep_config import SweepConfig
 from lmadda_tune.tracking import alias_for

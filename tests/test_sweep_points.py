@@ -99,7 +99,7 @@ def test_a_restarted_trial_reports_its_finished_points_again_without_redoing_the
 
 
 def test_an_old_unversioned_state_in_a_trial_folder_stops_the_trial_with_the_fix(tiny_synth, tiny_source, tmp_path):
-    from lmadda.errors import LmaddaError
+    from lmadda.core.errors import LmaddaError
 
     (tmp_path / "L1" / "step_2").mkdir(parents=True)
     torch.save({"step": 2}, tmp_path / "L1" / "step_2" / workers.STATE_FILE)  # what lmadda wrote before states were versioned

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lmadda.cli import main
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 
 class _Payload:

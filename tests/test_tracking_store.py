@@ -70,7 +70,7 @@ def test_a_copied_store_uses_its_own_artifacts_not_the_originals(registered, tmp
 
 def test_a_moved_read_only_store_is_explained_not_left_pointing_nowhere(registered, tmp_path, monkeypatch):
     import lmadda.tracking_store as tracking_store
-    from lmadda.errors import LmaddaError
+    from lmadda.core.errors import LmaddaError
 
     moved = tmp_path / "moved"
     shutil.move(str(registered), moved)

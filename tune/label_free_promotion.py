@@ -22,15 +22,15 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
-from lmadda.result_rows import TargetDomain
-from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
+from lmadda.result_rows import TargetDomain
 from lmadda.selector import UNADAPTED, Candidate, Selector
-from lmadda.study.grid import candidate_family
 from lmadda.study.config import SelectionSpec
+from lmadda.study.grid import candidate_family
 from lmadda.training.auto import CHEAP_CANDIDATES, baseline_candidates, checkpoint_for
 from lmadda_tune.sweep_config import SweepConfig
 

@@ -38,9 +38,10 @@ import torch
 
 from lmadda.checkpoint import load_checkpoint
 from lmadda.config import build_config, read_config_file
+from lmadda.core.atomic import write_atomically
+from lmadda.core.errors import LmaddaError
+from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
 from lmadda.data.manifest import Manifest
-from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs, write_atomically
-from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.result_rows import TargetDomain, marker_means, rows_table, tag_rows
 from lmadda.study.trial import GridPoint
@@ -342,6 +343,13 @@ def unadapted_rows(sweep: SweepConfig, source) -> list[dict]:
     return rows
 
 
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the Ray cluster at `address` (None: the job's cluster, or a new local instance of `num_cpus`), unless this
+    process is connected already. The dashboard stays on: see LOCAL_RAY_NOTE."""
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus, log_to_driver=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmadda_tune.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="sweep YAML (see tune/configs/)")
@@ -357,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         # Relative paths in the config are relative to the working directory (the repository root
         # under `ray job submit --working-dir .`); Tune trials change directory, so resolve them now.
         sweep = build_config(SweepConfig, None, **data).resolved(Path.cwd())
-        if not ray.is_initialized():
-            ray.init(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)  # keep the dashboard: see lmadda_tune.sweep.LOCAL_RAY_NOTE
+        connect_ray(args.address, args.num_cpus)
         rows = run_sweep(sweep, resume=args.resume)
     except LmaddaError as error:
         print(f"lmadda sweep: error: {error}", file=sys.stderr)

@@ -26,8 +26,9 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from lmadda.core.config import StrictModel
 from lmadda.study.config import Grid
 from lmadda.study.trial import GridPoint
 
@@ -37,11 +38,7 @@ from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SourceSpec(_Strict):
+class SourceSpec(StrictModel):
     checkpoint: Path = Field(description="source generator checkpoint (train one with `lmadda train-source`)")
     train: dict | None = Field(None, description="SourceTrainConfig options: when the checkpoint does not exist yet, "
                                                  "train it first with Ray Train (same workers as the trials)")
@@ -55,12 +52,12 @@ class SourceSpec(_Strict):
         return self
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     manifest: Path
     source_setting: str = "phase_contrast"
 
 
-class ResourceSpec(_Strict):
+class ResourceSpec(StrictModel):
     workers_per_trial: int = Field(1, ge=0, description="Ray Train workers per trial; 0 runs the loop in the trial's own process "
                                                         "(no worker group to start: much faster for short single-device trials)")
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -82,13 +79,13 @@ class ResourceSpec(_Strict):
         return value
 
 
-class MlflowSpec(_Strict):
+class MlflowSpec(StrictModel):
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI (the k8s ConfigMap sets it), else "
                                                           "sqlite:///<storage_path>/mlflow.db")
     experiment: str | None = Field(None, description="default: lmadda-<sweep name>")
 
 
-class SweepConfig(_Strict):
+class SweepConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     storage_path: Path
     source: SourceSpec

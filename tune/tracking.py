@@ -30,10 +30,10 @@ from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 from lmadda.metrics import is_finite
-from lmadda.result_rows import model_metrics, model_params
 from lmadda.registry_names import SHA256_TAG, alias_for, logged_model_name, model_name
+from lmadda.result_rows import model_metrics, model_params
 from lmadda.tracking_store import FINISHED, all_runs, delete_run, ensure_experiment, one_finished_run_per_key, relocate_artifacts
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

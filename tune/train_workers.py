@@ -49,10 +49,10 @@ import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
 from lmadda.checkpoint import GeneratorCheckpoint, LoopState, load_checkpoint, load_loop_state, save_checkpoint, save_loop_state
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
-from lmadda.errors import LmaddaError
 from lmadda.evaluation import SPLIT_SEED_OFFSET
 from lmadda.result_rows import TargetDomain, marker_means, rows_table
 from lmadda.selection import SelectionProbe

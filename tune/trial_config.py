@@ -19,25 +19,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from lmadda.errors import LmaddaError
+from lmadda.core.config import StrictModel
+from lmadda.core.errors import LmaddaError
 from lmadda.result_rows import TargetDomain
 from lmadda.training.adapt import AdaptConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TrialPoint(_Strict):
+class TrialPoint(StrictModel):
     key: str = Field(min_length=1, description="the point's name in its trial's store (GridPoint.key), e.g. bright_field-L3-lr2e-05-s0")
     target: str = Field(min_length=1, description="the target domain: a setting, or setting+shift:magnitude")
     adapt: dict[str, Any] = Field(default_factory=dict, description="this point's AdaptConfig options (its layer, lr, seed)")
     tags: dict[str, float | int | str] = Field(default_factory=dict, description="reported with every metric of the point")
 
 
-class TrialSpec(_Strict):
+class TrialSpec(StrictModel):
     source_checkpoint: Path
     manifest: Path
     source_setting: str

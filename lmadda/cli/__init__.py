@@ -11,7 +11,7 @@ import sys
 
 from lmadda.cli import (data_commands, demo_command, diagnose_command, export_command, science_commands, serve_commands, study_command,
                         sweep_commands)
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 # Each module adds its subcommands with `register(subparsers)` and sets `func` on its parser.
 _COMMAND_MODULES = [data_commands, science_commands, diagnose_command, sweep_commands, serve_commands, demo_command, study_command,
@@ -19,7 +19,7 @@ _COMMAND_MODULES = [data_commands, science_commands, diagnose_command, sweep_com
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmadda import __version__
+    from lmadda.core.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="lmadda",

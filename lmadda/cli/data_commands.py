@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
-from lmadda.errors import LmaddaError
 
 
 def _key_value(text: str) -> tuple[str, str]:

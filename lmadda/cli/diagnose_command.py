@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
-from lmadda.errors import LmaddaError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 OUT_FILES = ("diagnosis.json", "profile.png")  # what it writes in --out

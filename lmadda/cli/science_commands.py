@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from lmadda.cli.options import add_model_flags, model_overrides
+from lmadda.core.errors import LmaddaError
 from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
-from lmadda.errors import LmaddaError
 from lmadda.registry_names import target_name
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig

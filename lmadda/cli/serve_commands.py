@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import time
 from pathlib import Path
-
-DEMO_SHIFT = "overexposure:2.5"
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="start the virtual-staining HTTP endpoint on a local Ray instance",
                                   description="Starts serve/config.yaml's application; models come from the MLflow registry "
                                               "(aliases models:/lmadda-<marker>@<setting>, set by `lmadda sweep promote`).")
     serve.add_argument("--config", type=Path, default=None, help="Serve config (default: serve/config.yaml)")
-    serve.add_argument("--tracking-uri", default=None, help="MLflow registry (default: $MLFLOW_TRACKING_URI or the demo's SQLite store)")
+    serve.add_argument("--tracking-uri", default=None, help="MLflow registry (default: $MLFLOW_TRACKING_URI; with --demo, the demo's SQLite store)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="bind address (default 127.0.0.1, this machine only; 0.0.0.0 accepts other machines). Auth is "
                             "on everywhere: the token comes from $LMADDA_SERVE_TOKEN (or the config's token_env / token_sha256), "
@@ -50,35 +46,20 @@ def run_stain(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from lmadda_serve.local import DEFAULT_CONFIG, read_serve_config, start_local, with_launcher_token
+    from lmadda.demo import served_registry, serving_input
+    from lmadda_serve.local import DEFAULT_CONFIG, read_serve_config, serve_until_stopped, with_launcher_token
 
     config = read_serve_config(args.config or DEFAULT_CONFIG)  # a bad config fails here, before Ray starts
     announce_token(config["args"])
     with_launcher_token(config["args"], args.host, os.environ)  # and so does a config that turns auth off wrongly
     tracking_uri = args.tracking_uri
     if args.demo is not None and tracking_uri is None:
-        tracking_uri = f"sqlite:///{(args.demo / 'sweeps' / 'mlflow.db').resolve()}"
-    demo_input = _demo_input(args.demo) if args.demo is not None else None  # before Ray: fail fast on a missing demo
+        tracking_uri = served_registry(args.demo)
+    demo_input = serving_input(args.demo) if args.demo is not None else None  # before Ray: fail fast on a missing demo
 
-    import ray
-    from ray import serve
-
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=args.num_cpus, log_to_driver=False)
-    stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler
-    try:
-        url = start_local(args.config or DEFAULT_CONFIG, host=args.host, port=args.port, tracking_uri=tracking_uri)
-        print(f"[serve] endpoint at {url}  (POST {url}/v1/stain, GET {url}/v1/models, docs at {url}/docs)")
-        if demo_input is not None:
-            return _stain_demo_image(url, *demo_input)
-        print("[serve] Ctrl-C or SIGTERM stops it")
-        while True:
-            time.sleep(3600)
-    finally:
-        serve.shutdown()
-        if started_ray:  # not left to atexit: the local instance's agents go with it, whatever stopped us
-            ray.shutdown()
+    then = (lambda url: _stain_demo_image(url, *demo_input)) if demo_input is not None else None
+    return serve_until_stopped(args.config or DEFAULT_CONFIG, host=args.host, port=args.port, tracking_uri=tracking_uri,
+                               num_cpus=args.num_cpus, then=then)
 
 
 def announce_token(serve_args: dict) -> None:
@@ -97,41 +78,6 @@ def announce_token(serve_args: dict) -> None:
               f"Other clients send 'Authorization: Bearer <token>'; the token, shown this once: {token}")
     else:
         print(f"[serve] auth ON: the token stored in {token_file()} (`lmadda stain` reads it there)")
-
-
-def stop_on_sigterm() -> None:
-    """Make SIGTERM stop `lmadda serve` exactly as Ctrl-C does (KeyboardInterrupt, then the `finally`).
-
-    Ray's driver handles SIGTERM by aborting the process, which skips Serve's and Ray's shutdown and left
-    the local instance's dashboard and runtime-env agents running. A second SIGTERM while shutting
-    down is ignored, so it cannot cut the shutdown short (SIGKILL still can).
-    """
-    def stop(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-
-
-def _demo_input(demo_out: Path) -> tuple[Path, str]:
-    """An overexposed (x2.5) test-split phase-contrast image from the demo, written as a TIFF."""
-    from lmadda.data.io import read_image, write_tiff
-    from lmadda.data.manifest import Manifest
-    from lmadda.data.shifts import Shift
-    from lmadda.errors import LmaddaError
-    from lmadda_tune.tracking import alias_for
-
-    manifest_path = demo_out / "data" / "manifest.parquet"
-    if not manifest_path.is_file():
-        raise LmaddaError(f"{manifest_path} not found; run `make demo` (or `lmadda demo --out {demo_out}`) first")
-    manifest = Manifest.load(manifest_path)
-    row = manifest.inputs("phase_contrast", "test")[0]
-    raw = read_image(manifest.resolve(row))
-    shift = Shift.parse(DEMO_SHIFT)
-    pixels = shift.apply_input(raw.pixels, raw.sensor_max)
-    path = write_tiff(demo_out / "serve" / f"{row.field}_phase_contrast_{DEMO_SHIFT.replace(':', '_').replace('.', '_')}.tif",
-                      pixels[0], dtype=raw.dtype)
-    return path, alias_for(f"phase_contrast+{DEMO_SHIFT}")
 
 
 def _stain_demo_image(url: str, image: Path, setting: str) -> int:

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_study_command(args: argparse.Namespace) -> int:
     from lmadda.config import build_config, read_config_file
     from lmadda.data.io import refuse_overwriting_inputs
-    from lmadda.errors import LmaddaError
+    from lmadda.core.errors import LmaddaError
     from lmadda.study.config import StudyConfig
     from lmadda.study.document import write_study_document
     from lmadda.study.failures import RECOVERABLE, FailureLog, read_failures

@@ -59,7 +59,7 @@ def tracking_server_errors(tracking_uri: str, then: str):
     from mlflow.exceptions import MlflowException
     from requests.exceptions import RequestException
 
-    from lmadda.errors import LmaddaError
+    from lmadda.core.errors import LmaddaError
 
     try:
         yield
@@ -70,14 +70,11 @@ def tracking_server_errors(tracking_uri: str, then: str):
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
-    import ray
-
-    from lmadda_tune.sweep import format_sweep_table, run_sweep, sweep_exists
+    from lmadda_tune.sweep import connect_ray, format_sweep_table, run_sweep, sweep_exists
     from lmadda_tune.tracking import promote
 
     sweep = _sweep_from(args.config)
-    if not ray.is_initialized():
-        ray.init(address=args.address, num_cpus=args.num_cpus, log_to_driver=False)  # keep the dashboard: see lmadda_tune.sweep.LOCAL_RAY_NOTE
+    connect_ray(args.address, args.num_cpus)
     with tracking_server_errors(sweep.tracking_uri, f"resume with `lmadda sweep run --config {args.config} --resume` "
                                                     "(finished grid points are kept)"):
         rows = run_sweep(sweep, resume=args.resume or (args.reuse and sweep_exists(sweep)))
@@ -88,7 +85,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def run_promote(args: argparse.Namespace) -> int:
-    from lmadda.errors import LmaddaError
+    from lmadda.core.errors import LmaddaError
     from lmadda_tune.tracking import promote
 
     sweep = _sweep_from(args.config) if args.config else None

@@ -24,8 +24,8 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.shifts import Shift
-from lmadda.errors import LmaddaError
 
 # Application order: optics first (zoom, defocus, vignetting), then the camera (gain with saturation,
 # shot and read noise, response curve), as light reaches the sensor.

@@ -19,7 +19,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 BLOCK_VALUES = 1 << 20  # values per block read for statistics: 4 MB of float32 (and a few times that while counting)
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 if TYPE_CHECKING:
     import tifffile

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.io import read_image
 from lmadda.data.manifest import Manifest
 from lmadda.data.normalise import PercentileRange, normalise
-from lmadda.errors import LmaddaError
 
 _LABEL_HEIGHT = 14
 

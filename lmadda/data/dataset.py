@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.augment import NuisanceAugmentation, apply_chain, apply_chain_to_target
 from lmadda.data.io import read_image
 from lmadda.data.manifest import Manifest, ManifestRow
 from lmadda.data.normalise import NormalisationParams, PercentileRange, normalise
 from lmadda.data.shifts import Shift
-from lmadda.errors import LmaddaError
 
 
 TARGET_HEADROOM = 0.8  # targets span -0.8..0.8 of Tanh's -1..1 (see the module docstring)

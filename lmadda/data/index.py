@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.io import SUPPORTED_SUFFIXES, ZARR_NAME
 from lmadda.data.manifest import SPLITS, Manifest, ManifestRow, check_name
-from lmadda.errors import LmaddaError
 
 
 @dataclass(frozen=True)

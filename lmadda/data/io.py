@@ -9,18 +9,18 @@ TIFF and PNG are files; an OME-Zarr image is a folder (`lmadda.data.omezarr`, th
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import tifffile
 
+from lmadda.core.atomic import write_atomically
+from lmadda.core.errors import LmaddaError
 from lmadda.data.calibration import PixelSize, pixel_size_of_png, pixel_size_of_tiff, png_dpi, tiff_resolution
-from lmadda.errors import LmaddaError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
@@ -267,23 +267,6 @@ def clip_to_dtype(pixels: np.ndarray, dtype: str) -> np.ndarray:
         info = np.iinfo(target_dtype)
         array = np.clip(np.rint(array), info.min, info.max)
     return array.astype(target_dtype)
-
-
-def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
-    """`write(temporary)`, then rename into place; on any failure (a full disk, Ctrl-C) no partial file is left."""
-    if path.is_dir():
-        raise LmaddaError(f"{path} is a folder; name the output image file, e.g. {path / 'stain.tif'}")
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(temporary)
-        temporary.replace(path)
-    except OSError as error:
-        raise LmaddaError(f"cannot write {path}: {error.strerror or error}") from error
-    finally:
-        with contextlib.suppress(OSError):  # gone already after the rename, or its folder could not be made
-            temporary.unlink(missing_ok=True)
-    return path
 
 
 def write_tiff(

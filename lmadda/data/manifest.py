@@ -23,7 +23,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmadda.errors import LmaddaError
+from lmadda.core.atomic import write_atomically
+from lmadda.core.errors import LmaddaError
 
 SPLITS = ("train", "val", "test")
 ROLES = ("input", "target")
@@ -195,10 +196,7 @@ class Manifest:
         path.parent.mkdir(parents=True, exist_ok=True)
         moved = [replace(r, path=os.path.relpath(self.resolve(r).resolve(), path.parent)) for r in self.rows]
         table = pa.Table.from_pylist([asdict(r) for r in moved], schema=SCHEMA)
-        temporary = path.with_name(f".{path.name}.partial")
-        pq.write_table(table, temporary)
-        temporary.replace(path)  # never leave a half-written manifest in place of a good one
-        return path
+        return write_atomically(path, lambda temporary: pq.write_table(table, temporary))  # never half a manifest
 
     @classmethod
     def load(cls, path: str | Path) -> "Manifest":

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 # Below this spread an image is treated as flat: normalising it would amplify noise into garbage.
 _MIN_SPREAD = 1e-6

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.calibration import UNIT_UM, PixelSize
-from lmadda.errors import LmaddaError
 
 ZARR_SUFFIX = ".zarr"
 INSTALL = "pip install 'lmadda[zarr]'"

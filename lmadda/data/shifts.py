@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.index import assign_splits
 from lmadda.data.io import write_tiff
 from lmadda.data.manifest import Manifest, ManifestRow
-from lmadda.errors import LmaddaError
 
 INPUT_SETTINGS = ("phase_contrast", "bright_field")
 LABEL_FREE_BITS = 12

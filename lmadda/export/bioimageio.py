@@ -36,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmadda import __version__
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
+from lmadda.core.atomic import write_atomically
+from lmadda.core.errors import LmaddaError
+from lmadda.core.version import __version__
 from lmadda.data.dataset import TARGET_HEADROOM, target_from_model_range
-from lmadda.data.io import read_image, refuse_overwriting_inputs, write_atomically
-from lmadda.errors import LmaddaError
+from lmadda.data.io import read_image, refuse_overwriting_inputs
 from lmadda.export.package_readme import ADDA, LAYER_MATCHING, LICENSE, NAME_CHARS, PIX2PIX, camera_range, default_name, is_adapted, readme
 from lmadda.inference import model_input, predict_tiled, to_camera_units
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmadda import __version__
 from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.core.version import __version__
 from lmadda.data.dataset import TARGET_HEADROOM
 
 NAME_CHARS = set(string.ascii_letters + string.digits + "_+- ()")  # what the zoo allows in a model name

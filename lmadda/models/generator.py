@@ -130,13 +130,13 @@ class UNetGenerator(nn.Module):
 
     def check_layer(self, layer: int) -> int:
         if not 0 <= layer < self.num_layers:
-            from lmadda.errors import LmaddaError
+            from lmadda.core.errors import LmaddaError
 
             raise LmaddaError(f"layer {layer} does not exist: this generator has layers 0..{self.last_layer}")
         return layer
 
     def check_input(self, x: torch.Tensor) -> None:
-        from lmadda.errors import LmaddaError
+        from lmadda.core.errors import LmaddaError
 
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise LmaddaError(f"generator expects (N, {self.config.in_channels}, H, W) input, got shape {tuple(x.shape)}")

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmadda.data.io import write_atomically
+from lmadda.core.atomic import write_atomically
+
 from lmadda.metrics import finite_mean_std, gap_recovered
 from lmadda.result_rows import TargetDomain
 from lmadda.selection import criterion_agreement

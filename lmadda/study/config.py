@@ -26,31 +26,28 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from lmadda.core.config import StrictModel
 from lmadda.baselines import parse_baseline
-from lmadda.errors import LmaddaError
-from lmadda.selector import DEFAULT_SCORE, SCORES
 from lmadda.config import LearningRates, describe_validation_error
+from lmadda.core.errors import LmaddaError
 from lmadda.data.shifts import Shift
 from lmadda.result_rows import TargetDomain
+from lmadda.selector import DEFAULT_SCORE, SCORES
 from lmadda.study.trial import GridPoint
 from lmadda.training.adapt import PAPER_RECIPE, AdaptConfig
 from lmadda.training.families import FAMILIES, FAMILY_LR
 from lmadda.training.source import SourceTrainConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SimulateSpec(_Strict):
+class SimulateSpec(StrictModel):
     fields: int = Field(32, ge=12)
     size: int = Field(512, ge=64)
     seed: int = 0
 
 
-class IndexFolderSpec(_Strict):
+class IndexFolderSpec(StrictModel):
     """`lmadda data index` options, to index a folder of real images in place (nothing is copied)."""
 
     root: Path
@@ -81,7 +78,7 @@ class IndexFolderSpec(_Strict):
                          in_focus=self.in_focus)
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     simulate: SimulateSpec | None = None
     index: IndexFolderSpec | None = None
     validation_rows: float = Field(0.0, ge=0.0, lt=0.9, description="carve a validation split from the bottom rows of each "
@@ -94,13 +91,13 @@ class DataSpec(_Strict):
         return self
 
 
-class SourceSpec(_Strict):
+class SourceSpec(StrictModel):
     setting: str
     markers: list[str] = Field(min_length=1)
     train: dict = Field(default_factory=dict, description="SourceTrainConfig options (manifest, setting and markers come from here)")
 
 
-class Grid(_Strict):
+class Grid(StrictModel):
     targets: list[str] = Field(min_length=1, description="setting or setting+shift:magnitude, e.g. phase_contrast+overexposure:2")
     layers: list[int] | Literal["all"] = "all"
     layer_sets: list[list[int]] = Field(default_factory=list, description="multi-layer matching: each set trained as one model")
@@ -169,14 +166,14 @@ class Grid(_Strict):
                 for point in self.points_for(TargetDomain.parse(target).name, seed, lr, num_layers)]
 
 
-class CriteriaSpec(_Strict):
+class CriteriaSpec(StrictModel):
     crops: int = Field(6, ge=2, description="fixed target crops each label-free criterion is measured on")
     crop_size: int = Field(256, ge=16)
     profile_fraction: float = Field(0.5, gt=0, le=1, description="zero-training predictor: first layer reaching this fraction "
                                                                   "of the discrepancy profile's maximum")
 
 
-class SelectionSpec(_Strict):
+class SelectionSpec(StrictModel):
     """The label-free choice among every candidate of a target (lmadda.selector.Selector)."""
 
     score: Literal[SCORES] = Field(DEFAULT_SCORE, description="what the selector ranks candidates by")
@@ -193,7 +190,7 @@ class SelectionSpec(_Strict):
         return self.model_dump()
 
 
-class ExperimentSpec(_Strict):
+class ExperimentSpec(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
     title: str
     about: str = Field("", description="a paragraph for the document: the data, the protocol, what it can show")
@@ -372,7 +369,7 @@ def _smallest_size(crop: int, area: str, scale: float, validation_rows: float) -
     return size
 
 
-class StudyConfig(_Strict):
+class StudyConfig(StrictModel):
     title: str = Field("The study: LM-ADDA on simulated and real data", description="the document's title")
     out: Path = Path("study-out")
     document: Path = Path("docs/study.md")

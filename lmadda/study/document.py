@@ -11,7 +11,7 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lmadda import __version__
+from lmadda.core.version import __version__
 from lmadda.study.analysis import (CEILING_BAR, HARM_BAR, MIN_GAP, NOISE_FLOOR, RECOVERY_BAR, ROBUST_COST_BAR, TIE, Bar, Bars, Claim,
                                    Findings, bars,
                                    criterion_scores, findings, reference_regrets, selection_rows, summary_records, write_summary)

@@ -8,10 +8,10 @@ what is still recorded under "Failed targets".
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from lmadda.errors import LmaddaError
+from lmadda.core.atomic import write_atomically
+from lmadda.core.errors import LmaddaError
 
 FAILURES_FILE = "failures.json"
 # what a target can fail with and the study survives: bad data, a refused config, a numerical or device error
@@ -35,10 +35,7 @@ class FailureLog:
         reason = f"{type(error).__name__}: {error}"
         self.entries.append({"target": target, "stage": stage, "error": reason})
         log(f"[study:{self.name}] {target} failed while {stage}; the study goes on without it. {reason}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.partial")
-        temporary.write_text(json.dumps(self.entries, indent=1) + "\n")
-        os.replace(temporary, self.path)
+        write_atomically(self.path, lambda temporary: temporary.write_text(json.dumps(self.entries, indent=1) + "\n"))
 
 
 def read_failures(folder: Path) -> list[dict]:

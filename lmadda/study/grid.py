@@ -21,11 +21,13 @@ import pyarrow.parquet as pq
 
 from lmadda.baselines import build_baseline, is_baseline, parse_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
+from lmadda.core.atomic import write_atomically
+from lmadda.core.errors import LmaddaError
+from lmadda.core.progress import Progress
 from lmadda.data.augment import NuisanceAugmentation
 from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
-from lmadda.errors import LmaddaError
 from lmadda.evaluation import SPLIT_SEED_OFFSET, evaluate_generator
 from lmadda.models.generator import UNetGenerator
 from lmadda.result_rows import CRITERION_PREFIX, RESULT_COLUMNS, TargetDomain, rows_table, tag_rows
@@ -33,7 +35,6 @@ from lmadda.selection import SelectionProbe
 from lmadda.selector import Candidate, Choice, Observation, Selector
 from lmadda.study.trial import GridPoint, TrialResult, TrialTarget, run_trial
 from lmadda.training.families import FAMILIES, make_loop
-from lmadda.training.common import Progress
 from lmadda.training.source import SourceTrainConfig, train_source
 
 LABEL_FREE = "label_free"  # the selector's choice among the candidates of one (target, seed), as its own rows
@@ -113,10 +114,7 @@ class ResultTable:
 
     def _write(self) -> None:
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_name(f".{self.path.name}.partial")
-            pq.write_table(rows_table(self.rows), temporary)
-            temporary.replace(self.path)
+            write_atomically(self.path, lambda temporary: pq.write_table(rows_table(self.rows), temporary))
 
     def has_choice(self, target: str, seed: int) -> bool:
         """Whether the label-free choice of (target, seed) is in the table (its layer is the chosen model's)."""

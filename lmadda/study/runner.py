@@ -27,22 +27,22 @@ from pathlib import Path
 import numpy as np
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import target_from_model_range
 from lmadda.data.index import index_folder
 from lmadda.data.io import read_image
 from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
-from lmadda.errors import LmaddaError
 from lmadda.evaluation import SPLIT_SEED_OFFSET
 from lmadda.inference import predict_tiled
-from lmadda.study.figures import panel_file_name, stain_panel
-from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
 from lmadda.result_rows import TargetDomain
-from lmadda.study.grid import LABEL_FREE, ImageSource, ResultTable, run_grid
-from lmadda.study.trial import TrialResult
+from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
 from lmadda.study.config import ExperimentSpec, StudyConfig
 from lmadda.study.failures import RECOVERABLE, FailureLog
+from lmadda.study.figures import panel_file_name, stain_panel
+from lmadda.study.grid import LABEL_FREE, ImageSource, ResultTable, run_grid
 from lmadda.study.tracking import StudyTracker, model_key
+from lmadda.study.trial import TrialResult
 from lmadda.training.robust import admit_robust
 from lmadda.training.source import SourceTrainConfig, train_source
 

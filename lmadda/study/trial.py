@@ -22,9 +22,9 @@ from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import LoadedImage
 from lmadda.evaluation import evaluate_generator
-from lmadda.errors import LmaddaError
 from lmadda.registry_names import alias_for
 from lmadda.result_rows import CRITERION_PREFIX, TargetDomain, adaptation_method, matched_name, tag_rows
 from lmadda.selection import SelectionProbe

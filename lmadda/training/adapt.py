@@ -45,13 +45,14 @@ from torch import nn
 
 from lmadda.baselines import HistogramMatcher
 from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.core.device import resolve_device
+from lmadda.core.errors import LmaddaError
+from lmadda.core.progress import Progress
 from lmadda.data.dataset import LoadedImage, UnpairedCrops
-from lmadda.device import resolve_device
 from lmadda.domain import DomainReference, reference_from_images
-from lmadda.errors import LmaddaError
 from lmadda.models.discriminators import FeatureDiscriminator
 from lmadda.models.generator import CutState, UNetGenerator, init_weights
-from lmadda.training.common import Progress, autocast_for, endless, seed_everything
+from lmadda.training.common import autocast_for, endless, seed_everything
 
 
 # ADDA as published (Tzeng et al. 2017): one Adam setting for both players, G' updated at every step.

@@ -1,10 +1,9 @@
-"""Small pieces both loops share: seeding, devices, endless loaders, progress."""
+"""Small pieces both loops share: seeding, devices, endless loaders."""
 
 from __future__ import annotations
 
 import contextlib
 import random
-import sys
 from typing import Iterator
 
 import numpy as np
@@ -56,28 +55,3 @@ def endless(dataset: Dataset, batch_size: int, seed: int, sampler_factory=None, 
         if not yielded:
             raise ValueError(f"dataset of {len(dataset)} items yields no batch of {batch_size}")
         epoch += 1
-
-
-class Progress:
-    """A one-line progress bar on a terminal, occasional lines otherwise (logs, CI)."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.tty = sys.stderr.isatty()
-        self.last_line = -1
-
-    def update(self, done: int, **values: float) -> None:
-        if not self.enabled:
-            return
-        shown = " ".join(f"{k}={v:.3g}" for k, v in values.items())
-        if self.tty:
-            filled = int(30 * done / max(self.total, 1))
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} {shown}   ")
-            if done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        else:
-            tenth = 10 * done // max(self.total, 1)
-            if tenth != self.last_line or done >= self.total:
-                self.last_line = tenth
-                print(f"{self.label} {done}/{self.total} {shown}", file=sys.stderr, flush=True)

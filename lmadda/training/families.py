@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Union
 
 from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import LoadedImage
-from lmadda.errors import LmaddaError
 from lmadda.training.adapt import AdaptConfig, Adapter
 from lmadda.training.self_training import SelfTrainConfig, SelfTrainer
 

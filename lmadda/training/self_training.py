@@ -39,9 +39,9 @@ from torch import nn
 
 from lmadda.baselines import HistogramMatcher
 from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.core.device import resolve_device
+from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import LoadedImage, UnpairedCrops
-from lmadda.device import resolve_device
-from lmadda.errors import LmaddaError
 from lmadda.models.generator import UNetGenerator
 from lmadda.training.adapt import AdaptResult, finish_result
 from lmadda.training.common import autocast_for, endless, seed_everything

@@ -23,19 +23,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
+from lmadda.core.device import resolve_device
+from lmadda.core.errors import LmaddaError
+from lmadda.core.progress import Progress
 from lmadda.data.augment import NuisanceAugmentation
 from lmadda.data.dataset import LoadedImage, PairedCrops, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.normalise import PercentileRange, median_params
 from lmadda.data.shifts import Shift
-from lmadda.device import resolve_device
 from lmadda.domain import reference_from_images
-from lmadda.errors import LmaddaError
 from lmadda.evaluation import evaluate_generator
 from lmadda.models.discriminators import PatchDiscriminator
 from lmadda.models.generator import GeneratorConfig, UNetGenerator, init_weights
 from lmadda.registry_names import target_name
-from lmadda.training.common import Progress, autocast_for, endless, seed_everything
+from lmadda.training.common import autocast_for, endless, seed_everything
 
 
 class SourceTrainConfig(BaseModel):

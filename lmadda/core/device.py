@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmadda.errors import LmaddaError
+from lmadda.core.errors import LmaddaError
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
