@@ -32,6 +32,7 @@ demo: $(STAMP)
 	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/lmadda serve --demo $(DEMO_OUT) --num-cpus 2
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports  # the import contracts in pyproject.toml: no circle, arrows only down, no Ray in the science
 	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -23,15 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lmadda.baselines import FourierAmplitudeTransfer, HistogramMatcher, adabn
+from lmadda.baselines import FourierAmplitudeTransfer, adabn
 from lmadda.checkpoint import load_checkpoint
 from lmadda.config import build_config, read_config_file
+from lmadda.data.correction import HistogramMatcher
 from lmadda.data.manifest import Manifest
 from lmadda.evaluation import evaluate_generator
-from lmadda.selector import SCORES, Candidate, Selector, decide
 from lmadda.result_rows import TargetDomain
-from lmadda.study.grid import ImageSource
+from lmadda.selector import SCORES, Candidate, Selector, decide
 from lmadda.study.config import StudyConfig
+from lmadda.study.grid import ImageSource
 from lmadda.study.runner import prepare_manifest, prepare_source
 from lmadda.training.adapt import AdaptConfig, adapt
 

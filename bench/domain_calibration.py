@@ -181,7 +181,7 @@ def serving_cost(sizes: tuple[int, ...] = (256, 1024), repeats: int = 9) -> dict
     import statistics
 
     from lmadda.domain import _layer_features, build_reference, predict_and_score
-    from lmadda.inference import predict_tiled
+    from lmadda.tiling import predict_tiled
     from lmadda.models import GeneratorConfig, UNetGenerator
     from lmadda.models.generator import init_weights
 

@@ -201,13 +201,11 @@ def save_loop_state(path: str | Path, loop: str, state: dict, metadata: dict | N
     """Write a loop's resume state atomically, as plain data (see `plain`), marked with its format, version and loop."""
     if loop not in LOOPS:
         raise ValueError(f"unknown loop {loop!r}; one of {LOOPS}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": LOOP_STATE_FORMAT, "format_version": LOOP_STATE_VERSION, "loop": loop, "lmadda_version": __version__,
         "state": plain(state), "metadata": plain(metadata or {}, "metadata"),
     }
-    return _write_atomically(path, payload)
+    return write_atomically(Path(path), lambda temporary: torch.save(payload, temporary))
 
 
 def load_loop_state(path: str | Path, loop: str, map_location: str | torch.device = "cpu", *, fix: str = RERUN) -> LoopState:

@@ -13,14 +13,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmadda.baselines import build_baseline, input_correction, is_baseline
+from lmadda.baselines import build_baseline, is_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
-from lmadda.data.augment import NuisanceAugmentation
 from lmadda.core.errors import LmaddaError
+from lmadda.data.augment import NuisanceAugmentation
 from lmadda.data.contact_sheet import contact_sheet
+from lmadda.data.correction import input_correction
 from lmadda.data.dataset import load_images, target_from_model_range
 from lmadda.data.io import read_image, write_tiff
 from lmadda.data.manifest import Manifest
@@ -28,13 +28,13 @@ from lmadda.data.shifts import Shift
 from lmadda.data.synth import SynthConfig, synthesize
 from lmadda.domain import fitting_tile, predict_and_score
 from lmadda.evaluation import SPLIT_SEED_OFFSET
-from lmadda.inference import predict_tiled
 from lmadda.registry_names import alias_for
 from lmadda.report import choice_lines, summary_table, write_report
-from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.result_rows import TargetDomain
-from lmadda.study.grid import ROBUST_VARIANTS, model_file_name, run_grid
 from lmadda.study.config import Grid, SelectionSpec
+from lmadda.study.figures import panel_file_name, stain_panel
+from lmadda.study.grid import ROBUST_VARIANTS, model_file_name, run_grid
+from lmadda.tiling import predict_tiled
 from lmadda.training.robust import admit_robust
 from lmadda.training.source import SourceTrainConfig, train_source
 

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmadda.baselines import HistogramMatcher
+from lmadda.data.correction import HistogramMatcher
 from lmadda.domain import DomainReference, DomainScore, predict_and_score
 from lmadda.selection import predict_layer
 
 MAX_OUT_FRACTION = 0.1  # a few odd images in a folder (an empty field, a bubble) are not a domain shift
-RECOMMENDATIONS = ("no_change", "input_correction", "adapt", "too_large")
 
 
 @dataclass

@@ -42,6 +42,7 @@ import torch
 
 from lmadda.core.errors import LmaddaError
 from lmadda.models.generator import UNetGenerator
+from lmadda.tiling import predict_tiled
 
 REFERENCE_FORMAT = "lmadda-domain-reference"
 REFERENCE_VERSION = 2  # 2: the output layer joins the score (version-1 references score on the encoder alone)
@@ -337,8 +338,6 @@ class RecordingForward:
 def tiled(generator: UNetGenerator, image: np.ndarray, layers: list[int], *, tile: int = 256, overlap: float = 0.25,
           batch_size: int = 8, device: torch.device | str | None = None, progress: str | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """`predict_tiled` that also keeps each tile's features: the same tiles, the same forward; (prediction, (tiles, F))."""
-    from lmadda.inference import predict_tiled
-
     forward = RecordingForward(generator, layers)
     prediction = predict_tiled(generator, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device,
                                progress=progress, forward=forward)
@@ -377,52 +376,3 @@ def score_tiles(checkpoint, features: list[np.ndarray | None]) -> DomainScore | 
     if checkpoint.domain_reference is None or not features or any(f is None for f in features):
         return None
     return checkpoint.domain_reference.score(np.concatenate(features))
-
-
-def domain_headers(*scores: DomainScore | None) -> dict[str, str]:
-    """The HTTP headers an acquisition PC reads to flag an image: the least trustworthy of `scores` (an image stained
-    by several models is as trustworthy as its worst); 'unknown' when no model had a domain reference."""
-    known = [score for score in scores if score is not None]
-    if not known:
-        return {"X-Lmadda-Domain-Score": "nan", "X-Lmadda-Domain-Verdict": "unknown"}
-    worst = max(known, key=lambda score: (VERDICTS.index(score.verdict), score.score))
-    return {"X-Lmadda-Domain-Score": f"{worst.score:.3f}", "X-Lmadda-Domain-Verdict": worst.verdict}
-
-
-@dataclass
-class DomainTally:
-    """How the images one model stained scored, for the endpoint's GET /v1/models: an acquisition PC or an
-    operator sees at a glance that a setting's images have drifted out of domain."""
-
-    counts: dict[str, int] = field(default_factory=lambda: {verdict: 0 for verdict in (*VERDICTS, "unknown")})
-    score_sum: float = 0.0
-
-    def add(self, score: DomainScore | None) -> None:
-        self.counts["unknown" if score is None else score.verdict] += 1
-        self.score_sum += 0.0 if score is None else score.score
-
-    def as_dict(self) -> dict:
-        scored = sum(self.counts[verdict] for verdict in VERDICTS)
-        return {"images": sum(self.counts.values()), **self.counts,
-                "out_of_domain_fraction": round(self.counts["out_of_domain"] / scored, 4) if scored else None,
-                "mean_score": round(self.score_sum / scored, 4) if scored else None}
-
-
-def missing_reference_message(where: str) -> str:
-    return (f"{where} carries no domain reference (it was written before lmadda stored one), so images cannot be checked "
-            f"against its training domain; add one with `lmadda diagnose --add-reference {where} --manifest MANIFEST` "
-            "(the manifest of the images it was trained or adapted on)")
-
-
-def warn_about(score: DomainScore | None, image: object, checkpoint: object) -> None:
-    """What `lmadda predict` tells a user about the domain check: a warning on stderr unless the image is in domain."""
-    import sys
-
-    if score is None:
-        print(f"note: {missing_reference_message(str(checkpoint))}", file=sys.stderr)
-    elif score.verdict == "out_of_domain":
-        print(f"warning: {image} is OUT OF DOMAIN for {checkpoint} (domain score {score.score:.2f}, out of domain above "
-              f"{score.thresholds[1]:.2f}): do not trust this stain; `lmadda diagnose {checkpoint} FOLDER` says what to do", file=sys.stderr)
-    elif score.verdict == "borderline":
-        print(f"warning: {image} is borderline for {checkpoint} (domain score {score.score:.2f}, in domain up to "
-              f"{score.thresholds[0]:.2f}); check this stain before relying on it", file=sys.stderr)

@@ -6,22 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.core.atomic import write_atomically
-from lmadda.data.dataset import LoadedImage, load_images, target_from_model_range
-
 from lmadda.core.errors import LmaddaError
+from lmadda.data.correction import InputTransform
+from lmadda.data.dataset import LoadedImage, load_images, target_from_model_range
 from lmadda.data.manifest import Manifest
-from lmadda.inference import predict_tiled
 from lmadda.metrics import nrmse, pearson, psnr, ssim
 from lmadda.models.generator import UNetGenerator
 from lmadda.result_rows import TargetDomain, matched_name, rows_table, tag_rows
+from lmadda.tiling import predict_tiled
 
-InputTransform = Callable[[np.ndarray], np.ndarray]
 
 
 def evaluate_generator(

@@ -10,7 +10,9 @@ endpoint reads them back and the CLI names its targets with them, all through th
 
 from __future__ import annotations
 
+import hashlib
 import re
+from pathlib import Path
 
 MODEL_PREFIX = "lmadda-"  # every registered model lmadda serves: lmadda-<marker>
 SHIFT_SEPARATOR = "+"  # between a target's setting and its shift
@@ -44,3 +46,12 @@ def logged_model_name(target: str) -> str:
     """The name of a promoted generator's LoggedModel (no '/', ':', '.', '%' or quotes, as MLflow requires):
     generator-phase_contrast-overexposure-2_5."""
     return f"{LOGGED_MODEL_PREFIX}{alias_for(target)}"
+
+
+def file_sha256(path: Path) -> str:
+    """A generator file's SHA-256 (the `SHA256_TAG` value), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()

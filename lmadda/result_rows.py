@@ -62,13 +62,19 @@ def matched_name(layers: Iterable[int]) -> str:
     return "+".join(str(layer) for layer in sorted(layers))
 
 
+def adda_or_lmadda(layers: Iterable[int], last_layer: int) -> str:
+    """The one rule that names adversarial matching: `adda` when it matches at the generator's last layer alone (ADDA,
+    Tzeng et al. 2017), `lmadda` at any other layer or set of layers."""
+    return "adda" if sorted(layers) == [last_layer] else "lmadda"
+
+
 def adaptation_method(layers: Iterable[int], last_layer: int, recipe: str = "lmadda") -> str:
     """How the result rows name an adapted model: `adda` (the last layer alone), `lmadda` (another single
     layer), `lmadda_multi` (a set of layers), with `_paper` for the published recipe (`recipe: paper`)."""
     layers = sorted(layers)
     if len(layers) > 1:
         return "lmadda_multi"
-    method = "adda" if layers == [last_layer] else "lmadda"
+    method = adda_or_lmadda(layers, last_layer)
     return f"{method}_paper" if recipe == "paper" else method
 
 

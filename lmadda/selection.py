@@ -36,10 +36,10 @@ import math
 import numpy as np
 import torch
 
+from lmadda.data.correction import InputTransform
 from lmadda.data.dataset import LoadedImage, target_from_model_range
-from lmadda.evaluation import InputTransform
-from lmadda.inference import predict_tiled
 from lmadda.models.generator import UNetGenerator
+from lmadda.tiling import predict_tiled
 
 CRITERIA = ("output_w1", "probe_shift", "flip_inconsistency")  # all: lower is better; the choice itself is lmadda.selector's
 
@@ -77,23 +77,6 @@ def _channel_means(generator: UNetGenerator, crops: np.ndarray, layer: int, tran
     generator.eval()
     activation = generator.forward_to(layer, torch.from_numpy(_corrected(crops, transform))).activation
     return activation.mean(dim=(2, 3)).numpy()  # (N, C)
-
-
-def label_free_criteria(
-    source: UNetGenerator,
-    adapted: UNetGenerator,
-    source_images: list[LoadedImage],
-    target_images: list[LoadedImage],
-    *,
-    crop_size: int = 256,
-    crops: int = 8,
-    seed: int = 0,
-    input_transform: InputTransform | None = None,
-) -> dict[str, float]:
-    """Every criterion in CRITERIA for one adapted model (CPU, a few seconds at demo scale); `input_transform`:
-    the model's own input correction, if it carries one."""
-    probe = SelectionProbe(source, source_images, target_images, crop_size=crop_size, crops=crops, seed=seed)
-    return probe.measure(adapted, input_transform)[0]
 
 
 def channel_mean_shift(source_means: np.ndarray, target_means: np.ndarray) -> float:

@@ -43,9 +43,9 @@ import numpy as np
 import torch
 
 from lmadda.core.atomic import write_atomically
+from lmadda.data.correction import InputTransform
 from lmadda.data.dataset import LoadedImage, spread, target_from_model_range
 from lmadda.domain import DomainReference
-from lmadda.evaluation import InputTransform
 from lmadda.models.generator import UNetGenerator
 from lmadda.selection import CRITERIA, fixed_crops, wasserstein_1d
 

@@ -26,8 +26,9 @@ import torch
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
 from lmadda.config import read_config_file, validated
 from lmadda.core.device import resolve_device
-from lmadda.data.calibration import PixelSize, images_pixel_size
+from lmadda.data.calibration import PixelSize
 from lmadda.data.dataset import load_images
+from lmadda.data.manifest import images_pixel_size
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.domain import DomainScore

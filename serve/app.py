@@ -44,7 +44,6 @@ import logging
 import os
 import time
 import typing
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,11 +60,12 @@ from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.core.device import resolve_device
 from lmadda.core.errors import LmaddaError
 from lmadda.data.calibration import PixelSize, check_pixel_size
-from lmadda.domain import DomainTally, domain_headers, forward_scored
+from lmadda.domain import forward_scored
 from lmadda.inference import Stain, StainPlan
 from lmadda_serve.auth import origin_problem, resolve_auth
 from lmadda_serve.codec import (RequestError, check_channels, check_name, declared_request, decode_request_image, encode_tiff,
                                 parse_markers, read_body)
+from lmadda_serve.domain_report import DomainTally, domain_headers
 from lmadda_serve.registry import StainModels
 
 logger = logging.getLogger("ray.serve")

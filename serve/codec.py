@@ -18,7 +18,8 @@ import tifffile
 
 from lmadda.core.errors import LmaddaError
 from lmadda.data.calibration import PixelSize, tiff_resolution
-from lmadda.data.io import RawImage, decode_image
+from lmadda.data.io import decode_image
+from lmadda.data.raw import RawImage
 
 CONTENT_TYPES = {"image/tiff": "tiff", "image/tif": "tiff", "image/x-tiff": "tiff", "image/png": "png"}
 # Settings and markers name registry aliases and models; they never reach a path or URI unchecked.

@@ -41,7 +41,7 @@ from mlflow.tracking import MlflowClient
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.core.errors import LmaddaError
-from lmadda.registry_names import MODEL_PREFIX, SHA256_TAG, marker_of
+from lmadda.registry_names import MODEL_PREFIX, SHA256_TAG, file_sha256, marker_of
 from lmadda.tracking_store import relocate_artifacts
 from lmadda_serve.codec import RequestError
 
@@ -69,14 +69,6 @@ def private_folder(path: Path) -> Path:
         path.chmod(0o700)
         logger.warning("model cache %s was open to other users (mode %o); closed it to 0700", path, stat.S_IMODE(info.st_mode))
     return path
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

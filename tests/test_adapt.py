@@ -207,7 +207,7 @@ def test_source_anchor_keeps_the_adapted_generator_close_to_the_source_on_source
 
 
 def test_input_correction_adapts_on_histogram_matched_targets_and_the_checkpoint_carries_it():
-    from lmadda.baselines import input_correction
+    from lmadda.data.correction import input_correction
 
     source = _source()
     config = _config(input_correction="histogram_matching")

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmadda.baselines import FourierAmplitudeTransfer, HistogramMatcher, adabn, build_baseline
+from lmadda.baselines import FourierAmplitudeTransfer, adabn, build_baseline
 from lmadda.core.errors import LmaddaError
+from lmadda.data.correction import HistogramMatcher
 from lmadda.data.dataset import LoadedImage
 from lmadda.data.normalise import NormalisationParams
 from lmadda.models import GeneratorConfig, UNetGenerator
@@ -185,7 +186,7 @@ def test_build_baseline_gives_the_study_and_evaluate_the_same_seeded_fda():
 
 
 def test_a_checkpoint_carries_histogram_matching_and_predict_applies_it():
-    from lmadda.baselines import input_correction
+    from lmadda.data.correction import input_correction
     from lmadda.checkpoint import GeneratorCheckpoint
     from lmadda.data.dataset import to_model_range
     from lmadda.data.normalise import PercentileRange, normalise
@@ -209,7 +210,7 @@ def test_a_checkpoint_carries_histogram_matching_and_predict_applies_it():
     ({"kind": "histogram_matching", "source_values": [0.5, 0.1]}, "damaged"),
 ])
 def test_a_damaged_or_unknown_input_correction_is_refused_with_the_fix(spec, message):
-    from lmadda.baselines import input_correction
+    from lmadda.data.correction import input_correction
 
     with pytest.raises(LmaddaError, match=message):
         input_correction({"input_correction": spec})

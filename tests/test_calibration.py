@@ -11,8 +11,9 @@ import torch
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
 from lmadda.cli import main
 from lmadda.data import calibration
-from lmadda.data.calibration import PixelSize, PixelSizeCheck, check_pixel_size, model_pixel_size, setting_pixel_size
+from lmadda.data.calibration import PixelSize, PixelSizeCheck, check_pixel_size, model_pixel_size
 from lmadda.data.io import read_image, read_pixel_size, write_image, write_tiff
+from lmadda.data.manifest import setting_pixel_size
 from lmadda.data.manifest import Manifest, ManifestRow
 from lmadda.data.shifts import Shift
 from lmadda.models import GeneratorConfig, UNetGenerator

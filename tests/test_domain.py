@@ -14,9 +14,9 @@ from lmadda.cli import main
 from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import load_images
 from lmadda.data.shifts import Shift
-from lmadda.domain import DomainReference, build_reference, domain_headers, forward_with_features, predict_and_score, reference_layers
-from lmadda.inference import predict_tiled
+from lmadda.domain import DomainReference, build_reference, forward_with_features, predict_and_score, reference_layers
 from lmadda.models.generator import GeneratorConfig, UNetGenerator, init_weights
+from lmadda.tiling import predict_tiled
 
 
 def _tiny_generator(seed: int = 0) -> UNetGenerator:
@@ -125,6 +125,8 @@ def test_strongly_shifted_images_score_out_of_domain(source, domain_data, settin
 @pytest.mark.slow  # trains the tiny source model once per module (about 15 s on 2 cores)
 def test_headers_carry_score_and_verdict(source, domain_data):
     image = load_images(domain_data, "phase_contrast", "test", percentiles=source.percentiles)[0]
+    from lmadda_serve.domain_report import domain_headers
+
     score = predict_and_score(source.generator, source.domain_reference, image.input, tile=128, device="cpu")[1]
     headers = domain_headers(score)
     assert float(headers["X-Lmadda-Domain-Score"]) == pytest.approx(score.score, abs=1e-3)
@@ -166,9 +168,10 @@ def test_add_reference_never_leaves_a_broken_checkpoint(source, tmp_path, monkey
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(LmaddaError, match="cannot write .*disk full"):  # one line for the user, not a traceback
         add_domain_reference(path, source.domain_reference)
     assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # and no partial file beside it
 
 
 @pytest.mark.slow  # trains the tiny source model once per module (about 15 s on 2 cores)
@@ -290,7 +293,7 @@ def test_a_label_free_choice_of_a_cheap_correction_carries_the_corrected_target_
     assert corrected.domain_reference.domain == "overexposed"
     # the corrected model's own domain check accepts a corrected overexposed image as in domain
     image = load_images(domain_data, "phase_contrast", "test", ["dapi"], shift=Shift.parse("overexposure:3"), percentiles=source.percentiles)[0]
-    from lmadda.baselines import input_correction
+    from lmadda.data.correction import input_correction
 
     correct = input_correction(corrected.metadata)  # what lmadda predict applies before the model
     _, score = predict_and_score(corrected.generator, corrected.domain_reference, correct(image.input), tile=128)
@@ -310,7 +313,8 @@ def test_the_demo_shows_the_verdict_of_an_in_domain_and_a_shifted_image(source, 
 
 
 def test_the_endpoint_tally_counts_verdicts_and_averages_the_scored_images_only():
-    from lmadda.domain import DomainScore, DomainTally
+    from lmadda.domain import DomainScore
+    from lmadda_serve.domain_report import DomainTally
 
     tally = DomainTally()
     for score, verdict in [(1.0, "in_domain"), (3.0, "out_of_domain"), (2.0, "borderline")]:

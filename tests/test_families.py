@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from lmadda.baselines import HistogramMatcher, adabn, build_baseline, parse_baseline
+from lmadda.baselines import adabn, build_baseline, parse_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
 from lmadda.core.errors import LmaddaError
 from lmadda.data.augment import NuisanceAugmentation
+from lmadda.data.correction import HistogramMatcher
 from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.normalise import NormalisationParams
 from lmadda.data.shifts import Shift

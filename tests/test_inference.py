@@ -6,9 +6,10 @@ from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
 from lmadda.core.errors import LmaddaError
 from lmadda.data.io import read_image, write_tiff
 from lmadda.data.normalise import NormalisationParams
-from lmadda.inference import feather_window, predict_file, predict_tiled
+from lmadda.inference import predict_file
 from lmadda.models import GeneratorConfig, UNetGenerator
 from lmadda.models.generator import init_weights
+from lmadda.tiling import feather_window, predict_tiled
 
 
 def _shallow_generator() -> UNetGenerator:

@@ -20,20 +20,41 @@ from lmadda.baselines import HistogramMatcher  # noqa: E402
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from lmadda.cli import main  # noqa: E402
 from lmadda.core.errors import LmaddaError  # noqa: E402
-from lmadda.data.bands import ArraySource, ValueCounts, blocks, percentiles  # noqa: E402
-from lmadda.data.calibration import PixelSize, setting_pixel_size  # noqa: E402
+from lmadda.data.bands import ValueCounts, blocks, percentiles  # noqa: E402
+from lmadda.data.calibration import PixelSize
 from lmadda.data.dataset import load_images  # noqa: E402
 from lmadda.data.index import IndexSpec, index_folder, index_plate  # noqa: E402
 from lmadda.data.io import read_image, read_pixel_size, write_image, write_tiff  # noqa: E402
+from lmadda.data.manifest import setting_pixel_size  # noqa: E402
 from lmadda.data.manifest import Manifest  # noqa: E402
 from lmadda.data.normalise import NormalisationParams  # noqa: E402
 from lmadda.data.omezarr import open_image, plate_fields  # noqa: E402
 from lmadda.domain import build_reference  # noqa: E402
-from lmadda.inference import BandedTilePlan, ModelInputRows, model_input, predict_banded, predict_file, predict_tiled  # noqa: E402
+from lmadda.inference import ModelInputRows, model_input, predict_file  # noqa: E402
 from lmadda.models import GeneratorConfig, UNetGenerator  # noqa: E402
 from lmadda.models.generator import init_weights  # noqa: E402
+from lmadda.tiling import BandedTilePlan, predict_banded, predict_tiled
 
 FORMATS = {"0.4": FormatV04(), "0.5": FormatV05()}
+
+
+class ArraySource:
+    """An image already in memory, (C, H, W), as a `lmadda.data.bands.RegionSource`: the banded paths on known pixels."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        channels, height, width = self.pixels.shape
+        return channels, height, width
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        return 1, self.pixels.shape[2]
+
+    def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        return self.pixels[:, top : top + height, left : left + width]
 
 
 def _generator(out_channels: int = 2) -> UNetGenerator:

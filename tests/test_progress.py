@@ -9,8 +9,8 @@ import torch
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
 from lmadda.cli import main
 from lmadda.data.io import write_tiff
-from lmadda.inference import TilePlan
 from lmadda.models import GeneratorConfig, UNetGenerator
+from lmadda.tiling import TilePlan
 
 
 def _progress_lines(err: str, label: str) -> list[str]:

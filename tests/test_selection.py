@@ -8,7 +8,7 @@ import pytest
 from lmadda.checkpoint import load_checkpoint
 from lmadda.data.dataset import load_images
 from lmadda.data.manifest import Manifest
-from lmadda.selection import criterion_agreement, label_free_criteria, spearman, wasserstein_1d
+from lmadda.selection import SelectionProbe, criterion_agreement, spearman, wasserstein_1d
 
 
 def test_the_unadapted_model_on_its_own_domain_scores_better_than_on_a_shifted_one(tiny_synth, tiny_source):
@@ -19,8 +19,8 @@ def test_the_unadapted_model_on_its_own_domain_scores_better_than_on_a_shifted_o
     own = load_images(manifest, "phase_contrast", "train", percentiles=source.percentiles)
     held_out = load_images(manifest, "phase_contrast", "val", percentiles=source.percentiles)
     shifted = load_images(manifest, "phase_contrast", "val", shift=Shift.parse("overexposure:3"), percentiles=source.percentiles)
-    same = label_free_criteria(source.generator, source.generator, own, held_out, crop_size=64, crops=4)
-    moved = label_free_criteria(source.generator, source.generator, own, shifted, crop_size=64, crops=4)
+    same = SelectionProbe(source.generator, own, held_out, crop_size=64, crops=4).measure(source.generator)[0]
+    moved = SelectionProbe(source.generator, own, shifted, crop_size=64, crops=4).measure(source.generator)[0]
     assert set(same) == {"output_w1", "probe_shift", "flip_inconsistency"} and all(math.isfinite(v) for v in same.values())
     assert moved["output_w1"] > same["output_w1"] and moved["probe_shift"] > same["probe_shift"]
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmadda.baselines import HistogramMatcher
+from lmadda.data.correction import HistogramMatcher
 from lmadda.selector import UNADAPTED, Candidate, Observation, Selector, decide
 from test_adapt import _images, _source
 

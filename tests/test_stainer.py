@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from lmadda.core.errors import LmaddaError
-from lmadda.data.calibration import images_pixel_size
 from lmadda.data.dataset import target_from_model_range
-from lmadda.data.io import clip_to_dtype, read_image
-from lmadda.inference import model_input, predict_tiled, to_camera_units
+from lmadda.data.io import read_image
+from lmadda.data.manifest import images_pixel_size
+from lmadda.data.raw import clip_to_dtype
+from lmadda.inference import model_input, to_camera_units
 from lmadda.stainer import VirtualStainer
+from lmadda.tiling import predict_tiled
 
 FAST = {"steps": 2, "batch_size": 2, "crop_size": 64, "device": "cpu", "progress": False}
 

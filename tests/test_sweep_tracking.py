@@ -166,7 +166,7 @@ def test_a_label_free_promotion_tags_every_markers_version_with_the_choice_check
     from lmadda.checkpoint import GeneratorCheckpoint
     from lmadda.models import GeneratorConfig, UNetGenerator
     from lmadda.selector import Choice
-    from lmadda_serve.registry import file_sha256
+    from lmadda.registry_names import file_sha256
     from lmadda_tune.tracking import _promote_label_free
 
     log(root)

@@ -40,7 +40,8 @@ from lmadda.checkpoint import load_checkpoint
 from lmadda.config import build_config, read_config_file
 from lmadda.core.atomic import write_atomically
 from lmadda.core.errors import LmaddaError
-from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
+from lmadda.data.io import refuse_overwriting_inputs
+from lmadda.data.manifest import manifest_inputs
 from lmadda.data.manifest import Manifest
 from lmadda.evaluation import evaluate_generator
 from lmadda.result_rows import TargetDomain, marker_means, rows_table, tag_rows

@@ -32,7 +32,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_PARENT_RUN_ID
 
 from lmadda.core.errors import LmaddaError
 from lmadda.metrics import is_finite
-from lmadda.registry_names import SHA256_TAG, alias_for, logged_model_name, model_name
+from lmadda.registry_names import SHA256_TAG, alias_for, file_sha256, logged_model_name, model_name
 from lmadda.result_rows import model_metrics, model_params
 from lmadda.tracking_store import FINISHED, all_runs, delete_run, ensure_experiment, one_finished_run_per_key, relocate_artifacts
 
@@ -194,7 +194,6 @@ def _generator_path(client: MlflowClient, run_id: str) -> str:
 def _stored_sha256(client: MlflowClient, model_id: str) -> str:
     """The SHA-256 of a fresh download of the LoggedModel's generator file: the bytes the registry serves, which the
     endpoint checks every download of a version against (serve/registry.py)."""
-    from lmadda_serve.registry import file_sha256  # lazily: it imports torch, which a sweep's logging step does not need
 
     model = client.get_logged_model(model_id)
     with tempfile.TemporaryDirectory() as folder:

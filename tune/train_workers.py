@@ -208,7 +208,7 @@ class _Target:
         return self._test_images
 
     def probe(self, trial: "TrialData", crop_size: int) -> SelectionProbe:
-        """The label-free criteria's fixed crops and source-side references (`lmadda.selection.label_free_criteria`)."""
+        """The label-free criteria's fixed crops and source-side references (`lmadda.selection.SelectionProbe`)."""
         if crop_size not in self._probes:
             self._probes[crop_size] = SelectionProbe(trial.source.generator, trial.source_images, self.images,
                                                      crop_size=crop_size, seed=self.seed)

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from lmadda.core.errors import LmaddaError
-from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
+from lmadda.data.io import refuse_overwriting_inputs
+from lmadda.data.manifest import manifest_inputs
 
 
 def _key_value(text: str) -> tuple[str, str]:

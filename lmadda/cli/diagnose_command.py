@@ -9,7 +9,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmadda.core.errors import LmaddaError
-from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
+from lmadda.data.io import refuse_overwriting_inputs
+from lmadda.data.manifest import manifest_inputs
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 OUT_FILES = ("diagnosis.json", "profile.png")  # what it writes in --out
@@ -119,7 +120,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     if config.add_reference:
         return add_reference(config, checkpoint)
     if checkpoint.domain_reference is None:
-        from lmadda.domain import missing_reference_message
+        from lmadda.cli.domain_messages import missing_reference_message
 
         raise LmaddaError(missing_reference_message(str(config.checkpoint)))
     from lmadda.diagnosis import diagnose
@@ -137,7 +138,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
 
 
 def add_reference(config: DiagnoseConfig, checkpoint) -> int:
-    from lmadda.baselines import input_correction
+    from lmadda.data.correction import input_correction
     from lmadda.checkpoint import add_domain_reference
     from lmadda.data.dataset import load_images
     from lmadda.data.manifest import Manifest

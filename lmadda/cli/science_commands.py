@@ -7,7 +7,8 @@ from pathlib import Path
 
 from lmadda.cli.options import add_model_flags, model_overrides
 from lmadda.core.errors import LmaddaError
-from lmadda.data.io import manifest_inputs, refuse_overwriting_inputs
+from lmadda.data.io import refuse_overwriting_inputs
+from lmadda.data.manifest import manifest_inputs
 from lmadda.registry_names import target_name
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig
@@ -187,7 +188,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from lmadda.data.calibration import PixelSizeCheck, parse_pixel_size
     from lmadda.inference import predict_file
 
-    from lmadda.domain import warn_about
+    from lmadda.cli.domain_messages import warn_about
 
     check = build_config(PixelSizeCheck, tolerance=args.pixel_size_tolerance)
     pixel_size = parse_pixel_size(args.pixel_size) if args.pixel_size else None

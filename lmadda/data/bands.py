@@ -36,25 +36,6 @@ class RegionSource(Protocol):
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray: ...
 
 
-class ArraySource:
-    """An image already in memory, (C, H, W), as a `RegionSource`."""
-
-    def __init__(self, pixels: np.ndarray):
-        self.pixels = pixels
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        channels, height, width = self.pixels.shape
-        return channels, height, width
-
-    @property
-    def chunks(self) -> tuple[int, int]:
-        return 1, self.pixels.shape[2]
-
-    def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        return self.pixels[:, top : top + height, left : left + width]
-
-
 def blocks(source: RegionSource, values: int = BLOCK_VALUES) -> Iterator[np.ndarray]:
     """float32 (C, h, w) blocks that cover `source` once: whole rows of chunks, as many as make about `values` values,
     or, for an image too wide for that, whole chunks side by side along one row of chunks."""

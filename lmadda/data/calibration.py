@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -26,7 +25,6 @@ from lmadda.core.errors import LmaddaError
 if TYPE_CHECKING:
     import tifffile
 
-    from lmadda.data.manifest import Manifest
     from lmadda.data.shifts import Shift
 
 # Micrometres per unit, for the unit names OME, ImageJ and TIFF use.
@@ -168,25 +166,6 @@ def effective_pixel_size(pixel_size_um: float | None, shift: "Shift | None") -> 
     if pixel_size_um is None or shift is None or shift.name != "scale":
         return pixel_size_um
     return pixel_size_um / shift.magnitude
-
-
-def setting_pixel_size(manifest: "Manifest", setting: str) -> float | None:
-    """The pixel size of a setting's input images: the manifest's `pixel_size_um` where its rows give one, else what
-    the files record; the median when they differ, None when nothing records it."""
-    from lmadda.data.io import read_pixel_size
-
-    rows = [row for row in manifest.rows if row.role == "input" and row.setting == setting]
-    sizes = [row.pixel_size_um for row in rows if row.pixel_size_um is not None]
-    if not sizes:  # the index was made without --pixel-size: the files may still say it (OME-TIFF, calibrated TIFF)
-        read = [read_pixel_size(manifest.resolve(row)) for row in rows]
-        sizes = [(size.x_um + size.y_um) / 2 for size in read if size is not None]
-    return float(statistics.median(sizes)) if sizes else None
-
-
-def images_pixel_size(manifest: "Manifest", setting: str, shift: "Shift | None" = None) -> float | None:
-    """The pixel size a model sees when it learns from `setting` under `shift`: what a source model records at
-    training, and an adapted model records of its target."""
-    return effective_pixel_size(setting_pixel_size(manifest, setting), shift)
 
 
 def model_pixel_size(metadata: dict) -> float | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -21,53 +20,12 @@ import tifffile
 from lmadda.core.atomic import write_atomically
 from lmadda.core.errors import LmaddaError
 from lmadda.data.calibration import PixelSize, pixel_size_of_png, pixel_size_of_tiff, png_dpi, tiff_resolution
+from lmadda.data.raw import RawImage, clip_to_dtype, sensor_max_for
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png",)
 SUPPORTED_SUFFIXES = TIFF_SUFFIXES + PNG_SUFFIXES  # image files; OME-Zarr images are folders (.zarr, .ome.zarr)
 ZARR_NAME = ".ome.zarr"
-
-
-@dataclass(frozen=True)
-class RawImage:
-    """Pixels in camera units, shaped (C, H, W), the value at which the sensor saturates, and the pixel size the file
-    records (None when it records none)."""
-
-    pixels: np.ndarray
-    sensor_max: float
-    dtype: str
-    path: Path | None = None
-    pixel_size: PixelSize | None = None
-
-    @property
-    def channels(self) -> int:
-        return int(self.pixels.shape[0])
-
-    @property
-    def shape_hw(self) -> tuple[int, int]:
-        return int(self.pixels.shape[1]), int(self.pixels.shape[2])
-
-
-def sensor_max_for(dtype: np.dtype, bit_depth: int | None = None) -> float:
-    """The largest value a camera can store: 2**bit_depth - 1 (a 12-bit camera in uint16 saturates at 4095)."""
-    dtype = np.dtype(dtype)
-    if bit_depth is not None:
-        if not 1 <= bit_depth <= 32:
-            raise LmaddaError(f"bit_depth {bit_depth} is not a camera bit depth: use 1..32 (e.g. 8, 12, 14, 16)")
-        if dtype.kind in "ui" and bit_depth > dtype.itemsize * 8:
-            raise LmaddaError(
-                f"bit_depth {bit_depth} does not fit in {dtype.name}: use at most {dtype.itemsize * 8}"
-            )
-        return float(2**bit_depth - 1)
-    if dtype.kind == "u":
-        return float(np.iinfo(dtype).max)
-    if dtype.kind == "i":
-        return float(np.iinfo(dtype).max)
-    if dtype.kind == "f":
-        return float("inf")  # float images have no sensor limit we can know; saturation then needs bit_depth
-    if dtype.kind == "b":
-        return 1.0
-    raise LmaddaError(f"unsupported pixel type {dtype.name}: use unsigned integer (8/12/14/16-bit) or float images")
 
 
 def _to_chw(array: np.ndarray, path: Path, channel_axis: int | None) -> np.ndarray:
@@ -230,20 +188,6 @@ def _same_file(one: Path, other: Path) -> bool:
         return False
 
 
-def manifest_inputs(path: str | Path | None, name: str) -> list[Named]:
-    """A manifest and every image file it names, as `refuse_overwriting_inputs` inputs: a command that reads a manifest
-    reads its images. A manifest that does not exist is one input (the command says it is missing); one that is not a
-    manifest is refused here, as the command would refuse it."""
-    from lmadda.data.manifest import Manifest
-
-    if path is None:
-        return []
-    if not Path(path).is_file():
-        return [(name, path)]
-    manifest = Manifest.load(path)
-    return [(name, path)] + [(f"an image of {name}", image) for image in manifest.image_paths()]
-
-
 def write_image(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", metadata: dict | None = None,
                 pixel_size: PixelSize | None = None) -> Path:
     """Write (H, W) or (C, H, W) pixels in the format the extension names: TIFF (.tif/.tiff), PNG (.png) or OME-Zarr
@@ -257,16 +201,6 @@ def write_image(path: str | Path, pixels: np.ndarray, *, dtype: str = "uint16", 
     if Path(path).suffix.lower() in PNG_SUFFIXES:
         return write_png(path, array, dtype=dtype, metadata=metadata, pixel_size=pixel_size)
     return write_tiff(path, array, dtype=dtype, metadata=metadata, pixel_size=pixel_size)
-
-
-def clip_to_dtype(pixels: np.ndarray, dtype: str) -> np.ndarray:
-    """Pixels as `dtype`: rounded and clipped to an integer type's range, or cast to a float type."""
-    target_dtype = np.dtype(dtype)
-    array = np.asarray(pixels)
-    if target_dtype.kind in "ui":
-        info = np.iinfo(target_dtype)
-        array = np.clip(np.rint(array), info.min, info.max)
-    return array.astype(target_dtype)
 
 
 def write_tiff(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import os
+import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +26,9 @@ import pyarrow.parquet as pq
 
 from lmadda.core.atomic import write_atomically
 from lmadda.core.errors import LmaddaError
+from lmadda.data.calibration import effective_pixel_size
+from lmadda.data.io import Named, read_image, read_pixel_size
+from lmadda.data.shifts import Shift
 
 SPLITS = ("train", "val", "test")
 ROLES = ("input", "target")
@@ -239,8 +243,6 @@ class Manifest:
                 per_split = ", ".join(f"{s}={counts.get((s, role, name), 0)}" for s in SPLITS)
                 lines.append(f"    {role:6s} {name:34s} {per_split}")
         if with_images:
-            from lmadda.data.io import read_image
-
             shapes = collections.Counter()
             for row in self.rows:
                 image = read_image(self.resolve(row), bit_depth=row.bit_depth)
@@ -249,3 +251,33 @@ class Manifest:
             for (role, name, shape, dtype), n in sorted(shapes.items()):
                 lines.append(f"    {role:6s} {name:34s} {shape[0]}x{shape[1]} {dtype} (x{n})")
         return "\n".join(lines)
+
+
+# ---- what a manifest says about its images -------------------------------------------------------
+def setting_pixel_size(manifest: Manifest, setting: str) -> float | None:
+    """The pixel size of a setting's input images: the manifest's `pixel_size_um` where its rows give one, else what
+    the files record; the median when they differ, None when nothing records it."""
+    rows = [row for row in manifest.rows if row.role == "input" and row.setting == setting]
+    sizes = [row.pixel_size_um for row in rows if row.pixel_size_um is not None]
+    if not sizes:  # the index was made without --pixel-size: the files may still say it (OME-TIFF, calibrated TIFF)
+        read = [read_pixel_size(manifest.resolve(row)) for row in rows]
+        sizes = [(size.x_um + size.y_um) / 2 for size in read if size is not None]
+    return float(statistics.median(sizes)) if sizes else None
+
+
+def images_pixel_size(manifest: Manifest, setting: str, shift: Shift | None = None) -> float | None:
+    """The pixel size a model sees when it learns from `setting` under `shift`: what a source model records at
+    training, and an adapted model records of its target."""
+    return effective_pixel_size(setting_pixel_size(manifest, setting), shift)
+
+
+def manifest_inputs(path: str | Path | None, name: str) -> list[Named]:
+    """A manifest and every image file it names, as `refuse_overwriting_inputs` inputs: a command that reads a manifest
+    reads its images. A manifest that does not exist is one input (the command says it is missing); one that is not a
+    manifest is refused here, as the command would refuse it."""
+    if path is None:
+        return []
+    if not Path(path).is_file():
+        return [(name, path)]
+    manifest = Manifest.load(path)
+    return [(name, path)] + [(f"an image of {name}", image) for image in manifest.image_paths()]

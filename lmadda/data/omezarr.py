@@ -30,6 +30,7 @@ import numpy as np
 
 from lmadda.core.errors import LmaddaError
 from lmadda.data.calibration import UNIT_UM, PixelSize
+from lmadda.data.raw import RawImage, sensor_max_for
 
 ZARR_SUFFIX = ".zarr"
 INSTALL = "pip install 'lmadda[zarr]'"
@@ -136,8 +137,6 @@ class OmeZarrImage:
 
     def read_raw(self, *, bit_depth: int | None = None):
         """The whole image as `read_image` returns a TIFF: a `RawImage` (for manifest fields, which are small)."""
-        from lmadda.data.io import RawImage, sensor_max_for
-
         _, height, width = self.shape
         pixels = np.ascontiguousarray(self.read(0, 0, height, width))
         return RawImage(pixels=pixels, sensor_max=sensor_max_for(self.dtype, bit_depth), dtype=self.dtype.name, path=self.path,

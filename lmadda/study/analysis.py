@@ -39,7 +39,6 @@ from pathlib import Path
 import numpy as np
 
 from lmadda.core.atomic import write_atomically
-
 from lmadda.metrics import finite_mean_std, gap_recovered
 from lmadda.result_rows import TargetDomain
 from lmadda.selection import criterion_agreement

@@ -70,12 +70,11 @@ class IndexFolderSpec(StrictModel):
                                           "(default median)")
 
     def index_spec(self):
+        """The same options as `lmadda.data.index.IndexSpec` (validated here, since a study config is checked before
+        any work starts), less the folder."""
         from lmadda.data.index import IndexSpec
 
-        return IndexSpec(patterns=self.patterns, targets=self.targets, rename=self.rename, splits=self.splits,
-                         split_fractions=self.split_fractions, acquisition_fractions=self.acquisition_fractions, seed=self.seed,
-                         bit_depth=self.bit_depth, pixel_size_um=self.pixel_size_um, focus_round_um=self.focus_round_um,
-                         in_focus=self.in_focus)
+        return IndexSpec(**self.model_dump(exclude={"root"}))
 
 
 class DataSpec(StrictModel):

@@ -34,7 +34,6 @@ from lmadda.data.io import read_image
 from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
 from lmadda.evaluation import SPLIT_SEED_OFFSET
-from lmadda.inference import predict_tiled
 from lmadda.result_rows import TargetDomain
 from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
 from lmadda.study.config import ExperimentSpec, StudyConfig
@@ -43,6 +42,7 @@ from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.study.grid import LABEL_FREE, ImageSource, ResultTable, run_grid
 from lmadda.study.tracking import StudyTracker, model_key
 from lmadda.study.trial import TrialResult
+from lmadda.tiling import predict_tiled
 from lmadda.training.robust import admit_robust
 from lmadda.training.source import SourceTrainConfig, train_source
 

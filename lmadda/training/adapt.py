@@ -43,15 +43,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from lmadda.baselines import HistogramMatcher
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.core.device import resolve_device
 from lmadda.core.errors import LmaddaError
 from lmadda.core.progress import Progress
+from lmadda.data.correction import HistogramMatcher
 from lmadda.data.dataset import LoadedImage, UnpairedCrops
 from lmadda.domain import DomainReference, reference_from_images
 from lmadda.models.discriminators import FeatureDiscriminator
 from lmadda.models.generator import CutState, UNetGenerator, init_weights
+from lmadda.result_rows import adda_or_lmadda
 from lmadda.training.common import autocast_for, endless, seed_everything
 
 
@@ -195,7 +196,7 @@ def adapted_method_name(config: "AdaptConfig", last_layer: int) -> str:
     """How a checkpoint names an adapted model: `moments` (statistics matching), `adda` (the last layer), `lmadda`."""
     if config.adversary == "moments":
         return "moments"
-    return "adda" if config.layer == [last_layer] else "lmadda"
+    return adda_or_lmadda(config.layer, last_layer)
 
 
 def moment_gap(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -209,6 +210,46 @@ def moment_gap(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     cov_a = (a - mean_a) @ (a - mean_a).T / max(a.shape[1] - 1, 1)
     cov_b = (b - mean_b) @ (b - mean_b).T / max(b.shape[1] - 1, 1)
     return ((mean_a - mean_b) ** 2).mean() + ((cov_a - cov_b) ** 2).sum() / (4 * channels**2)
+
+
+def discriminator_loss(discriminators: nn.Module, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                       weights: dict[str, float], real_label: float = 1.0) -> tuple[torch.Tensor, float]:
+    """ADDA's L_adv_D: binary cross-entropy of D calling source features real (`real_label`, below 1 with label
+    smoothing) and adapted target features fake, weighted over the matched tensors; and D's accuracy. Target features
+    are detached: this loss trains D only. One forward over both batches, since a DDP-wrapped D allows one forward
+    per backward."""
+    bce = nn.functional.binary_cross_entropy_with_logits
+    batch = next(iter(source.values())).shape[0]
+    logits = discriminators({name: torch.cat([source[name], target[name].detach()]) for name in weights})
+    loss = torch.zeros((), device=logits[next(iter(weights))].device)
+    accuracy = 0.0
+    for name, weight in weights.items():
+        logits_source, logits_target = logits[name][:batch], logits[name][batch:]
+        loss = loss + weight * (bce(logits_source, torch.full_like(logits_source, real_label))
+                                + bce(logits_target, torch.zeros_like(logits_target)))
+        accuracy += weight * 0.5 * ((logits_source > 0).float().mean() + (logits_target < 0).float().mean()).item()
+    return loss, accuracy
+
+
+def generator_loss(discriminators: nn.Module, target: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """ADDA's L_adv_M with inverted labels (the GAN loss of Goodfellow et al.): G' is rewarded when D calls its target
+    features source."""
+    bce = nn.functional.binary_cross_entropy_with_logits
+    logits = discriminators({name: target[name] for name in weights})
+    loss = torch.zeros((), device=logits[next(iter(weights))].device)
+    for name, weight in weights.items():
+        loss = loss + weight * bce(logits[name], torch.ones_like(logits[name]))
+    return loss
+
+
+def moment_loss(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Statistics matching in place of D: the weighted CORAL-style gap (`moment_gap`) of each matched tensor."""
+    return sum(weight * moment_gap(source[name], target[name]) for name, weight in weights.items())
+
+
+def anchor_loss(adapted_on_source: dict[str, torch.Tensor], source_reference: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L1 between what G' and G do to the same source images at the cut, averaged over the cut's tensors."""
+    return torch.stack([(adapted_on_source[n] - source_reference[n]).abs().mean() for n in source_reference]).mean()
 
 
 class MatchedFeatures(nn.Module):
@@ -359,11 +400,10 @@ class Adapter:
             return self._step()
 
     def _step(self) -> dict | None:
+        """The two players of ADDA (Tzeng et al. 2017, eq. 9), matched at the cut: D learns to tell source features
+        from adapted target features, then G' (layers 0..l) learns to fool it. Everything else is bookkeeping."""
         config, device = self.config, self.device
-        bce = nn.functional.binary_cross_entropy_with_logits
-        real_label = 1.0 - config.label_smoothing
         self.step_number += 1
-        step = self.step_number
         x_source = next(self.source_batches).to(device)
         x_target = next(self.target_batches).to(device)
         anchored = config.source_anchor > 0
@@ -373,67 +413,65 @@ class Adapter:
         target_features, anchor_tensors = self.target_features(x_target, x_source if anchored else None)
 
         if config.adversary == "moments":  # no D: G' closes the gap in the features' first and second moments
-            loss_g = sum(weight * moment_gap(source_features[name], target_features[name]) for name, weight in self.weights.items())
+            loss_g = moment_loss(source_features, target_features, self.weights)
             self.optimizer_g.zero_grad(set_to_none=True)
-            correct, d_value, g_value = 1.0, 0.0, loss_g.item()  # accuracy 1: nothing holds G' back
+            accuracy, d_value = 1.0, 0.0  # accuracy 1: nothing holds G' back
         else:
-            # 1. Discriminator: source features are real, adapted target features are fake.
-            #    (one forward over both batches: a DDP-wrapped D allows one forward per backward)
+            # 1. D: source features are real, adapted target features are fake.
             self.optimizer_d.zero_grad(set_to_none=True)
-            batch = x_source.shape[0]
-            both = {name: torch.cat([source_features[name], target_features[name].detach()]) for name in self.weights}
-            logits = self.discriminators(both)
-            loss_d = torch.zeros((), device=device)
-            correct = 0.0
-            for name, weight in self.weights.items():
-                logits_source, logits_target = logits[name][:batch], logits[name][batch:]
-                loss_d = loss_d + weight * (bce(logits_source, torch.full_like(logits_source, real_label))
-                                            + bce(logits_target, torch.zeros_like(logits_target)))
-                correct += weight * 0.5 * ((logits_source > 0).float().mean() + (logits_target < 0).float().mean()).item()
+            loss_d, accuracy = discriminator_loss(self.discriminators, source_features, target_features, self.weights,
+                                                  real_label=1.0 - config.label_smoothing)
             loss_d.backward()
             self.optimizer_d.step()
-
-            # 2. Target generator: inverted labels, so G' learns to make target features look like source.
+            # 2. G': inverted labels, so G' learns to make target features look like source.
             self.optimizer_g.zero_grad(set_to_none=True)
-            logits = self.discriminators({name: target_features[name] for name in self.weights})
-            loss_g = torch.zeros((), device=device)
-            for name, weight in self.weights.items():
-                loss_g = loss_g + weight * bce(logits[name], torch.ones_like(logits[name]))
-            g_value, d_value = loss_g.item(), loss_d.item()
+            loss_g = generator_loss(self.discriminators, target_features, self.weights)
+            d_value = loss_d.item()
+        g_value = loss_g.item()
         if anchored:  # G' must still do to source images what G does: fooling D by erasing content costs here
-            reference = source_state.tensors()
-            anchor_loss = torch.stack([(anchor_tensors[n] - reference[n]).abs().mean() for n in reference]).mean()
-            loss_g = loss_g + config.source_anchor * anchor_loss
-        non_finite = float(not (math.isfinite(g_value) and math.isfinite(d_value)))
-        # the bound is on D's BCE; a moment gap has no such scale (its collapse shows as a non-finite loss)
-        over_bound = float(g_value > config.collapse_g_loss and config.adversary != "moments")
-        if self.reduce is not None:  # every worker decides (and logs) on the same numbers
-            correct, non_finite, over_bound, g_value, d_value = self.reduce([correct, non_finite, over_bound, g_value, d_value])
-        self.running_accuracy = 0.9 * self.running_accuracy + 0.1 * correct
-        moments = config.adversary == "moments"  # no D to warm up, gate on, or saturate
-        update_g = moments or (step > config.d_warmup_steps
-                               and (config.gate_accuracy is None or self.running_accuracy >= config.gate_accuracy))
-        if update_g or self.distributed:  # DDP expects a backward after each forward on every worker
+            loss_g = loss_g + config.source_anchor * anchor_loss(anchor_tensors, source_state.tensors())
+
+        if self._update_generator(accuracy, g_value, d_value):
             loss_g.backward()
-        if update_g:
             self.optimizer_g.step()
             self.result.g_updates += 1
+        elif self.distributed:  # DDP expects a backward after each forward on every worker
+            loss_g.backward()
+        return self._log()
 
-        self._sums["g_loss"] += g_value
-        self._sums["d_loss"] += d_value
-        self._sums["d_acc"] += correct
-        self._sums["g_updates"] += float(update_g)
-        result = self.result
-        result.steps_done = step
+    def _update_generator(self, accuracy: float, g_value: float, d_value: float) -> bool:
+        """Agree the step's numbers across workers, mark a collapse, and decide whether G' updates: after D's warm-up,
+        once D's running accuracy reaches the gate (a D that cannot tell the domains apart gives G' no signal)."""
+        config, result = self.config, self.result
+        moments = config.adversary == "moments"  # no D to warm up, gate on, or saturate
+        non_finite = float(not (math.isfinite(g_value) and math.isfinite(d_value)))
+        # the bound is on D's BCE; a moment gap has no such scale (its collapse shows as a non-finite loss)
+        over_bound = float(g_value > config.collapse_g_loss and not moments)
+        if self.reduce is not None:  # every worker decides (and logs) on the same numbers
+            accuracy, non_finite, over_bound, g_value, d_value = self.reduce([accuracy, non_finite, over_bound, g_value, d_value])
+        self.running_accuracy = 0.9 * self.running_accuracy + 0.1 * accuracy
+        update = moments or (self.step_number > config.d_warmup_steps
+                             and (config.gate_accuracy is None or self.running_accuracy >= config.gate_accuracy))
+        for key, value in (("g_loss", g_value), ("d_loss", d_value), ("d_acc", accuracy), ("g_updates", float(update))):
+            self._sums[key] += value
+        result.steps_done = self.step_number
         if non_finite > 0:
-            result.collapsed, result.collapse_reason = True, f"non-finite loss at step {step}"
+            result.collapsed, result.collapse_reason = True, f"non-finite loss at step {self.step_number}"
         elif over_bound > 0:
-            result.collapsed, result.collapse_reason = True, f"generator loss {g_value:.3g} > bound {config.collapse_g_loss} at step {step}"
+            result.collapsed, result.collapse_reason = True, (f"generator loss {g_value:.3g} > bound {config.collapse_g_loss} "
+                                                              f"at step {self.step_number}")
+        return update
+
+    def _log(self) -> dict | None:
+        """A log record every `log_every` steps (and at the last step or a collapse): the means since the last one.
+        D's saturation is judged here, on those means."""
+        config, result, step = self.config, self.result, self.step_number
         if not (step % config.log_every == 0 or step == config.steps or result.collapsed):
             return None
         count = (step - 1) % config.log_every + 1
         record = {"step": step, **{k: v / count for k, v in self._sums.items()}, "d_running_acc": self.running_accuracy,
                   "g_updates_total": result.g_updates}
+        moments = config.adversary == "moments"
         self.saturated_logs = self.saturated_logs + 1 if record["d_acc"] >= config.saturation_accuracy and not moments else 0
         result.d_saturated = result.d_saturated or self.saturated_logs >= config.saturation_patience
         if result.d_saturated and config.saturation_collapses and not result.collapsed:

@@ -20,10 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lmadda.baselines import HistogramMatcher, build_baseline
+from lmadda.baselines import build_baseline
 from lmadda.checkpoint import GeneratorCheckpoint
+from lmadda.data.correction import HistogramMatcher
 from lmadda.data.dataset import LoadedImage
 from lmadda.domain import reference_from_images
+from lmadda.result_rows import adda_or_lmadda
 from lmadda.selector import UNADAPTED, ZOOM, Candidate, Choice, Selector
 from lmadda.training.adapt import AdaptConfig, adapt, run_steps
 from lmadda.training.families import FAMILIES, FamilyConfig, check_family, family_config, make_loop
@@ -104,7 +106,7 @@ def family_runs(source: GeneratorCheckpoint, config: AdaptConfig, layers: list[i
     cut, each with the LM-ADDA config's step budget, batch, crop, seed and device (lmadda.training.families)."""
     last, runs = source.generator.last_layer, []
     if "lmadda" in families:
-        runs += [(f"{'adda' if layer == last else 'lmadda'}:{layer}", config.model_copy(update={"layer": [layer]})) for layer in layers]
+        runs += [(f"{adda_or_lmadda([layer], last)}:{layer}", config.model_copy(update={"layer": [layer]})) for layer in layers]
     shared = config.model_dump(exclude={"layer", "seed", "lr", "recipe", "adversary"})
     for layer in family_layers(source.generator.num_layers):
         runs += [(f"{family}:{layer}", family_config(family, shared, layer, config.seed)) for family in families if family != "lmadda"]

@@ -37,10 +37,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from lmadda.baselines import HistogramMatcher
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.core.device import resolve_device
 from lmadda.core.errors import LmaddaError
+from lmadda.data.correction import HistogramMatcher
 from lmadda.data.dataset import LoadedImage, UnpairedCrops
 from lmadda.models.generator import UNetGenerator
 from lmadda.training.adapt import AdaptResult, finish_result

@@ -257,7 +257,7 @@ def train_source(
 def training_pixel_size(config: SourceTrainConfig) -> float | None:
     """The pixel size (µm) the model learns at: its setting's, from the manifest or else its files, as the training
     shift leaves it (`scale:z` makes pixels z times smaller); None when nothing records it."""
-    from lmadda.data.calibration import images_pixel_size
+    from lmadda.data.manifest import images_pixel_size
 
     if not Path(config.manifest).is_file():
         return None  # callers that hand the images in (`data=`) may name no manifest that exists
