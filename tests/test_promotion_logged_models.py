@@ -267,3 +267,34 @@ def test_a_label_free_choice_is_one_logged_model_for_every_marker_with_the_selec
     assert {m.key: m.value for m in model.metrics} == pytest.approx({"fell_back": 0.0, "selector_consensus": 0.2, "selector_win_fraction": 0.9})
     for entry in promoted:
         assert client.get_model_version(entry["model"], entry["version"]).source == f"models:/{model.model_id}"
+
+
+def test_a_promotion_by_another_criterion_keeps_the_served_alias_unless_told_to_replace_it(sweep):
+    """Issue: a Pearson promotion run as a job silently swapped the label-free promotion's served models. Now the
+    serving alias stays with the criterion that set it; the other promotion lands beside it and says how to serve it."""
+    from lmadda_tune.tracking import promote
+
+    client = _client(sweep.tracking_uri)
+    served = {p["model"]: p["version"] for p in _promote(sweep)}  # by Pearson: layer 11 serves
+    said = []
+    other = promote(sweep.tracking_uri, sweep.experiment, criterion="lf_output_w1", log=said.append)  # picks layer 1
+    for entry in other:
+        assert entry["alias"] == f"{ALIAS}--lf_output_w1" and not entry["serving"]
+        assert str(client.get_model_version_by_alias(entry["model"], ALIAS).version) == str(served[entry["model"]])
+        scoped = client.get_model_version_by_alias(entry["model"], f"{ALIAS}--lf_output_w1")
+        assert str(scoped.version) == str(entry["version"]) and scoped.tags["layer"] == "1"
+    assert any(f"@{ALIAS} stays at version" in line and "--replace" in line for line in said)
+
+    again = promote(sweep.tracking_uri, sweep.experiment, criterion="pearson", log=lambda *_: None)  # the holder's own criterion
+    assert all(entry["serving"] and entry["alias"] == ALIAS for entry in again)
+    replaced = promote(sweep.tracking_uri, sweep.experiment, criterion="lf_output_w1", replace=True, log=lambda *_: None)
+    for entry in replaced:
+        assert entry["serving"] and client.get_model_version_by_alias(entry["model"], ALIAS).tags["layer"] == "1"
+
+
+def test_sweep_promote_takes_replace_on_the_command_line():
+    from lmadda.cli import build_parser
+
+    args = build_parser().parse_args(["sweep", "promote", "--config", "sweep.yaml", "--replace"])
+    assert args.replace is True
+    assert build_parser().parse_args(["sweep", "promote", "--config", "sweep.yaml"]).replace is False

@@ -116,7 +116,8 @@ def resolve_criterion(trial_metrics: list[dict[str, float]]) -> str:
     return "pearson" if labelled else LABEL_FREE
 
 
-def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", sweep=None, log=print) -> list[dict]:
+def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", sweep=None, replace: bool = False,
+            log=print) -> list[dict]:
     """Register the best non-collapsed trial per (marker, target) and point alias <target> at it.
 
     `criterion` is `pearson` (the labelled Pearson of the marker, maximised; needs target labels),
@@ -128,6 +129,10 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", swee
     (`log_generator_model`, one per file however many markers it wins) and each (marker, target) a
     registry version created from it, which records the criterion and its value or choice, and the
     SHA-256 of its generator file (`sha256`).
+
+    The serving alias <target> moves only to a promotion by the criterion that set it (a re-run, a newer sweep), or
+    with `replace`: a promotion by another criterion is registered under <target>--<criterion> beside it and says
+    how to serve it (`served_alias`), so that a comparison run as a job never swaps the models a lab serves.
     """
     mlflow.set_tracking_uri(tracking_uri)
     relocate_artifacts(tracking_uri, log)
@@ -142,7 +147,7 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", swee
         criterion = resolve_criterion([run.data.metrics for run in runs])
         log(f"[promote] criterion: {criterion} ({'target labels found' if criterion == 'pearson' else 'no target labels: the label-free selector'})")
     if criterion == LABEL_FREE:
-        return _promote_label_free(client, found.experiment_id, runs, sweep, log)
+        return _promote_label_free(client, found.experiment_id, runs, sweep, replace=replace, log=log)
     label_free = criterion.startswith("lf_")  # one value per model, lower is better
     best: dict[tuple[str, str], tuple[float, float, object]] = {}  # (score: higher is better, value, run)
     for run in runs:
@@ -164,7 +169,8 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", swee
             generators[run.info.run_id] = log_generator_model(client, run.info.run_id, target, params=run.data.params,
                                                               metrics=_final_metrics(run))
         entry = _register(client, marker, target, generators[run.info.run_id],
-                          {"criterion": criterion, "criterion_value": f"{value:.6f}", "layer": run.data.tags.get("layer", "")})
+                          {"criterion": criterion, "criterion_value": f"{value:.6f}", "layer": run.data.tags.get("layer", "")},
+                          replace=replace, log=log)
         promoted.append({**entry, criterion: value})
         shown = f"{criterion} {value:.4f}" if label_free else f"{criterion}_{marker} {value:.3f}"
         log(f"[promote] models:/{entry['model']}@{entry['alias']} -> version {entry['version']} (layer {run.data.tags.get('layer')}, {shown})")
@@ -275,10 +281,26 @@ def _tracking_uri_of(client: MlflowClient):
         mlflow.set_tracking_uri(previous)
 
 
-def _register(client: MlflowClient, marker: str, target: str, generator: PromotedGenerator, tags: dict) -> dict:
+def served_alias(client: MlflowClient, name: str, alias: str, criterion: str | None, replace: bool) -> str:
+    """The alias a promotion by `criterion` may point: the serving alias itself when it is free, held by a promotion by
+    the same criterion, or `replace` is given (a registration outside a promotion has no criterion and always serves);
+    otherwise <alias>--<criterion>, beside the one the endpoint serves."""
+    if replace or criterion is None:
+        return alias
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:  # no version holds it yet
+        return alias
+    held_by = holder.tags.get("criterion")
+    return alias if held_by in (None, criterion) else f"{alias}--{criterion}"
+
+
+def _register(client: MlflowClient, marker: str, target: str, generator: PromotedGenerator, tags: dict, *,
+              replace: bool = True, log=print) -> dict:
     """Register the LoggedModel `generator` as a new version of lmadda-<marker> (source `models:/<model_id>`, tagged
     with its file's SHA-256), record the version on the LoggedModel (`mlflow.modelVersions`, as `mlflow.register_model`
-    does) and point alias <target> at it."""
+    does) and point alias <target> at it, or <target>--<criterion> where another criterion's promotion serves
+    <target> and `replace` is not given (`served_alias`)."""
     name = model_name(marker)
     try:
         client.get_registered_model(name)
@@ -290,9 +312,15 @@ def _register(client: MlflowClient, marker: str, target: str, generator: Promote
                                               tags={"target": target, "marker": marker, **tags, SHA256_TAG: generator.sha256})
     listed = json.loads(client.get_logged_model(generator.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
     client.set_logged_model_tags(generator.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed + [{"name": name, "version": version.version}])})
-    alias = alias_for(target)
+    serving = alias_for(target)
+    alias = served_alias(client, name, serving, tags.get("criterion"), replace)
+    if alias != serving:
+        holder = client.get_model_version_by_alias(name, serving)
+        log(f"[promote] models:/{name}@{serving} stays at version {holder.version} (promoted by {holder.tags.get('criterion')}); "
+            f"this {tags.get('criterion')} promotion is at @{alias}. To serve it: promote again with --replace")
     client.set_registered_model_alias(name, alias, version.version)
-    return {"model": name, "alias": alias, "version": version.version, "run_id": generator.run_id, "model_id": generator.model_id}
+    return {"model": name, "alias": alias, "version": version.version, "run_id": generator.run_id, "model_id": generator.model_id,
+            "serving": alias == serving}
 
 
 def register_checkpoint(tracking_uri: str, checkpoint_path: str | Path, marker: str, setting: str, *,
@@ -308,7 +336,7 @@ def register_checkpoint(tracking_uri: str, checkpoint_path: str | Path, marker: 
     return _register(client, marker, setting, generator, {})
 
 
-def _promote_label_free(client: MlflowClient, experiment_id: str, runs: list, sweep, log) -> list[dict]:
+def _promote_label_free(client: MlflowClient, experiment_id: str, runs: list, sweep, replace: bool = False, log=print) -> list[dict]:
     from lmadda_tune.label_free_promotion import choose_per_target, log_choice_checkpoint
 
     if sweep is None:
@@ -328,7 +356,7 @@ def _promote_label_free(client: MlflowClient, experiment_id: str, runs: list, sw
         generator = log_generator_model(client, run_id, target, metrics=metrics,  # one checkpoint for every marker
                                         params={k: tags[k] for k in ("criterion", "chosen", "fell_back", "trial_run")})
         for marker in chosen["checkpoint"].markers:
-            entry = _register(client, marker, target, generator, tags)
+            entry = _register(client, marker, target, generator, tags, replace=replace, log=log)
             promoted.append({**entry, "chosen": choice.chosen, "fell_back": choice.fell_back})
             log(f"[promote] models:/{entry['model']}@{entry['alias']} -> version {entry['version']} ({choice.chosen})")
     return promoted

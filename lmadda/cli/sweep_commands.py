@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "the unadapted model, AdaBN, histogram matching and every trial (needs --config; keeps the "
                               "unadapted model unless a candidate is confidently better); lf_*: one per-trial criterion, for "
                               "comparison; auto (default): pearson where the trials have target labels, else label_free")
+    promote.add_argument("--replace", action="store_true",
+                         help="move the serving alias <setting> even where a promotion by another criterion set it (without it, "
+                              "this promotion lands at <setting>--<criterion> beside the served model)")
     promote.set_defaults(func=run_promote)
 
     runs = subparsers.add_parser("runs", help="inspect MLflow runs")
@@ -94,7 +97,7 @@ def run_promote(args: argparse.Namespace) -> int:
     if not tracking_uri or not experiment:
         raise LmaddaError("give --config, or both --tracking-uri and --experiment")
     with tracking_server_errors(tracking_uri, "run the promotion again"):
-        promote(tracking_uri, experiment, criterion=args.criterion, sweep=sweep)
+        promote(tracking_uri, experiment, criterion=args.criterion, sweep=sweep, replace=args.replace)
     return 0
 
 
