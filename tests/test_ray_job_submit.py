@@ -61,29 +61,39 @@ def local_head(tmp_path_factory):
     shutil.rmtree(temp, ignore_errors=True)
 
 
+def _submit(ray_cli: Path, address: str, env: dict, *command: str) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> -- <command>`, as README documents and the RayJob manifest runs. A head that
+    has just started may answer before its job agent is up ("No available agent"): that, and only that, is retried."""
+    deadline = time.monotonic() + 90
+    while True:
+        submitted = subprocess.run([str(ray_cli), "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *command],
+                                   env=env, capture_output=True, text=True, timeout=400)
+        if "No available agent" not in submitted.stderr or time.monotonic() > deadline:
+            return submitted
+        time.sleep(3)
+
+
 def test_ray_job_submit_runs_a_tiny_sweep_on_a_local_head(local_head, tiny_synth, tiny_source, tmp_path):
+    """The README's command: the config's paths are relative, as in tune/configs/quick.yaml. In the job they would
+    resolve inside Ray's uploaded copy of the repository: refused in one line, then run with --base-dir."""
     ray_cli, address, env = local_head
     config = {
-        "name": "job", "storage_path": str(tmp_path / "sweeps"), "source": {"checkpoint": str(tiny_source)},
-        "data": {"manifest": str(tiny_synth.source), "source_setting": "phase_contrast"},
+        "name": "job", "storage_path": "sweeps", "source": {"checkpoint": os.path.relpath(tiny_source, tmp_path)},
+        "data": {"manifest": os.path.relpath(tiny_synth.source, tmp_path), "source_setting": "phase_contrast"},
         "grid": {"targets": ["bright_field"], "layers": [2], "lrs": [1e-4], "paper_layers": []},
         "adapt": {"steps": 2, "batch_size": 2, "crop_size": 64, "log_every": 2, "gate_accuracy": None, "d_warmup_steps": 0},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 0.5},
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
-    # The command README documents and the RayJob manifest runs. A head that has just started may
-    # answer before its job agent is up ("No available agent"): that, and only that, is retried.
-    deadline = time.monotonic() + 90
-    while True:
-        submitted = subprocess.run(
-            [str(ray_cli), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "-m", "lmadda_tune.sweep", "--config", str(path)],
-            env=env, capture_output=True, text=True, timeout=400,
-        )
-        if "No available agent" not in submitted.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(3)
+    sweep = ["python", "-m", "lmadda_tune.sweep", "--config", str(path)]
+
+    refused = _submit(ray_cli, address, env, *sweep)
+    assert refused.returncode != 0
+    assert "Ray's uploaded copy of the repository" in refused.stdout + refused.stderr and "--base-dir $PWD" in refused.stdout
+    assert not (tmp_path / "sweeps").exists()
+
+    submitted = _submit(ray_cli, address, env, *sweep, "--base-dir", str(tmp_path))
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert "succeeded" in submitted.stdout
     rows = pq.read_table(tmp_path / "sweeps" / "job" / "points.parquet").to_pylist()

@@ -181,3 +181,22 @@ def test_a_sweep_grid_names_the_moment_matching_family_and_refuses_self_training
     assert moments[0].adapt_options({"steps": 5})["adversary"] == "moments" and "moments" in moments[0].key
     with pytest.raises(LmaddaError, match="self_training.*run in the study"):
         _config(grid={**grid, "families": ["lmadda", "self_training"]})
+
+
+def test_relative_paths_are_refused_in_a_ray_jobs_copy_of_the_repository_and_resolve_against_base_dir(tmp_path):
+    """Under `ray job submit --working-dir .` the driver runs in Ray's copy of the repository, which has no git-ignored
+    files and is deleted after the job: relative paths there would find no input and hide the results."""
+    from lmadda_tune.sweep_config import paths_base
+
+    job_copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    with pytest.raises(LmaddaError, match="uploaded copy of the repository.*storage_path: out.*--base-dir \\$PWD"):
+        paths_base(_config(), None, job_copy)
+    assert paths_base(_config(), tmp_path, job_copy) == tmp_path
+    resolved = _config().resolved(paths_base(_config(), tmp_path, job_copy))
+    assert resolved.source.checkpoint == tmp_path / "src.pt" and resolved.storage_path == tmp_path / "out"
+    absolute = _config(storage_path=str(tmp_path / "out"), source={"checkpoint": str(tmp_path / "src.pt")},
+                       data={"manifest": str(tmp_path / "m.parquet")})
+    assert paths_base(absolute, None, job_copy) == job_copy  # nothing relative: nothing to refuse
+    assert paths_base(_config(), None, tmp_path) == tmp_path  # an ordinary working directory
+    with pytest.raises(LmaddaError, match="must be an absolute folder"):
+        paths_base(_config(), tmp_path.relative_to(tmp_path.anchor), job_copy)

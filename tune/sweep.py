@@ -49,7 +49,7 @@ from lmadda.study.trial import GridPoint
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 from lmadda_tune.stopper import ModeCollapseStopper
-from lmadda_tune.sweep_config import SweepConfig
+from lmadda_tune.sweep_config import SweepConfig, paths_base
 from lmadda_tune.sweep_report import best_per_target, format_selection, markers_of, write_sweep_report
 from lmadda_tune.train_workers import (GENERATOR_FILE, ROWS_FILE, adaptation_worker, in_trial_adaptation, labelled_test_images,
                                         source_worker)
@@ -357,15 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="finish an interrupted sweep without redoing finished trials")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster, or a new local one)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance")
+    parser.add_argument("--base-dir", type=Path, default=None, help="absolute folder the config's relative paths resolve "
+                        "against (default: the working directory; under `ray job submit --working-dir .`, pass $PWD)")
     args = parser.parse_args(argv)
     # Tune saves the sweep's state at most every 10 s by default; a driver killed in between would
     # redo trials that had finished. The state is a few kB: save it every 2 s.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     try:
         data = read_config_file(args.config)
-        # Relative paths in the config are relative to the working directory (the repository root
-        # under `ray job submit --working-dir .`); Tune trials change directory, so resolve them now.
-        sweep = build_config(SweepConfig, None, **data).resolved(Path.cwd())
+        # Tune trials change directory, so relative paths are resolved now (sweep_config.paths_base says against what).
+        sweep = build_config(SweepConfig, None, **data)
+        sweep = sweep.resolved(paths_base(sweep, args.base_dir, Path.cwd()))
         connect_ray(args.address, args.num_cpus)
         rows = run_sweep(sweep, resume=args.resume)
     except LmaddaError as error:

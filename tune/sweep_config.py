@@ -29,13 +29,14 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from lmadda.core.config import StrictModel
+from lmadda.core.errors import LmaddaError
 from lmadda.study.config import Grid
 from lmadda.study.trial import GridPoint
+from lmadda.training.adapt import AdaptConfig
+from lmadda.training.source import SourceTrainConfig
 
 # The families a sweep's Ray Train workers run: those of one AdaptConfig (the Adapter's DDP hooks).
 SWEEP_FAMILIES = ("lmadda", "moments")
-from lmadda.training.adapt import AdaptConfig
-from lmadda.training.source import SourceTrainConfig
 
 
 class SourceSpec(StrictModel):
@@ -156,6 +157,13 @@ class SweepConfig(StrictModel):
                                  f"resources.workers_per_trial = {workers}; make it a multiple of {workers}")
         return self
 
+    def relative_paths(self) -> dict[str, Path]:
+        """The config's paths that are relative (they resolve against the working directory, or `--base-dir`)."""
+        paths = {"storage_path": self.storage_path, "source.checkpoint": self.source.checkpoint, "data.manifest": self.data.manifest}
+        if self.source.train is not None and "manifest" in self.source.train:
+            paths["source.train.manifest"] = Path(self.source.train["manifest"])
+        return {name: path for name, path in paths.items() if not path.is_absolute()}
+
     def resolved(self, base: Path) -> "SweepConfig":
         """Relative paths made absolute against `base` (the config file's folder or the working directory)."""
         def absolute(path: Path) -> Path:
@@ -204,3 +212,27 @@ class SweepConfig(StrictModel):
             lap, seat = divmod(index, count)
             groups[seat if lap % 2 == 0 else count - 1 - seat].append(point)
         return [group for group in groups if group]
+
+
+RAY_JOB_COPY = "working_dir_files"  # `ray job submit --working-dir` unpacks the repository under runtime_resources/working_dir_files/
+
+
+def paths_base(config: SweepConfig, base_dir: Path | None, cwd: Path) -> Path:
+    """The folder a sweep config's relative paths resolve against: `base_dir` (`--base-dir`) when given, else `cwd`.
+
+    Under `ray job submit --working-dir .` the driver's working directory is Ray's uploaded copy of the repository,
+    which leaves out git-ignored folders (demo-out/, models/, data/) and is deleted with the job: a relative path would
+    find no input there and put the sweep's results where nobody sees them. So there a config with relative paths is
+    refused, naming them and the two fixes."""
+    if base_dir is not None:
+        if not base_dir.is_absolute():
+            raise LmaddaError(f"--base-dir {base_dir} must be an absolute folder (e.g. --base-dir $PWD)")
+        return base_dir
+    relative = config.relative_paths()
+    if relative and RAY_JOB_COPY in cwd.parts:
+        named = ", ".join(f"{name}: {path}" for name, path in relative.items())
+        raise LmaddaError(f"this sweep runs in Ray's uploaded copy of the repository ({cwd}), which holds no git-ignored "
+                          f"files and is deleted after the job, so the config's relative paths ({named}) cannot be used "
+                          "here. On one machine (or a cluster sharing a disk at the same path) add --base-dir $PWD to the "
+                          "command; otherwise give absolute paths on storage every node sees")
+    return cwd

@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--address", default=None, help="Ray cluster address (default: the job's cluster or a new local one)")
     run.add_argument("--num-cpus", type=int, default=None, help="CPUs of a new local Ray instance")
     run.add_argument("--promote", action="store_true", help="register the best generator per (marker, setting) when done")
+    run.add_argument("--base-dir", type=Path, default=None,
+                     help="absolute folder the config's relative paths resolve against (default: the working directory). "
+                          "Under `ray job submit --working-dir .` the working directory is Ray's copy of the repository, "
+                          "without git-ignored files: pass --base-dir $PWD there")
     run.set_defaults(func=run_sweep_command)
 
     promote = sweep_sub.add_parser("promote", help="register the best non-collapsed generator per (marker, setting) as an MLflow "
@@ -48,11 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     compare.set_defaults(func=run_compare)
 
 
-def _sweep_from(path: Path):
+def _sweep_from(path: Path, base_dir: Path | None = None):
     from lmadda.config import build_config, read_config_file
-    from lmadda_tune.sweep_config import SweepConfig
+    from lmadda_tune.sweep_config import SweepConfig, paths_base
 
-    return build_config(SweepConfig, None, **read_config_file(path)).resolved(Path.cwd())
+    sweep = build_config(SweepConfig, None, **read_config_file(path))
+    return sweep.resolved(paths_base(sweep, base_dir, Path.cwd()))
 
 
 @contextlib.contextmanager
@@ -76,7 +81,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from lmadda_tune.sweep import connect_ray, format_sweep_table, run_sweep, sweep_exists
     from lmadda_tune.tracking import promote
 
-    sweep = _sweep_from(args.config)
+    sweep = _sweep_from(args.config, args.base_dir)
     connect_ray(args.address, args.num_cpus)
     with tracking_server_errors(sweep.tracking_uri, f"resume with `lmadda sweep run --config {args.config} --resume` "
                                                     "(finished grid points are kept)"):
