@@ -38,6 +38,7 @@ from lmadda.data.manifest import Manifest
 from lmadda.evaluation import evaluate_generator
 from lmadda.result_rows import TargetDomain
 from lmadda.selector import UNADAPTED, Candidate, Selector, decide
+from lmadda.training.robust import IN_DOMAIN_TOLERANCE
 from lmadda.study.config import StudyConfig
 from lmadda.study.grid import ImageSource
 from lmadda.study.runner import prepare_manifest, prepare_robust_source, prepare_source
@@ -94,6 +95,9 @@ def main() -> None:
             handle.write(json.dumps({"experiment": spec.name, **record}) + "\n")
 
     write({"kind": "in_domain", **in_domain})
+    # The robust source model as the default (what a lab keeps unless a candidate is confidently better), where it is
+    # admitted on the source's clean validation fields, as the study admits it (lmadda.training.robust).
+    robust_default = robust is not None and in_domain["robust"] >= in_domain["source"] - IN_DOMAIN_TOLERANCE
     targets = args.targets or [t for grid in spec.grids for t in grid.targets if TargetDomain.parse(t).setting != spec.source.setting
                                or TargetDomain.parse(t).shift is not None]
     adapt_shared = {**spec.adapt}
@@ -168,20 +172,21 @@ def main() -> None:
                                 crops=options["crops"], domain_reference=source.domain_reference)
             scores = selector.per_crop(candidates)  # once: every rule below decides on the same per-crop scores
             score = options["score"]
-            for gate in ("domain_check", "output_w1_only"):
-                for guard in (None, "consensus"):
-                    choice = decide(scores[score], score, floor=selector.floor[score], guard=scores[guard] if guard else None,
-                                    min_win_fraction=options["min_win_fraction"], min_gain=options["min_gain"],
-                                    out_of_domain=selector.out_of_domain() if gate == "domain_check" else 0.0)
-                    val, test = pearson[choice.chosen]
-                    best = max((n for n in pearson if "#" not in n or n.endswith(f"#s{seed}")), key=lambda n: pearson[n][0])
-                    write({"kind": "choice", "target": target, "seed": seed, "gate": gate, "guard": guard,
-                           "chosen": choice.chosen.split("#")[0], "fell_back": choice.fell_back, "reason": choice.reason,
-                           "val_pearson": val, "test_pearson": test, "best_by_val": best.split("#")[0], "best_val": pearson[best][0],
-                           "best_val_test": pearson[best][1], "unadapted_val": pearson[UNADAPTED][0],
-                           "unadapted_test": pearson[UNADAPTED][1], "out_of_domain": selector.out_of_domain()})
-                    print(f"  seed {seed} choice ({gate}, guard {guard}): {choice.chosen} val {val:.3f} test {test:.3f}; {choice.reason}",
-                          flush=True)
+            rules = [(gate, guard, UNADAPTED) for gate in ("domain_check", "output_w1_only") for guard in (None, "consensus")]
+            rules += [("domain_check", None, "robust")] if robust_default else []
+            for gate, guard, default in rules:
+                choice = decide(scores[score], score, floor=selector.floor[score], guard=scores[guard] if guard else None,
+                                min_win_fraction=options["min_win_fraction"], min_gain=options["min_gain"],
+                                out_of_domain=selector.out_of_domain() if gate == "domain_check" else 0.0, default=default)
+                val, test = pearson[choice.chosen]
+                best = max((n for n in pearson if "#" not in n or n.endswith(f"#s{seed}")), key=lambda n: pearson[n][0])
+                write({"kind": "choice", "target": target, "seed": seed, "gate": gate, "guard": guard, "default": default,
+                       "chosen": choice.chosen.split("#")[0], "fell_back": choice.fell_back, "reason": choice.reason,
+                       "val_pearson": val, "test_pearson": test, "best_by_val": best.split("#")[0], "best_val": pearson[best][0],
+                       "best_val_test": pearson[best][1], "unadapted_val": pearson[UNADAPTED][0],
+                       "unadapted_test": pearson[UNADAPTED][1], "out_of_domain": selector.out_of_domain()})
+                print(f"  seed {seed} choice ({gate}, guard {guard}, default {default}): {choice.chosen} val {val:.3f} "
+                      f"test {test:.3f}; {choice.reason}", flush=True)
 
     by_candidate: dict[tuple, list[float]] = defaultdict(list)
     for line in results.read_text().splitlines():

@@ -80,7 +80,7 @@ class Choice:
     reason: str
     score: str
     means: dict[str, float] = field(default_factory=dict)  # mean score per candidate
-    win_fraction: dict[str, float] = field(default_factory=dict)  # fraction of crops where it beats the unadapted model
+    win_fraction: dict[str, float] = field(default_factory=dict)  # fraction of crops where it beats the default model
 
     def as_dict(self) -> dict:
         return {"chosen": self.chosen, "fell_back": self.fell_back, "reason": self.reason, "score": self.score,
@@ -224,70 +224,77 @@ class Selector:
             self._out_of_domain = float(np.mean([verdict != "in_domain" for verdict in verdicts]))
         return self._out_of_domain
 
-    def choose(self, candidates: list[Candidate] | dict[str, Observation]) -> Choice:
+    def choose(self, candidates: list[Candidate] | dict[str, Observation], default: str = UNADAPTED) -> Choice:
+        """The choice among `candidates`, keeping `default` (the unadapted model, or an admitted robust source model)
+        unless one is confidently better (`decide`)."""
         if UNADAPTED not in (candidates if isinstance(candidates, dict) else [c.name for c in candidates]):
             raise ValueError("the candidates must include the unadapted model: 'don't adapt' is always an answer")
         floor = None if self.score == "consensus" else self.floor[self.score]  # consensus has no in-domain reference
         scores = self.per_crop(candidates)
         return decide(scores[self.score], self.score, floor=floor, guard=scores[self.guard] if self.guard else None,
                       min_win_fraction=self.min_win_fraction, min_gain=self.min_gain,
-                      out_of_domain=self.out_of_domain() if floor is not None else 0.0)
+                      out_of_domain=self.out_of_domain() if floor is not None else 0.0, default=default)
 
 
 def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | None = None, guard: dict[str, np.ndarray] | None = None,
-           min_win_fraction: float = 0.75, min_gain: float = 0.25, out_of_domain: float = 0.0) -> Choice:
-    """The best candidate by mean score, kept only when it is confidently better than the unadapted model.
+           min_win_fraction: float = 0.75, min_gain: float = 0.25, out_of_domain: float = 0.0, default: str = UNADAPTED) -> Choice:
+    """The best candidate by mean score, kept only when it is confidently better than the `default` model.
 
+    `default`: what a lab uses without adapting, kept unless a candidate is confidently better: the unadapted source
+    model, or a robust source model admitted as the anchor (`lmadda.training.robust`), which needs no target.
     `floor`: the score of the source model on held-out source crops, the in-domain level. With it, the
-    target must look shifted (the unadapted model above the floor's median on `min_win_fraction` of the
+    target must look shifted (the default model above the floor's median on `min_win_fraction` of the
     crops) and the gain is the fraction of the excess over the floor that the candidate removes;
-    without it, the fraction of the unadapted model's score. Either way the gain must reach `min_gain`
-    and the candidate must beat the unadapted model on `min_win_fraction` of the crops.
+    without it, the fraction of the default model's score. Either way the gain must reach `min_gain`
+    and the candidate must beat the default model on `min_win_fraction` of the crops.
     `guard` (per-crop consensus distances): a second, independent signal that must not object. A
-    candidate farther from the other methods' consensus than the unadapted model on most crops is
+    candidate farther from the other methods' consensus than the default model on most crops is
     passed over for the next best, however source-like it looks.
     `out_of_domain`: the fraction of target images the source's domain check (encoder features) does not
     call in domain. When most are out of domain but `score` sees no shift (a zoom leaves the stain's
     intensities alone), the target is not called "nothing to adapt to": candidates are judged against
-    the unadapted model's own score, as without a floor.
+    the default model's own score, as without a floor.
     """
+    if default not in per_crop:
+        raise ValueError(f"the default model {default!r} is not among the candidates: 'don't adapt' is always an answer")
+    label = "the unadapted model" if default == UNADAPTED else f"the {default} model"
     means = {name: float(np.mean(values)) for name, values in per_crop.items()}
-    base = per_crop[UNADAPTED]
+    base = per_crop[default]
     wins = {name: float(np.mean(values < base)) for name, values in per_crop.items()}
     note = ""
     if ZOOM in means and floor is not None and means[ZOOM] <= float(np.mean(floor)) and wins[ZOOM] >= min_win_fraction:
         return Choice(ZOOM, False, f"the domain check found the target at another scale, and the zoomed model's stains sit at the "
-                                   f"source's own level in {score} and beat the unadapted model on {wins[ZOOM]:.0%} of the target "
+                                   f"source's own level in {score} and beat {label} on {wins[ZOOM]:.0%} of the target "
                                    "crops: geometry first", score, means, wins)
     if floor is not None:
         shifted = float(np.mean(base > np.median(floor)))
         if shifted < min_win_fraction and out_of_domain <= 0.5:
-            return Choice(UNADAPTED, True, f"the target looks like the source domain: the unadapted model's {score} exceeds the "
-                                           f"source's own level on only {shifted:.0%} of the target crops; nothing to adapt to",
+            return Choice(default, True, f"the target looks like the source domain: {label}'s {score} exceeds the "
+                                         f"source's own level on only {shifted:.0%} of the target crops; nothing to adapt to",
                           score, means, wins)
-        if shifted < min_win_fraction:  # the features see a shift the score does not: judge against the unadapted model itself
+        if shifted < min_win_fraction:  # the features see a shift the score does not: judge against the default model itself
             floor = None
             note = (f" ({score} sees no shift, but the domain check calls {out_of_domain:.0%} of the target images out of "
-                    "domain, so gains are measured against the unadapted model's own score)")
-    excess = max(means[UNADAPTED] - (float(np.mean(floor)) if floor is not None else 0.0), 1e-12)
-    unit = "of the unadapted model's excess over the source level" if floor is not None else "of the unadapted model's score"
+                    f"domain, so gains are measured against {label}'s own score)")
+    excess = max(means[default] - (float(np.mean(floor)) if floor is not None else 0.0), 1e-12)
+    unit = f"of {label}'s excess over the source level" if floor is not None else f"of {label}'s score"
     refusals = []
-    for name in sorted((n for n in means if means[n] < means[UNADAPTED]), key=means.get):
-        gain = (means[UNADAPTED] - means[name]) / excess
-        closer = float(np.mean(guard[name] < guard[UNADAPTED])) if guard is not None else 1.0  # crops where it agrees better
+    for name in sorted((n for n in means if means[n] < means[default]), key=means.get):
+        gain = (means[default] - means[name]) / excess
+        closer = float(np.mean(guard[name] < guard[default])) if guard is not None else 1.0  # crops where it agrees better
         if wins[name] < min_win_fraction:
             refusals.append(f"{name} is better on only {wins[name]:.0%} of the target crops (needs {min_win_fraction:.0%})")
         elif gain < min_gain:
             refusals.append(f"{name} removes only {gain:.0%} {unit} (needs {min_gain:.0%})")
         elif closer < 0.5:
-            refusals.append(f"{name} looks source-like but sits farther from the other methods' consensus than the unadapted "
-                            f"model on {1 - closer:.0%} of the crops")
+            refusals.append(f"{name} looks source-like but sits farther from the other methods' consensus than {label} "
+                            f"on {1 - closer:.0%} of the crops")
         else:
             passed = "; passed over: " + "; ".join(refusals) if refusals else ""
-            return Choice(name, False, f"{name} removes {min(gain, 9.99):.0%} {unit} in {score} and beats the unadapted model on "
+            return Choice(name, False, f"{name} removes {min(gain, 9.99):.0%} {unit} in {score} and beats {label} on "
                                        f"{wins[name]:.0%} of the target crops{passed}{note}", score, means, wins)
         if guard is None:
             break  # without a second signal only the best candidate is considered
     if not refusals:
-        return Choice(UNADAPTED, True, f"no candidate scores better than the unadapted model on {score}{note}", score, means, wins)
-    return Choice(UNADAPTED, True, "; ".join(refusals[:3]) + f": not confidently better, keep the unadapted model{note}", score, means, wins)
+        return Choice(default, True, f"no candidate scores better than {label} on {score}{note}", score, means, wins)
+    return Choice(default, True, "; ".join(refusals[:3]) + f": not confidently better, keep {label}{note}", score, means, wins)

@@ -113,3 +113,38 @@ def test_geometry_first_a_zoom_at_the_source_level_is_chosen_before_a_lower_scor
     assert decide(above, "output_w1", floor=floor).chosen == "histogram_matching+adabn:3"
     worse = {**crops, "zoom": np.r_[np.full(5, 0.0002), np.full(3, 0.025)]}  # at the source level on average, but on 5 of 8 crops
     assert decide(worse, "output_w1", floor=floor).chosen == "histogram_matching+adabn:3"
+
+
+def test_an_admitted_robust_model_is_the_default_kept_unless_a_candidate_is_confidently_better_than_it():
+    floor = np.full(8, 0.5)
+    unadapted, robust = np.full(8, 1.0), np.full(8, 0.8)
+    # histogram matching beats the unadapted model by a margin, but not the robust one: the robust model is kept
+    kept = decide({UNADAPTED: unadapted, "robust": robust, "histogram_matching": np.full(8, 0.75)}, "output_w1", floor=floor,
+                  default="robust")
+    assert (kept.chosen, kept.fell_back) == ("robust", True) and "keep the robust model" in kept.reason
+    assert decide({UNADAPTED: unadapted, "robust": robust, "histogram_matching": np.full(8, 0.75)}, "output_w1",
+                  floor=floor).chosen == "histogram_matching"  # against the unadapted model it would have won
+    better = decide({UNADAPTED: unadapted, "robust": robust, "robust+adabn": np.full(8, 0.6)}, "output_w1", floor=floor,
+                    default="robust")
+    assert (better.chosen, better.fell_back) == ("robust+adabn", False) and "of the robust model's excess" in better.reason
+    with pytest.raises(ValueError, match="default model 'robust' is not among the candidates"):
+        decide({UNADAPTED: unadapted}, "output_w1", default="robust")
+
+
+def test_the_study_keeps_the_robust_model_by_default_only_where_it_was_admitted(tmp_path):
+    """label_free_rows: an admitted robust model (its observation present) is the default; a refused one is unseen."""
+    from lmadda.study.grid import ROBUST_VARIANTS, label_free_rows
+
+    class Recorder:
+        def choose(self, observations, default):
+            self.seen, self.default = sorted(observations), default
+            return decide({name: np.full(4, 1.0) for name in observations}, "consensus", default=default)
+
+    for name in (UNADAPTED, "robust", "robust+adabn", "adabn"):
+        Observation(name, np.zeros((4, 1, 8, 8)), np.zeros((4, 1, 8, 8)), np.zeros((4, 2))).save(tmp_path / f"{name}.npz")
+    admitted = Recorder()
+    label_free_rows([], "t", 0, tmp_path, admitted)
+    assert admitted.default == "robust" and "robust" in admitted.seen
+    refused = Recorder()
+    label_free_rows([], "t", 0, tmp_path, refused, frozenset(ROBUST_VARIANTS))
+    assert refused.default == UNADAPTED and refused.seen == ["adabn", UNADAPTED]

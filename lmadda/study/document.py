@@ -249,10 +249,13 @@ def write_study_document(config: StudyConfig, config_path: Path | str = "...") -
     if records:
         summary = write_summary(records, config.figures / "summary.json")
         lines += ["## Which model to use: the label-free choice", "",
-                  "For every target, `lmadda.selector` chose among the unadapted model, AdaBN, histogram matching and every "
-                  "adapted model (LM-ADDA at each layer, ADDA with this project's recipe and as published) without target "
-                  "labels, and kept the unadapted model unless a candidate was confidently better (docs/method.md). The same "
-                  "selector backs `lmadda adapt --layer auto` and `lmadda sweep promote`. Test Pearson, averaged over markers, "
+                  "For every target, `lmadda.selector` chose among the unadapted model, the cheap corrections, the zoom, the "
+                  "robust source model and every adapted model (LM-ADDA at each layer, the other families, ADDA with this "
+                  "project's recipe and as published) without target labels, and kept the default model unless a candidate was "
+                  "confidently better: the robust source model where it was admitted (its in-domain validation Pearson within "
+                  "0.01 of the plain model's), else the unadapted model (docs/method.md). The same selector backs "
+                  "`lmadda adapt --layer auto` and `lmadda sweep promote`, which have no robust model and keep the unadapted "
+                  "one. Test Pearson, averaged over markers, "
                   "test images and seeds; \"best with labels\" is the best single model by test Pearson, an optimistic bound "
                   "no lab without labels can reach; gap recovered is (choice - unadapted) / (oracle - unadapted). "
                   f"Machine-readable: [{summary.name}]({_relative_path(summary, config.document)}).", "",

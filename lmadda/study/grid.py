@@ -32,7 +32,7 @@ from lmadda.evaluation import SPLIT_SEED_OFFSET, evaluate_generator
 from lmadda.models.generator import UNetGenerator
 from lmadda.result_rows import CRITERION_PREFIX, RESULT_COLUMNS, TargetDomain, rows_table, tag_rows
 from lmadda.selection import SelectionProbe
-from lmadda.selector import Candidate, Choice, Observation, Selector
+from lmadda.selector import UNADAPTED, Candidate, Choice, Observation, Selector
 from lmadda.study.trial import GridPoint, TrialResult, TrialTarget, run_trial
 from lmadda.training.families import FAMILIES, make_loop
 from lmadda.training.source import SourceTrainConfig, train_source
@@ -43,6 +43,7 @@ LABEL_FREE = "label_free"  # the selector's choice among the candidates of one (
 _ADVERSARIAL_FAMILIES = {"lmadda": "lmadda", "adda": "lmadda", "lmadda_paper": "paper", "adda_paper": "paper"}
 # The robust source model (the experiment's `robust`) as it is, and with each cheap correction: method names of its rows.
 ROBUST_VARIANTS = {"robust": "unadapted", "robust+adabn": "adabn", "robust+histogram_matching": "histogram_matching"}
+ROBUST = "robust"  # the robust source model as it is: the default of the label-free choice where it is admitted
 
 
 def candidate_family(method: str) -> str | None:
@@ -141,9 +142,12 @@ def candidate_name(method: str, matched: str, lr: float | None) -> str:
 def label_free_rows(rows: list[dict], target: str, seed: int, selection: Path, selector: Selector,
                     refused: frozenset[str] = frozenset()) -> tuple[list[dict], Choice]:
     """The selector's choice among the observed candidates of (target, seed), as copies of the chosen model's rows;
-    `refused` names observed candidates it must not see (a robust source model that failed its admission)."""
+    `refused` names observed candidates it must not see (a robust source model that failed its admission).
+
+    The model kept unless a candidate is confidently better is the robust source model where it was admitted (it
+    needs no target, and costs nothing in domain on the source's validation fields), else the unadapted one."""
     observations = {path.stem: Observation.load(path) for path in sorted(selection.glob("*.npz")) if path.stem not in refused}
-    choice = selector.choose(observations)
+    choice = selector.choose(observations, default=ROBUST if ROBUST in observations else UNADAPTED)
     chosen = []
     for row in rows:
         if row["target"] != target or row["seed"] != seed or candidate_family(row["method"]) is None:
