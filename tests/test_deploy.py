@@ -131,3 +131,15 @@ def test_ray_versions_agree_across_pyproject_dockerfiles_and_manifests():
     import ray
 
     assert ray.__version__ == pinned
+
+
+def test_the_images_install_the_cluster_extra_and_it_keeps_boto3_beside_s3fs():
+    """The cluster's images talk to an MLflow server on PostgreSQL with S3 artifacts (deploy/k8s/mlflow.yaml). boto3 is
+    declared together with s3fs, whose aiobotocore pins botocore, so that pip picks the boto3 that matches it."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=!\[ ]", requirement)[0] for requirement in extras["cluster"]}
+    assert {"boto3", "psycopg2-binary", "s3fs"} <= names
+    for dockerfile in sorted(DEPLOY.glob("Dockerfile*")):
+        assert "pip install --no-cache-dir '.[cluster]'" in dockerfile.read_text(), dockerfile.name
