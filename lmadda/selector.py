@@ -262,10 +262,14 @@ def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | N
     base = per_crop[default]
     wins = {name: float(np.mean(values < base)) for name, values in per_crop.items()}
     note = ""
-    if ZOOM in means and floor is not None and means[ZOOM] <= float(np.mean(floor)) and wins[ZOOM] >= min_win_fraction:
+    # Geometry first, whatever the default: the zoom is checked against the model it resamples (the unadapted one). A
+    # robust default whose augmentation covers some of the scale also sits near the source's level, where the score
+    # cannot rank the two (below), and the zoom is the one with independent evidence of what the shift was.
+    zoom_wins = float(np.mean(per_crop[ZOOM] < per_crop[UNADAPTED])) if ZOOM in means and UNADAPTED in per_crop else 0.0
+    if ZOOM in means and floor is not None and means[ZOOM] <= float(np.mean(floor)) and zoom_wins >= min_win_fraction:
         return Choice(ZOOM, False, f"the domain check found the target at another scale, and the zoomed model's stains sit at the "
-                                   f"source's own level in {score} and beat {label} on {wins[ZOOM]:.0%} of the target "
-                                   "crops: geometry first", score, means, wins)
+                                   f"source's own level in {score} and beat the unadapted model's on {zoom_wins:.0%} of the "
+                                   "target crops: geometry first", score, means, wins)
     if floor is not None:
         shifted = float(np.mean(base > np.median(floor)))
         if shifted < min_win_fraction and out_of_domain <= 0.5:

@@ -113,6 +113,11 @@ def test_geometry_first_a_zoom_at_the_source_level_is_chosen_before_a_lower_scor
     assert decide(above, "output_w1", floor=floor).chosen == "histogram_matching+adabn:3"
     worse = {**crops, "zoom": np.r_[np.full(5, 0.0002), np.full(3, 0.025)]}  # at the source level on average, but on 5 of 8 crops
     assert decide(worse, "output_w1", floor=floor).chosen == "histogram_matching+adabn:3"
+    # with a robust default that also sits near the source's level (its augmentation covers some of the scale), the zoom
+    # still goes first: it is checked against the model it resamples, and the score cannot rank the two down there
+    robust = np.r_[np.full(3, 0.008), np.full(5, 0.0095)]  # "beats" the zoom on 3 of 8 crops
+    with_robust = decide({**crops, "robust": robust}, "output_w1", floor=floor, default="robust")
+    assert with_robust.chosen == "zoom" and "geometry first" in with_robust.reason
 
 
 def test_an_admitted_robust_model_is_the_default_kept_unless_a_candidate_is_confidently_better_than_it():
