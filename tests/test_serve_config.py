@@ -90,3 +90,40 @@ def test_without_a_registry_named_anywhere_serve_refuses_before_serve_starts(mon
     assert ray.is_initialized() == was_running  # refused before Serve (and Ray) started
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/registry.db")
     assert default_tracking_uri() == "sqlite:////tmp/registry.db"
+
+
+def test_serve_demo_stains_its_image_with_the_token_as_any_client_must(monkeypatch, tmp_path):
+    """`make demo` ends with `lmadda serve --demo`; with auth on by default its own request must carry the token (it sent
+    none, and the endpoint answered 401). A stand-in endpoint that, like the real one, refuses a request without it."""
+    import http.server
+    import threading
+
+    from lmadda.cli.serve_commands import _stain_demo_image
+
+    seen = []
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.headers.get("Authorization"))
+            ok = self.headers.get("Authorization") == "Bearer demo-token"
+            body = b"II*\x00stain" if ok else b'{"error": "missing or wrong bearer token"}'
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        image = tmp_path / "demo.tif"
+        image.write_bytes(b"II*\x00image")
+        monkeypatch.setenv("LMADDA_SERVE_TOKEN", "demo-token")  # what `lmadda serve` put in its environment (announce_token)
+        assert _stain_demo_image(f"http://127.0.0.1:{server.server_port}", image, "phase_contrast-overexposure-2_5") == 0
+    finally:
+        server.shutdown()
+    assert seen == ["Bearer demo-token"]
+    assert (tmp_path / "demo.phase_contrast-overexposure-2_5.dapi_cd29.tif").read_bytes() == b"II*\x00stain"

@@ -57,7 +57,8 @@ def run_serve(args: argparse.Namespace) -> int:
         tracking_uri = served_registry(args.demo)
     demo_input = serving_input(args.demo) if args.demo is not None else None  # before Ray: fail fast on a missing demo
 
-    then = (lambda url: _stain_demo_image(url, *demo_input)) if demo_input is not None else None
+    token_env = config["args"].get("token_env", "LMADDA_SERVE_TOKEN")
+    then = (lambda url: _stain_demo_image(url, *demo_input, token_env=token_env)) if demo_input is not None else None
     return serve_until_stopped(args.config or DEFAULT_CONFIG, host=args.host, port=args.port, tracking_uri=tracking_uri,
                                num_cpus=args.num_cpus, then=then)
 
@@ -80,11 +81,12 @@ def announce_token(serve_args: dict) -> None:
         print(f"[serve] auth ON: the token stored in {token_file()} (`lmadda stain` reads it there)")
 
 
-def _stain_demo_image(url: str, image: Path, setting: str) -> int:
-    from lmadda_serve.client import stain_remote
+def _stain_demo_image(url: str, image: Path, setting: str, *, token_env: str = "LMADDA_SERVE_TOKEN") -> int:
+    """Stain the demo's image through HTTP as any client does: with the bearer token (auth is on, loopback included)."""
+    from lmadda_serve.client import stain_remote, token_from_env
 
     started = time.perf_counter()
-    out, headers = stain_remote(url, image, setting=setting, markers="dapi,cd29")
+    out, headers = stain_remote(url, image, setting=setting, markers="dapi,cd29", token=token_from_env(token_env))
     print(f"[serve] stained {image.name} through HTTP in {time.perf_counter() - started:.2f} s "
           f"(setting {setting}, models {headers.get('x-lmadda-models')}) -> {out}")
     return 0
