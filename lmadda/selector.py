@@ -6,9 +6,10 @@ layers, ADDA). None of them may be judged by target labels, since a lab has none
 scores each candidate on fixed crops of the unlabelled target images, per crop, and
 
 1. takes the candidate with the best (lowest) mean score;
-2. keeps it only if it is *confidently* better than the unadapted model: better on at least
-   `min_win_fraction` of the crops and by at least `min_gain` of the unadapted model's score;
-   otherwise it falls back to the unadapted model ("don't adapt") and says why.
+2. keeps it only if it is *confidently* better than the default model: better on at least
+   `min_win_fraction` of the crops and by at least `min_gain` of the default model's score;
+   otherwise it falls back to the default ("don't adapt") and says why. The default is the unadapted
+   model, or a robust source model where the study or the demo admitted one (it needs no target).
 
 Geometry first: a `zoom` candidate exists only when the source model's domain check found the target at
 another scale (resampling removed at least a quarter of its score, lmadda.zoom). When its stains then

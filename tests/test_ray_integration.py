@@ -104,7 +104,8 @@ def test_a_two_point_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_ses
     version = client.get_model_version_by_alias("lmadda-dapi", "phase_contrast-overexposure-2")
     assert version.tags["criterion"] == "pearson"
     assert all(math.isfinite(r["lf_output_w1"]) and math.isfinite(r["lf_probe_shift"]) for r in table)  # label-free, every trial
-    relabelled = promote(sweep.tracking_uri, sweep.experiment, criterion="lf_output_w1", log=lambda *_: None)
+    # another criterion moves the serving alias only on purpose (--replace; without it, it lands beside: test_promotion_*)
+    relabelled = promote(sweep.tracking_uri, sweep.experiment, criterion="lf_output_w1", replace=True, log=lambda *_: None)
     best = min(table, key=lambda r: r["lf_output_w1"])
     assert all(p["lf_output_w1"] == pytest.approx(best["lf_output_w1"]) for p in relabelled)  # the lowest one, not the highest
     assert client.get_model_version_by_alias("lmadda-dapi", "phase_contrast-overexposure-2").tags["criterion"] == "lf_output_w1"
@@ -112,7 +113,7 @@ def test_a_two_point_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_ses
     # Without labels: the one label-free selector, over the unadapted model, the cheap corrections and both trials.
     with pytest.raises(LmaddaError, match="needs the sweep config"):
         promote(sweep.tracking_uri, sweep.experiment, criterion="label_free", log=lambda *_: None)
-    chosen = promote(sweep.tracking_uri, sweep.experiment, criterion="label_free", sweep=sweep, log=lambda *_: None)
+    chosen = promote(sweep.tracking_uri, sweep.experiment, criterion="label_free", sweep=sweep, replace=True, log=lambda *_: None)
     assert {p["model"] for p in chosen} == {"lmadda-dapi", "lmadda-cd29"} and len({p["chosen"] for p in chosen}) == 1
     assert chosen[0]["chosen"] in {"unadapted", "adabn", "histogram_matching"} | {f"lmadda:{l}@0.0001/seed0" for l in (1, 11)}
     version = client.get_model_version_by_alias("lmadda-cd29", "phase_contrast-overexposure-2")
