@@ -8,11 +8,13 @@ store re-points the recorded URIs there when the folder has moved (`relocate_art
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sqlite3
 from contextlib import closing
 from pathlib import Path
+from typing import Callable
 from urllib.parse import unquote, urlparse
 
 import mlflow
@@ -42,6 +44,30 @@ def artifact_location(tracking_uri: str, storage_path: Path) -> str | None:
     if tracking_uri.startswith("sqlite:"):
         return (Path(storage_path) / DEFAULT_ROOT).resolve().as_uri()
     return None
+
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+def keeps_tracking_env(function: Callable) -> Callable:
+    """Run `function` and put $MLFLOW_TRACKING_URI back as the caller had it.
+
+    MLflow's fluent API (start_run, log_params) reads one process-wide tracking URI, and `mlflow.set_tracking_uri`
+    also writes it into $MLFLOW_TRACKING_URI. A sweep config and the endpoint take that variable for the user's
+    choice of store, so without this a promotion to one store would send a later sweep in the same process (a
+    notebook, a test session) to it."""
+    @functools.wraps(function)
+    def restoring(*args, **kwargs):
+        before = os.environ.get(TRACKING_ENV)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if before is None:
+                os.environ.pop(TRACKING_ENV, None)
+            else:
+                os.environ[TRACKING_ENV] = before
+
+    return restoring
 
 
 def ensure_experiment(tracking_uri: str, name: str, storage_path: Path):

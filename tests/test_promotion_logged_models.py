@@ -298,3 +298,16 @@ def test_sweep_promote_takes_replace_on_the_command_line():
     args = build_parser().parse_args(["sweep", "promote", "--config", "sweep.yaml", "--replace"])
     assert args.replace is True
     assert build_parser().parse_args(["sweep", "promote", "--config", "sweep.yaml"]).replace is False
+
+
+def test_promoting_leaves_the_callers_mlflow_tracking_uri_as_it_was(sweep, monkeypatch):
+    """mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI, which a sweep config and the endpoint read as the user's
+    choice of store: a promotion to one store sent a later sweep of the same process (here, the test session) to it."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _promote(sweep)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    _promote(sweep)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"

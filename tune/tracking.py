@@ -34,7 +34,8 @@ from lmadda.core.errors import LmaddaError
 from lmadda.metrics import is_finite
 from lmadda.registry_names import SHA256_TAG, alias_for, file_sha256, logged_model_name, model_name
 from lmadda.result_rows import model_metrics, model_params
-from lmadda.tracking_store import FINISHED, all_runs, delete_run, ensure_experiment, one_finished_run_per_key, relocate_artifacts
+from lmadda.tracking_store import (FINISHED, all_runs, delete_run, ensure_experiment, keeps_tracking_env, one_finished_run_per_key,
+                                   relocate_artifacts)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 ARTIFACT_DIR = "generator"
@@ -43,6 +44,7 @@ SOURCE_ARTIFACT_TAG = "lmadda.source_artifact"  # a LoggedModel's tag: the run a
 
 
 
+@keeps_tracking_env
 def log_sweep(sweep, rows: list[dict], result_files: list[Path], log=print, *, unadapted: dict | None = None,
               report_files: list[Path] = ()) -> str:
     """Log every trial as a nested run; return the parent run id. A resumed sweep logs only new trials.
@@ -56,7 +58,7 @@ def log_sweep(sweep, rows: list[dict], result_files: list[Path], log=print, *, u
     deleted here and its trial logged again, so any kill and resume ends with one finished run per trial.
     """
     experiment = ensure_experiment(sweep.tracking_uri, sweep.experiment, sweep.storage_path)
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=sweep.tracking_uri, registry_uri=sweep.tracking_uri)  # never a registry resolved elsewhere
     runs = all_runs(client, experiment.experiment_id)
     parents = sorted((r for r in runs if r.data.tags.get("lmadda.kind") == "sweep" and r.data.tags.get("lmadda.sweep") == sweep.name),
                      key=lambda r: r.info.start_time or 0)
@@ -116,6 +118,7 @@ def resolve_criterion(trial_metrics: list[dict[str, float]]) -> str:
     return "pearson" if labelled else LABEL_FREE
 
 
+@keeps_tracking_env
 def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", sweep=None, replace: bool = False,
             log=print) -> list[dict]:
     """Register the best non-collapsed trial per (marker, target) and point alias <target> at it.
@@ -136,7 +139,7 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", swee
     """
     mlflow.set_tracking_uri(tracking_uri)
     relocate_artifacts(tracking_uri, log)
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)  # never a registry resolved elsewhere
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise LmaddaError(f"no MLflow experiment {experiment!r} at {tracking_uri}; run a sweep first")
@@ -323,6 +326,7 @@ def _register(client: MlflowClient, marker: str, target: str, generator: Promote
             "serving": alias == serving}
 
 
+@keeps_tracking_env
 def register_checkpoint(tracking_uri: str, checkpoint_path: str | Path, marker: str, setting: str, *,
                         experiment: str = "lmadda-models") -> dict:
     """Log one checkpoint file as a run's generator and register it as a LoggedModel, tagged with its SHA-256, under
@@ -362,6 +366,7 @@ def _promote_label_free(client: MlflowClient, experiment_id: str, runs: list, sw
     return promoted
 
 
+@keeps_tracking_env
 def compare_runs(tracking_uri: str, experiment: str) -> str:
     """The comparison table of an experiment's trial runs (`mlflow.search_runs`), then its promoted generators
     (`logged_models_table`)."""
