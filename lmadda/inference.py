@@ -28,6 +28,16 @@ from lmadda.domain import DomainScore, forward_scored, score_tiles
 from lmadda.tiling import RowReader, TilePlan, evaluating, predict_banded
 
 
+# Names that moved to lmadda.tiling when the tiling went below the domain check (imports only go down): a user's
+# `from lmadda.inference import predict_tiled` says where they are now instead of failing without a hint.
+MOVED_TO_TILING = ("predict_tiled", "predict_banded", "feather_window", "TileGrid", "TilePlan", "BandedTilePlan")
+
+
+def __getattr__(name: str):
+    if name in MOVED_TO_TILING:
+        raise ImportError(f"lmadda.inference.{name} moved to lmadda.tiling: from lmadda.tiling import {name}")
+    raise AttributeError(f"module 'lmadda.inference' has no attribute {name!r}")
+
 @dataclass(frozen=True)
 class Stain:
     """One stained image: the markers in camera units ((C_out, H, W) float, not yet rounded to the output's pixel type)

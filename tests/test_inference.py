@@ -70,3 +70,13 @@ def test_wrong_channels_and_bad_tiling_options_are_explained(tmp_path):
         predict_tiled(generator, np.zeros((1, 64, 64), np.float32), tile=60)
     with pytest.raises(LmaddaError, match="overlap 1.5"):
         predict_tiled(generator, np.zeros((1, 64, 64), np.float32), tile=64, overlap=1.5)
+
+
+def test_the_tiling_names_that_moved_say_where_they_are_now():
+    import lmadda.inference
+    from lmadda.tiling import predict_tiled  # noqa: F401 (the new place)
+
+    with pytest.raises(ImportError, match="moved to lmadda.tiling: from lmadda.tiling import predict_tiled"):
+        from lmadda.inference import predict_tiled  # noqa: F401,F811
+    with pytest.raises(AttributeError):
+        lmadda.inference.no_such_name
