@@ -38,7 +38,7 @@ from lmadda.data.manifest import Manifest
 from lmadda.evaluation import evaluate_generator
 from lmadda.result_rows import TargetDomain
 from lmadda.selector import UNADAPTED, Candidate, Selector, decide
-from lmadda.training.robust import IN_DOMAIN_TOLERANCE
+from lmadda.training.robust import RobustAdmission
 from lmadda.study.config import StudyConfig
 from lmadda.study.grid import ImageSource
 from lmadda.study.runner import prepare_manifest, prepare_robust_source, prepare_source
@@ -97,7 +97,7 @@ def main() -> None:
     write({"kind": "in_domain", **in_domain})
     # The robust source model as the default (what a lab keeps unless a candidate is confidently better), where it is
     # admitted on the source's clean validation fields, as the study admits it (lmadda.training.robust).
-    robust_default = robust is not None and in_domain["robust"] >= in_domain["source"] - IN_DOMAIN_TOLERANCE
+    robust_default = robust is not None and RobustAdmission(in_domain["source"], in_domain["robust"]).admitted
     targets = args.targets or [t for grid in spec.grids for t in grid.targets if TargetDomain.parse(t).setting != spec.source.setting
                                or TargetDomain.parse(t).shift is not None]
     adapt_shared = {**spec.adapt}

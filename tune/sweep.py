@@ -37,7 +37,6 @@ from ray.tune.integration.ray_train import TuneReportCallback
 import torch
 
 from lmadda.checkpoint import load_checkpoint
-from lmadda.config import build_config, read_config_file
 from lmadda.core.atomic import write_atomically
 from lmadda.core.errors import LmaddaError
 from lmadda.data.io import refuse_overwriting_inputs
@@ -49,7 +48,7 @@ from lmadda.study.trial import GridPoint
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 from lmadda_tune.stopper import ModeCollapseStopper
-from lmadda_tune.sweep_config import SweepConfig, paths_base
+from lmadda_tune.sweep_config import SweepConfig, load_sweep
 from lmadda_tune.sweep_report import best_per_target, format_selection, markers_of, write_sweep_report
 from lmadda_tune.train_workers import (GENERATOR_FILE, ROWS_FILE, adaptation_worker, in_trial_adaptation, labelled_test_images,
                                         source_worker)
@@ -364,10 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     # redo trials that had finished. The state is a few kB: save it every 2 s.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     try:
-        data = read_config_file(args.config)
-        # Tune trials change directory, so relative paths are resolved now (sweep_config.paths_base says against what).
-        sweep = build_config(SweepConfig, None, **data)
-        sweep = sweep.resolved(paths_base(sweep, args.base_dir, Path.cwd()))
+        sweep = load_sweep(args.config, args.base_dir)
         connect_ray(args.address, args.num_cpus)
         rows = run_sweep(sweep, resume=args.resume)
     except LmaddaError as error:

@@ -28,6 +28,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from lmadda.config import build_config, read_config_file
 from lmadda.core.config import StrictModel
 from lmadda.core.errors import LmaddaError
 from lmadda.study.config import Grid
@@ -236,3 +237,10 @@ def paths_base(config: SweepConfig, base_dir: Path | None, cwd: Path) -> Path:
                           "here. On one machine (or a cluster sharing a disk at the same path) add --base-dir $PWD to the "
                           "command; otherwise give absolute paths on storage every node sees")
     return cwd
+
+
+def load_sweep(path: Path, base_dir: Path | None = None) -> SweepConfig:
+    """The sweep config in the YAML file `path`, validated, its relative paths resolved now (Tune trials change
+    directory) against `base_dir` or the working directory, as `paths_base` rules."""
+    sweep = build_config(SweepConfig, None, **read_config_file(path))
+    return sweep.resolved(paths_base(sweep, base_dir, Path.cwd()))

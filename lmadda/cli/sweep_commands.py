@@ -53,11 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _sweep_from(path: Path, base_dir: Path | None = None):
-    from lmadda.config import build_config, read_config_file
-    from lmadda_tune.sweep_config import SweepConfig, paths_base
+    from lmadda_tune.sweep_config import load_sweep
 
-    sweep = build_config(SweepConfig, None, **read_config_file(path))
-    return sweep.resolved(paths_base(sweep, base_dir, Path.cwd()))
+    return load_sweep(path, base_dir)
 
 
 @contextlib.contextmanager
