@@ -181,8 +181,12 @@ def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_points(ray_s
     finally:
         driver.kill()
         driver.wait()
+    if not grouped:  # and as if it was killed while Tune wrote its state: the resume takes Tune's last complete copy
+        (state,) = experiment.glob("experiment_state-*.json")
+        state.write_bytes(b"")
     (generator,) = first_point.glob(f"killed-*/phase_contrast-overexposure-2-L1-lr0.0001-s0/step_4/{GENERATOR_FILE}")
     written = generator.stat().st_mtime_ns
+    trial_stores = sorted(first_point.glob("killed-*"))  # one per trial id: a trial started afresh would add one
     first = next(experiment.glob("trial_driver_*_00000_*")) / "result.json"
     # One trial per point: the first trial has finished, its results are written. Grouped, the driver was killed
     # mid-trial, maybe before it wrote any result of the trial: there is nothing of it to compare.
@@ -194,5 +198,8 @@ def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_points(ray_s
     assert sorted(r["layer"] for r in rows) == [1, 2, 11]
     assert all(r["steps_done"] == 4 and not r["error"] and r["generator_path"] for r in rows)
     assert generator.stat().st_mtime_ns == written  # the finished point was not run again
-    if not grouped:
+    assert sorted(first_point.glob("killed-*"))[:len(trial_stores)] == trial_stores  # its trial was resumed, not restarted
+    if grouped:
+        assert len(list(first_point.glob("killed-*"))) == 1
+    else:
         assert first.read_bytes() == finished_before  # nor was its trial

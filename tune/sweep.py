@@ -53,6 +53,7 @@ from lmadda_tune.sweep_report import best_per_target, format_selection, markers_
 from lmadda_tune.train_workers import (GENERATOR_FILE, ROWS_FILE, adaptation_worker, in_trial_adaptation, labelled_test_images,
                                         source_worker)
 from lmadda_tune.trial_config import TrialPoint, TrialSpec
+from lmadda_tune.tune_state import StateBackup, recover_tune_state
 
 
 LOCAL_RAY_NOTE = """Ray Train V2 under Tune leaves each trial's worker placement group reserved unless its
@@ -81,6 +82,9 @@ def trial_config(sweep: SweepConfig, points: list[GridPoint]) -> TrialSpec:
 
 def trial_points(config: dict) -> list[GridPoint]:
     """A trial's grid points, from its Tune config (`GridPoint.as_dict` each)."""
+    if not config:  # Tune "restarted" an experiment whose state it could not read (tune_state keeps that from happening)
+        raise LmaddaError("Ray Tune restored this trial without its configuration: the sweep's Tune state could not be read. "
+                          "Run the sweep again under a new name")
     if "points" not in config:
         raise LmaddaError("this trial was started by an older lmadda (one grid point per trial): finish that sweep with the "
                           "lmadda version that started it, or run it again under a new name")
@@ -267,6 +271,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     if resume:
         if not tune.Tuner.can_restore(str(experiment_path)):
             raise LmaddaError(f"no sweep to resume at {experiment_path}; run it without --resume first")
+        recover_tune_state(experiment_path, log)  # a driver killed while Tune wrote its state: its last complete copy
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_errored=True)
         log(f"[sweep] resuming {experiment_path}")
     else:
@@ -279,7 +284,8 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
             param_space={"sweep": sweep.model_dump(mode="json"), "points": tune.grid_search(groups)},
             # reuse_actors=False: see LOCAL_RAY_NOTE (leaked Train placement groups otherwise).
             tune_config=tune.TuneConfig(max_concurrent_trials=resources.max_concurrent_trials, reuse_actors=False),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(sweep.storage_path), stop=stopper, verbose=0),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(sweep.storage_path), stop=stopper, verbose=0,
+                                      callbacks=[StateBackup()]),  # a copy of Tune's last complete state, for --resume
         )
     grid = tuner.fit()
     rows = []
