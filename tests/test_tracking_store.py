@@ -109,3 +109,18 @@ def test_the_relative_artifact_root_is_recorded_when_the_experiment_is_made(tmp_
     with sqlite3.connect(tmp_path / "mlflow.db") as connection:
         (location,) = connection.execute("SELECT artifact_location FROM experiments WHERE name = 'e'").fetchone()
     assert location == (tmp_path / "runs" / "mlartifacts").resolve().as_uri()
+
+
+def test_a_study_tracker_leaves_the_users_tracking_uri_as_it_was(tmp_path, migrated_store, monkeypatch):
+    """mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI: a study must not send a later sweep to its own store."""
+    import os
+
+    from lmadda.study.tracking import StudyTracker
+
+    shutil.copy(migrated_store, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    StudyTracker(_uri(tmp_path), "study", tmp_path)
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    StudyTracker(_uri(tmp_path), "study", tmp_path)
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -21,7 +21,8 @@ from mlflow.tracking import MlflowClient
 
 from lmadda.metrics import is_finite
 from lmadda.result_rows import model_metrics, model_params
-from lmadda.tracking_store import FINISHED, all_runs, ensure_experiment, one_finished_run_per_key, relocate_artifacts
+from lmadda.tracking_store import (FINISHED, all_runs, ensure_experiment, keeps_tracking_env, one_finished_run_per_key,
+                                   relocate_artifacts)
 
 
 
@@ -34,6 +35,7 @@ def model_key(row: dict) -> str:
 class StudyTracker:
     """Logs the models of one experiment; logging is idempotent (a model already logged is skipped)."""
 
+    @keeps_tracking_env  # the study names its store; a later sweep in the same process reads the user's own
     def __init__(self, tracking_uri: str, experiment: str, storage: Path):
         self.experiment = ensure_experiment(tracking_uri, experiment, storage)
         self.client = MlflowClient(tracking_uri)
