@@ -9,7 +9,9 @@ folder, so `make study` reuses them; the robust source model too, from the exper
 - trained candidates per seed, at each of `--layers`: LM-ADDA (the study's recipe), moment matching
   at the cut, self-training, and histogram matching + self-training;
 - the selector's label-free choice among all candidates of a seed, with the source's domain check
-  on (the gate that sees a zoom) and off.
+  on (the gate that sees a zoom) and off; where the robust model is admitted, also with it as the
+  default, scoring its rows against its own in-domain stains (the selector's rule) and, for
+  comparison, against the plain model's (bench/results/adapt_families_reference.jsonl).
 
 Each model's Pearson is printed on the target's validation fields; its test-field Pearson is
 recorded beside it for the report and for nothing else: no option here is chosen by it. Seconds per
@@ -26,6 +28,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +144,7 @@ def main() -> None:
             for name in ("unadapted", "adabn", "histogram_matching"):
                 generator, transform = build_baseline(name, robust.generator, source_train, target_train)
                 label = "robust" if name == "unadapted" else f"robust+{name}"
-                cheap.append(Candidate(label, generator, transform, family=label))
+                cheap.append(Candidate(label, generator, transform, family=label, base="robust"))
                 measure(cheap[-1], None)
         for seed in args.seeds:
             trained = []
@@ -169,23 +172,31 @@ def main() -> None:
             candidates = cheap + trained
             options = spec.selection.options()
             selector = Selector(source.generator, source_train, target_train, seed=seed, crop_size=options["crop_size"],
-                                crops=options["crops"], domain_reference=source.domain_reference)
-            scores = selector.per_crop(candidates)  # once: every rule below decides on the same per-crop scores
+                                crops=options["crops"], domain_reference=source.domain_reference,
+                                references={"robust": robust.generator} if robust is not None else None)
+            observations = selector.observe_all(candidates)  # once: every rule below decides on the same observations
+            # "own": each candidate against its base model's in-domain stains (the selector's rule); "plain": every
+            # candidate against the plain source model's, as before bases existed
+            scored = {"own": selector.per_crop(observations),
+                      "plain": selector.per_crop({name: replace(o, base=UNADAPTED) for name, o in observations.items()})}
             score = options["score"]
-            rules = [(gate, guard, UNADAPTED) for gate in ("domain_check", "output_w1_only") for guard in (None, "consensus")]
-            rules += [("domain_check", None, "robust")] if robust_default else []
-            for gate, guard, default in rules:
-                choice = decide(scores[score], score, floor=selector.floor[score], guard=scores[guard] if guard else None,
+            rules = [(gate, guard, UNADAPTED, "own") for gate in ("domain_check", "output_w1_only") for guard in (None, "consensus")]
+            rules += [("domain_check", None, "robust", reference) for reference in ("plain", "own")] if robust_default else []
+            for gate, guard, default, reference in rules:
+                scores = scored[reference]
+                floor = selector.reference(observations[default].base if reference == "own" else UNADAPTED).floor[score]
+                choice = decide(scores[score], score, floor=floor, guard=scores[guard] if guard else None,
                                 min_win_fraction=options["min_win_fraction"], min_gain=options["min_gain"],
                                 out_of_domain=selector.out_of_domain() if gate == "domain_check" else 0.0, default=default)
                 val, test = pearson[choice.chosen]
                 best = max((n for n in pearson if "#" not in n or n.endswith(f"#s{seed}")), key=lambda n: pearson[n][0])
                 write({"kind": "choice", "target": target, "seed": seed, "gate": gate, "guard": guard, "default": default,
+                       "reference": reference,
                        "chosen": choice.chosen.split("#")[0], "fell_back": choice.fell_back, "reason": choice.reason,
                        "val_pearson": val, "test_pearson": test, "best_by_val": best.split("#")[0], "best_val": pearson[best][0],
                        "best_val_test": pearson[best][1], "unadapted_val": pearson[UNADAPTED][0],
                        "unadapted_test": pearson[UNADAPTED][1], "out_of_domain": selector.out_of_domain()})
-                print(f"  seed {seed} choice ({gate}, guard {guard}, default {default}): {choice.chosen} val {val:.3f} "
+                print(f"  seed {seed} choice ({gate}, guard {guard}, default {default}, {reference} reference): {choice.chosen} val {val:.3f} "
                       f"test {test:.3f}; {choice.reason}", flush=True)
 
     by_candidate: dict[tuple, list[float]] = defaultdict(list)

@@ -27,11 +27,14 @@ labelled Pearson and why the default was chosen):
   shift causes differ between methods that correct it in different places; the stain itself is what
   they share (the ensemble-agreement idea of SIT-ADDA-Auto, across methods rather than seeds).
 - `output_w1`: the W1 distance between a candidate's predicted stain intensities on a target crop
-  and the source model's predictions on source crops (a good model predicts stains that look like
-  stains). A zoom candidate (`input_zoom` z, lmadda.zoom) predicts a stain at the target's scale, so
-  its stains are compared with the source's seen at that scale (resampled by 1/z): like with like.
-- `feature_gap`: how far a target crop's bottleneck channel means sit from the source crops', in
-  units of the source spread (leftover domain shift where every input has been summarised).
+  and its base model's predictions on source crops (a good model predicts stains that look like
+  its own stains in domain). The base is the source model a candidate was built from: the unadapted
+  one, or a robust source model (`references`), whose stains differ a little from the plain model's
+  in domain too, so that judged against the plain model's they look shifted where nothing is. A zoom
+  candidate (`input_zoom` z, lmadda.zoom) predicts a stain at the target's scale, so its stains are
+  compared with the source's seen at that scale (resampled by 1/z): like with like.
+- `feature_gap`: how far a target crop's bottleneck channel means sit from the base model's on source
+  crops, in units of their spread (leftover domain shift where every input has been summarised).
 - `flip`: how much the prediction changes when the crop is mirrored (no preferred orientation).
 """
 
@@ -66,6 +69,7 @@ class Candidate:
     generator: UNetGenerator
     input_transform: InputTransform | None = None
     family: str = ""  # candidates of one family share one vote in the consensus (default: the name before ':')
+    base: str = UNADAPTED  # the source model it was built from: its in-domain stains are the candidate's reference
 
     @property
     def family_name(self) -> str:
@@ -101,12 +105,14 @@ class Observation:
     mirrored: np.ndarray  # predictions of the mirrored crops, mirrored back
     means: np.ndarray  # (N, channels) bottleneck channel means
     zoom: float = 1.0  # the candidate's input_zoom: the scale its stains are at, relative to the source's
+    base: str = UNADAPTED  # the source model it was built from (`Candidate.base`)
 
     def save(self, path: Path) -> Path:
         def write(temporary: Path) -> None:
             with temporary.open("wb") as file:  # a file object: np.savez would append .npz to a path
                 np.savez(file, family=np.array(self.family), predicted=self.predicted.astype(np.float16),
-                         mirrored=self.mirrored.astype(np.float16), means=self.means.astype(np.float32), zoom=np.array(self.zoom))
+                         mirrored=self.mirrored.astype(np.float16), means=self.means.astype(np.float32), zoom=np.array(self.zoom),
+                         base=np.array(self.base))
 
         return write_atomically(path, write)
 
@@ -114,8 +120,9 @@ class Observation:
     def load(cls, path: Path) -> "Observation":
         with np.load(path) as data:
             zoom = float(data["zoom"]) if "zoom" in data.files else 1.0  # observations kept before zoom existed
+            base = str(data["base"]) if "base" in data.files else UNADAPTED  # observations kept before bases existed
             return cls(str(data["family"]), data["predicted"].astype(np.float32), data["mirrored"].astype(np.float32),
-                       data["means"].astype(np.float32), zoom)
+                       data["means"].astype(np.float32), zoom, base)
 
 
 @torch.no_grad()
@@ -133,13 +140,27 @@ def _run(generator: UNetGenerator, crops: np.ndarray, transform: InputTransform 
     return predicted, means, np.ascontiguousarray(mirrored)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What one source model's outputs look like in its own domain, on the selector's fixed source crops: the level
+    the candidates built from it are measured against."""
+
+    pool: np.ndarray  # (N, C, H, W) its stains on source crops
+    mean: np.ndarray  # its bottleneck channel means on source crops, and their spread
+    spread: np.ndarray
+    floor: dict[str, np.ndarray]  # the model itself on other source crops, scored like a candidate: the in-domain level
+
+
 class Selector:
-    """Fixed crops of source and unlabelled target images; `per_crop(candidates)` and `choose(candidates)`."""
+    """Fixed crops of source and unlabelled target images; `per_crop(candidates)` and `choose(candidates)`.
+
+    `references` names the other source models candidates may be built from (`Candidate.base`), such as an admitted
+    robust source model; the unadapted `source` is always one."""
 
     def __init__(self, source: UNetGenerator, source_images: list[LoadedImage], target_images: list[LoadedImage], *,
                  crop_size: int = 128, crops: int = 16, seed: int = 0, score: str = DEFAULT_SCORE,
                  min_win_fraction: float = 0.75, min_gain: float = 0.25, guard: str | None = None,
-                 domain_reference: DomainReference | None = None):
+                 domain_reference: DomainReference | None = None, references: dict[str, UNetGenerator] | None = None):
         if score not in SCORES or guard not in (None, *SCORES):
             raise ValueError(f"unknown selection score {score!r} or guard {guard!r}; known: {', '.join(SCORES)}")
         if not source_images or not target_images:
@@ -152,52 +173,79 @@ class Selector:
         self.score, self.min_win_fraction, self.min_gain, self.guard = score, min_win_fraction, min_gain, guard
         self.source, self.target_images, self.domain_reference = source, target_images, domain_reference
         self._out_of_domain: float | None = None
-        self._pools: dict[float, np.ndarray] = {}
+        self._pools: dict[tuple[str, float], np.ndarray] = {}
         self.bottleneck = source.config.depth - 1
         self.target_crops = fixed_crops(target_images, size, crops, seed + 1)
-        predicted, means, _ = _run(source, fixed_crops(source_images, size, crops, seed), None, self.bottleneck)
-        self.source_pool = predicted  # (N, C, H, W): what stains look like in the source domain
-        self.source_mean, self.source_spread = means.mean(axis=0), means.std(axis=0) + 1e-6
-        # The floor: the source model on other source crops, scored like a candidate. A target whose unadapted
-        # score sits within this is already in domain; a gain is measured against the excess over it.
-        held_out = _run(source, fixed_crops(source_images, size, crops, seed + 2), None, self.bottleneck)
-        self.floor = self._scores(Observation("source", held_out[0], held_out[2], held_out[1]), consensus=None)
+        self._models = {UNADAPTED: source, **(references or {})}
+        self._source_crops = fixed_crops(source_images, size, crops, seed)
+        self._held_out_crops = fixed_crops(source_images, size, crops, seed + 2)
+        self._references: dict[str, Reference] = {}
+
+    def reference(self, base: str = UNADAPTED) -> Reference:
+        """The in-domain level of the source model `base` (computed once)."""
+        if base not in self._models:
+            raise ValueError(f"a candidate is built from {base!r}, which the selector was not given: pass it in `references`")
+        if base not in self._references:
+            model = self._models[base]
+            predicted, means, _ = _run(model, self._source_crops, None, self.bottleneck)
+            unscored = Reference(predicted, means.mean(axis=0), means.std(axis=0) + 1e-6, floor={})
+            # The floor: the model on other source crops, scored like a candidate. A target whose default model scores
+            # within this is already in domain; a gain is measured against the excess over it.
+            held_out = _run(model, self._held_out_crops, None, self.bottleneck)
+            floor = self._scores(Observation("source", held_out[0], held_out[2], held_out[1], base=base), None, unscored)
+            self._references[base] = Reference(unscored.pool, unscored.mean, unscored.spread, floor)
+        return self._references[base]
+
+    @property
+    def source_pool(self) -> np.ndarray:
+        """The unadapted source model's stains on the source crops: what stains look like in the source domain."""
+        return self.reference().pool
+
+    @property
+    def floor(self) -> dict[str, np.ndarray]:
+        """The unadapted source model's in-domain level per score and crop."""
+        return self.reference().floor
 
     def observe(self, candidate: Candidate) -> Observation:
         predicted, means, mirrored = _run(candidate.generator, self.target_crops, candidate.input_transform, self.bottleneck)
-        return Observation(candidate.family_name, predicted, mirrored, means, candidate.generator.config.input_zoom)
+        return Observation(candidate.family_name, predicted, mirrored, means, candidate.generator.config.input_zoom, candidate.base)
 
-    def _pool_at(self, zoom: float) -> np.ndarray:
-        """The source stains as they look at a target's scale: resampled by 1/`zoom` (cached per zoom)."""
+    def _pool_at(self, reference: Reference, base: str, zoom: float) -> np.ndarray:
+        """A base model's source stains as they look at a target's scale: resampled by 1/`zoom` (cached per zoom)."""
         if zoom == 1.0:
-            return self.source_pool
-        if zoom not in self._pools:
+            return reference.pool
+        if (base, zoom) not in self._pools:
             from lmadda.zoom import resample
 
-            self._pools[zoom] = np.stack([resample(stain, 1.0 / zoom) for stain in self.source_pool])
-        return self._pools[zoom]
+            self._pools[(base, zoom)] = np.stack([resample(stain, 1.0 / zoom) for stain in reference.pool])
+        return self._pools[(base, zoom)]
 
-    def _scores(self, observation: Observation, consensus: np.ndarray | None) -> dict[str, np.ndarray]:
+    def _scores(self, observation: Observation, consensus: np.ndarray | None,
+                reference: Reference | None = None) -> dict[str, np.ndarray]:
         predicted, means, mirrored = observation.predicted, observation.means, observation.mirrored
-        pool = self._pool_at(observation.zoom)
+        reference = reference or self.reference(observation.base)
+        pool = self._pool_at(reference, observation.base, observation.zoom)
         channels = pool.shape[1]
         return {
             "consensus": np.abs(predicted - consensus).mean(axis=(1, 2, 3)) if consensus is not None else np.zeros(len(predicted)),
             "output_w1": np.array([np.mean([wasserstein_1d(p[ch], pool[:, ch], quantiles=128) for ch in range(channels)])
                                    for p in predicted]),
-            "feature_gap": (np.abs(means - self.source_mean) / self.source_spread).mean(axis=1),
+            "feature_gap": (np.abs(means - reference.mean) / reference.spread).mean(axis=1),
             "flip": np.abs(mirrored - predicted).mean(axis=(1, 2, 3)),
         }
 
-    def per_crop(self, candidates: list[Candidate] | dict[str, Observation]) -> dict[str, dict[str, np.ndarray]]:
-        """score name -> candidate name -> per-crop values (lower is better)."""
+    def observe_all(self, candidates: list[Candidate] | dict[str, Observation]) -> dict[str, Observation]:
+        """name -> observation (observations pass through)."""
         if isinstance(candidates, dict):
-            observations = candidates
-        else:
-            names = [c.name for c in candidates]
-            if len(set(names)) != len(names):
-                raise ValueError(f"candidate names must be unique, got {names}")
-            observations = {c.name: self.observe(c) for c in candidates}
+            return candidates
+        names = [c.name for c in candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidate names must be unique, got {names}")
+        return {c.name: self.observe(c) for c in candidates}
+
+    def per_crop(self, candidates: list[Candidate] | dict[str, Observation]) -> dict[str, dict[str, np.ndarray]]:
+        """score name -> candidate name -> per-crop values (lower is better), each against its base model's reference."""
+        observations = self.observe_all(candidates)
         families: dict[str, list[np.ndarray]] = {}
         for observation in observations.values():
             families.setdefault(observation.family, []).append(observation.predicted)
@@ -227,23 +275,30 @@ class Selector:
 
     def choose(self, candidates: list[Candidate] | dict[str, Observation], default: str = UNADAPTED) -> Choice:
         """The choice among `candidates`, keeping `default` (the unadapted model, or an admitted robust source model)
-        unless one is confidently better (`decide`)."""
+        unless one is confidently better (`decide`). The in-domain level is the default's base model's."""
         if UNADAPTED not in (candidates if isinstance(candidates, dict) else [c.name for c in candidates]):
             raise ValueError("the candidates must include the unadapted model: 'don't adapt' is always an answer")
-        floor = None if self.score == "consensus" else self.floor[self.score]  # consensus has no in-domain reference
-        scores = self.per_crop(candidates)
+        observations = self.observe_all(candidates)
+        if default not in observations:
+            raise ValueError(f"the default model {default!r} is not among the candidates: 'don't adapt' is always an answer")
+        # the in-domain level is the default's own base's (consensus has none); the zoom's is the unadapted model's
+        floor = None if self.score == "consensus" else self.reference(observations[default].base).floor[self.score]
+        unadapted_floor = None if floor is None else self.floor[self.score]
+        scores = self.per_crop(observations)
         return decide(scores[self.score], self.score, floor=floor, guard=scores[self.guard] if self.guard else None,
                       min_win_fraction=self.min_win_fraction, min_gain=self.min_gain,
-                      out_of_domain=self.out_of_domain() if floor is not None else 0.0, default=default)
+                      out_of_domain=self.out_of_domain() if floor is not None else 0.0, default=default,
+                      unadapted_floor=unadapted_floor)
 
 
 def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | None = None, guard: dict[str, np.ndarray] | None = None,
-           min_win_fraction: float = 0.75, min_gain: float = 0.25, out_of_domain: float = 0.0, default: str = UNADAPTED) -> Choice:
+           min_win_fraction: float = 0.75, min_gain: float = 0.25, out_of_domain: float = 0.0, default: str = UNADAPTED,
+           unadapted_floor: np.ndarray | None = None) -> Choice:
     """The best candidate by mean score, kept only when it is confidently better than the `default` model.
 
     `default`: what a lab uses without adapting, kept unless a candidate is confidently better: the unadapted source
     model, or a robust source model admitted as the anchor (`lmadda.training.robust`), which needs no target.
-    `floor`: the score of the source model on held-out source crops, the in-domain level. With it, the
+    `floor`: the score of the default's base model on held-out source crops, the in-domain level. With it, the
     target must look shifted (the default model above the floor's median on `min_win_fraction` of the
     crops) and the gain is the fraction of the excess over the floor that the candidate removes;
     without it, the fraction of the default model's score. Either way the gain must reach `min_gain`
@@ -255,6 +310,8 @@ def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | N
     call in domain. When most are out of domain but `score` sees no shift (a zoom leaves the stain's
     intensities alone), the target is not called "nothing to adapt to": candidates are judged against
     the default model's own score, as without a floor.
+    `unadapted_floor`: the unadapted model's in-domain level, where the default is built from another model (a
+    robust default's floor is its own); the zoom, the unadapted model resampled, is checked against it.
     """
     if default not in per_crop:
         raise ValueError(f"the default model {default!r} is not among the candidates: 'don't adapt' is always an answer")
@@ -267,7 +324,8 @@ def decide(per_crop: dict[str, np.ndarray], score: str, *, floor: np.ndarray | N
     # robust default whose augmentation covers some of the scale also sits near the source's level, where the score
     # cannot rank the two (below), and the zoom is the one with independent evidence of what the shift was.
     zoom_wins = float(np.mean(per_crop[ZOOM] < per_crop[UNADAPTED])) if ZOOM in means and UNADAPTED in per_crop else 0.0
-    if ZOOM in means and floor is not None and means[ZOOM] <= float(np.mean(floor)) and zoom_wins >= min_win_fraction:
+    zoom_floor = unadapted_floor if unadapted_floor is not None else floor
+    if ZOOM in means and zoom_floor is not None and means[ZOOM] <= float(np.mean(zoom_floor)) and zoom_wins >= min_win_fraction:
         return Choice(ZOOM, False, f"the domain check found the target at another scale, and the zoomed model's stains sit at the "
                                    f"source's own level in {score} and beat the unadapted model's on {zoom_wins:.0%} of the "
                                    "target crops: geometry first", score, means, wins)

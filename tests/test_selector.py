@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -118,6 +120,12 @@ def test_geometry_first_a_zoom_at_the_source_level_is_chosen_before_a_lower_scor
     robust = np.r_[np.full(3, 0.008), np.full(5, 0.0095)]  # "beats" the zoom on 3 of 8 crops
     with_robust = decide({**crops, "robust": robust}, "output_w1", floor=floor, default="robust")
     assert with_robust.chosen == "zoom" and "geometry first" in with_robust.reason
+    # the robust default's own in-domain level is lower than the unadapted model's: the zoom (the unadapted model
+    # resampled) is still checked against the unadapted model's level, not the robust model's
+    robust_floor = np.full(8, 0.005)
+    own_level = decide({**crops, "robust": robust}, "output_w1", floor=robust_floor, default="robust", unadapted_floor=floor)
+    assert own_level.chosen == "zoom" and "geometry first" in own_level.reason
+    assert decide({**crops, "robust": robust}, "output_w1", floor=robust_floor, default="robust").chosen != "zoom"
 
 
 def test_an_admitted_robust_model_is_the_default_kept_unless_a_candidate_is_confidently_better_than_it():
@@ -143,6 +151,7 @@ def test_the_study_keeps_the_robust_model_by_default_only_where_it_was_admitted(
     class Recorder:
         def choose(self, observations, default):
             self.seen, self.default = sorted(observations), default
+            self.bases = {name: observation.base for name, observation in observations.items()}
             return decide({name: np.full(4, 1.0) for name in observations}, "consensus", default=default)
 
     for name in (UNADAPTED, "robust", "robust+adabn", "adabn"):
@@ -150,6 +159,42 @@ def test_the_study_keeps_the_robust_model_by_default_only_where_it_was_admitted(
     admitted = Recorder()
     label_free_rows([], "t", 0, tmp_path, admitted)
     assert admitted.default == "robust" and "robust" in admitted.seen
+    # kept before observations named their base: the robust rows are still measured against the robust model's stains
+    assert admitted.bases == {UNADAPTED: UNADAPTED, "robust": "robust", "robust+adabn": "robust", "adabn": UNADAPTED}
     refused = Recorder()
     label_free_rows([], "t", 0, tmp_path, refused, frozenset(ROBUST_VARIANTS))
     assert refused.default == UNADAPTED and refused.seen == ["adabn", UNADAPTED]
+
+
+def test_a_candidate_built_from_the_robust_model_is_measured_against_the_robust_models_own_stains(tmp_path):
+    """A robust model whose stains differ from the plain model's in domain too is not "shifted" on a target in domain."""
+    from lmadda.selection import wasserstein_1d
+
+    source = _source()
+    robust = _damaged(source.generator, 0.8)  # another source model: its in-domain stains differ from the plain one's
+    source_images, target_images = _images(0.0, n=6), _images(0.0, n=6, seed=9)  # the target is in domain
+    selector = Selector(source.generator, source_images, target_images, crop_size=32, crops=8, references={"robust": robust})
+    own = Observation.load(selector.observe(Candidate("robust", robust, base="robust")).save(tmp_path / "robust.npz"))
+    assert own.base == "robust"  # kept on disk, so a resumed study scores it alike
+    as_plain = replace(own, base=UNADAPTED)
+    scores = selector.per_crop({UNADAPTED: selector.observe(Candidate(UNADAPTED, source.generator)), "robust": own,
+                                "robust as if plain": as_plain})["output_w1"]
+    expected = [wasserstein_1d(p[0], selector.reference("robust").pool[:, 0], quantiles=128) for p in own.predicted]
+    np.testing.assert_allclose(scores["robust"], expected, rtol=1e-5)
+    assert scores["robust"].mean() < scores["robust as if plain"].mean()  # its own stains are its in-domain look
+    # the in-domain level a robust default is judged against is its own: the robust model on held-out source crops
+    robust_floor = selector.reference("robust").floor["output_w1"]
+    assert not np.allclose(robust_floor, selector.floor["output_w1"])
+    choice = selector.choose({UNADAPTED: selector.observe(Candidate(UNADAPTED, source.generator)), "robust": own}, default="robust")
+    assert choice == decide(selector.per_crop({UNADAPTED: selector.observe(Candidate(UNADAPTED, source.generator)), "robust": own})
+                            ["output_w1"], "output_w1", floor=robust_floor, default="robust")
+    with pytest.raises(ValueError, match="pass it in `references`"):
+        Selector(source.generator, source_images, target_images, crop_size=32, crops=8).per_crop({"robust": own})
+
+
+def test_an_observation_kept_before_bases_existed_is_measured_against_the_unadapted_model(tmp_path):
+    path = tmp_path / "old.npz"
+    with path.open("wb") as file:
+        np.savez(file, family=np.array("adabn"), predicted=np.zeros((2, 1, 8, 8), np.float16),
+                 mirrored=np.zeros((2, 1, 8, 8), np.float16), means=np.zeros((2, 3), np.float32), zoom=np.array(1.0))
+    assert Observation.load(path).base == UNADAPTED

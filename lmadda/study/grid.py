@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -147,6 +148,8 @@ def label_free_rows(rows: list[dict], target: str, seed: int, selection: Path, s
     The model kept unless a candidate is confidently better is the robust source model where it was admitted (it
     needs no target, and costs nothing in domain on the source's validation fields), else the unadapted one."""
     observations = {path.stem: Observation.load(path) for path in sorted(selection.glob("*.npz")) if path.stem not in refused}
+    # the robust rows are built from the robust model, also where they were kept before observations named their base
+    observations = {name: replace(o, base=ROBUST) if name in ROBUST_VARIANTS else o for name, o in observations.items()}
     choice = selector.choose(observations, default=ROBUST if ROBUST in observations else UNADAPTED)
     chosen = []
     for row in rows:
@@ -190,6 +193,8 @@ def run_grid(
     `robust` (the robust source model) adds its rows: as it is (`robust`), and with AdaBN and with histogram
     matching (`ROBUST_VARIANTS`), in domain and on every target; each is a candidate of the label-free choice when
     `robust_admitted` (`lmadda.training.robust.admit_robust`; given on every call of a seed, with or without `robust`).
+    Give `robust` on every call that chooses: the selector measures its rows against the robust model's own stains
+    in domain, not the plain model's (rows already measured are skipped).
     `selector_options` (Selector keywords) turns on the label-free choice: every candidate (unadapted,
     each correction and composite, the robust source's rows, each adapted model of every family) is observed on fixed unlabelled target crops, kept
     on disk in `out`/selection, and once a domain's candidates exist the choice lands as rows of
@@ -232,8 +237,8 @@ def run_grid(
         selection = out / "selection" / domain.name.replace(":", "_") / f"seed{seed}" if selector_options is not None and out else None
         selector: Selector | None = None
 
-        def observe(name: str, method: str, generator: UNetGenerator, transform=None) -> None:
-            """Keep what the label-free choice needs of a candidate, once."""
+        def observe(name: str, method: str, generator: UNetGenerator, transform=None, base: str = UNADAPTED) -> None:
+            """Keep what the label-free choice needs of a candidate, once (`base`: the source model it was built from)."""
             nonlocal selector
             family = candidate_family(method)
             path = selection / f"{name}.npz" if selection is not None and family is not None else None
@@ -241,11 +246,12 @@ def run_grid(
                 return
             if selector is None:
                 selector = make_selector()
-            selector.observe(Candidate(name, generator, transform, family=family)).save(path)
+            selector.observe(Candidate(name, generator, transform, family=family, base=base)).save(path)
 
         def make_selector() -> Selector:
+            references = {ROBUST: robust.generator} if robust is not None else None  # the robust rows' own in-domain stains
             return Selector(source.generator, source_train, target_train, seed=seed, domain_reference=source.domain_reference,
-                            **selector_options)
+                            references=references, **selector_options)
 
         refused = frozenset() if robust_admitted else frozenset(ROBUST_VARIANTS)
         cheap = [(name, source, name) for name in ("unadapted", *baselines)]
@@ -262,7 +268,7 @@ def run_grid(
             if not done:
                 record(name, evaluate_generator(generator, target_test, markers, input_transform=transform), seconds=seconds)
             if name not in refused:
-                observe(name, name, generator, transform)
+                observe(name, name, generator, transform, base=ROBUST if model is robust else UNADAPTED)
 
         last = source.generator.last_layer
         for point in (point for point in points if point.target == domain.name):

@@ -278,7 +278,6 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
         for seed in grid.seeds:
             for lr in grid.lrs:
                 first = seed == grid.seeds[0] and lr == grid.lrs[0]
-                first_lr = lr == grid.lrs[0]  # the robust source's rows are per seed (its selector crops are), not per rate
                 for domain in domains:  # one target at a time: a target that fails is recorded, the others go on
                     if failures.failed(domain.name):
                         continue
@@ -286,7 +285,7 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
                         rows = run_grid(source, data, [domain], grid.points_for(domain.name, seed, lr, num_layers), spec.adapt,
                                         seed=seed, source_setting=spec.source.setting, out=out, baselines=tuple(spec.baselines),
                                         selector_options=spec.selection.options(), choose=lr == grid.lrs[-1],
-                                        oracle=oracle if first else None, robust=robust if first_lr else None,
+                                        oracle=oracle if first else None, robust=robust,
                                         robust_admitted=robust_admitted,
                                         probe_for=recorder.probe, on_model=recorder,
                                         progress=False, log=log)
