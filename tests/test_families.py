@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from lmadda.baselines import adabn, build_baseline, parse_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
@@ -278,3 +277,22 @@ def test_a_refused_robust_model_is_measured_but_never_seen_by_the_selector(tiny_
     assert observed and not observed & set(ROBUST_VARIANTS)
     choice = json.loads((tmp_path / "selection" / "phase_contrast+overexposure_3" / "seed0" / "choice.json").read_text())
     assert choice["chosen"] not in ROBUST_VARIANTS
+
+
+def test_robust_rows_an_earlier_run_left_are_no_candidates_when_no_robust_model_is_given(tiny_synth, tiny_source, tmp_path):
+    """The selector measures robust rows against the robust model's own stains; a run without the model (a demo with
+    robust_epochs 0 over an earlier run's folder) leaves them out instead of failing."""
+    from lmadda.result_rows import TargetDomain
+    from lmadda.study.config import SelectionSpec
+    from lmadda.study.grid import ROBUST_VARIANTS, run_grid
+
+    source = load_checkpoint(tiny_source)
+    domain = TargetDomain.parse("phase_contrast+overexposure:3")
+    options = dict(seed=0, source_setting="phase_contrast", out=tmp_path, baselines=("adabn",), progress=False, log=lambda *_: None,
+                   selector_options=SelectionSpec(crops=4, crop_size=64).options())
+    run_grid(source, tiny_synth, [domain], [], {"device": "cpu"}, robust=copy.deepcopy(source), choose=False, **options)
+    selection = tmp_path / "selection" / "phase_contrast+overexposure_3" / "seed0"
+    assert set(ROBUST_VARIANTS) <= {p.stem for p in selection.glob("*.npz")}  # kept from the first run
+    run_grid(source, tiny_synth, [domain], [], {"device": "cpu"}, **options)  # no robust model this time
+    choice = json.loads((selection / "choice.json").read_text())
+    assert choice["chosen"] not in ROBUST_VARIANTS and not set(choice["means"]) & set(ROBUST_VARIANTS)

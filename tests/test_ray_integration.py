@@ -198,8 +198,8 @@ def test_a_killed_sweep_driver_resumes_and_runs_only_the_unfinished_points(ray_s
     assert sorted(r["layer"] for r in rows) == [1, 2, 11]
     assert all(r["steps_done"] == 4 and not r["error"] and r["generator_path"] for r in rows)
     assert generator.stat().st_mtime_ns == written  # the finished point was not run again
-    assert sorted(first_point.glob("killed-*"))[:len(trial_stores)] == trial_stores  # its trial was resumed, not restarted
-    if grouped:
-        assert len(list(first_point.glob("killed-*"))) == 1
-    else:
+    # its trial was resumed, not started afresh under a new id: one store per trial, the earlier ones among them
+    after = sorted(first_point.glob("killed-*"))
+    assert set(trial_stores) <= set(after) and len(after) == (1 if grouped else 3)
+    if not grouped:
         assert first.read_bytes() == finished_before  # nor was its trial

@@ -198,3 +198,22 @@ def test_an_observation_kept_before_bases_existed_is_measured_against_the_unadap
         np.savez(file, family=np.array("adabn"), predicted=np.zeros((2, 1, 8, 8), np.float16),
                  mirrored=np.zeros((2, 1, 8, 8), np.float16), means=np.zeros((2, 3), np.float32), zoom=np.array(1.0))
     assert Observation.load(path).base == UNADAPTED
+
+
+def test_choose_judges_a_robust_default_at_its_own_floor_and_the_zoom_at_the_unadapted_models(monkeypatch):
+    import lmadda.selector as selector_module
+
+    seen = {}
+    real = selector_module.decide
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selector_module, "decide", spy)
+    source = _source()
+    robust = _damaged(source.generator, 0.3)
+    selector = Selector(source.generator, _images(0.0), _images(1.5, seed=1), crop_size=32, crops=4, references={"robust": robust})
+    selector.choose([Candidate(UNADAPTED, source.generator), Candidate("robust", robust, base="robust")], default="robust")
+    np.testing.assert_array_equal(seen["floor"], selector.reference("robust").floor["output_w1"])
+    np.testing.assert_array_equal(seen["unadapted_floor"], selector.floor["output_w1"])

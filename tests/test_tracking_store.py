@@ -117,10 +117,13 @@ def test_a_study_tracker_leaves_the_users_tracking_uri_as_it_was(tmp_path, migra
 
     from lmadda.study.tracking import StudyTracker
 
-    shutil.copy(migrated_store, tmp_path / "mlflow.db")
+    first, second = tmp_path / "first", tmp_path / "second"
+    for store in (first, second):  # two stores: MLflow writes the variable only when its global URI changes
+        store.mkdir()
+        shutil.copy(migrated_store, store / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
-    StudyTracker(_uri(tmp_path), "study", tmp_path)
+    StudyTracker(_uri(first), "study", first)
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    StudyTracker(_uri(tmp_path), "study", tmp_path)
+    StudyTracker(_uri(second), "study", second)
     assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -53,7 +53,7 @@ from lmadda_tune.sweep_report import best_per_target, format_selection, markers_
 from lmadda_tune.train_workers import (GENERATOR_FILE, ROWS_FILE, adaptation_worker, in_trial_adaptation, labelled_test_images,
                                         source_worker)
 from lmadda_tune.trial_config import TrialPoint, TrialSpec
-from lmadda_tune.tune_state import StateBackup, recover_tune_state
+from lmadda_tune.tune_state import BACKUP_DIR, StateBackup, recover_tune_state
 
 
 LOCAL_RAY_NOTE = """Ray Train V2 under Tune leaves each trial's worker placement group reserved unless its
@@ -189,8 +189,8 @@ def refuse_untrusted_restore(experiment_path: Path, storage_path: Path) -> None:
     unpickling runs whatever a `__reduce__` in it names. So whoever can write the storage path can run code in this
     sweep. Ray cannot be told not to, so before a restore the experiment folder, each folder above it up to and
     including `storage_path`, and everything directly in the experiment folder (tuner.pkl, the experiment and search
-    states) must belong to the current user and not be group- or world-writable. Paths that do not exist are not
-    checked: there is nothing to restore from them."""
+    states) and in its copy of Tune's state (`tune_state.BACKUP_DIR`) must belong to the current user and not be
+    group- or world-writable. Paths that do not exist are not checked: there is nothing to restore from them."""
     experiment_path, storage_path = Path(experiment_path), Path(storage_path)
     chain = [experiment_path]
     for folder in experiment_path.parents:
@@ -199,6 +199,8 @@ def refuse_untrusted_restore(experiment_path: Path, storage_path: Path) -> None:
         chain.append(folder)
     chain.append(storage_path)
     inside = sorted(experiment_path.iterdir()) if experiment_path.is_dir() else []
+    backup = experiment_path / BACKUP_DIR  # a resume may put Tune's state back from there (lmadda_tune.tune_state)
+    inside += sorted(backup.iterdir()) if backup.is_dir() else []
     for path in dict.fromkeys(chain + inside):
         try:
             info = path.stat()

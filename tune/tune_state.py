@@ -1,21 +1,25 @@
-"""A killed sweep resumes from Ray Tune's last complete experiment state, not from a file cut in half.
+"""A killed sweep resumes from Ray Tune's last complete state, not from a file cut in half.
 
-Tune rewrites its experiment state in place (`experiment_state-<session>.json`: open, then dump), so a driver killed
-while it writes leaves the file empty or cut off. `Tuner.restore` then logs "Failed to restore the run state" and
-starts the experiment again with no trials and an empty trial config: every finished point would be run again, and
-lmadda would have nothing to say but nonsense. So:
+Tune keeps two state files per driver session in the experiment folder: the trial table
+(`experiment_state-<session>.json`) and the grid generator's state (`basic-variant-state-<session>.json`, a pickle,
+whose counter decides the trial ids handed out next). At the storage path both are written by a plain copy from
+Tune's staging folder, so a driver killed during that copy leaves a file empty or cut off. `Tuner.restore` then logs
+"Failed to restore the run state" and starts the experiment again with one trial and an empty config: every finished
+point would be run again, and lmadda would have nothing to say but nonsense. So:
 
-- `StateBackup`, a Tune callback in the sweep's driver, copies the state files each time the experiment state has
-  changed and is complete (it parses), into `BACKUP_DIR` beside them: one consistent pair, written atomically.
-- `recover_tune_state`, before a restore, checks the newest state; where it is not complete it puts the backup back
-  (the trials that finished after it are found in their point store, so they are not run again), and where there is
-  no backup it refuses in one line, saying what happened and what to do.
+- `StateBackup`, a Tune callback in the sweep's driver, copies the pair of state files each time they changed and are
+  both complete, into `BACKUP_DIR` beside them. The bytes checked are the bytes written, atomically.
+- `recover_tune_state`, before a restore, finds the newest session whose pair is complete, in the folder or in the
+  backup, and puts that pair back whole (a trial table and a generator state of different moments would skip grid
+  points or hand out a trial id twice). Newer sessions with a cut pair and no complete copy are moved into the
+  backup folder, kept, so that Tune restores the older one; with no complete pair at all it refuses in one line.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
+import pickletools
 from pathlib import Path
 
 from ray.tune import Callback
@@ -23,48 +27,67 @@ from ray.tune import Callback
 from lmadda.core.atomic import write_atomically
 from lmadda.core.errors import LmaddaError
 
-EXPERIMENT_STATE = "experiment_state-*.json"  # Tune's trial table (JSON), one per driver session
-SEARCHER_STATE = "basic-variant-state-*.json"  # Tune's grid generator (a pickle, despite the name), written atomically
+EXPERIMENT_STATE = "experiment_state-{}.json"  # Tune's trial table (JSON), one per driver session
+SEARCHER_STATE = "basic-variant-state-{}.json"  # Tune's grid generator (a pickle, despite the name)
 BACKUP_DIR = ".lmadda-state-backup"
-PICKLE_STOP = b"."  # the last byte of every complete pickle
+SET_ASIDE = "cut"  # under BACKUP_DIR: the cut state of a session that was not resumable, kept for the record
 
 
-def _newest(folder: Path, pattern: str) -> Path | None:
-    found = sorted(folder.glob(pattern))  # the session timestamp in the name sorts as Tune's own choice does
-    return found[-1] if found else None
+def sessions(folder: Path) -> list[str]:
+    """The driver sessions with an experiment state in `folder`, newest first (the timestamp sorts as Tune's own
+    choice of the newest does)."""
+    prefix, suffix = EXPERIMENT_STATE.split("{}")
+    return sorted((path.name[len(prefix):-len(suffix)] for path in folder.glob(EXPERIMENT_STATE.format("*"))), reverse=True)
 
 
-def _state_files(folder: Path) -> list[Path]:
-    """The newest experiment state and searcher state in `folder` ([] without an experiment state)."""
-    state = _newest(folder, EXPERIMENT_STATE)
-    searcher = _newest(folder, SEARCHER_STATE)
-    return [state, *([searcher] if searcher else [])] if state else []
-
-
-def state_problem(path: Path) -> str | None:
-    """Why a Tune state file is not complete (None when it is): an experiment state must parse as JSON, a searcher
-    state must end as a pickle ends. Nothing is unpickled here."""
-    data = path.read_bytes()
+def state_problem(name: str, data: bytes) -> str | None:
+    """Why the Tune state file `name` holding `data` is not complete (None when it is): an experiment state must parse
+    as JSON, a searcher state must be a whole pickle (its opcodes are read, nothing is unpickled)."""
     if not data:
         return "it is empty"
-    if path.match(EXPERIMENT_STATE):
+    if name.startswith("experiment_state-"):
         try:
             json.loads(data)
         except ValueError as error:
             return f"it is cut off ({error})"
-    elif not data.endswith(PICKLE_STOP):
-        return "it is cut off"
+        return None
+    try:  # dis walks the opcodes and checks the stack and the marks, running none of them
+        pickletools.dis(data, out=io.StringIO())
+    except ValueError as error:
+        return f"it is cut off ({error})"
+    # A cut at an opcode boundary can still read as a smaller pickle; the frames (protocol 4+) say how long they are,
+    # and each must end before the next begins (large objects sit between frames) and within the data.
+    frames = [(position, length) for opcode, length, position in pickletools.genops(data) if opcode.name == "FRAME"]
+    ends = [position for position, _ in frames[1:]] + [len(data)]
+    if any(position + 9 + length > end for (position, length), end in zip(frames, ends)):
+        return "it is cut off (shorter than its frames)"
     return None
 
 
+def _pair(folder: Path, session: str) -> dict[str, bytes]:
+    """File name -> bytes of `session`'s state files in `folder` (read once; the searcher state may not exist)."""
+    names = (EXPERIMENT_STATE.format(session), SEARCHER_STATE.format(session))
+    return {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
+
+
+def _problems(pair: dict[str, bytes]) -> dict[str, str]:
+    return {name: problem for name, data in pair.items() if (problem := state_problem(name, data))}
+
+
+def _write(folder: Path, pair: dict[str, bytes]) -> None:
+    folder.mkdir(exist_ok=True)
+    for name, data in pair.items():
+        write_atomically(folder / name, lambda temporary, data=data: temporary.write_bytes(data))
+
+
 class StateBackup(Callback):
-    """Keeps the last complete copy of the sweep's Tune state in its experiment folder's BACKUP_DIR.
+    """Keeps the last complete pair of the sweep's Tune state files in its experiment folder's BACKUP_DIR.
 
     The folder is taken from the trials' storage, not given: Tune pickles its callbacks with the experiment and a
     restore uses them again, also after the folder was moved."""
 
     def __init__(self) -> None:
-        self._saved: tuple | None = None  # (name, mtime_ns, size) of each state file last copied
+        self._saved: dict[str, bytes] | None = None  # the pair last copied
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         if trials:  # before the first trial there is nothing to lose
@@ -75,40 +98,54 @@ class StateBackup(Callback):
             self.save(Path(trials[0].storage.experiment_fs_path))
 
     def save(self, experiment_path: Path) -> None:
-        """Copy the state files of `experiment_path` to its BACKUP_DIR, when they changed and are complete."""
-        files = _state_files(experiment_path)
-        if not files:
+        """Copy the newest session's state pair of `experiment_path` to its BACKUP_DIR, when it changed and is complete."""
+        found = sessions(experiment_path)
+        if not found:
             return
-        seen = tuple((path.name, path.stat().st_mtime_ns, path.stat().st_size) for path in files)
-        if seen == self._saved:
-            return
-        if any(state_problem(path) for path in files):
-            return  # being written now: the next step copies it
-        backup = experiment_path / BACKUP_DIR
-        backup.mkdir(exist_ok=True)
-        for path in files:
-            data = path.read_bytes()
-            write_atomically(backup / path.name, lambda temporary, data=data: temporary.write_bytes(data))
-        self._saved = seen
+        pair = _pair(experiment_path, found[0])
+        if pair == self._saved or _problems(pair):
+            return  # unchanged, or being written now: a later step copies it
+        _write(experiment_path / BACKUP_DIR, pair)
+        self._saved = pair
 
 
 def recover_tune_state(experiment_path: Path, log=print) -> None:
-    """Before `Tuner.restore`: put the last complete Tune state back where the newest one is not complete, or refuse."""
-    files = _state_files(experiment_path)
-    if not files:
-        return  # nothing to check: `Tuner.can_restore` says whether there is a sweep to resume
-    broken = {path: problem for path in files if (problem := state_problem(path))}
-    if not broken:
-        return
-    what = "; ".join(f"{path.name}: {problem}" for path, problem in broken.items())
+    """Before `Tuner.restore`: leave the newest complete state pair where Tune reads it, or refuse in one line."""
     backup = experiment_path / BACKUP_DIR
-    copies = {path: backup / path.name for path in broken}
-    if not all(copy.is_file() and state_problem(copy) is None for copy in copies.values()):
+    found = sessions(experiment_path)
+    cut: dict[str, str] = {}  # file name -> what is wrong with it, for the sessions passed over
+    for session in found:
+        pair = _pair(experiment_path, session)
+        problems = _problems(pair)
+        copy = _pair(backup, session)
+        if not problems:
+            if not cut:
+                return  # the newest state is complete: nothing to do
+            restored = None
+        elif EXPERIMENT_STATE.format(session) in copy and not _problems(copy):
+            restored = copy  # the whole pair, so that the trial table and the generator agree
+        else:
+            cut.update(problems)
+            continue
+        what = "; ".join(f"{name}: {problem}" for name, problem in {**cut, **problems}.items())
+        # Set aside, not deleted: the newer sessions' files (Tune takes the newest session it finds), and this session's
+        # own files where its copy replaces them (a searcher state the copy lacks would not agree with the copy)
+        newer = [name for s in found[:found.index(session)] for name in _pair(experiment_path, s)]
+        replaced = list(pair) if restored is not None else []
+        if newer or replaced:
+            aside = backup / SET_ASIDE
+            aside.mkdir(parents=True, exist_ok=True)
+            for name in newer + replaced:
+                (experiment_path / name).replace(aside / name)
+        if restored is not None:
+            _write(experiment_path, restored)
+        log(f"[sweep] Ray Tune's state was not complete ({what}), most likely because the driver was killed while it was "
+            f"written; resuming from the last complete state ({'its copy in ' + str(backup) if restored else 'session ' + session}). "
+            "Points finished since are found in their store, not run again")
+        return
+    if cut:
+        what = "; ".join(f"{name}: {problem}" for name, problem in cut.items())
         raise LmaddaError(
             f"cannot resume the sweep at {experiment_path}: Ray Tune's state is not complete ({what}), most likely because "
-            f"the driver was killed while Tune was writing it, and there is no complete copy in {backup}. The finished "
-            "points' models are kept under the storage path's train/ folder; run the sweep again under a new name")
-    for path, copy in copies.items():
-        write_atomically(path, lambda temporary, copy=copy: shutil.copyfile(copy, temporary))
-    log(f"[sweep] Ray Tune's state was not complete ({what}), most likely because the driver was killed while writing "
-        f"it; resuming from its last complete copy ({backup}). Points finished since are found in their store, not run again")
+            f"the driver was killed while it was written, and there is no complete copy in {backup}. The finished points' "
+            "models are kept under the storage path's train/ folder; run the sweep again under a new name")

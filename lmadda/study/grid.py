@@ -194,7 +194,8 @@ def run_grid(
     matching (`ROBUST_VARIANTS`), in domain and on every target; each is a candidate of the label-free choice when
     `robust_admitted` (`lmadda.training.robust.admit_robust`; given on every call of a seed, with or without `robust`).
     Give `robust` on every call that chooses: the selector measures its rows against the robust model's own stains
-    in domain, not the plain model's (rows already measured are skipped).
+    in domain, not the plain model's (rows already measured are skipped); without it, robust rows an earlier run
+    left are no candidates.
     `selector_options` (Selector keywords) turns on the label-free choice: every candidate (unadapted,
     each correction and composite, the robust source's rows, each adapted model of every family) is observed on fixed unlabelled target crops, kept
     on disk in `out`/selection, and once a domain's candidates exist the choice lands as rows of
@@ -253,7 +254,8 @@ def run_grid(
             return Selector(source.generator, source_train, target_train, seed=seed, domain_reference=source.domain_reference,
                             references=references, **selector_options)
 
-        refused = frozenset() if robust_admitted else frozenset(ROBUST_VARIANTS)
+        # refused, or not given this run (a demo without one, over a folder an earlier run left robust rows in)
+        refused = frozenset() if robust_admitted and robust is not None else frozenset(ROBUST_VARIANTS)
         cheap = [(name, source, name) for name in ("unadapted", *baselines)]
         if robust is not None:
             cheap += [(label, robust, baseline) for label, baseline in ROBUST_VARIANTS.items()]
