@@ -28,7 +28,6 @@ from results_file import write_result
 
 def layer_flops(generator: UNetGenerator, size: int) -> list[float]:
     """Multiply-accumulates x 2 of each layer's convolution for one image of size x size."""
-    flops = []
     x = torch.zeros(1, generator.config.in_channels, size, size)
     hooks, per_layer = [], {}
 

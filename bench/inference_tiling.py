@@ -14,10 +14,8 @@ import argparse
 import json
 import math
 import platform
-import resource
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 

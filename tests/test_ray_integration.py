@@ -125,7 +125,6 @@ def test_a_two_point_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_ses
 
 def test_a_collapse_ends_its_point_not_its_trial_and_the_table_marks_it_collapsed(ray_session, tiny_synth, tiny_source, tmp_path):
     from lmadda_tune.sweep import run_sweep
-    from lmadda_tune.sweep_config import SweepConfig
 
     sweep = _sweep(tiny_synth, tiny_source, tmp_path, "diverge",
                    grid={"targets": ["phase_contrast+overexposure:2"], "layers": [1, 3], "lrs": [1.0], "paper_layers": []},

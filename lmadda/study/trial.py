@@ -28,7 +28,7 @@ from lmadda.evaluation import evaluate_generator
 from lmadda.registry_names import alias_for
 from lmadda.result_rows import CRITERION_PREFIX, TargetDomain, adaptation_method, matched_name, tag_rows
 from lmadda.selection import SelectionProbe
-from lmadda.training.adapt import PAPER_RECIPE, AdaptConfig, AdaptResult, Adapter, run_steps
+from lmadda.training.adapt import PAPER_RECIPE, AdaptConfig, AdaptResult, run_steps
 from lmadda.training.families import MOMENT_OPTIONS, FamilyConfig, Loop, check_family, family_config
 
 # The options the published recipe fixes (lmadda.training.adapt.PAPER_RECIPE): a paper point drops them from the
