@@ -77,7 +77,8 @@ def test_a_two_point_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_ses
         mine = [r["pearson"] for r in results if r["layer"] == point["layer"] and r["marker"] == "dapi"]
         assert point["pearson_dapi"] == pytest.approx(sum(mine) / len(mine))
     assert len({r["trial_id"] for r in table}) == 1 and all(r["trial_points"] == 2 for r in table)
-    assert {load_checkpoint(r["generator_path"]).metadata["layer"] for r in table} == {1, 11}
+    assert not any(Path(r["generator_path"]).is_absolute() for r in table)  # relative to the storage: the table travels
+    assert {load_checkpoint(sweep.storage_path / r["generator_path"]).metadata["layer"] for r in table} == {1, 11}
     assert any((sweep.storage_path / "mlartifacts").rglob("generator.pt"))  # artifacts beside the SQLite store
     assert all(not r["collapsed"] and math.isfinite(r["pearson_dapi"]) for r in table)
 

@@ -6,6 +6,7 @@ that turns a finished grid into MLflow runs, and that a killed driver re-runs on
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -183,3 +184,19 @@ def test_a_label_free_promotion_tags_every_markers_version_with_the_choice_check
     stored = Path(client.download_artifacts(promoted[0]["run_id"], "generator/generator.pt", str(root / "check")))
     for entry in promoted:
         assert client.get_model_version(entry["model"], entry["version"]).tags["sha256"] == file_sha256(stored)
+
+
+def test_no_mlflow_param_or_tag_holds_a_local_absolute_path(root):
+    """A store is read from other machines: the sweep's inputs are recorded by file name and SHA-256, and MLflow's own
+    source tags (the script that ran, a local clone's remote) do not name this machine's folders (issue 28)."""
+    (root / "source.pt").write_bytes(b"source weights")
+    (root / "manifest.parquet").write_bytes(b"manifest")
+    log(root)
+    _, runs = _store(root)
+    recorded = [(kind, key, value) for run in runs for kind, values in (("param", run.data.params), ("tag", run.data.tags))
+                for key, value in values.items()]
+    assert not [entry for entry in recorded if str(entry[2]).startswith("/") or str(root) in str(entry[2])], recorded
+    sweep = next(run for run in runs if run.data.tags.get("lmadda.kind") == "sweep")
+    assert sweep.data.params["source_checkpoint"] == "source.pt"
+    assert sweep.data.params["source_checkpoint_sha256"] == hashlib.sha256(b"source weights").hexdigest()
+    assert sweep.data.params["manifest"] == "manifest.parquet"

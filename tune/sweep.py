@@ -65,7 +65,8 @@ Without both, the second trial waits forever for CPUs the first one still holds.
 # Source training reports a checkpoint every epoch (Train V2 needs one for Result.metrics); only the
 # latest is needed to resume or to read the result. (Adaptation trials keep theirs in a PointStore.)
 KEEP_LATEST = CheckpointConfig(num_to_keep=1)
-POINTS_FILE = "points.parquet"  # one row per grid point: how its run went (steps, timing, collapse, generator file)
+POINTS_FILE = "points.parquet"  # one row per grid point: how its run went (steps, timing, collapse, generator file
+# relative to the storage path)
 RESULTS_FILE = "results.parquet"  # the result rows: every point's and the unadapted model's, model x image x marker
 
 
@@ -250,6 +251,11 @@ def _check_cpus(sweep: SweepConfig) -> None:
         )
 
 
+def _in_storage(path: str, storage_path: Path) -> str:
+    """A file of the sweep's storage named relative to it ('' stays '')."""
+    return str(Path(path).relative_to(storage_path)) if path and Path(path).is_relative_to(storage_path) else path
+
+
 def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[dict]:
     """Run (or resume) the sweep; return one row per grid point and write points.parquet, results.parquet (the result
     rows) and the MLflow runs."""
@@ -297,7 +303,9 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
         for point in trial:
             rows.append(point_row(sweep, point, point_history(records, point.key, len(trial) == 1), result, len(trial),
                                   source.generator.last_layer))
-    table_rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    # The table travels (MLflow keeps it as an artifact): its generator files are named relative to the storage path
+    table_rows = [{k: (_in_storage(v, sweep.storage_path) if k == "generator_path" else v) for k, v in r.items() if not k.startswith("_")}
+                  for r in rows]
     points_path = write_atomically(experiment_path / POINTS_FILE, lambda temporary: pq.write_table(pa.Table.from_pylist(table_rows), temporary))
     reference = unadapted_rows(sweep, source)
     results = reference + [measured for row in rows for measured in row["_rows"]]

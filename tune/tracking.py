@@ -28,7 +28,8 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import (MLFLOW_GIT_REPO_URL, MLFLOW_MODEL_VERSIONS, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME,
+                                     MLFLOW_SOURCE_NAME)
 
 from lmadda.core.errors import LmaddaError
 from lmadda.metrics import is_finite
@@ -41,6 +42,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 ARTIFACT_DIR = "generator"
 MODEL_TYPE = "lmadda-generator"  # the LoggedModel's model_type: lmadda's own checkpoint file, not an MLflow flavour
 SOURCE_ARTIFACT_TAG = "lmadda.source_artifact"  # a LoggedModel's tag: the run artifact its generator file was copied from
+# MLflow tags a run with the script that started it and the local clone's remote; on a store that other machines read,
+# those are this machine's folders. The runs say what made them instead (their params say with what).
+SOURCE_TAGS = {MLFLOW_SOURCE_NAME: "lmadda", MLFLOW_GIT_REPO_URL: ""}
+
+
+def input_params(name: str, path: Path) -> dict[str, str]:
+    """An input file as run params: its name and SHA-256 (empty where the file is gone), not where it lay on the
+    machine that ran the sweep, which means nothing to another machine and tells the store about this one's folders."""
+    path = Path(path)
+    return {name: path.name, f"{name}_sha256": file_sha256(path) if path.is_file() else ""}
 
 
 
@@ -71,10 +82,11 @@ def log_sweep(sweep, rows: list[dict], result_files: list[Path], log=print, *, u
             log(f"[sweep] MLflow: deleting run {run.info.run_id} ({tags.get(MLFLOW_RUN_NAME)}), left without tags by an interrupted sweep")
             delete_run(client, run)
     logged = one_finished_run_per_key(client, [r for r in runs if r.data.tags.get("lmadda.kind") == "trial"], "lmadda.trial_key", log)
-    sweep_tags = {"lmadda.kind": "sweep", "lmadda.sweep": sweep.name}
+    sweep_tags = {"lmadda.kind": "sweep", "lmadda.sweep": sweep.name, **SOURCE_TAGS}
     with mlflow.start_run(run_id=parent_id) if parent_id else mlflow.start_run(run_name=sweep.name, tags=sweep_tags) as parent:
         if not parent_id:
-            mlflow.log_params({"sweep": sweep.name, "source_checkpoint": str(sweep.source.checkpoint), "manifest": str(sweep.data.manifest),
+            mlflow.log_params({"sweep": sweep.name, **input_params("source_checkpoint", sweep.source.checkpoint),
+                               **input_params("manifest", sweep.data.manifest),
                                "source_setting": sweep.data.source_setting, "targets": ",".join(sweep.grid.targets),
                                "trials": len(rows)})
         for row in rows:
@@ -83,7 +95,8 @@ def log_sweep(sweep, rows: list[dict], result_files: list[Path], log=print, *, u
                 continue  # already logged by an earlier run of this sweep, or never started
             tags = {"lmadda.kind": "trial", "lmadda.trial_key": key, "lmadda.sweep": sweep.name, "setting": row["setting"], "shift": row["shift"],
                     "target": row["target"], "layer": str(row["layer"]), "collapsed": str(row["collapsed"]).lower(),
-                    "collapse_reason": row["collapse_reason"], "markers": ",".join(k[8:] for k in row if k.startswith("pearson_"))}
+                    "collapse_reason": row["collapse_reason"], "markers": ",".join(k[8:] for k in row if k.startswith("pearson_")),
+                    **SOURCE_TAGS}
             measured = row.get("_rows") or []
             with mlflow.start_run(run_name=row["point"], nested=True, tags=tags):
                 mlflow.log_params({**model_params(row), **{f"adapt.{k}": v for k, v in sweep.adapt.items()}})
@@ -333,7 +346,7 @@ def register_checkpoint(tracking_uri: str, checkpoint_path: str | Path, marker: 
     alias `setting` of lmadda-<marker>: a model made outside a sweep (or a test's or a benchmark's) ready to serve."""
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment)
-    with mlflow.start_run() as run:
+    with mlflow.start_run(tags=SOURCE_TAGS) as run:
         mlflow.log_artifact(str(checkpoint_path), artifact_path=ARTIFACT_DIR)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     generator = log_generator_model(client, run.info.run_id, setting, params={"checkpoint": Path(checkpoint_path).name})
