@@ -87,7 +87,7 @@ class StateBackup(Callback):
     restore uses them again, also after the folder was moved."""
 
     def __init__(self) -> None:
-        self._saved: dict[str, bytes] | None = None  # the pair last copied
+        self._seen: tuple | None = None  # (name, mtime, size) of the files last looked at: a step reads only what changed
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         if trials:  # before the first trial there is nothing to lose
@@ -102,11 +102,16 @@ class StateBackup(Callback):
         found = sessions(experiment_path)
         if not found:
             return
+        names = (EXPERIMENT_STATE.format(found[0]), SEARCHER_STATE.format(found[0]))
+        seen = tuple((name, info.st_mtime_ns, info.st_size) for name in names
+                     if (info := (experiment_path / name).stat() if (experiment_path / name).is_file() else None))
+        if seen == self._seen:
+            return
         pair = _pair(experiment_path, found[0])
-        if pair == self._saved or _problems(pair):
-            return  # unchanged, or being written now: a later step copies it
+        if _problems(pair):
+            return  # being written now: a later step copies it
         _write(experiment_path / BACKUP_DIR, pair)
-        self._saved = pair
+        self._seen = seen
 
 
 def recover_tune_state(experiment_path: Path, log=print) -> None:
