@@ -38,6 +38,7 @@ def __getattr__(name: str):
         raise ImportError(f"lmadda.inference.{name} moved to lmadda.tiling: from lmadda.tiling import {name}")
     raise AttributeError(f"module 'lmadda.inference' has no attribute {name!r}")
 
+
 @dataclass(frozen=True)
 class Stain:
     """One stained image: the markers in camera units ((C_out, H, W) float, not yet rounded to the output's pixel type)

@@ -40,7 +40,7 @@ labelled Pearson and why the default was chosen):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +193,7 @@ class Selector:
             # within this is already in domain; a gain is measured against the excess over it.
             held_out = _run(model, self._held_out_crops, None, self.bottleneck)
             floor = self._scores(Observation("source", held_out[0], held_out[2], held_out[1], base=base), None, unscored)
-            self._references[base] = Reference(unscored.pool, unscored.mean, unscored.spread, floor)
+            self._references[base] = replace(unscored, floor=floor)
         return self._references[base]
 
     @property

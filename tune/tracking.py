@@ -54,7 +54,6 @@ def input_params(name: str, path: Path) -> dict[str, str]:
     return {name: path.name, f"{name}_sha256": file_sha256(path) if path.is_file() else ""}
 
 
-
 @keeps_tracking_env
 def log_sweep(sweep, rows: list[dict], result_files: list[Path], log=print, *, unadapted: dict | None = None,
               report_files: list[Path] = ()) -> str:

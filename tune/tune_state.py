@@ -64,10 +64,14 @@ def state_problem(name: str, data: bytes) -> str | None:
     return None
 
 
+def _files(folder: Path, session: str) -> list[Path]:
+    """`session`'s state files in `folder` (the searcher state may not exist)."""
+    return [path for path in (folder / EXPERIMENT_STATE.format(session), folder / SEARCHER_STATE.format(session)) if path.is_file()]
+
+
 def _pair(folder: Path, session: str) -> dict[str, bytes]:
-    """File name -> bytes of `session`'s state files in `folder` (read once; the searcher state may not exist)."""
-    names = (EXPERIMENT_STATE.format(session), SEARCHER_STATE.format(session))
-    return {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
+    """File name -> bytes of `session`'s state files in `folder` (read once)."""
+    return {path.name: path.read_bytes() for path in _files(folder, session)}
 
 
 def _problems(pair: dict[str, bytes]) -> dict[str, str]:
@@ -102,9 +106,8 @@ class StateBackup(Callback):
         found = sessions(experiment_path)
         if not found:
             return
-        names = (EXPERIMENT_STATE.format(found[0]), SEARCHER_STATE.format(found[0]))
-        seen = tuple((name, info.st_mtime_ns, info.st_size) for name in names
-                     if (info := (experiment_path / name).stat() if (experiment_path / name).is_file() else None))
+        seen = tuple((path.name, info.st_mtime_ns, info.st_size) for path in _files(experiment_path, found[0])
+                     for info in [path.stat()])
         if seen == self._seen:
             return
         pair = _pair(experiment_path, found[0])
@@ -135,7 +138,7 @@ def recover_tune_state(experiment_path: Path, log=print) -> None:
         what = "; ".join(f"{name}: {problem}" for name, problem in {**cut, **problems}.items())
         # Set aside, not deleted: the newer sessions' files (Tune takes the newest session it finds), and this session's
         # own files where its copy replaces them (a searcher state the copy lacks would not agree with the copy)
-        newer = [name for s in found[:found.index(session)] for name in _pair(experiment_path, s)]
+        newer = [path.name for s in found[:found.index(session)] for path in _files(experiment_path, s)]
         replaced = list(pair) if restored is not None else []
         if newer or replaced:
             aside = backup / SET_ASIDE
