@@ -36,7 +36,7 @@ from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.study.grid import ROBUST_VARIANTS, model_file_name, run_grid
 from lmadda.tiling import predict_tiled
 from lmadda.training.robust import admit_robust
-from lmadda.training.source import SourceTrainConfig, train_source
+from lmadda.training.source import SourceTrainConfig, changed_options, train_source
 
 
 SERVED_SHIFT = "overexposure:2.5"  # the demo target `lmadda serve --demo` stains through HTTP
@@ -87,6 +87,7 @@ def run_demo(config: DemoConfig, log=print) -> Path:
                                       epochs=config.source_epochs, crops_per_epoch=config.crops_per_epoch, seed=config.seed)
     source_path = out / "models" / "source_phase_contrast.pt"
     if source_path.exists():
+        _check_reusable(source_path, source_config, out)
         log(f"[demo] reusing source model {source_path}")
     else:
         result = train_source(source_config, source_path)
@@ -131,15 +132,25 @@ def _robust_source(config: DemoConfig, source_config: SourceTrainConfig, source_
     if not config.robust_epochs:
         return None
     path = out / "models" / "source_robust.pt"
+    robust_config = SourceTrainConfig.model_validate(source_config.model_copy(update={
+        "epochs": config.robust_epochs, "init_from": source_path, "augment": NuisanceAugmentation(min_size=config.size)}).model_dump())
     if path.exists():
+        _check_reusable(path, robust_config, out)
         log(f"[demo] reusing robust source model {path}")
     else:
-        robust_config = source_config.model_copy(update={"epochs": config.robust_epochs, "init_from": source_path,
-                                                         "augment": NuisanceAugmentation(min_size=config.size)})
-        result = train_source(SourceTrainConfig.model_validate(robust_config.model_dump()), path)
+        result = train_source(robust_config, path)
         log(f"[demo] robust source model: best validation Pearson {result.best_val_pearson:.3f} on clean and augmented fields "
             f"({result.seconds:.0f} s) -> {path}")
     return load_checkpoint(path)
+
+
+def _check_reusable(path: Path, config: SourceTrainConfig, out: Path) -> None:
+    """A model an earlier demo left is reused only if it was trained as this demo trains it: the results beside it
+    were measured with it."""
+    changed = changed_options(path, config)
+    if changed:
+        raise LmaddaError(f"{path} was trained with other options than this demo's ({'; '.join(changed)}), and the results in "
+                          f"{out} were measured with it: give the demo another --out, or move {out} aside, and run again")
 
 
 def domain_lines(source, manifest: Manifest, domains: list[TargetDomain]) -> list[str]:

@@ -196,7 +196,8 @@ def test_augmented_loading_keeps_clean_copies_and_adds_shifted_ones(tiny_synth):
 
 
 def test_robust_source_records_its_augmentation_in_the_checkpoint(tiny_synth, tmp_path):
-    from lmadda.training.source import SourceTrainConfig, train_source
+    from lmadda.demo import _check_reusable
+    from lmadda.training.source import SourceTrainConfig, changed_options, train_source
 
     augment = {"copies": 1, "scale": None}
     config = SourceTrainConfig(manifest=tiny_synth.source, markers=["dapi"], ngf=4, depth=6, ndf=4, crop_size=64, batch_size=2,
@@ -204,6 +205,18 @@ def test_robust_source_records_its_augmentation_in_the_checkpoint(tiny_synth, tm
     train_source(config, tmp_path / "robust.pt", progress=False)
     recorded = load_checkpoint(tmp_path / "robust.pt").metadata["train_config"]["augment"]
     assert NuisanceAugmentation(**recorded) == NuisanceAugmentation(**augment)
+    # What a study or the demo checks before reusing the model: the options it was trained with, paths aside.
+    assert changed_options(tmp_path / "robust.pt", config.model_copy(update={"manifest": tmp_path / "moved.parquet"})) == []
+    other = config.model_copy(update={"augment": NuisanceAugmentation(copies=2, scale=None), "epochs": 2})
+    assert changed_options(tmp_path / "robust.pt", other) == ["augment.copies: 1 -> 2", "epochs: 1 -> 2"]
+    with pytest.raises(LmaddaError, match="augment.copies: 1 -> 2.*give the demo another --out"):
+        _check_reusable(tmp_path / "robust.pt", other, tmp_path)
+    plain = config.model_dump(mode="json")
+    plain.pop("augment")
+    legacy = load_checkpoint(tmp_path / "robust.pt")  # a model saved before `augment` existed: read as off
+    legacy.metadata["train_config"] = plain
+    save_checkpoint(tmp_path / "legacy.pt", legacy)
+    assert changed_options(tmp_path / "legacy.pt", config.model_copy(update={"augment": None})) == []
 
 
 def test_self_trained_model_is_a_checkpoint_that_predict_serves(tmp_path):

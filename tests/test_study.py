@@ -300,7 +300,8 @@ def test_indexed_data_is_checked_for_settings_and_crop_sizes_before_any_training
 
 
 @pytest.mark.slow
-def test_study_runs_every_family_and_the_robust_source_as_candidates_of_the_one_choice(tmp_path):
+def test_study_runs_every_family_and_the_robust_source_as_candidates_of_the_one_choice(tmp_path, capsys):
+    from lmadda.checkpoint import load_checkpoint
     from lmadda.study.runner import experiment_name
     from lmadda.study.tracking import read_study
 
@@ -335,6 +336,32 @@ def test_study_runs_every_family_and_the_robust_source_as_candidates_of_the_one_
     robust_observed = {"robust", "robust+adabn", "robust+histogram_matching"} & observed
     assert robust_observed == ({"robust", "robust+adabn", "robust+histogram_matching"} if admission["admitted"] else set())
     assert "### Who wins where: every family" in (tmp_path / "docs" / "study.md").read_text()
+
+    # The robust config changes: the old model is not silently reused; --retrain-robust sets it aside and measures again.
+    models_dir = tmp_path / "out" / "tiny" / "models"
+    before = {m["method"]: 0 for m in models}
+    for m in models:
+        before[m["method"]] += 1
+    experiment["robust"]["augment"]["copies"] = 2
+    config.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), "document": str(tmp_path / "docs" / "study.md"),
+                                      "figures": str(tmp_path / "docs" / "study"), "experiments": [experiment]}))
+    capsys.readouterr()
+    assert main(["study", "--config", str(config)]) == 2
+    refusal = capsys.readouterr().err
+    assert "augment.copies: 1 -> 2" in refusal and "lmadda study --retrain-robust --only tiny" in refusal
+    old_model = (models_dir / "source_robust.pt").read_bytes()
+    assert main(["study", "--config", str(config), "--retrain-robust"]) == 0
+    assert (models_dir / "source_robust.replaced-1.pt").read_bytes() == old_model  # kept, not lost
+    assert load_checkpoint(models_dir / "source_robust.pt").metadata["train_config"]["augment"]["copies"] == 2
+    again = read_study(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "lmadda-study-tiny")[0]
+    after = {m["method"]: 0 for m in again}
+    for m in again:
+        after[m["method"]] += 1
+    assert after == before  # the robust rows and the choices measured again, once each; nothing else adapted again
+    in_domain = {(m["method"], run): m["pearson"] for run, record in (("before", models), ("after", again))
+                 for m in record if m["target"] == "source"}
+    assert in_domain["unadapted", "after"] == in_domain["unadapted", "before"]
+    assert in_domain["robust", "after"] != in_domain["robust", "before"]  # the new model's own figure
 
 
 def test_the_documents_commit_is_lmaddas_not_the_working_directorys(tmp_path, monkeypatch):

@@ -17,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     study.add_argument("--rechoose", action="store_true",
                        help="make the label-free choices again (after changing `selection` in the config): the kept candidate "
                             "observations are scored anew, nothing is adapted again")
+    study.add_argument("--retrain-robust", action="store_true",
+                       help="fine-tune the robust source model again (after changing `robust` in the config): the old model is "
+                            "kept beside it, its rows and the label-free choices are measured again, nothing else is adapted again")
     study.set_defaults(func=run_study_command)
 
 
@@ -27,7 +30,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     from lmadda.study.config import StudyConfig
     from lmadda.study.document import write_study_document
     from lmadda.study.failures import RECOVERABLE, FailureLog, read_failures
-    from lmadda.study.runner import forget_choices, run_experiment
+    from lmadda.study.runner import check_reused_models, forget_choices, forget_robust, run_experiment
 
     config = build_config(StudyConfig, None, **read_config_file(args.config)).resolved(Path.cwd())
     refuse_overwriting_inputs([("document", config.document)], [("--config", args.config)], fix="name another document in the config")
@@ -36,12 +39,21 @@ def run_study_command(args: argparse.Namespace) -> int:
     unknown = sorted(set(only) - set(names))
     if unknown:
         raise LmaddaError(f"--only {','.join(unknown)}: no such experiment in {args.config}; it has {', '.join(names)}")
-    if args.rechoose and args.document_only:
-        raise LmaddaError("--rechoose makes the choices again, --document-only runs nothing: give one of them")
+    if (args.rechoose or args.retrain_robust) and args.document_only:
+        raise LmaddaError("--rechoose and --retrain-robust run models again, --document-only runs nothing: give one of them")
+    missing = [e.name for e in config.experiments if e.name in only and e.robust is None]
+    if args.retrain_robust and missing:
+        raise LmaddaError(f"--retrain-robust: experiment(s) {', '.join(missing)} have no `robust` in {args.config}; "
+                          "name the others with --only")
     if not args.document_only:
+        for experiment in config.experiments:  # before any work: a stale model stops the run, not its third hour
+            if experiment.name in only:
+                check_reused_models(experiment, config, retrain_robust=args.retrain_robust)
         for experiment in config.experiments:
             if experiment.name in only:
-                if args.rechoose:
+                if args.retrain_robust:
+                    forget_robust(experiment, config)
+                elif args.rechoose:
                     forget_choices(experiment, config)
                 try:
                     run_experiment(experiment, config)

@@ -39,12 +39,15 @@ from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, 
 from lmadda.study.config import ExperimentSpec, StudyConfig
 from lmadda.study.failures import RECOVERABLE, FailureLog
 from lmadda.study.figures import panel_file_name, stain_panel
-from lmadda.study.grid import LABEL_FREE, ImageSource, ResultTable, run_grid
+from lmadda.study.grid import LABEL_FREE, ROBUST_VARIANTS, ImageSource, ResultTable, run_grid
 from lmadda.study.tracking import StudyTracker, model_key
 from lmadda.study.trial import TrialResult
 from lmadda.tiling import predict_tiled
 from lmadda.training.robust import admit_robust
-from lmadda.training.source import SourceTrainConfig, train_source
+from lmadda.training.source import SourceTrainConfig, changed_options, train_source
+
+
+SOURCE_FILE, ROBUST_FILE = "source.pt", "source_robust.pt"
 
 
 def experiment_name(spec: ExperimentSpec) -> str:
@@ -85,10 +88,48 @@ def check_indexed_data(spec: ExperimentSpec, manifest: Manifest) -> None:
         raise LmaddaError(str(error)) from None
 
 
+def _source_config(spec: ExperimentSpec, manifest_path: Path) -> SourceTrainConfig:
+    return SourceTrainConfig(manifest=manifest_path, setting=spec.source.setting, markers=spec.source.markers, **spec.source.train)
+
+
+def _robust_config(spec: ExperimentSpec, manifest_path: Path, source_path: Path) -> SourceTrainConfig | None:
+    config = spec.robust_config()
+    return None if config is None else config.model_copy(update={"manifest": manifest_path, "init_from": source_path})
+
+
+def check_reused_models(spec: ExperimentSpec, study: StudyConfig, retrain_robust: bool = False) -> None:
+    """Before any work: the source and robust models an earlier run left are reused only if the config still trains
+    them as they were trained; every result beside them was measured with them."""
+    out = study.out / spec.name
+    manifest_path, source_path = out / "data" / "manifest.parquet", out / "models" / SOURCE_FILE
+    if source_path.exists():
+        _refuse_changed_source(spec, source_path, _source_config(spec, manifest_path), out)
+    robust_config = _robust_config(spec, manifest_path, source_path)
+    if robust_config is not None and (out / "models" / ROBUST_FILE).exists() and not retrain_robust:
+        _refuse_changed_robust(spec, out / "models" / ROBUST_FILE, robust_config)
+
+
+def _refuse_changed_source(spec: ExperimentSpec, path: Path, config: SourceTrainConfig, out: Path) -> None:
+    changed = changed_options(path, config)
+    if changed:
+        raise LmaddaError(f"{path} was trained with other options than experiment {spec.name}'s source ({'; '.join(changed)}); "
+                          f"every model of the experiment was adapted from it, so it is not reused: give the study another "
+                          f"`out`, or move {out} aside, and run again")
+
+
+def _refuse_changed_robust(spec: ExperimentSpec, path: Path, config: SourceTrainConfig) -> None:
+    changed = changed_options(path, config)
+    if changed:
+        raise LmaddaError(f"{path} was fine-tuned with other options than experiment {spec.name}'s `robust` ({'; '.join(changed)}); "
+                          f"run `lmadda study --retrain-robust --only {spec.name}`: it keeps that model beside it, fine-tunes the "
+                          "robust model again and measures its rows again; nothing else is adapted again")
+
+
 def prepare_source(spec: ExperimentSpec, data: ImageSource, manifest_path: Path, out: Path, log=print) -> tuple[Path, SourceTrainConfig]:
-    path = out / "models" / "source.pt"
-    config = SourceTrainConfig(manifest=manifest_path, setting=spec.source.setting, markers=spec.source.markers, **spec.source.train)
+    path = out / "models" / SOURCE_FILE
+    config = _source_config(spec, manifest_path)
     if path.exists():
+        _refuse_changed_source(spec, path, config, out)
         log(f"[study:{spec.name}] reusing source model {path}")
         return path, config
     markers, seed = config.markers, config.seed
@@ -112,14 +153,14 @@ def prepare_robust_source(spec: ExperimentSpec, data: ImageSource, manifest_path
     their imaging-nuisance copies (lmadda.data.augment), keeping its best epoch on the validation fields and their
     augmented copies (`NuisanceAugmentation.for_validation`), as `lmadda train-source` does. Trained once; reused
     when its checkpoint exists."""
-    config = spec.robust_config()
+    config = _robust_config(spec, manifest_path, source_path)
     if config is None:
         return None
-    path = out / "models" / "source_robust.pt"
+    path = out / "models" / ROBUST_FILE
     if path.exists():
+        _refuse_changed_robust(spec, path, config)
         log(f"[study:{spec.name}] reusing robust source model {path}")
         return path
-    config = config.model_copy(update={"manifest": manifest_path, "init_from": source_path})
     augment, markers, seed = config.augment, config.markers, config.seed
     images = (data.load(config.setting, "train", markers, seed=seed, augment=augment),
               data.load(config.setting, "val", markers, seed=seed + 1, augment=augment.for_validation()))
@@ -233,6 +274,33 @@ def _panel(spec: ExperimentSpec, recorder: "CriteriaRecorder", domain: TargetDom
     images = {**window, "adapted": target_from_model_range(np.load(stored).astype(np.float32))[0]}
     return stain_panel(domain.name, recorder.source.markers[0], best[0], images, out / "panels" / panel_file_name(domain.name),
                        title=f"{spec.title}: {domain.name}, test field {window['field']}")
+
+
+def forget_robust(spec: ExperimentSpec, study: StudyConfig, log=print) -> Path | None:
+    """Set the experiment's robust source model aside (renamed, not deleted) and drop what was measured with it: its
+    rows, its candidate observations and every label-free choice (rows and MLflow runs), so that the next run
+    fine-tunes it again and measures and chooses again. Returns where the old model now lies (None: there was none)."""
+    if spec.robust is None:
+        raise LmaddaError(f"experiment {spec.name} has no `robust`: there is no robust source model to fine-tune again")
+    out = study.out / spec.name
+    path = out / "models" / ROBUST_FILE
+    aside = None
+    if path.exists():
+        number = 1
+        while (out / "models" / f"source_robust.replaced-{number}.pt").exists():
+            number += 1
+        aside = path.rename(out / "models" / f"source_robust.replaced-{number}.pt")
+    table = ResultTable(out / "results.parquet")
+    dropped = [row for row in table.rows if row["method"] in ROBUST_VARIANTS or row["method"] == LABEL_FREE]
+    table.replace([row for row in table.rows if not (row["method"] in ROBUST_VARIANTS or row["method"] == LABEL_FREE)])
+    for observation in (out / "selection").glob("*/seed*/*.npz"):
+        if observation.stem in ROBUST_VARIANTS:  # observations of the old model; the new one is observed again
+            observation.unlink()
+    StudyTracker(study.tracking_uri, experiment_name(spec), study.out).forget({model_key(row) for row in dropped})
+    log(f"[study:{spec.name}] robust source model set aside as {aside}; {len(dropped)} rows measured with it or choosing "
+        "among its rows dropped; they are measured again" if aside else
+        f"[study:{spec.name}] no robust source model to set aside; {len(dropped)} rows dropped")
+    return aside
 
 
 def forget_choices(spec: ExperimentSpec, study: StudyConfig, log=print) -> int:

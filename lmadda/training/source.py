@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
+from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
 from lmadda.core.device import resolve_device
 from lmadda.core.errors import LmaddaError
 from lmadda.core.progress import Progress
@@ -262,6 +262,30 @@ def training_pixel_size(config: SourceTrainConfig) -> float | None:
     if not Path(config.manifest).is_file():
         return None  # callers that hand the images in (`data=`) may name no manifest that exists
     return images_pixel_size(Manifest.load(config.manifest), config.setting, Shift.parse(config.shift) if config.shift else None)
+
+
+# Where a reused model's options may differ from the config's: the paths move with the study's folder.
+_MOVABLE_OPTIONS = ("manifest", "init_from")
+
+
+def changed_options(path: Path, config: SourceTrainConfig) -> list[str]:
+    """The training options of the model saved at `path` that differ from `config`'s, as `name: saved -> config`
+    (one level into nested options such as `augment`). An option the saved model does not record reads `absent`: it
+    predates the option, which matches only an option that is off (None)."""
+    saved = load_checkpoint(path).metadata.get("train_config", {})
+    wanted = config.model_dump(mode="json")
+
+    def flat(options: dict) -> dict:
+        out = {}
+        for key, value in options.items():
+            if key in _MOVABLE_OPTIONS:
+                continue
+            out.update({f"{key}.{inner}": v for inner, v in value.items()} if isinstance(value, dict) else {key: value})
+        return out
+
+    saved, wanted = flat(saved), flat(wanted)
+    return [f"{key}: {saved.get(key, 'absent')} -> {wanted.get(key, 'absent')}"
+            for key in sorted(saved.keys() | wanted.keys()) if saved.get(key) != wanted.get(key)]
 
 
 def source_checkpoint(config: SourceTrainConfig, generator_state: dict, train_images: list[LoadedImage],
