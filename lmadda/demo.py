@@ -35,7 +35,7 @@ from lmadda.study.config import Grid, SelectionSpec
 from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.study.grid import ROBUST_VARIANTS, model_file_name, run_grid
 from lmadda.tiling import predict_tiled
-from lmadda.training.robust import admit_robust
+from lmadda.training.robust import admit_robust, second_try
 from lmadda.training.source import SourceTrainConfig, changed_options, train_source
 
 
@@ -99,6 +99,10 @@ def run_demo(config: DemoConfig, log=print) -> Path:
         validation = load_images(manifest, "phase_contrast", "val", config.markers, percentiles=source.percentiles)
         admission = admit_robust(source.generator, robust.generator, validation, config.markers)
         log(f"[demo] {admission.reason}")
+        if not admission.admitted:  # one second try, recognisable copies only (lmadda.training.robust)
+            robust = _robust_source(config, source_config, source_path, out, log, again=True)
+            admission = admit_robust(source.generator, robust.generator, validation, config.markers)
+            log(f"[demo] second try: {admission.reason}")
         robust_admitted = admission.admitted
 
     domains = [TargetDomain.parse(t) for t in config.targets]
@@ -126,21 +130,25 @@ def run_demo(config: DemoConfig, log=print) -> Path:
     return out
 
 
-def _robust_source(config: DemoConfig, source_config: SourceTrainConfig, source_path: Path, out: Path, log) -> GeneratorCheckpoint | None:
+def _robust_source(config: DemoConfig, source_config: SourceTrainConfig, source_path: Path, out: Path, log,
+                   again: bool = False) -> GeneratorCheckpoint | None:
     """The source model fine-tuned on augmented copies of its training fields (lmadda.data.augment): what a lab would
-    train instead of adapting, and a candidate of the label-free choice. Reused when it exists."""
+    train instead of adapting, and a candidate of the label-free choice; `again`: its second try, recognisable copies
+    only (lmadda.training.robust). Reused when it exists."""
     if not config.robust_epochs:
         return None
-    path = out / "models" / "source_robust.pt"
+    path = out / "models" / ("source_robust_second_try.pt" if again else "source_robust.pt")
     robust_config = SourceTrainConfig.model_validate(source_config.model_copy(update={
         "epochs": config.robust_epochs, "init_from": source_path, "augment": NuisanceAugmentation(min_size=config.size)}).model_dump())
+    if again:
+        robust_config = second_try(robust_config)
     if path.exists():
         _check_reusable(path, robust_config, out)
         log(f"[demo] reusing robust source model {path}")
     else:
         result = train_source(robust_config, path)
-        log(f"[demo] robust source model: best validation Pearson {result.best_val_pearson:.3f} on clean and augmented fields "
-            f"({result.seconds:.0f} s) -> {path}")
+        log(f"[demo] robust source model{' (second try)' if again else ''}: best validation Pearson {result.best_val_pearson:.3f} "
+            f"on clean and augmented fields ({result.seconds:.0f} s) -> {path}")
     return load_checkpoint(path)
 
 

@@ -11,7 +11,7 @@ import torch
 from lmadda.baselines import adabn, build_baseline, parse_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
 from lmadda.core.errors import LmaddaError
-from lmadda.data.augment import NuisanceAugmentation
+from lmadda.data.augment import NuisanceAugmentation, apply_chain
 from lmadda.data.correction import HistogramMatcher
 from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.normalise import NormalisationParams
@@ -170,6 +170,45 @@ def test_augmentation_draws_are_seeded_and_cover_only_their_families():
     assert augment.covers(Shift("overexposure", 3.0)) and not augment.covers(Shift("overexposure", 5.0))
     assert augment.covers(Shift("scale", 0.5)) and not augment.covers(None)
     assert not NuisanceAugmentation(overexposure=None).covers(Shift("overexposure", 2.0))
+
+
+def test_augmentation_redraws_intensity_nuisances_that_leave_a_field_unrecognisable():
+    # A 16-bit bright field a few thousand counts below saturation, as ColiCoords': most gains turn it white, and
+    # noise or vignetting at a few per cent of full scale drowns its contrast.
+    rng = np.random.default_rng(0)
+    cells = (rng.random((1, 128, 128)) < 0.05).astype(np.float32)
+    near_saturation = (64_500 - 1_500 * cells + rng.normal(0, 50, (1, 128, 128))).astype(np.float32)
+    blind = NuisanceAugmentation(copies=8, scale=None, defocus=None, seed=3)  # the default: every draw kept
+    augment = blind.model_copy(update={"min_similarity": 0.5})
+    kept = augment.variants(0, near_saturation, 65_535.0)
+    blind = blind.variants(0, near_saturation, 65_535.0)
+    assert kept[0] == [] and len(kept) == len(blind) == 9
+
+    def similarity(chain):
+        copy = apply_chain(near_saturation, chain, 65_535.0, seed=1).ravel()
+        return 0.0 if copy.std() == 0 else float(np.corrcoef(near_saturation.ravel(), copy)[0, 1])
+
+    assert min(similarity(chain) for chain in blind[1:]) < 0.5  # without the rule, copies the model cannot read
+    assert all(similarity(chain) >= 0.45 for chain in kept[1:])  # another noise draw than the check's: a small margin
+    assert kept != blind
+    # Mild nuisances on a mid-range 12-bit image leave every copy recognisable: the rule redraws nothing.
+    mid_range = (1_000 + 2_000 * rng.random((1, 128, 128))).astype(np.float32)
+    mild = NuisanceAugmentation(copies=6, overexposure=(1.0, 1.2), noise=(0.0, 0.01), gamma=(0.8, 1.25), illumination=(0.0, 0.1),
+                                min_size=64)
+    assert mild.model_copy(update={"min_similarity": 0.5}).variants(0, mid_range, 4_095.0) == mild.variants(0, mid_range, 4_095.0)
+
+
+def test_a_refused_robust_model_gets_one_second_try_with_recognisable_copies_only(tmp_path):
+    from lmadda.training.robust import RECOGNISABLE, second_try
+    from lmadda.training.source import SourceTrainConfig
+
+    config = SourceTrainConfig(manifest=tmp_path / "m.parquet", markers=["dapi"], augment={"copies": 2})
+    again = second_try(config)
+    assert again.augment.min_similarity == RECOGNISABLE and again.augment.copies == 2 and config.augment.min_similarity is None
+    with pytest.raises(LmaddaError, match="no second try"):
+        second_try(again)
+    with pytest.raises(LmaddaError, match="needs the robust model's augmentation"):
+        second_try(config.model_copy(update={"augment": None}))
 
 
 @pytest.mark.parametrize("options, message", [({"gamma": (1.5, 0.7)}, "backwards"), ({"overexposure": (0.5, 2.0)}, "out of range"),

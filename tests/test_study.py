@@ -364,6 +364,49 @@ def test_study_runs_every_family_and_the_robust_source_as_candidates_of_the_one_
     assert in_domain["robust", "after"] != in_domain["robust", "before"]  # the new model's own figure
 
 
+@pytest.mark.slow
+def test_a_refused_robust_model_is_replaced_by_its_second_try_whose_rows_the_study_measures(tmp_path, monkeypatch):
+    import lmadda.study.runner as runner
+    from lmadda.checkpoint import load_checkpoint
+    from lmadda.training.robust import RECOGNISABLE, RobustAdmission
+
+    first = []
+
+    def refuse_the_first_try(plain, robust, validation, markers):
+        admission = real(plain, robust, validation, markers)
+        first.append(admission)
+        if len(first) == 1:  # whatever the tiny model scores, its first try is refused here
+            return RobustAdmission(admission.plain_validation, admission.plain_validation - 0.5)
+        return admission
+
+    real = runner.admit_robust
+    monkeypatch.setattr(runner, "admit_robust", refuse_the_first_try)
+    experiment = {**EXPERIMENT, "grids": [{"targets": ["phase_contrast+overexposure:3"], "layers": [2], "paper_layers": [], "seeds": [0]}],
+                  "baselines": ["adabn"], "robust": {"epochs": 1, "crops_per_epoch": 4, "augment": {"copies": 1, "min_size": 64}}}
+    experiment.pop("oracle")
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), "document": str(tmp_path / "docs" / "study.md"),
+                                      "figures": str(tmp_path / "docs" / "study"), "experiments": [experiment]}))
+    assert main(["study", "--config", str(config)]) == 0
+    models = tmp_path / "out" / "tiny" / "models"
+    second = load_checkpoint(models / "source_robust_second_try.pt")
+    assert second.metadata["train_config"]["augment"]["min_similarity"] == RECOGNISABLE
+    assert (models / "source_robust.pt").is_file()  # the refused first try is kept
+    record = json.loads((tmp_path / "docs" / "study" / "summary.json").read_text())[0]
+    assert record["robust_admission"]["second_try"] is True
+    assert record["robust_admission"]["robust"] == pytest.approx(first[1].robust_validation, abs=1e-4)  # the second try's figure
+    from lmadda.study.analysis import Bar, Bars
+    from lmadda.study.document import bars_lines
+
+    bar = Bar(passed=1, of=1, need=1)
+    judged = Bars(scored=1, gapped=1, recovery=bar, as_good_as_cheap=bar, harm=Bar(passed=1, of=1, need=0),
+                  robust_cost={"tiny": 0.0}, robust_admission={"tiny": record["robust_admission"]})
+    assert "this is the second try, recognisable copies only, after the first was refused" in "\n".join(bars_lines(judged))
+    assert main(["study", "--config", str(config), "--retrain-robust"]) == 0  # both tries set aside, trained again
+    assert {p.name for p in models.glob("source_robust*.replaced-1.pt")} == {"source_robust.replaced-1.pt",
+                                                                              "source_robust_second_try.replaced-1.pt"}
+
+
 def test_the_documents_commit_is_lmaddas_not_the_working_directorys(tmp_path, monkeypatch):
     import shutil
     import subprocess

@@ -12,6 +12,17 @@ Intensity scale and offset are not separate nuisances here: per-image percentile
 removes them exactly, except where they clip, which is what `overexposure` models. The target
 (fluorescence) is never augmented, except by zoom, which moves both images together.
 
+Magnitudes are in camera units, so what a draw does depends on where the camera put the image. A
+16-bit bright field a few thousand counts below saturation (ColiCoords) turns white at gain 1.05, and
+noise or vignetting at a few per cent of full scale drowns its whole contrast; the same draws leave a
+12-bit phase image sitting mid-range recognisable. A copy that no longer shows its field teaches the
+model only to guess. With `min_similarity` set, each copy's intensity nuisances (`INTENSITY`) are
+redrawn until the copy still correlates with its field under the same optics at least that much
+(Pearson of the pixels), at most `REDRAWS` times; then the copy keeps its optics alone. The rule needs
+no target and no label, only the camera's own images. It is off by default: on cameras whose images
+fill their range the strong draws it would drop are what made the robust model robust
+(`lmadda.training.robust` turns it on only for a robust model that failed its admission).
+
 Copies are drawn once, when the images load (`variants`), from the augmentation's own seed: the same
 config gives the same training set, bit for bit, and the checkpoint records the config
 (`SourceTrainConfig.augment`).
@@ -32,6 +43,11 @@ from lmadda.data.shifts import Shift
 ORDER = ("scale", "defocus", "illumination", "overexposure", "noise", "gamma")
 # Ranges drawn log-uniformly (multiplicative knobs: x2 and x0.5 are equally far from 1).
 LOG_UNIFORM = ("scale", "overexposure", "gamma")
+# The nuisances that change intensities only, judged by `min_similarity`; zoom and defocus change what the field
+# looks like by design (a defocused phase image may invert its contrast) and are never redrawn.
+INTENSITY = ("illumination", "overexposure", "noise", "gamma")
+# Draws of a copy's intensity nuisances before it keeps its optics alone.
+REDRAWS = 8
 
 Range = tuple[float, float]
 
@@ -55,6 +71,9 @@ class NuisanceAugmentation(BaseModel):
     scale: Range | None = Field((0.5, 1.5), description="zoom: blur (anti-aliasing), then rescale, input and target together")
     illumination: Range | None = Field((0.0, 0.4), description="uneven illumination (vignetting strength)")
     min_size: int = Field(256, ge=1, description="a zoom never makes a field smaller than this (pixels): crops and tiles fit")
+    min_similarity: float | None = Field(None, gt=0, lt=1, description="redraw a copy's intensity nuisances while its pixels "
+                                                                       "correlate with its field under the same optics below this "
+                                                                       "(None: keep every draw)")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -95,16 +114,49 @@ class NuisanceAugmentation(BaseModel):
             chain.append(Shift(name, magnitude))
         return chain
 
-    def variants(self, field_number: int, shape: tuple[int, int] | None = None) -> list[list[Shift]]:
+    def variants(self, field_number: int, raw: np.ndarray | None = None, sensor_max: float = math.inf) -> list[list[Shift]]:
         """The shift chains of one training field: its clean copy (no shift), then `copies` augmented ones. With the
-        field's (height, width), a zoom that would leave it smaller than `min_size` is drawn up to that size."""
+        field's raw (C, H, W) pixels, a zoom that would leave it smaller than `min_size` is drawn up to that size, and
+        intensity nuisances that leave a copy unrecognisable are redrawn (`min_similarity`)."""
         rng = np.random.default_rng([self.seed, field_number])
-        chains = [self.draw(rng) for _ in range(self.copies)]
-        if shape is not None:
-            smallest = min(shape)
-            floor = min(1.0, self.min_size / smallest)
-            chains = [[Shift("scale", max(s.magnitude, floor)) if s.name == "scale" else s for s in chain] for chain in chains]
+        chains = []
+        for copy_number in range(self.copies):
+            chain = self.draw(rng)
+            if raw is not None:
+                chain = self._fitted(chain, raw.shape[1:])
+                if self.min_similarity is not None:
+                    seed = self.seed * 1_000_003 + field_number * 101 + copy_number
+                    chain = self._recognisable_chain(chain, raw, sensor_max, rng, seed)
+            chains.append(chain)
         return [[]] + chains
+
+    def _recognisable_chain(self, chain: list[Shift], raw: np.ndarray, sensor_max: float, rng: np.random.Generator,
+                            seed: int) -> list[Shift]:
+        """`chain` with its intensity nuisances redrawn until the copy is recognisable; its optics alone if none is."""
+        optics = [shift for shift in chain if shift.name not in INTENSITY]
+        reference = apply_chain(raw, optics, sensor_max, seed) if optics else raw  # the field under this copy's optics
+        for _ in range(REDRAWS):
+            intensity = [shift for shift in chain if shift.name in INTENSITY]
+            if self.recognisable(reference, intensity, sensor_max, seed):
+                return chain
+            redrawn = [shift for shift in self.draw(rng) if shift.name in INTENSITY]
+            chain = sorted(optics + redrawn, key=lambda shift: ORDER.index(shift.name))
+        return optics
+
+    def _fitted(self, chain: list[Shift], shape: tuple[int, ...]) -> list[Shift]:
+        floor = min(1.0, self.min_size / min(shape))
+        return [Shift("scale", max(shift.magnitude, floor)) if shift.name == "scale" else shift for shift in chain]
+
+    def recognisable(self, reference: np.ndarray, intensity: list[Shift], sensor_max: float, seed: int) -> bool:
+        """Whether the `intensity` nuisances leave a field recognisable: the copy's pixels correlate with `reference`
+        (the raw field under the copy's optics) at least `min_similarity`. A copy saturated flat correlates with nothing."""
+        if self.min_similarity is None or not intensity:
+            return True
+        copy = apply_chain(reference, intensity, sensor_max, seed).reshape(-1).astype(np.float64)
+        flat = reference.reshape(-1).astype(np.float64)
+        if flat.std() == 0 or copy.std() == 0:
+            return bool(copy.std() == flat.std())  # a blank field stays itself; a field turned blank is lost
+        return float(np.corrcoef(flat, copy)[0, 1]) >= self.min_similarity
 
     def for_validation(self) -> "NuisanceAugmentation":
         """The augmentation of a robust model's validation fields: one copy each, another draw. A robust model keeps its

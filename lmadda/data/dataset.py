@@ -100,7 +100,7 @@ def load_images(
                     f"{manifest.resolve(target_row)} is {pixels.shape[1]}x{pixels.shape[2]}; paired images must be registered and the same size"
                 )
             targets.append(pixels)
-        chains = augment.variants(number, raw.shape[1:]) if augment is not None else [[]]
+        chains = augment.variants(number, raw, sensor_max) if augment is not None else [[]]
         for copy_number, chain in enumerate(chains):
             chain = ([shift] if shift is not None else []) + chain
             name = input_row.field if copy_number == 0 else f"{input_row.field}~aug{copy_number}"

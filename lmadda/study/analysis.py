@@ -13,8 +13,9 @@ One record per (experiment, target), Pearson averaged over markers, test images 
     best_family                             the family of the best of those
     covered    whether the robust source's augmentation replays this target's shift (null: no robust model)
     robust_in_domain_cost                   source model's in-domain Pearson minus the robust model's
-    robust_admission   {plain, robust, admitted}   both models on the source's validation fields, and whether the
-                                            robust rows were candidates (lmadda.training.robust); null: not measured
+    robust_admission   {plain, robust, admitted, second_try}   both models on the source's validation fields, whether
+                                            the robust rows were candidates, and whether they are the refused first
+                                            try's second try (lmadda.training.robust); null: not measured
 
 A family (`family_of`) groups the methods that adapt the same way: LM-ADDA at any layer (`lmadda`,
 ADDA included), ADDA as published, moment matching, self-training (alone and after histogram
@@ -79,7 +80,7 @@ def summary_records(experiment: str, models: list[dict], augment=None, facts: di
     facts = facts or {}
     admission = None if "robust_admitted" not in facts else {
         "plain": _json_number(facts["robust_plain_validation"]), "robust": _json_number(facts["robust_robust_validation"]),
-        "admitted": bool(facts["robust_admitted"])}
+        "admitted": bool(facts["robust_admitted"]), "second_try": bool(facts.get("robust_second_try", 0.0))}
     in_domain = {method: _mean(m["pearson"] for m in models if m["target"] == "source" and m["method"] == method)
                  for method in ("unadapted", "robust")}
     robust_cost = in_domain["unadapted"] - in_domain["robust"]

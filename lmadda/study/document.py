@@ -62,7 +62,8 @@ def bars_lines(judged: Bars | None) -> list[str]:
         admission = judged.robust_admission.get(experiment)
         admitted = "" if admission is None else (
             f"; on the source's validation fields {admission['robust']:.3f} against {admission['plain']:.3f}, so the selector "
-            + ("saw its rows" if admission["admitted"] else "never saw its rows (refused: more than 0.01 lower)"))
+            + ("saw its rows" if admission["admitted"] else "never saw its rows (refused: more than 0.01 lower)")
+            + ("; this is the second try, recognisable copies only, after the first was refused" if admission.get("second_try") else ""))
         lines.append(f"- {experiment}: the robust source model gives up {cost:+.3f} in-domain test Pearson against the plain "
                      f"source (bar: at most {ROBUST_COST_BAR}) — {verdict}{admitted}")
     return lines

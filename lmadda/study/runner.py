@@ -43,11 +43,13 @@ from lmadda.study.grid import LABEL_FREE, ROBUST_VARIANTS, ImageSource, ResultTa
 from lmadda.study.tracking import StudyTracker, model_key
 from lmadda.study.trial import TrialResult
 from lmadda.tiling import predict_tiled
-from lmadda.training.robust import admit_robust
+from lmadda.training.robust import RobustAdmission, admit_robust, second_try
 from lmadda.training.source import SourceTrainConfig, changed_options, train_source
 
 
-SOURCE_FILE, ROBUST_FILE = "source.pt", "source_robust.pt"
+SOURCE_FILE = "source.pt"
+# The robust source model, and its second try where the first failed its admission (lmadda.training.robust).
+ROBUST_FILES = {False: "source_robust.pt", True: "source_robust_second_try.pt"}
 
 
 def experiment_name(spec: ExperimentSpec) -> str:
@@ -92,9 +94,12 @@ def _source_config(spec: ExperimentSpec, manifest_path: Path) -> SourceTrainConf
     return SourceTrainConfig(manifest=manifest_path, setting=spec.source.setting, markers=spec.source.markers, **spec.source.train)
 
 
-def _robust_config(spec: ExperimentSpec, manifest_path: Path, source_path: Path) -> SourceTrainConfig | None:
+def _robust_config(spec: ExperimentSpec, manifest_path: Path, source_path: Path, again: bool = False) -> SourceTrainConfig | None:
     config = spec.robust_config()
-    return None if config is None else config.model_copy(update={"manifest": manifest_path, "init_from": source_path})
+    if config is None:
+        return None
+    config = config.model_copy(update={"manifest": manifest_path, "init_from": source_path})
+    return second_try(config) if again else config
 
 
 def check_reused_models(spec: ExperimentSpec, study: StudyConfig, retrain_robust: bool = False) -> None:
@@ -104,9 +109,10 @@ def check_reused_models(spec: ExperimentSpec, study: StudyConfig, retrain_robust
     manifest_path, source_path = out / "data" / "manifest.parquet", out / "models" / SOURCE_FILE
     if source_path.exists():
         _refuse_changed_source(spec, source_path, _source_config(spec, manifest_path), out)
-    robust_config = _robust_config(spec, manifest_path, source_path)
-    if robust_config is not None and (out / "models" / ROBUST_FILE).exists() and not retrain_robust:
-        _refuse_changed_robust(spec, out / "models" / ROBUST_FILE, robust_config)
+    for again, name in ROBUST_FILES.items():
+        robust_config = _robust_config(spec, manifest_path, source_path, again)
+        if robust_config is not None and (out / "models" / name).exists() and not retrain_robust:
+            _refuse_changed_robust(spec, out / "models" / name, robust_config)
 
 
 def _refuse_changed_source(spec: ExperimentSpec, path: Path, config: SourceTrainConfig, out: Path) -> None:
@@ -148,28 +154,48 @@ def prepare_source(spec: ExperimentSpec, data: ImageSource, manifest_path: Path,
 
 
 def prepare_robust_source(spec: ExperimentSpec, data: ImageSource, manifest_path: Path, out: Path, source_path: Path,
-                          log=print) -> Path | None:
+                          log=print, again: bool = False) -> Path | None:
     """The robust source model (`robust` in the experiment): the source model fine-tuned on its training fields and
     their imaging-nuisance copies (lmadda.data.augment), keeping its best epoch on the validation fields and their
-    augmented copies (`NuisanceAugmentation.for_validation`), as `lmadda train-source` does. Trained once; reused
-    when its checkpoint exists."""
-    config = _robust_config(spec, manifest_path, source_path)
+    augmented copies (`NuisanceAugmentation.for_validation`), as `lmadda train-source` does. `again`: its second try,
+    recognisable copies only (`lmadda.training.robust.second_try`). Trained once; reused when its checkpoint exists."""
+    config = _robust_config(spec, manifest_path, source_path, again)
     if config is None:
         return None
-    path = out / "models" / ROBUST_FILE
+    path = out / "models" / ROBUST_FILES[again]
+    what = "robust source model" + (" (second try: recognisable copies only)" if again else "")
     if path.exists():
         _refuse_changed_robust(spec, path, config)
-        log(f"[study:{spec.name}] reusing robust source model {path}")
+        log(f"[study:{spec.name}] reusing {what} {path}")
         return path
     augment, markers, seed = config.augment, config.markers, config.seed
     images = (data.load(config.setting, "train", markers, seed=seed, augment=augment),
               data.load(config.setting, "val", markers, seed=seed + 1, augment=augment.for_validation()))
-    log(f"[study:{spec.name}] fine-tuning the robust source model: {config.epochs} epochs on {len(images[0])} fields "
+    log(f"[study:{spec.name}] fine-tuning the {what}: {config.epochs} epochs on {len(images[0])} fields "
         f"({augment.copies} augmented copies each: {', '.join(augment.nuisances)})")
     result = train_source(config, path, progress=False, data=images)
-    log(f"[study:{spec.name}] robust source model: validation Pearson {result.best_val_pearson:.3f} (clean + augmented validation "
+    log(f"[study:{spec.name}] {what}: validation Pearson {result.best_val_pearson:.3f} (clean + augmented validation "
         f"fields, {result.seconds:.0f} s) -> {path}")
     return path
+
+
+def admitted_robust(spec: ExperimentSpec, data: ImageSource, manifest_path: Path, out: Path, source: GeneratorCheckpoint,
+                    source_path: Path, log=print) -> tuple[GeneratorCheckpoint | None, RobustAdmission | None, bool]:
+    """The experiment's robust source model and its admission (source labels only: lmadda.training.robust), after a
+    second try where the first was refused. Returns (model, admission, whether it is the second try)."""
+    path = prepare_robust_source(spec, data, manifest_path, out, source_path, log)
+    if path is None:
+        return None, None, False
+    validation = data.load(spec.source.setting, "val", source.markers, percentiles=source.percentiles)
+    robust = load_checkpoint(path)
+    admission = admit_robust(source.generator, robust.generator, validation, source.markers)
+    log(f"[study:{spec.name}] {admission.reason}")
+    if admission.admitted:
+        return robust, admission, False
+    robust = load_checkpoint(prepare_robust_source(spec, data, manifest_path, out, source_path, log, again=True))
+    admission = admit_robust(source.generator, robust.generator, validation, source.markers)
+    log(f"[study:{spec.name}] second try: {admission.reason}")
+    return robust, admission, True
 
 
 class CriteriaRecorder:
@@ -276,20 +302,22 @@ def _panel(spec: ExperimentSpec, recorder: "CriteriaRecorder", domain: TargetDom
                        title=f"{spec.title}: {domain.name}, test field {window['field']}")
 
 
-def forget_robust(spec: ExperimentSpec, study: StudyConfig, log=print) -> Path | None:
-    """Set the experiment's robust source model aside (renamed, not deleted) and drop what was measured with it: its
-    rows, its candidate observations and every label-free choice (rows and MLflow runs), so that the next run
-    fine-tunes it again and measures and chooses again. Returns where the old model now lies (None: there was none)."""
+def forget_robust(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[Path]:
+    """Set the experiment's robust source models aside (renamed `*.replaced-N.pt`, not deleted; its second try too) and
+    drop what was measured with them: their rows, their candidate observations and every label-free choice (rows and
+    MLflow runs), so that the next run fine-tunes them again and measures and chooses again. Returns where the old
+    models now lie."""
     if spec.robust is None:
         raise LmaddaError(f"experiment {spec.name} has no `robust`: there is no robust source model to fine-tune again")
     out = study.out / spec.name
-    path = out / "models" / ROBUST_FILE
-    aside = None
-    if path.exists():
-        number = 1
-        while (out / "models" / f"source_robust.replaced-{number}.pt").exists():
-            number += 1
-        aside = path.rename(out / "models" / f"source_robust.replaced-{number}.pt")
+    aside = []
+    for name in ROBUST_FILES.values():
+        path = out / "models" / name
+        if path.exists():
+            number = 1
+            while path.with_suffix(f".replaced-{number}.pt").exists():
+                number += 1
+            aside.append(path.rename(path.with_suffix(f".replaced-{number}.pt")))
     table = ResultTable(out / "results.parquet")
     dropped = [row for row in table.rows if row["method"] in ROBUST_VARIANTS or row["method"] == LABEL_FREE]
     table.replace([row for row in table.rows if not (row["method"] in ROBUST_VARIANTS or row["method"] == LABEL_FREE)])
@@ -297,9 +325,9 @@ def forget_robust(spec: ExperimentSpec, study: StudyConfig, log=print) -> Path |
         if observation.stem in ROBUST_VARIANTS:  # observations of the old model; the new one is observed again
             observation.unlink()
     StudyTracker(study.tracking_uri, experiment_name(spec), study.out).forget({model_key(row) for row in dropped})
-    log(f"[study:{spec.name}] robust source model set aside as {aside}; {len(dropped)} rows measured with it or choosing "
-        "among its rows dropped; they are measured again" if aside else
-        f"[study:{spec.name}] no robust source model to set aside; {len(dropped)} rows dropped")
+    kept = f"set aside as {', '.join(map(str, aside))}" if aside else "none to set aside"
+    log(f"[study:{spec.name}] robust source models: {kept}; {len(dropped)} rows measured with them or choosing among their "
+        "rows dropped; they are measured again")
     return aside
 
 
@@ -323,15 +351,12 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
     data = ImageSource(Manifest.load(manifest_path), spec.data.validation_rows)
     source_path, source_config = prepare_source(spec, data, manifest_path, out, log)
     source = load_checkpoint(source_path)
-    robust_path = prepare_robust_source(spec, data, manifest_path, out, source_path, log)
-    robust = load_checkpoint(robust_path) if robust_path is not None else None
+    robust, admission, again = admitted_robust(spec, data, manifest_path, out, source, source_path, log)
     tracker = StudyTracker(study.tracking_uri, experiment_name(spec), study.out)
     robust_admitted = True
-    if robust is not None:
-        validation = data.load(spec.source.setting, "val", source.markers, percentiles=source.percentiles)
-        admission = admit_robust(source.generator, robust.generator, validation, source.markers)
-        log(f"[study:{spec.name}] {admission.reason}")
-        tracker.log_facts({f"robust_{key}": float(value) for key, value in admission.as_dict().items()})
+    if admission is not None:
+        tracker.log_facts({**{f"robust_{key}": float(value) for key, value in admission.as_dict().items()},
+                           "robust_second_try": float(again)})
         robust_admitted = admission.admitted
     recorder = CriteriaRecorder(spec, source, data, out)
     table = ResultTable(out / "results.parquet")
