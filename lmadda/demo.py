@@ -33,9 +33,9 @@ from lmadda.report import choice_lines, summary_table, write_report
 from lmadda.result_rows import TargetDomain
 from lmadda.study.config import Grid, SelectionSpec
 from lmadda.study.figures import panel_file_name, stain_panel
-from lmadda.study.grid import ROBUST_VARIANTS, model_file_name, run_grid
+from lmadda.study.grid import ROBUST_VARIANTS, check_robust_rows, model_file_name, run_grid
 from lmadda.tiling import predict_tiled
-from lmadda.training.robust import admit_robust, second_try
+from lmadda.training.robust import ROBUST_FILES, robust_with_second_try, second_try
 from lmadda.training.source import SourceTrainConfig, changed_options, train_source
 
 
@@ -93,16 +93,13 @@ def run_demo(config: DemoConfig, log=print) -> Path:
         result = train_source(source_config, source_path)
         log(f"[demo] source model: best validation Pearson {result.best_val_pearson:.3f} ({result.seconds:.0f} s) -> {source_path}")
     source = load_checkpoint(source_path)
-    robust = _robust_source(config, source_config, source_path, out, log)
-    robust_admitted = True
-    if robust is not None:
+    robust, robust_admitted = None, True
+    if config.robust_epochs:
         validation = load_images(manifest, "phase_contrast", "val", config.markers, percentiles=source.percentiles)
-        admission = admit_robust(source.generator, robust.generator, validation, config.markers)
-        log(f"[demo] {admission.reason}")
-        if not admission.admitted:  # one second try, recognisable copies only (lmadda.training.robust)
-            robust = _robust_source(config, source_config, source_path, out, log, again=True)
-            admission = admit_robust(source.generator, robust.generator, validation, config.markers)
-            log(f"[demo] second try: {admission.reason}")
+        robust, admission, again = robust_with_second_try(
+            source.generator, validation, config.markers, lambda: _robust_source(config, source_config, source_path, out, log),
+            lambda: _robust_source(config, source_config, source_path, out, log, again=True), log=lambda line: log(f"[demo] {line}"))
+        check_robust_rows(out, out / "models" / ROBUST_FILES[again], fix=f"give the demo another --out, or move {out} aside")
         robust_admitted = admission.admitted
 
     domains = [TargetDomain.parse(t) for t in config.targets]
@@ -131,13 +128,11 @@ def run_demo(config: DemoConfig, log=print) -> Path:
 
 
 def _robust_source(config: DemoConfig, source_config: SourceTrainConfig, source_path: Path, out: Path, log,
-                   again: bool = False) -> GeneratorCheckpoint | None:
+                   again: bool = False) -> GeneratorCheckpoint:
     """The source model fine-tuned on augmented copies of its training fields (lmadda.data.augment): what a lab would
     train instead of adapting, and a candidate of the label-free choice; `again`: its second try, recognisable copies
     only (lmadda.training.robust). Reused when it exists."""
-    if not config.robust_epochs:
-        return None
-    path = out / "models" / ("source_robust_second_try.pt" if again else "source_robust.pt")
+    path = out / "models" / ROBUST_FILES[again]
     robust_config = SourceTrainConfig.model_validate(source_config.model_copy(update={
         "epochs": config.robust_epochs, "init_from": source_path, "augment": NuisanceAugmentation(min_size=config.size)}).model_dump())
     if again:

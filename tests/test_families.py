@@ -199,16 +199,15 @@ def test_augmentation_redraws_intensity_nuisances_that_leave_a_field_unrecognisa
 
 
 def test_a_refused_robust_model_gets_one_second_try_with_recognisable_copies_only(tmp_path):
-    from lmadda.training.robust import RECOGNISABLE, second_try
+    from lmadda.training.robust import RECOGNISABLE, has_second_try, second_try
     from lmadda.training.source import SourceTrainConfig
 
     config = SourceTrainConfig(manifest=tmp_path / "m.parquet", markers=["dapi"], augment={"copies": 2})
     again = second_try(config)
     assert again.augment.min_similarity == RECOGNISABLE and again.augment.copies == 2 and config.augment.min_similarity is None
+    assert has_second_try(config) and not has_second_try(again) and not has_second_try(config.model_copy(update={"augment": None}))
     with pytest.raises(LmaddaError, match="no second try"):
         second_try(again)
-    with pytest.raises(LmaddaError, match="needs the robust model's augmentation"):
-        second_try(config.model_copy(update={"augment": None}))
 
 
 @pytest.mark.parametrize("options, message", [({"gamma": (1.5, 0.7)}, "backwards"), ({"overexposure": (0.5, 2.0)}, "out of range"),

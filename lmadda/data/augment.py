@@ -18,8 +18,10 @@ noise or vignetting at a few per cent of full scale drowns its whole contrast; t
 12-bit phase image sitting mid-range recognisable. A copy that no longer shows its field teaches the
 model only to guess. With `min_similarity` set, each copy's intensity nuisances (`INTENSITY`) are
 redrawn until the copy still correlates with its field under the same optics at least that much
-(Pearson of the pixels), at most `REDRAWS` times; then the copy keeps its optics alone. The rule needs
-no target and no label, only the camera's own images. It is off by default: on cameras whose images
+(Pearson of the pixels), at most `REDRAWS` times; then the copy keeps its optics alone (a copy that drew
+no zoom or defocus is then a second clean copy). The check draws its own noise, another realisation of
+the same level as the copy trained on. The rule needs no target and no label, only the camera's own
+images. It is off by default: on cameras whose images
 fill their range the strong draws it would drop are what made the robust model robust
 (`lmadda.training.robust` turns it on only for a robust model that failed its admission).
 
@@ -135,12 +137,12 @@ class NuisanceAugmentation(BaseModel):
         """`chain` with its intensity nuisances redrawn until the copy is recognisable; its optics alone if none is."""
         optics = [shift for shift in chain if shift.name not in INTENSITY]
         reference = apply_chain(raw, optics, sensor_max, seed) if optics else raw  # the field under this copy's optics
-        for _ in range(REDRAWS):
-            intensity = [shift for shift in chain if shift.name in INTENSITY]
-            if self.recognisable(reference, intensity, sensor_max, seed):
+        for redraws in range(REDRAWS + 1):  # the first draw, then up to REDRAWS redraws, each checked
+            if redraws:
+                redrawn = [shift for shift in self.draw(rng) if shift.name in INTENSITY]
+                chain = sorted(optics + redrawn, key=lambda shift: ORDER.index(shift.name))
+            if self.recognisable(reference, [shift for shift in chain if shift.name in INTENSITY], sensor_max, seed):
                 return chain
-            redrawn = [shift for shift in self.draw(rng) if shift.name in INTENSITY]
-            chain = sorted(optics + redrawn, key=lambda shift: ORDER.index(shift.name))
         return optics
 
     def _fitted(self, chain: list[Shift], shape: tuple[int, ...]) -> list[Shift]:

@@ -11,7 +11,8 @@ One record per (experiment, target), Pearson averaged over markers, test images 
     gap_recovered_label_free   (label_free - unadapted) / (oracle - unadapted), null when that gap < MIN_GAP
     families   {family: {pearson, config}}  each family's best configuration WITH test labels (a per-family ceiling)
     best_family                             the family of the best of those
-    covered    whether the robust source's augmentation replays this target's shift (null: no robust model)
+    covered    whether the robust source's augmentation draws this target's shift at its magnitude (null: no robust
+               model); a second try (recognisable copies only) may drop the strongest of those draws
     robust_in_domain_cost                   source model's in-domain Pearson minus the robust model's
     robust_admission   {plain, robust, admitted, second_try}   both models on the source's validation fields, whether
                                             the robust rows were candidates, and whether they are the refused first

@@ -36,6 +36,8 @@ from lmadda.selection import SelectionProbe
 from lmadda.selector import UNADAPTED, Candidate, Choice, Observation, Selector
 from lmadda.study.trial import GridPoint, TrialResult, TrialTarget, run_trial
 from lmadda.training.families import FAMILIES, make_loop
+from lmadda.registry_names import file_sha256
+from lmadda.training.robust import ROBUST_FILES
 from lmadda.training.source import SourceTrainConfig, train_source
 
 LABEL_FREE = "label_free"  # the selector's choice among the candidates of one (target, seed), as its own rows
@@ -126,6 +128,38 @@ class ResultTable:
         return any(r["target"] == target and r["method"] == method and r["layer"] == layer
                    and (lr is None or r["lr"] == lr) and r["seed"] == seed
                    and (matched is None or r.get("matched") == matched) for r in self.rows)
+
+
+ROBUST_ROWS_RECORD = "robust_rows_from.json"  # beside results.parquet: the robust model its robust rows were measured with
+
+
+def check_robust_rows(out: Path, robust_path: Path, fix: str) -> None:
+    """The robust rows in `out/results.parquet` were measured with the robust model at `robust_path`, or none exist
+    yet; then it is recorded (file name and SHA-256) for the next run. A rerun skips rows already measured, so rows of
+    another robust model (a first try refused since, or a model trained again) would stand beside the new model's
+    observations and admission: refused in one line with `fix`. Rows measured before the record existed were measured
+    with the first try, the only robust model an older lmadda made."""
+    record_path = out / ROBUST_ROWS_RECORD
+    current = {"file": robust_path.name, "sha256": file_sha256(robust_path)}
+    measured = any(row["method"] in ROBUST_VARIANTS for row in ResultTable(out / "results.parquet").rows)
+    if record_path.exists():
+        try:
+            recorded = json.loads(record_path.read_text())
+        except (OSError, ValueError) as error:
+            raise LmaddaError(f"{record_path} cannot be read ({error}); {fix}") from None
+    else:
+        recorded = {"file": ROBUST_FILES[False], "sha256": current["sha256"]} if robust_path.name == ROBUST_FILES[False] else None
+    if measured and recorded != current:
+        was = "an unrecorded robust model" if recorded is None else f"{recorded.get('file')} (SHA-256 {str(recorded.get('sha256'))[:12]})"
+        raise LmaddaError(f"the robust rows in {out / 'results.parquet'} were measured with {was}, not with {robust_path} "
+                          f"(SHA-256 {current['sha256'][:12]}), which this run goes on with; {fix}")
+    if not record_path.exists() or recorded != current:
+        write_atomically(record_path, lambda temporary: temporary.write_text(json.dumps(current)))
+
+
+def forget_robust_rows_record(out: Path) -> None:
+    """The robust rows were dropped: the next robust model to measure them records itself."""
+    (out / ROBUST_ROWS_RECORD).unlink(missing_ok=True)
 
 
 def model_file_name(domain: str, layer: int, recipe: str = "lmadda", family: str = "lmadda") -> str:

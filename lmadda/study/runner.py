@@ -39,17 +39,16 @@ from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, 
 from lmadda.study.config import ExperimentSpec, StudyConfig
 from lmadda.study.failures import RECOVERABLE, FailureLog
 from lmadda.study.figures import panel_file_name, stain_panel
-from lmadda.study.grid import LABEL_FREE, ROBUST_VARIANTS, ImageSource, ResultTable, run_grid
+from lmadda.study.grid import (LABEL_FREE, ROBUST_VARIANTS, ImageSource, ResultTable, check_robust_rows,
+                               forget_robust_rows_record, run_grid)
 from lmadda.study.tracking import StudyTracker, model_key
 from lmadda.study.trial import TrialResult
 from lmadda.tiling import predict_tiled
-from lmadda.training.robust import RobustAdmission, admit_robust, second_try
+from lmadda.training.robust import ROBUST_FILES, RobustAdmission, has_second_try, robust_with_second_try, second_try
 from lmadda.training.source import SourceTrainConfig, changed_options, train_source
 
 
 SOURCE_FILE = "source.pt"
-# The robust source model, and its second try where the first failed its admission (lmadda.training.robust).
-ROBUST_FILES = {False: "source_robust.pt", True: "source_robust_second_try.pt"}
 
 
 def experiment_name(spec: ExperimentSpec) -> str:
@@ -99,7 +98,9 @@ def _robust_config(spec: ExperimentSpec, manifest_path: Path, source_path: Path,
     if config is None:
         return None
     config = config.model_copy(update={"manifest": manifest_path, "init_from": source_path})
-    return second_try(config) if again else config
+    if not again:
+        return config
+    return second_try(config) if has_second_try(config) else None  # a config that keeps only recognisable copies has none
 
 
 def check_reused_models(spec: ExperimentSpec, study: StudyConfig, retrain_robust: bool = False) -> None:
@@ -110,8 +111,10 @@ def check_reused_models(spec: ExperimentSpec, study: StudyConfig, retrain_robust
     if source_path.exists():
         _refuse_changed_source(spec, source_path, _source_config(spec, manifest_path), out)
     for again, name in ROBUST_FILES.items():
+        if not (out / "models" / name).exists() or retrain_robust:
+            continue
         robust_config = _robust_config(spec, manifest_path, source_path, again)
-        if robust_config is not None and (out / "models" / name).exists() and not retrain_robust:
+        if robust_config is not None:  # None: a try this config no longer makes, left unused
             _refuse_changed_robust(spec, out / "models" / name, robust_config)
 
 
@@ -183,19 +186,16 @@ def admitted_robust(spec: ExperimentSpec, data: ImageSource, manifest_path: Path
                     source_path: Path, log=print) -> tuple[GeneratorCheckpoint | None, RobustAdmission | None, bool]:
     """The experiment's robust source model and its admission (source labels only: lmadda.training.robust), after a
     second try where the first was refused. Returns (model, admission, whether it is the second try)."""
-    path = prepare_robust_source(spec, data, manifest_path, out, source_path, log)
-    if path is None:
+    if spec.robust is None:
         return None, None, False
+
+    def make(again: bool) -> GeneratorCheckpoint:
+        return load_checkpoint(prepare_robust_source(spec, data, manifest_path, out, source_path, log, again=again))
+
     validation = data.load(spec.source.setting, "val", source.markers, percentiles=source.percentiles)
-    robust = load_checkpoint(path)
-    admission = admit_robust(source.generator, robust.generator, validation, source.markers)
-    log(f"[study:{spec.name}] {admission.reason}")
-    if admission.admitted:
-        return robust, admission, False
-    robust = load_checkpoint(prepare_robust_source(spec, data, manifest_path, out, source_path, log, again=True))
-    admission = admit_robust(source.generator, robust.generator, validation, source.markers)
-    log(f"[study:{spec.name}] second try: {admission.reason}")
-    return robust, admission, True
+    again = _robust_config(spec, manifest_path, source_path, again=True) is not None
+    return robust_with_second_try(source.generator, validation, source.markers, lambda: make(False),
+                                  (lambda: make(True)) if again else None, log=lambda line: log(f"[study:{spec.name}] {line}"))
 
 
 class CriteriaRecorder:
@@ -310,6 +310,16 @@ def forget_robust(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[P
     if spec.robust is None:
         raise LmaddaError(f"experiment {spec.name} has no `robust`: there is no robust source model to fine-tune again")
     out = study.out / spec.name
+    forget_choices(spec, study, log)
+    table = ResultTable(out / "results.parquet")
+    dropped = [row for row in table.rows if row["method"] in ROBUST_VARIANTS]
+    # MLflow first: a run left behind would keep its old figures in the document (the new rows share its key)
+    StudyTracker(study.tracking_uri, experiment_name(spec), study.out).forget({model_key(row) for row in dropped})
+    table.replace([row for row in table.rows if row["method"] not in ROBUST_VARIANTS])
+    for observation in (out / "selection").glob("*/seed*/*.npz"):
+        if observation.stem in ROBUST_VARIANTS:  # observations of the old model; the new one is observed again
+            observation.unlink()
+    forget_robust_rows_record(out)
     aside = []
     for name in ROBUST_FILES.values():
         path = out / "models" / name
@@ -318,16 +328,9 @@ def forget_robust(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[P
             while path.with_suffix(f".replaced-{number}.pt").exists():
                 number += 1
             aside.append(path.rename(path.with_suffix(f".replaced-{number}.pt")))
-    table = ResultTable(out / "results.parquet")
-    dropped = [row for row in table.rows if row["method"] in ROBUST_VARIANTS or row["method"] == LABEL_FREE]
-    table.replace([row for row in table.rows if not (row["method"] in ROBUST_VARIANTS or row["method"] == LABEL_FREE)])
-    for observation in (out / "selection").glob("*/seed*/*.npz"):
-        if observation.stem in ROBUST_VARIANTS:  # observations of the old model; the new one is observed again
-            observation.unlink()
-    StudyTracker(study.tracking_uri, experiment_name(spec), study.out).forget({model_key(row) for row in dropped})
     kept = f"set aside as {', '.join(map(str, aside))}" if aside else "none to set aside"
-    log(f"[study:{spec.name}] robust source models: {kept}; {len(dropped)} rows measured with them or choosing among their "
-        "rows dropped; they are measured again")
+    log(f"[study:{spec.name}] robust source models: {kept}; {len(dropped)} rows measured with them dropped; they are "
+        "measured again")
     return aside
 
 
@@ -352,6 +355,9 @@ def run_experiment(spec: ExperimentSpec, study: StudyConfig, log=print) -> list[
     source_path, source_config = prepare_source(spec, data, manifest_path, out, log)
     source = load_checkpoint(source_path)
     robust, admission, again = admitted_robust(spec, data, manifest_path, out, source, source_path, log)
+    if robust is not None:
+        check_robust_rows(out, out / "models" / ROBUST_FILES[again],
+                          fix=f"run `lmadda study --retrain-robust --only {spec.name}` to measure them again")
     tracker = StudyTracker(study.tracking_uri, experiment_name(spec), study.out)
     robust_admitted = True
     if admission is not None:

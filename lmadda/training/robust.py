@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
 from lmadda.core.errors import LmaddaError
+from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage
 from lmadda.evaluation import evaluate_generator
 from lmadda.models.generator import UNetGenerator
@@ -32,15 +34,21 @@ IN_DOMAIN_TOLERANCE = 0.01
 # The second try keeps a copy only if its pixels still correlate with its field at least this much (Pearson 0.5: a
 # quarter of the copy's variance is the field's). Set before any measurement, not tuned.
 RECOGNISABLE = 0.5
+# Where a study or the demo keeps the robust model's first try and its second (in its `models/` folder).
+ROBUST_FILES = {False: "source_robust.pt", True: "source_robust_second_try.pt"}
+
+
+def has_second_try(config: SourceTrainConfig) -> bool:
+    """Whether a refused robust model can try again: it kept every draw (a config that already sets
+    `augment.min_similarity` was its lab's own second try)."""
+    return config.augment is not None and config.augment.min_similarity is None
 
 
 def second_try(config: SourceTrainConfig) -> SourceTrainConfig:
     """The robust model's training for its second try, after it failed its admission: recognisable copies only."""
-    if config.augment is None:
-        raise LmaddaError("a second try needs the robust model's augmentation; this config has none")
-    if config.augment.min_similarity is not None:
-        raise LmaddaError(f"the robust model already kept only recognisable copies (augment.min_similarity "
-                          f"{config.augment.min_similarity}); there is no second try to make")
+    if not has_second_try(config):
+        raise LmaddaError("the robust model has no second try: it has no augmentation, or already keeps only recognisable "
+                          "copies (augment.min_similarity)")
     return config.model_copy(update={"augment": config.augment.model_copy(update={"min_similarity": RECOGNISABLE})})
 
 
@@ -60,9 +68,8 @@ class RobustAdmission:
                    f"{self.plain_validation:.3f}")
         if self.admitted:
             return f"robust source model admitted as a candidate: {figures}"
-        return (f"robust source model refused as a candidate: {figures}, more than {self.tolerance} lower. Its "
-                "augmentation teaches images this microscope does not make: keep only recognisable copies "
-                "(`augment: {min_similarity: 0.5}`) or narrow its ranges to the camera")
+        return (f"robust source model refused as a candidate: {figures}, more than {self.tolerance} lower: its "
+                "augmentation teaches images this microscope does not make")
 
     def as_dict(self) -> dict:
         return {**asdict(self), "admitted": self.admitted}
@@ -77,3 +84,24 @@ def admit_robust(plain: UNetGenerator, robust: UNetGenerator, validation: list[L
         return float(np.mean(values)) if values else math.nan
 
     return RobustAdmission(mean_pearson(plain), mean_pearson(robust), tolerance)
+
+
+def robust_with_second_try(plain: UNetGenerator, validation: list[LoadedImage], markers: list[str],
+                           first: Callable[[], GeneratorCheckpoint], second: Callable[[], GeneratorCheckpoint] | None,
+                           log: Callable[[str], object] = print) -> tuple[GeneratorCheckpoint, RobustAdmission, bool]:
+    """The robust model a study or the demo goes on with, its admission, and whether it is the second try: the first
+    try (`first()` trains or reuses it) where it is admitted; else the second (`second()`, None where there is none),
+    admitted or not (a refused model's rows are still measured; the selector never sees them)."""
+    robust = first()
+    admission = admit_robust(plain, robust.generator, validation, markers)
+    if admission.admitted:
+        log(admission.reason)
+        return robust, admission, False
+    if second is None:
+        log(f"{admission.reason}; narrow its ranges (`augment:`) to what the camera does")
+        return robust, admission, False
+    log(f"{admission.reason}; a second try keeps only copies that still show their field (augment.min_similarity {RECOGNISABLE})")
+    robust = second()
+    admission = admit_robust(plain, robust.generator, validation, markers)
+    log(f"second try: {admission.reason}" + ("" if admission.admitted else "; narrow its ranges (`augment:`) to what the camera does"))
+    return robust, admission, True

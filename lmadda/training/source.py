@@ -264,8 +264,9 @@ def training_pixel_size(config: SourceTrainConfig) -> float | None:
     return images_pixel_size(Manifest.load(config.manifest), config.setting, Shift.parse(config.shift) if config.shift else None)
 
 
-# Where a reused model's options may differ from the config's: the paths move with the study's folder.
-_MOVABLE_OPTIONS = ("manifest", "init_from")
+# Where a reused model's options may differ from the config's: the paths move with the study's folder, and the
+# device it was trained on says nothing of how.
+_MOVABLE_OPTIONS = ("manifest", "init_from", "device")
 
 
 def changed_options(path: Path, config: SourceTrainConfig) -> list[str]:
