@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--experiments", nargs="+", required=True)
     parser.add_argument("--out", type=Path, required=True, help="where the two tries are trained (reused when there)")
     parser.add_argument("--epochs", type=int, default=None, help="the robust model's epochs instead of the config's (its budget)")
+    parser.add_argument("--lr", type=float, default=None, help="the robust model's fine-tuning learning rate instead of the config's")
     parser.add_argument("--only-first", action="store_true", help="train and measure the first try only")
     parser.add_argument("--results", default="bench/results/robust_tries.jsonl")
     args = parser.parse_args()
@@ -52,9 +53,9 @@ def main() -> None:
         if spec.robust is None:
             print(f"{spec.name}: no `robust` in {args.config}, skipped")
             continue
-        if args.epochs is not None:
-            spec = spec.model_copy(update={"robust": {**spec.robust, "epochs": args.epochs}})
-        epochs = spec.robust_config().epochs
+        overrides = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
+        spec = spec.model_copy(update={"robust": {**spec.robust, **overrides}})
+        epochs, lr = spec.robust_config().epochs, spec.robust_config().lr
         study_out = study.out / spec.name
         manifest_path = prepare_manifest(spec, study_out)
         data = ImageSource(Manifest.load(manifest_path), spec.data.validation_rows)
@@ -85,9 +86,9 @@ def main() -> None:
                                                                                         input_transform=transform)]))
                 line.append(f"{label} {alone:.3f} (+AdaBN {with_adabn:.3f})")
                 with results.open("a") as handle:
-                    handle.write(json.dumps({"experiment": spec.name, "epochs": epochs, "validation": name, "model": label,
+                    handle.write(json.dumps({"experiment": spec.name, "epochs": epochs, "lr": lr, "validation": name, "model": label,
                                              "val_pearson": alone, "val_pearson_adabn": with_adabn}) + "\n")
-            print(f"{spec.name:11s} {epochs:2d} epochs {name:36s} " + "  ".join(line), flush=True)
+            print(f"{spec.name:11s} {epochs:2d} epochs lr {lr:g} {name:36s} " + "  ".join(line), flush=True)
 
 
 if __name__ == "__main__":
