@@ -1,7 +1,8 @@
 """Every adaptation family, measured on VALIDATION fields, with the label-free choice among all of them.
 
 For one experiment of a study config (its data and source model, trained or reused in its `out`
-folder, so `make study` reuses them; the robust source model too, from the experiment's `robust`):
+folder, so `make study` reuses them; the robust source model too, from the experiment's `robust`, with its
+second try where the first is refused, as the study does):
 
 - cheap candidates (no training): the unadapted model, AdaBN over all layers and up to each of
   `--layers`, histogram matching, histogram matching + AdaBN, the robust source model alone, with
@@ -44,7 +45,7 @@ from lmadda.selector import UNADAPTED, Candidate, Selector, decide
 from lmadda.training.robust import RobustAdmission
 from lmadda.study.config import StudyConfig
 from lmadda.study.grid import ImageSource
-from lmadda.study.runner import prepare_manifest, prepare_robust_source, prepare_source
+from lmadda.study.runner import admitted_robust, prepare_manifest, prepare_source
 from lmadda.training.adapt import AdaptConfig, Adapter, run_steps
 from lmadda.training.self_training import SelfTrainConfig, SelfTrainer
 
@@ -81,8 +82,8 @@ def main() -> None:
     data = ImageSource(Manifest.load(manifest_path), spec.data.validation_rows)
     source_path, _ = prepare_source(spec, data, manifest_path, out)
     source = load_checkpoint(source_path)
-    robust_path = prepare_robust_source(spec, data, manifest_path, out, source_path)
-    robust = load_checkpoint(robust_path) if robust_path else None
+    # the robust model the study goes on with: the first try, or its second where the first is refused
+    robust, _, _ = admitted_robust(spec, data, manifest_path, out, source, source_path)
     results = Path(args.out)
     results.parent.mkdir(parents=True, exist_ok=True)
     markers, percentiles = source.markers, source.percentiles
