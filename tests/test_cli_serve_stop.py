@@ -46,6 +46,14 @@ def _running(pid: int, start: str) -> bool:
     return fields[19] == start and fields[0] != "Z"
 
 
+def _py_spy() -> str | None:
+    """py-spy beside this Python, or on PATH (a developer's diagnostic; not a dependency)."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
 def _name(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
@@ -72,7 +80,15 @@ def test_serve_leaves_no_ray_process_behind(tmp_path, stop):
         ray_processes = _descendants(serve.pid)
         assert any("raylet" in _name(pid) for pid, _ in ray_processes)  # the local instance is its own
         serve.send_signal(stop)
-        output = serve.communicate(timeout=120)[0]
+        try:
+            output = serve.communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:  # say where it hangs: its output and the Python stacks of the stuck process
+            spy = _py_spy()
+            stacks = subprocess.run([spy, "dump", "--pid", str(serve.pid)], capture_output=True, text=True,
+                                    timeout=60).stdout if spy else "(py-spy not installed: no stacks)"
+            serve.kill()
+            pytest.fail(f"lmadda serve did not stop within 120 s of {stop.name}.\nIts stacks:\n{stacks[-4000:]}\n"
+                        f"Its output:\n{serve.communicate()[0][-3000:]}")
         assert serve.returncode == 130, output[-2000:]  # interrupted, not aborted (-6) by Ray's own SIGTERM handler
         deadline = time.monotonic() + 30
         while (left := [(pid, _name(pid)) for pid, start in ray_processes if _running(pid, start)]) and time.monotonic() < deadline:
