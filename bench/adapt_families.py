@@ -34,14 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lmadda.baselines import FourierAmplitudeTransfer, build_baseline
+from lmadda.corrections.baselines import FourierAmplitudeTransfer, build_baseline
 from lmadda.checkpoint import load_checkpoint
-from lmadda.config import build_config, read_config_file
+from lmadda.core.config import build_config, read_config_file
 from lmadda.core.errors import LmaddaError
 from lmadda.data.manifest import Manifest
-from lmadda.evaluation import evaluate_generator
-from lmadda.result_rows import TargetDomain
-from lmadda.selector import UNADAPTED, Candidate, Selector, decide
+from lmadda.evaluation.evaluate import evaluate_generator
+from lmadda.evaluation.rows import TargetDomain
+from lmadda.selection.selector import UNADAPTED, Candidate, Selector, decide
 from lmadda.training.robust import RobustAdmission
 from lmadda.study.config import StudyConfig
 from lmadda.study.grid import ImageSource

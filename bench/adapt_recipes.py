@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lmadda.baselines import FourierAmplitudeTransfer, adabn
+from lmadda.corrections.baselines import FourierAmplitudeTransfer, adabn
 from lmadda.checkpoint import load_checkpoint
-from lmadda.config import build_config, read_config_file
+from lmadda.core.config import build_config, read_config_file
 from lmadda.data.correction import HistogramMatcher
 from lmadda.data.manifest import Manifest
-from lmadda.evaluation import evaluate_generator
-from lmadda.result_rows import TargetDomain
-from lmadda.selector import SCORES, Candidate, Selector, decide
+from lmadda.evaluation.evaluate import evaluate_generator
+from lmadda.evaluation.rows import TargetDomain
+from lmadda.selection.selector import SCORES, Candidate, Selector, decide
 from lmadda.study.config import StudyConfig
 from lmadda.study.grid import ImageSource
 from lmadda.study.runner import prepare_manifest, prepare_source

@@ -45,7 +45,7 @@ def score_images(checkpoint, images, *, tile: int) -> list[tuple[float, str, flo
     """(score, verdict, Pearson averaged over markers) per LoadedImage."""
     from lmadda.data.dataset import target_from_model_range
     from lmadda.domain import predict_and_score
-    from lmadda.metrics import pearson
+    from lmadda.evaluation.metrics import pearson
 
     rows = []
     for image in images:
@@ -181,7 +181,7 @@ def serving_cost(sizes: tuple[int, ...] = (256, 1024), repeats: int = 9) -> dict
     import statistics
 
     from lmadda.domain import _layer_features, build_reference, predict_and_score
-    from lmadda.tiling import predict_tiled
+    from lmadda.models.tiling import predict_tiled
     from lmadda.models import GeneratorConfig, UNetGenerator
     from lmadda.models.generator import init_weights
 
@@ -230,7 +230,7 @@ def serving_cost(sizes: tuple[int, ...] = (256, 1024), repeats: int = 9) -> dict
 
 
 def spearman_of(points: list) -> float:
-    from lmadda.selection import spearman
+    from lmadda.selection.criteria import spearman
 
     return spearman([p[0] for p in points], [p[1] for p in points])
 

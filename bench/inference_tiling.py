@@ -26,7 +26,7 @@ import json, resource, sys, time
 import numpy as np, torch
 from lmadda.models import GeneratorConfig, UNetGenerator
 from lmadda.models.generator import init_weights
-from lmadda.tiling import predict_tiled
+from lmadda.models.tiling import predict_tiled
 mode, size, tile, overlap, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 torch.manual_seed(0)
 generator = UNetGenerator(GeneratorConfig(in_channels=1, out_channels=2, ngf=16, depth=8)).eval()

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from lmadda.baselines import build_baseline
+from lmadda.corrections.baselines import build_baseline
 from lmadda.checkpoint import load_checkpoint
-from lmadda.config import build_config, read_config_file
+from lmadda.core.config import build_config, read_config_file
 from lmadda.core.errors import LmaddaError
 from lmadda.data.manifest import Manifest
-from lmadda.evaluation import evaluate_generator
-from lmadda.result_rows import TargetDomain
+from lmadda.evaluation.evaluate import evaluate_generator
+from lmadda.evaluation.rows import TargetDomain
 from lmadda.study.config import StudyConfig
 from lmadda.study.grid import ImageSource
 from lmadda.study.runner import prepare_manifest, prepare_robust_source, prepare_source

@@ -1,7 +1,7 @@
-"""How each label-free score would have chosen, on VALIDATION fields: the measurement behind lmadda.selector's default.
+"""How each label-free score would have chosen, on VALIDATION fields: the measurement behind lmadda.selection.selector's default.
 
 Reads the per-crop scores and validation Pearson that bench/adapt_recipes.py kept for every candidate
-of every target (bench/results/adapt_recipes_selection.jsonl) and replays `lmadda.selector.decide`
+of every target (bench/results/adapt_recipes_selection.jsonl) and replays `lmadda.selection.selector.decide`
 with each score and fallback rule. Per rule it prints, over the targets: the mean regret against the
 best candidate by validation labels, how often the choice fell below the unadapted model by more than
 0.01 (harm), and the share of the unadapted-to-best gap it recovered.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmadda.selector import SCORES, UNADAPTED, decide
+from lmadda.selection.selector import SCORES, UNADAPTED, decide
 
 RULES = [(0.5 + 1e-9, 0.0), (0.75, 0.1), (0.75, 0.25), (0.9, 0.25), (0.75, 0.5)]  # (min_win_fraction, min_gain)
 

@@ -71,7 +71,7 @@ def stage_times(checkpoint, body: bytes, *, tile_batch: int, repeats: int = 5) -
 
     from lmadda.data.dataset import target_from_model_range
     from lmadda.inference import model_input, to_camera_units
-    from lmadda.tiling import TilePlan
+    from lmadda.models.tiling import TilePlan
     from lmadda_serve.codec import decode_request_image, encode_tiff
 
     runs: dict[str, list[float]] = {stage: [] for stage in STAGES}
@@ -204,7 +204,7 @@ def main() -> int:
     from lmadda_tune.tracking import register_checkpoint
     from lmadda.data.dataset import to_model_range
     from lmadda.data.normalise import normalise
-    from lmadda.tiling import predict_tiled
+    from lmadda.models.tiling import predict_tiled
     from lmadda.models import GeneratorConfig, UNetGenerator
     from lmadda.models.generator import init_weights
     from lmadda_serve.local import start_local

@@ -4,10 +4,44 @@ The science (data, models, training, adaptation, evaluation) lives here in plain
 Ray Train / Tune / Serve live at the edges (`tune/`, `serve/`).
 """
 
+import sys
+from importlib.abc import MetaPathFinder
+
 from lmadda.core.errors import LmaddaError
 from lmadda.core.version import __version__
 
 __all__ = ["LmaddaError", "VirtualStainer", "__version__"]
+
+# Modules that lmadda once kept flat in `lmadda/` and that now live in the package that owns their job. An import of
+# an old name fails with the new place, rather than with "No module named": a user's script says what to change.
+MOVED_MODULES = {
+    "lmadda.baselines": "lmadda.corrections.baselines",
+    "lmadda.config": "lmadda.core.config",
+    "lmadda.diagnosis": "lmadda.selection.diagnosis",
+    "lmadda.metrics": "lmadda.evaluation.metrics",
+    "lmadda.registry_names": "lmadda.core.registry_names",
+    "lmadda.report": "lmadda.study.report",
+    "lmadda.result_rows": "lmadda.evaluation.rows",
+    "lmadda.selector": "lmadda.selection.selector",
+    "lmadda.tiling": "lmadda.models.tiling",
+    "lmadda.tracking_store": "lmadda.core.tracking_store",
+    "lmadda.zoom": "lmadda.corrections.zoom",
+}
+
+
+class _MovedModuleFinder(MetaPathFinder):
+    """Names the new place of a moved module. `lmadda.evaluation` and `lmadda.selection` are packages now: their old
+    contents are in `lmadda.evaluation.evaluate` and `lmadda.selection.criteria`, which their docstrings say."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname in MOVED_MODULES:
+            raise ModuleNotFoundError(f"{fullname} moved to {MOVED_MODULES[fullname]}: "
+                                      f"import from {MOVED_MODULES[fullname]} instead", name=fullname)
+        return None
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):  # once, however often lmadda is reloaded
+    sys.meta_path.append(_MovedModuleFinder())
 
 
 def __getattr__(name: str):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmadda.baselines import build_baseline, is_baseline
+from lmadda.corrections.baselines import build_baseline, is_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.core.errors import LmaddaError
 from lmadda.data.augment import NuisanceAugmentation
@@ -27,14 +27,14 @@ from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.data.synth import SynthConfig, synthesize
 from lmadda.domain import fitting_tile, predict_and_score
-from lmadda.evaluation import SPLIT_SEED_OFFSET
-from lmadda.registry_names import alias_for
-from lmadda.report import choice_lines, summary_table, write_report
-from lmadda.result_rows import TargetDomain
+from lmadda.evaluation.evaluate import SPLIT_SEED_OFFSET
+from lmadda.core.registry_names import alias_for
+from lmadda.study.report import choice_lines, summary_table, write_report
+from lmadda.evaluation.rows import TargetDomain
 from lmadda.study.config import Grid, SelectionSpec
 from lmadda.study.figures import panel_file_name, stain_panel
 from lmadda.study.grid import ROBUST_VARIANTS, check_robust_rows, model_file_name, run_grid
-from lmadda.tiling import predict_tiled
+from lmadda.models.tiling import predict_tiled
 from lmadda.training.robust import ROBUST_FILES, robust_with_second_try, second_try
 from lmadda.training.source import SourceTrainConfig, changed_options, train_source
 
@@ -113,7 +113,7 @@ def run_demo(config: DemoConfig, log=print) -> Path:
     log("")
     log(summary_table(rows))
     log("")
-    log("Which model to use, chosen without target labels (lmadda.selector; Pearson on the test fields):")
+    log("Which model to use, chosen without target labels (lmadda.selection.selector; Pearson on the test fields):")
     for line in choice_lines(rows):
         log(f"  {line}")
     log("")

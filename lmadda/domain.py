@@ -42,7 +42,7 @@ import torch
 
 from lmadda.core.errors import LmaddaError
 from lmadda.models.generator import UNetGenerator
-from lmadda.tiling import predict_tiled
+from lmadda.models.tiling import predict_tiled
 
 REFERENCE_FORMAT = "lmadda-domain-reference"
 REFERENCE_VERSION = 2  # 2: the output layer joins the score (version-1 references score on the encoder alone)

@@ -2,7 +2,7 @@
 
 Staining a whole image in memory, from camera pixels to the markers' camera units, is one routine (`StainPlan`):
 it owns every step but the forward, so `stain` drives it with a plain call and the endpoint with its awaited,
-micro-batched one, and both give the same pixels. The tiles and their blend are `lmadda.tiling`'s; `predict_file`
+micro-batched one, and both give the same pixels. The tiles and their blend are `lmadda.models.tiling`'s; `predict_file`
 reads and writes TIFF, PNG and OME-Zarr, band by band where either side is OME-Zarr.
 """
 
@@ -25,17 +25,17 @@ from lmadda.data.io import check_image_output, read_image, refuse_overwriting_in
 from lmadda.data.normalise import apply_normalisation, denormalise, normalise, params_from_percentiles
 from lmadda.data.raw import clip_to_dtype, sensor_max_for
 from lmadda.domain import DomainScore, forward_scored, score_tiles
-from lmadda.tiling import RowReader, TilePlan, evaluating, predict_banded
+from lmadda.models.tiling import RowReader, TilePlan, evaluating, predict_banded
 
 
-# Names that moved to lmadda.tiling when the tiling went below the domain check (imports only go down): a user's
+# Names that moved to lmadda.models.tiling when the tiling went below the domain check (imports only go down): a user's
 # `from lmadda.inference import predict_tiled` says where they are now instead of failing without a hint.
 MOVED_TO_TILING = ("predict_tiled", "predict_banded", "feather_window", "TileGrid", "TilePlan", "BandedTilePlan")
 
 
 def __getattr__(name: str):
     if name in MOVED_TO_TILING:
-        raise ImportError(f"lmadda.inference.{name} moved to lmadda.tiling: from lmadda.tiling import {name}")
+        raise ImportError(f"lmadda.inference.{name} moved to lmadda.models.tiling: from lmadda.models.tiling import {name}")
     raise AttributeError(f"module 'lmadda.inference' has no attribute {name!r}")
 
 

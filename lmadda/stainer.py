@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
-from lmadda.config import read_config_file, validated
+from lmadda.core.config import read_config_file, validated
 from lmadda.core.device import resolve_device
 from lmadda.data.calibration import PixelSize
 from lmadda.data.dataset import load_images
@@ -33,8 +33,8 @@ from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
 from lmadda.domain import DomainScore
 from lmadda.inference import predict_file, stain
-from lmadda.registry_names import target_name
-from lmadda.selector import Choice
+from lmadda.core.registry_names import target_name
+from lmadda.selection.selector import Choice
 from lmadda.training.adapt import AdaptConfig, AdaptResult, adapt
 from lmadda.training.auto import AutoResult, adapt_and_choose
 

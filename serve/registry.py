@@ -1,7 +1,7 @@
 """The models the endpoint serves: MLflow registry aliases `models:/lmadda-<marker>@<setting>`.
 
 A (marker, setting) pair resolves to a registered version through its alias (the names are
-`lmadda.registry_names`'); the version's generator is downloaded once into a cache folder named by
+`lmadda.core.registry_names`'); the version's generator is downloaded once into a cache folder named by
 model and version (never by user input) and loaded with lmadda's own checkpoint loader, so it
 accepts any image size. A version promoted since lmadda records promotions as MLflow LoggedModels
 has the source `models:/<model_id>` and its file in the LoggedModel's artifacts; one registered
@@ -41,8 +41,8 @@ from mlflow.tracking import MlflowClient
 
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.core.errors import LmaddaError
-from lmadda.registry_names import MODEL_PREFIX, SHA256_TAG, file_sha256, marker_of
-from lmadda.tracking_store import relocate_artifacts
+from lmadda.core.registry_names import MODEL_PREFIX, SHA256_TAG, file_sha256, marker_of
+from lmadda.core.tracking_store import relocate_artifacts
 from lmadda_serve.codec import RequestError
 
 logger = logging.getLogger("ray.serve")

@@ -141,7 +141,7 @@ def test_gating_and_warmup_hold_the_generator_until_the_discriminator_is_informa
 
 
 def test_bad_adapt_options_are_rejected_by_name():
-    from lmadda.config import build_config
+    from lmadda.core.config import build_config
     from lmadda.core.errors import LmaddaError
 
     with pytest.raises(LmaddaError, match="unknown option 'stepz'"):

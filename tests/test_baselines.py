@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmadda.baselines import FourierAmplitudeTransfer, adabn, build_baseline
+from lmadda.corrections.baselines import FourierAmplitudeTransfer, adabn, build_baseline
 from lmadda.core.errors import LmaddaError
 from lmadda.data.correction import HistogramMatcher
 from lmadda.data.dataset import LoadedImage

@@ -4,7 +4,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lmadda.core.errors import LmaddaError
-from lmadda.data.dataset import PairedCrops, UnpairedCrops, load_images, tile_origins
+from lmadda.data.dataset import PairedCrops, UnpairedCrops, load_images
+from lmadda.models.tiling import tile_origins
 from lmadda.data.io import write_tiff
 from lmadda.data.manifest import Manifest, ManifestRow
 from lmadda.data.shifts import Shift

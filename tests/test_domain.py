@@ -16,7 +16,7 @@ from lmadda.data.dataset import load_images
 from lmadda.data.shifts import Shift
 from lmadda.domain import DomainReference, build_reference, forward_with_features, predict_and_score, reference_layers
 from lmadda.models.generator import GeneratorConfig, UNetGenerator, init_weights
-from lmadda.tiling import predict_tiled
+from lmadda.models.tiling import predict_tiled
 
 
 def _tiny_generator(seed: int = 0) -> UNetGenerator:
@@ -276,7 +276,7 @@ def test_the_endpoint_returns_the_domain_headers(ray_session, source, domain_dat
 
 
 def test_a_label_free_choice_of_a_cheap_correction_carries_the_corrected_target_as_its_domain(source, domain_data):
-    from lmadda.selector import Choice
+    from lmadda.selection.selector import Choice
     from lmadda.training.auto import baseline_candidates, checkpoint_for
 
     source_images = load_images(domain_data, "phase_contrast", "train", ["dapi"], percentiles=source.percentiles)
@@ -302,7 +302,7 @@ def test_a_label_free_choice_of_a_cheap_correction_carries_the_corrected_target_
 
 def test_the_demo_shows_the_verdict_of_an_in_domain_and_a_shifted_image(source, domain_data):
     from lmadda.demo import domain_lines
-    from lmadda.result_rows import TargetDomain
+    from lmadda.evaluation.rows import TargetDomain
 
     lines = domain_lines(source, domain_data, [TargetDomain.parse("phase_contrast+overexposure:3")])
     assert lines[0].startswith("Is this image in domain?")
@@ -348,11 +348,11 @@ def test_a_version_1_reference_without_the_output_layer_still_scores_on_the_enco
     assert reference.score(full).score == pytest.approx(float(expected))
 
 
-# ---- zoom: another objective's scale, found by the domain check (lmadda.zoom) ----------------------------------------
+# ---- zoom: another objective's scale, found by the domain check (lmadda.corrections.zoom) ----------------------------------------
 @pytest.mark.parametrize("shift, low, high", [(None, 1.0, 1.0), ("scale:0.5", 1.68, 2.0), ("scale:2", 0.5, 0.59),
                                               ("overexposure:3", 1.0, 1.0)])
 def test_the_zoom_estimate_undoes_a_rescaled_target_and_leaves_other_shifts_alone(source, domain_data, shift, low, high):
-    from lmadda.zoom import estimate_zoom
+    from lmadda.corrections.zoom import estimate_zoom
 
     source_images = load_images(domain_data, "phase_contrast", "train", percentiles=source.percentiles)
     images = load_images(domain_data, "phase_contrast", "train", shift=Shift.parse(shift) if shift else None, percentiles=source.percentiles)
@@ -362,7 +362,7 @@ def test_the_zoom_estimate_undoes_a_rescaled_target_and_leaves_other_shifts_alon
 
 
 def test_a_zoom_that_lowers_the_score_too_little_is_not_applied(source, domain_data, monkeypatch):
-    import lmadda.zoom as zoom
+    import lmadda.corrections.zoom as zoom
 
     images = load_images(domain_data, "phase_contrast", "train", percentiles=source.percentiles)
     by_width = {}
@@ -381,7 +381,7 @@ def test_a_zoom_that_lowers_the_score_too_little_is_not_applied(source, domain_d
 def test_the_zoom_is_a_cheap_candidate_whose_checkpoint_predict_and_the_endpoint_run(source, domain_data, tmp_path):
     from lmadda.domain import forward_scored
     from lmadda.inference import predict_file
-    from lmadda.selector import Choice
+    from lmadda.selection.selector import Choice
     from lmadda.training.auto import baseline_candidates, checkpoint_for
 
     source_images = load_images(domain_data, "phase_contrast", "train", ["dapi"], percentiles=source.percentiles)

@@ -70,7 +70,7 @@ def test_adapt_layer_auto_writes_the_label_free_choice_as_a_usable_checkpoint(ti
 
 def test_study_writes_every_method_and_resumes_without_redoing(tiny_synth, source_model):
     from lmadda.checkpoint import load_checkpoint
-    from lmadda.result_rows import TargetDomain
+    from lmadda.evaluation.rows import TargetDomain
     from lmadda.study.config import Grid
     from lmadda.study.grid import run_grid
 

@@ -65,7 +65,7 @@ def test_an_existing_out_is_refused_before_any_work_and_replaced_with_overwrite(
 
 
 def test_source_baselines_reproduce_the_studys_rows_for_the_same_seed(tiny_synth, tiny_source, tmp_path):
-    from lmadda.result_rows import TargetDomain
+    from lmadda.evaluation.rows import TargetDomain
     from lmadda.study.grid import run_grid
 
     source = load_checkpoint(tiny_source)
@@ -86,7 +86,7 @@ def test_source_baselines_reproduce_the_studys_rows_for_the_same_seed(tiny_synth
 
 
 def test_the_report_keeps_two_checkpoints_of_the_same_method_and_layer_apart():
-    from lmadda.report import summary_table
+    from lmadda.study.report import summary_table
 
     rows = [{"target": "t", "marker": "dapi", "method": "lmadda", "layer": 3, "pearson": value, "checkpoint": path}
             for path, value in (("runs/a.pt", 0.2), ("runs/b.pt", 0.8))]

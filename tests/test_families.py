@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmadda.baselines import adabn, build_baseline, parse_baseline
+from lmadda.corrections.baselines import adabn, build_baseline, parse_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
 from lmadda.core.errors import LmaddaError
 from lmadda.data.augment import NuisanceAugmentation, apply_chain
@@ -268,7 +268,7 @@ def test_self_trained_model_is_a_checkpoint_that_predict_serves(tmp_path):
 
 
 def test_every_family_is_a_selector_candidate_and_a_checkpoint_that_stains(tmp_path):
-    from lmadda.selector import Choice
+    from lmadda.selection.selector import Choice
     from lmadda.stainer import VirtualStainer
     from lmadda.training.auto import adapt_and_choose, checkpoint_for
 
@@ -313,7 +313,7 @@ def test_robust_admission_takes_a_model_as_good_in_domain_and_refuses_one_that_f
 
 
 def test_a_refused_robust_model_is_measured_but_never_seen_by_the_selector(tiny_synth, tiny_source, tmp_path):
-    from lmadda.result_rows import TargetDomain
+    from lmadda.evaluation.rows import TargetDomain
     from lmadda.study.config import SelectionSpec
     from lmadda.study.grid import ROBUST_VARIANTS, run_grid
 
@@ -333,7 +333,7 @@ def test_a_refused_robust_model_is_measured_but_never_seen_by_the_selector(tiny_
 def test_robust_rows_an_earlier_run_left_are_no_candidates_when_no_robust_model_is_given(tiny_synth, tiny_source, tmp_path):
     """The selector measures robust rows against the robust model's own stains; a run without the model (a demo with
     robust_epochs 0 over an earlier run's folder) leaves them out instead of failing."""
-    from lmadda.result_rows import TargetDomain
+    from lmadda.evaluation.rows import TargetDomain
     from lmadda.study.config import SelectionSpec
     from lmadda.study.grid import ROBUST_VARIANTS, run_grid
 

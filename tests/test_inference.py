@@ -9,7 +9,7 @@ from lmadda.data.normalise import NormalisationParams
 from lmadda.inference import predict_file
 from lmadda.models import GeneratorConfig, UNetGenerator
 from lmadda.models.generator import init_weights
-from lmadda.tiling import feather_window, predict_tiled
+from lmadda.models.tiling import feather_window, predict_tiled
 
 
 def _shallow_generator() -> UNetGenerator:
@@ -74,9 +74,9 @@ def test_wrong_channels_and_bad_tiling_options_are_explained(tmp_path):
 
 def test_the_tiling_names_that_moved_say_where_they_are_now():
     import lmadda.inference
-    from lmadda.tiling import predict_tiled  # noqa: F401 (the new place)
+    from lmadda.models.tiling import predict_tiled  # noqa: F401 (the new place)
 
-    with pytest.raises(ImportError, match="moved to lmadda.tiling: from lmadda.tiling import predict_tiled"):
+    with pytest.raises(ImportError, match="moved to lmadda.models.tiling: from lmadda.models.tiling import predict_tiled"):
         from lmadda.inference import predict_tiled  # noqa: F401,F811
     with pytest.raises(AttributeError):
         lmadda.inference.no_such_name

@@ -18,3 +18,27 @@ def test_the_package_list_names_every_package_folder_and_no_generic_top_level_na
             found.add(".".join([name, *relative.parts]))
     assert found == set(setuptools["packages"])
     assert not {"tune", "serve"} & {package.split(".")[0] for package in setuptools["packages"]}
+
+
+def test_a_module_that_moved_into_a_package_names_its_new_place():
+    import importlib
+
+    import pytest
+
+    from lmadda import MOVED_MODULES
+
+    for old, new in MOVED_MODULES.items():
+        importlib.import_module(new)  # the new place exists
+        with pytest.raises(ModuleNotFoundError, match=f"{old} moved to {new}: import from {new} instead"):
+            importlib.import_module(old)
+    # `lmadda.evaluation` and `lmadda.selection` became packages: a name of the old module points at its new module
+    with pytest.raises(ImportError, match="moved to lmadda.evaluation.evaluate: from lmadda.evaluation.evaluate import evaluate_generator"):
+        from lmadda.evaluation import evaluate_generator  # noqa: F401
+    with pytest.raises(ImportError, match="moved to lmadda.selection.criteria: from lmadda.selection.criteria import predict_layer"):
+        from lmadda.selection import predict_layer  # noqa: F401
+    with pytest.raises(ImportError, match="cannot import name 'no_such_name'"):
+        from lmadda.selection import no_such_name  # noqa: F401
+    # what README shows still imports from where it did
+    from lmadda import VirtualStainer  # noqa: F401
+    from lmadda.inference import predict_file  # noqa: F401
+    from lmadda.models import UNetGenerator  # noqa: F401

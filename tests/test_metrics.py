@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lmadda.metrics import gap_recovered, nrmse, pearson, psnr, ssim
+from lmadda.evaluation.metrics import gap_recovered, nrmse, pearson, psnr, ssim
 
 
 def test_pearson_known_values_and_affine_invariance():

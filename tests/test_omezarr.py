@@ -16,7 +16,7 @@ from ome_zarr.io import parse_url  # noqa: E402
 from ome_zarr.reader import Reader  # noqa: E402
 from ome_zarr.writer import write_image as ome_zarr_write_image, write_plate_metadata, write_well_metadata  # noqa: E402
 
-from lmadda.baselines import HistogramMatcher  # noqa: E402
+from lmadda.corrections.baselines import HistogramMatcher  # noqa: E402
 from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from lmadda.cli import main  # noqa: E402
 from lmadda.core.errors import LmaddaError  # noqa: E402
@@ -33,7 +33,7 @@ from lmadda.domain import build_reference  # noqa: E402
 from lmadda.inference import ModelInputRows, model_input, predict_file  # noqa: E402
 from lmadda.models import GeneratorConfig, UNetGenerator  # noqa: E402
 from lmadda.models.generator import init_weights  # noqa: E402
-from lmadda.tiling import BandedTilePlan, predict_banded, predict_tiled
+from lmadda.models.tiling import BandedTilePlan, predict_banded, predict_tiled
 
 FORMATS = {"0.4": FormatV04(), "0.5": FormatV05()}
 

@@ -10,7 +10,7 @@ from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpo
 from lmadda.cli import main
 from lmadda.data.io import write_tiff
 from lmadda.models import GeneratorConfig, UNetGenerator
-from lmadda.tiling import TilePlan
+from lmadda.models.tiling import TilePlan
 
 
 def _progress_lines(err: str, label: str) -> list[str]:
@@ -47,7 +47,7 @@ def test_predict_on_a_large_image_reports_tiles(tmp_path, capsys):
 
 
 def test_evaluate_reports_images_over_checkpoints_and_methods(tiny_source, tiny_synth, capsys):
-    from lmadda.evaluation import evaluate_checkpoints
+    from lmadda.evaluation.evaluate import evaluate_checkpoints
 
     checkpoint = load_checkpoint(tiny_source)
     checkpoints = [("a.pt", checkpoint), ("b.pt", checkpoint)]
@@ -63,7 +63,7 @@ def test_source_training_in_the_study_shows_progress(tiny_synth, tmp_path, monke
     import types
 
     from lmadda.study import runner as study_runner
-    from lmadda.config import build_config
+    from lmadda.core.config import build_config
     from lmadda.study.grid import ImageSource
     from lmadda.study.config import StudyConfig
 

@@ -77,7 +77,7 @@ def _promote(sweep) -> list[dict]:
 
 
 def test_promotion_makes_a_ready_logged_model_of_the_winning_trial_with_its_params_and_metrics(sweep):
-    from lmadda.registry_names import file_sha256
+    from lmadda.core.registry_names import file_sha256
 
     promoted = _promote(sweep)
     client = _client(sweep.tracking_uri)
@@ -159,7 +159,7 @@ def test_promoting_again_adds_versions_to_the_same_logged_model(sweep):
 
 
 def test_a_logged_model_whose_stored_file_was_damaged_is_not_reused(sweep):
-    from lmadda.registry_names import file_sha256
+    from lmadda.core.registry_names import file_sha256
 
     first = _promote(sweep)
     client = _client(sweep.tracking_uri)
@@ -191,7 +191,7 @@ def test_a_promotion_that_fails_midway_leaves_a_failed_logged_model_and_the_next
 
 def test_versions_registered_before_logged_models_still_resolve_and_load(sweep, tmp_path):
     """A store promoted by an older lmadda: versions with a `runs:/` source, no LoggedModel. Nothing of it is lost."""
-    from lmadda.registry_names import file_sha256
+    from lmadda.core.registry_names import file_sha256
     from lmadda_serve.registry import StainModels
 
     client = _client(sweep.tracking_uri)
@@ -249,7 +249,7 @@ def test_a_moved_store_serves_its_promoted_logged_models_from_the_new_place(swee
 def test_a_label_free_choice_is_one_logged_model_for_every_marker_with_the_selectors_evidence(sweep, monkeypatch):
     import lmadda_tune.label_free_promotion as label_free
     from lmadda.checkpoint import load_checkpoint
-    from lmadda.selector import Choice
+    from lmadda.selection.selector import Choice
     from lmadda_tune.tracking import _promote_label_free
 
     client = _client(sweep.tracking_uri)

@@ -1,4 +1,4 @@
-"""The registry's names are built in one module (lmadda.registry_names), and are the names stores already hold."""
+"""The registry's names are built in one module (lmadda.core.registry_names), and are the names stores already hold."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from lmadda.data.shifts import Shift
-from lmadda.registry_names import SHA256_TAG, alias_for, logged_model_name, marker_of, model_name, target_name
+from lmadda.core.registry_names import SHA256_TAG, alias_for, logged_model_name, marker_of, model_name, target_name
 
 
 def _alias_before_the_move(target: str) -> str:
@@ -41,7 +41,7 @@ def test_a_target_is_its_setting_with_the_shift_after_a_plus():
 
 
 def test_the_study_and_the_cli_name_a_target_alike():
-    from lmadda.result_rows import TargetDomain
+    from lmadda.evaluation.rows import TargetDomain
 
     for text in ("bright_field", "phase_contrast+overexposure:2.5", "phase_contrast+defocus:1"):
         domain = TargetDomain.parse(text)

@@ -8,7 +8,7 @@ import pytest
 from lmadda.checkpoint import load_checkpoint
 from lmadda.data.dataset import load_images
 from lmadda.data.manifest import Manifest
-from lmadda.selection import SelectionProbe, criterion_agreement, spearman, wasserstein_1d
+from lmadda.selection.criteria import SelectionProbe, criterion_agreement, spearman, wasserstein_1d
 
 
 def test_the_unadapted_model_on_its_own_domain_scores_better_than_on_a_shifted_one(tiny_synth, tiny_source):
@@ -42,7 +42,7 @@ def test_agreement_rewards_a_criterion_that_ranks_like_the_truth_and_measures_re
 
 def test_discrepancy_profile_sees_an_intensity_shift_at_the_first_layer_and_predicts_it(tiny_synth, tiny_source):
     from lmadda.data.shifts import Shift
-    from lmadda.selection import SelectionProbe, predict_layer
+    from lmadda.selection.criteria import SelectionProbe, predict_layer
 
     source = load_checkpoint(tiny_source)
     manifest = Manifest.load(tiny_synth.source)
@@ -57,7 +57,7 @@ def test_discrepancy_profile_sees_an_intensity_shift_at_the_first_layer_and_pred
 
 
 def test_predict_layer_is_the_first_layer_reaching_the_fraction_of_the_maximum():
-    from lmadda.selection import predict_layer
+    from lmadda.selection.criteria import predict_layer
 
     assert predict_layer([0.1, 0.2, 1.0, 4.0, 2.0]) == 3
     assert predict_layer([0.1, 2.5, 1.0, 4.0, 2.0]) == 1
@@ -67,7 +67,7 @@ def test_predict_layer_is_the_first_layer_reaching_the_fraction_of_the_maximum()
 
 
 def test_ensemble_disagreement_is_zero_for_identical_models_and_grows_with_spread():
-    from lmadda.selection import layer_disagreement, seed_disagreement
+    from lmadda.selection.criteria import layer_disagreement, seed_disagreement
 
     base = np.zeros((2, 1, 8, 8), np.float16)
     assert seed_disagreement([base, base]) == 0.0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lmadda.data.correction import HistogramMatcher
-from lmadda.selector import UNADAPTED, Candidate, Observation, Selector, decide
+from lmadda.selection.selector import UNADAPTED, Candidate, Observation, Selector, decide
 from test_adapt import _images, _source
 
 
@@ -68,7 +68,7 @@ def test_the_selector_refuses_candidates_without_the_unadapted_model():
 
 
 def test_the_demo_prints_the_label_free_choice_beside_the_unadapted_model_and_the_best_cheap_baseline():
-    from lmadda.report import choice_lines
+    from lmadda.study.report import choice_lines
 
     rows = [{"target": "t", "method": m, "pearson": p, "seed": 0, "chosen": c, "fell_back": f}
             for m, p, c, f in [("unadapted", 0.5, None, None), ("adabn", 0.6, None, None), ("histogram_matching", 0.7, None, None),
@@ -92,8 +92,8 @@ def test_a_guard_passes_over_a_source_looking_candidate_that_the_other_methods_d
 
 def test_a_zoom_candidate_is_scored_against_source_stains_seen_at_its_scale(tmp_path):
     from lmadda.models.generator import zoomed
-    from lmadda.selection import wasserstein_1d
-    from lmadda.zoom import resample
+    from lmadda.selection.criteria import wasserstein_1d
+    from lmadda.corrections.zoom import resample
 
     source = _source()
     source_images, target_images = _images(0.0), _images(0.0, seed=1)
@@ -168,7 +168,7 @@ def test_the_study_keeps_the_robust_model_by_default_only_where_it_was_admitted(
 
 def test_a_candidate_built_from_the_robust_model_is_measured_against_the_robust_models_own_stains(tmp_path):
     """A robust model whose stains differ from the plain model's in domain too is not "shifted" on a target in domain."""
-    from lmadda.selection import wasserstein_1d
+    from lmadda.selection.criteria import wasserstein_1d
 
     source = _source()
     robust = _damaged(source.generator, 0.8)  # another source model: its in-domain stains differ from the plain one's
@@ -201,7 +201,7 @@ def test_an_observation_kept_before_bases_existed_is_measured_against_the_unadap
 
 
 def test_choose_judges_a_robust_default_at_its_own_floor_and_the_zoom_at_the_unadapted_models(monkeypatch):
-    import lmadda.selector as selector_module
+    import lmadda.selection.selector as selector_module
 
     seen = {}
     real = selector_module.decide

@@ -70,7 +70,7 @@ def test_a_cached_file_that_changed_on_disk_is_detected_and_replaced(registry, t
 
 
 def test_a_download_that_does_not_match_the_registered_sha256_is_refused(registry, tmp_path):
-    from lmadda.registry_names import file_sha256
+    from lmadda.core.registry_names import file_sha256
     from lmadda_serve.registry import StainModels
 
     registry["stored"].write_bytes(registry["good"].read_bytes())
@@ -88,7 +88,7 @@ def test_a_promoted_version_carries_its_sha256_and_a_tampered_file_is_never_serv
     cached copy changed on disk is downloaded again and checked against the tag too."""
     from urllib.parse import unquote, urlparse
 
-    from lmadda.registry_names import file_sha256
+    from lmadda.core.registry_names import file_sha256
     from lmadda_serve.registry import StainModels
     from lmadda_tune.tracking import _register, log_generator_model
 
@@ -124,7 +124,7 @@ def test_a_cached_file_swapped_with_its_record_rewritten_is_caught_by_the_regist
     import torch
 
     from lmadda.checkpoint import load_checkpoint, save_checkpoint
-    from lmadda.registry_names import file_sha256
+    from lmadda.core.registry_names import file_sha256
     from lmadda_serve.registry import CACHE_RECORD, StainModels
     from lmadda_tune.tracking import _register, log_generator_model
 

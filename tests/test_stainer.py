@@ -13,7 +13,7 @@ from lmadda.data.manifest import images_pixel_size
 from lmadda.data.raw import clip_to_dtype
 from lmadda.inference import model_input, to_camera_units
 from lmadda.stainer import VirtualStainer
-from lmadda.tiling import predict_tiled
+from lmadda.models.tiling import predict_tiled
 
 FAST = {"steps": 2, "batch_size": 2, "crop_size": 64, "device": "cpu", "progress": False}
 

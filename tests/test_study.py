@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from lmadda.cli import main
-from lmadda.config import build_config
+from lmadda.core.config import build_config
 from lmadda.core.errors import LmaddaError
 from lmadda.study.config import StudyConfig
 
@@ -369,7 +369,7 @@ def test_a_refused_robust_model_is_replaced_by_its_second_try_whose_rows_the_stu
     import lmadda.training.robust as robust_module
     from lmadda.checkpoint import load_checkpoint
     from lmadda.data.manifest import Manifest
-    from lmadda.evaluation import evaluate_generator
+    from lmadda.evaluation.evaluate import evaluate_generator
     from lmadda.study.analysis import Bar, Bars
     from lmadda.study.document import bars_lines
     from lmadda.study.grid import ImageSource, ResultTable

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from lmadda.config import build_config
+from lmadda.core.config import build_config
 from lmadda.core.errors import LmaddaError
 from lmadda.study.config import IndexFolderSpec, StudyConfig
 

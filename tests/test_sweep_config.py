@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from lmadda.config import build_config
+from lmadda.core.config import build_config
 from lmadda.core.errors import LmaddaError
 from lmadda_tune.stopper import ModeCollapseStopper
 from lmadda_tune.sweep_config import SweepConfig

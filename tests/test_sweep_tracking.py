@@ -166,8 +166,8 @@ def test_a_label_free_promotion_tags_every_markers_version_with_the_choice_check
     import lmadda_tune.label_free_promotion as label_free
     from lmadda.checkpoint import GeneratorCheckpoint
     from lmadda.models import GeneratorConfig, UNetGenerator
-    from lmadda.selector import Choice
-    from lmadda.registry_names import file_sha256
+    from lmadda.selection.selector import Choice
+    from lmadda.core.registry_names import file_sha256
     from lmadda_tune.tracking import _promote_label_free
 
     log(root)

@@ -20,7 +20,7 @@ def registered(tmp_path, migrated_store, tiny_source) -> Path:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from lmadda.tracking_store import ensure_experiment
+    from lmadda.core.tracking_store import ensure_experiment
 
     store = tmp_path / "demo-out" / "sweeps"
     store.mkdir(parents=True)
@@ -54,7 +54,7 @@ def test_a_moved_store_serves_its_registered_models_from_the_new_place(registere
 def test_a_copied_store_uses_its_own_artifacts_not_the_originals(registered, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from lmadda.tracking_store import relocate_artifacts
+    from lmadda.core.tracking_store import relocate_artifacts
 
     copy = tmp_path / "copy"
     shutil.copytree(registered, copy)
@@ -69,7 +69,7 @@ def test_a_copied_store_uses_its_own_artifacts_not_the_originals(registered, tmp
 
 
 def test_a_moved_read_only_store_is_explained_not_left_pointing_nowhere(registered, tmp_path, monkeypatch):
-    import lmadda.tracking_store as tracking_store
+    import lmadda.core.tracking_store as tracking_store
     from lmadda.core.errors import LmaddaError
 
     moved = tmp_path / "moved"
@@ -101,7 +101,7 @@ def test_a_study_model_left_running_by_a_kill_is_logged_again(tmp_path, migrated
 
 
 def test_the_relative_artifact_root_is_recorded_when_the_experiment_is_made(tmp_path, migrated_store):
-    from lmadda.tracking_store import ARTIFACT_ROOT_TAG, ensure_experiment
+    from lmadda.core.tracking_store import ARTIFACT_ROOT_TAG, ensure_experiment
 
     shutil.copy(migrated_store, tmp_path / "mlflow.db")
     experiment = ensure_experiment(_uri(tmp_path), "e", tmp_path / "runs")

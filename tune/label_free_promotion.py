@@ -1,4 +1,4 @@
-"""Promotion without target labels: the one label-free selector (lmadda.selector) over every candidate.
+"""Promotion without target labels: the one label-free selector (lmadda.selection.selector) over every candidate.
 
 For each target of a sweep, the candidates are the unadapted source model, AdaBN, histogram
 matching and every non-collapsed trial's adapted generator. The selector scores them on fixed crops
@@ -26,9 +26,9 @@ from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
-from lmadda.evaluation import evaluate_generator
-from lmadda.result_rows import TargetDomain
-from lmadda.selector import UNADAPTED, Candidate, Selector
+from lmadda.evaluation.evaluate import evaluate_generator
+from lmadda.evaluation.rows import TargetDomain
+from lmadda.selection.selector import UNADAPTED, Candidate, Selector
 from lmadda.study.config import SelectionSpec
 from lmadda.study.grid import candidate_family
 from lmadda.training.auto import CHEAP_CANDIDATES, baseline_candidates, checkpoint_for

@@ -42,8 +42,8 @@ from lmadda.core.errors import LmaddaError
 from lmadda.data.io import refuse_overwriting_inputs
 from lmadda.data.manifest import manifest_inputs
 from lmadda.data.manifest import Manifest
-from lmadda.evaluation import evaluate_generator
-from lmadda.result_rows import TargetDomain, marker_means, rows_table, tag_rows
+from lmadda.evaluation.evaluate import evaluate_generator
+from lmadda.evaluation.rows import TargetDomain, marker_means, rows_table, tag_rows
 from lmadda.study.trial import GridPoint
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source

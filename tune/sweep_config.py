@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lmadda.config import build_config, read_config_file
+from lmadda.core.config import build_config, read_config_file
 from lmadda.core.config import StrictModel
 from lmadda.core.errors import LmaddaError
 from lmadda.study.config import Grid

@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmadda.report import write_report
-from lmadda.selection import CRITERIA, criterion_agreement
+from lmadda.study.report import write_report
+from lmadda.selection.criteria import CRITERIA, criterion_agreement
 from lmadda.study.results import stable_learning_rates
 
 

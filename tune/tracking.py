@@ -32,10 +32,10 @@ from mlflow.utils.mlflow_tags import (MLFLOW_GIT_REPO_URL, MLFLOW_MODEL_VERSIONS
                                      MLFLOW_SOURCE_NAME)
 
 from lmadda.core.errors import LmaddaError
-from lmadda.metrics import is_finite
-from lmadda.registry_names import SHA256_TAG, alias_for, file_sha256, logged_model_name, model_name
-from lmadda.result_rows import model_metrics, model_params
-from lmadda.tracking_store import (FINISHED, all_runs, delete_run, ensure_experiment, keeps_tracking_env, one_finished_run_per_key,
+from lmadda.evaluation.metrics import is_finite
+from lmadda.core.registry_names import SHA256_TAG, alias_for, file_sha256, logged_model_name, model_name
+from lmadda.evaluation.rows import model_metrics, model_params
+from lmadda.core.tracking_store import (FINISHED, all_runs, delete_run, ensure_experiment, keeps_tracking_env, one_finished_run_per_key,
                                    relocate_artifacts)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -59,7 +59,7 @@ def log_sweep(sweep, rows: list[dict], result_files: list[Path], log=print, *, u
               report_files: list[Path] = ()) -> str:
     """Log every trial as a nested run; return the parent run id. A resumed sweep logs only new trials.
 
-    A trial run holds what a study's model run holds (`lmadda.result_rows.model_params` and `model_metrics` of
+    A trial run holds what a study's model run holds (`lmadda.evaluation.rows.model_params` and `model_metrics` of
     its result rows, in `_rows`), plus its loss curves by step, its steps done and its generator file; the
     parent run holds `result_files` (the result rows and the grid points' table) and the report.
 
@@ -136,10 +136,10 @@ def promote(tracking_uri: str, experiment: str, *, criterion: str = "auto", swee
     """Register the best non-collapsed trial per (marker, target) and point alias <target> at it.
 
     `criterion` is `pearson` (the labelled Pearson of the marker, maximised; needs target labels),
-    `label_free` (lmadda.selector over the unadapted model, AdaBN, histogram matching and every trial,
+    `label_free` (lmadda.selection.selector over the unadapted model, AdaBN, histogram matching and every trial,
     falling back to the unadapted model when nothing is confidently better; needs the sweep config
     `sweep` for the source model and the unlabelled target images), one per-trial criterion `lf_<name>`
-    from `lmadda.selection` (minimised; for comparison), or `auto`: `pearson` where the trials have
+    from `lmadda.selection.criteria` (minimised; for comparison), or `auto`: `pearson` where the trials have
     target labels, otherwise `label_free`. Each promoted generator becomes a READY LoggedModel
     (`log_generator_model`, one per file however many markers it wins) and each (marker, target) a
     registry version created from it, which records the criterion and its value or choice, and the

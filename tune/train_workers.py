@@ -53,9 +53,9 @@ from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
-from lmadda.evaluation import SPLIT_SEED_OFFSET
-from lmadda.result_rows import TargetDomain, marker_means, rows_table
-from lmadda.selection import SelectionProbe
+from lmadda.evaluation.evaluate import SPLIT_SEED_OFFSET
+from lmadda.evaluation.rows import TargetDomain, marker_means, rows_table
+from lmadda.selection.criteria import SelectionProbe
 from lmadda.study.trial import GridPoint, TrialResult, TrialTarget, run_trial
 from lmadda.training.adapt import AdaptConfig, Adapter, run_steps
 from lmadda.training.source import SourceHooks, SourceTrainConfig, load_source_data, source_checkpoint, train_source
@@ -64,7 +64,7 @@ from lmadda_tune.trial_config import TrialPoint, TrialSpec
 STATE_FILE = "adapter_state.pt"
 SOURCE_STATE_FILE = "source_state.pt"
 GENERATOR_FILE = "generator.pt"
-ROWS_FILE = "rows.parquet"  # a finished point's result rows (lmadda.result_rows), beside its generator
+ROWS_FILE = "rows.parquet"  # a finished point's result rows (lmadda.evaluation.rows), beside its generator
 
 
 def worker_batch(batch_size: int, world_size: int) -> int:
@@ -134,7 +134,7 @@ def source_worker(config: dict) -> None:
 def labelled_test_images(manifest: Manifest, setting: str, shift: Shift | None, source: GeneratorCheckpoint,
                          seed: int) -> list[LoadedImage] | None:
     """The target's labelled test split, a seeded shift drawn as the study draws it for `seed`
-    (`lmadda.evaluation.SPLIT_SEED_OFFSET`), so a sweep and the study score the same images; None when the
+    (`lmadda.evaluation.evaluate.SPLIT_SEED_OFFSET`), so a sweep and the study score the same images; None when the
     target has no paired images."""
     try:
         return load_images(manifest, setting, "test", source.markers, shift=shift, percentiles=source.percentiles,
@@ -208,7 +208,7 @@ class _Target:
         return self._test_images
 
     def probe(self, trial: "TrialData", crop_size: int) -> SelectionProbe:
-        """The label-free criteria's fixed crops and source-side references (`lmadda.selection.SelectionProbe`)."""
+        """The label-free criteria's fixed crops and source-side references (`lmadda.selection.criteria.SelectionProbe`)."""
         if crop_size not in self._probes:
             self._probes[crop_size] = SelectionProbe(trial.source.generator, trial.source_images, self.images,
                                                      crop_size=crop_size, seed=self.seed)

@@ -23,7 +23,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from lmadda.core.config import StrictModel
 from lmadda.core.errors import LmaddaError
-from lmadda.result_rows import TargetDomain
+from lmadda.evaluation.rows import TargetDomain
 from lmadda.training.adapt import AdaptConfig
 
 

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from lmadda.config import build_config
+    from lmadda.core.config import build_config
     from lmadda.demo import DemoConfig, run_demo as run
 
     layers = [int(v) for v in args.layers.split(",")] if args.layers else None

@@ -123,7 +123,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
         from lmadda.cli.domain_messages import missing_reference_message
 
         raise LmaddaError(missing_reference_message(str(config.checkpoint)))
-    from lmadda.diagnosis import diagnose
+    from lmadda.selection.diagnosis import diagnose
 
     images = _read_images(config, checkpoint)
     result = diagnose(checkpoint.generator, checkpoint.domain_reference, images, tile=config.tile, overlap=config.overlap,
@@ -144,7 +144,7 @@ def add_reference(config: DiagnoseConfig, checkpoint) -> int:
     from lmadda.data.manifest import Manifest
     from lmadda.data.shifts import Shift
     from lmadda.domain import reference_from_images
-    from lmadda.result_rows import TargetDomain
+    from lmadda.evaluation.rows import TargetDomain
 
     manifest = Manifest.load(config.manifest)
     setting, shift = _setting_and_shift(checkpoint, config)

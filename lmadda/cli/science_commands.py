@@ -9,7 +9,7 @@ from lmadda.cli.options import add_model_flags, model_overrides
 from lmadda.core.errors import LmaddaError
 from lmadda.data.io import refuse_overwriting_inputs
 from lmadda.data.manifest import manifest_inputs
-from lmadda.registry_names import target_name
+from lmadda.core.registry_names import target_name
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig
 
@@ -96,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train_source(args: argparse.Namespace) -> int:
-    from lmadda.config import build_config
+    from lmadda.core.config import build_config
     from lmadda.training.source import SourceTrainConfig, train_source
 
     config = build_config(SourceTrainConfig, args.config, **model_overrides(args))
@@ -131,11 +131,11 @@ def run_adapt(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from lmadda.baselines import BASELINES
+    from lmadda.corrections.baselines import BASELINES
     from lmadda.checkpoint import load_checkpoint
     from lmadda.data.manifest import Manifest
-    from lmadda.evaluation import evaluate_checkpoints, refuse_existing, write_results
-    from lmadda.report import summary_table
+    from lmadda.evaluation.evaluate import evaluate_checkpoints, refuse_existing, write_results
+    from lmadda.study.report import summary_table
 
     unknown = set(args.baselines) - set(BASELINES)
     if unknown:
@@ -163,7 +163,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
 
-    from lmadda.report import REPORT_FILES, summary_table, write_report
+    from lmadda.study.report import REPORT_FILES, summary_table, write_report
 
     refuse_overwriting_inputs([("--out", args.out / name) for name in REPORT_FILES], [("RESULTS_PARQUET", args.results)])
     if not args.results.exists():
@@ -184,7 +184,7 @@ def run_report(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     import sys
 
-    from lmadda.config import build_config
+    from lmadda.core.config import build_config
     from lmadda.data.calibration import PixelSizeCheck, parse_pixel_size
     from lmadda.inference import predict_file
 

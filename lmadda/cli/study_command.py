@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_study_command(args: argparse.Namespace) -> int:
-    from lmadda.config import build_config, read_config_file
+    from lmadda.core.config import build_config, read_config_file
     from lmadda.data.io import refuse_overwriting_inputs
     from lmadda.core.errors import LmaddaError
     from lmadda.study.config import StudyConfig

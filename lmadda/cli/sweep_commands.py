@@ -6,7 +6,7 @@ import argparse
 import contextlib
 from pathlib import Path
 
-from lmadda.selector import PROMOTION_CRITERIA
+from lmadda.selection.selector import PROMOTION_CRITERIA
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -2,7 +2,7 @@
 
 The one a checkpoint can carry is histogram matching (its 1001 source quantiles travel with the model), so
 `lmadda predict`, the endpoint and the study apply exactly the correction the label-free choice made. FDA
-needs source images at run time and stays a study baseline (`lmadda.baselines`).
+needs source images at run time and stays a study baseline (`lmadda.corrections.baselines`).
 """
 
 from __future__ import annotations

@@ -191,12 +191,3 @@ class UnpairedCrops(_SeededCrops):
         image, rows, cols, rotations, flip = self._window(index)
         return self._augment(image.input[:, rows, cols], rotations, flip)
 
-
-def tile_origins(length: int, tile: int, stride: int) -> list[int]:
-    """Start positions covering [0, length) with tiles of `tile`, the last one flush with the end."""
-    if length <= tile:
-        return [0]
-    origins = list(range(0, length - tile + 1, stride))
-    if origins[-1] != length - tile:
-        origins.append(length - tile)
-    return origins

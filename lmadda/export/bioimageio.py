@@ -44,7 +44,7 @@ from lmadda.data.dataset import TARGET_HEADROOM, target_from_model_range
 from lmadda.data.io import read_image, refuse_overwriting_inputs
 from lmadda.export.package_readme import ADDA, LAYER_MATCHING, LICENSE, NAME_CHARS, PIX2PIX, camera_range, default_name, is_adapted, readme
 from lmadda.inference import model_input, to_camera_units
-from lmadda.tiling import predict_tiled
+from lmadda.models.tiling import predict_tiled
 
 INSTALL_HINT = "pip install 'lmadda[bioimageio]'"
 SAMPLE_SIDE = 256  # the test tile's side at most: `lmadda predict`'s default tile, so the test is one tile of it

@@ -20,7 +20,7 @@ encoder outputs that layers after l still need (the skip tensors crossing the cu
 
 `input_zoom` (1 by default) resamples every input by that factor before layer 0, and the output back to
 the input's size after the last layer: the source model applied at the scale it was trained at, for a
-target imaged with another objective or binning (lmadda.zoom estimates the factor without labels).
+target imaged with another objective or binning (lmadda.corrections.zoom estimates the factor without labels).
 Every layer, cut and feature sees the resampled input, so a zoomed generator is used like any other.
 """
 
@@ -45,7 +45,7 @@ class GeneratorConfig(BaseModel):
     depth: int = Field(8, ge=2, le=10, description="down layers; the network has 2*depth layers")
     dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout on the three decoder layers after the innermost")
     input_zoom: float = Field(1.0, ge=0.25, le=4.0, description="resample inputs by this factor first and outputs back "
-                                                                  "(a target imaged at another scale; lmadda.zoom)")
+                                                                  "(a target imaged at another scale; lmadda.corrections.zoom)")
 
     @property
     def num_layers(self) -> int:
@@ -240,7 +240,7 @@ def zoomed_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(N, C, H, W) resampled to `size`: bilinear, antialiased where it shrinks (the one resampling of `input_zoom` and
-    lmadda.zoom, so the zoom estimated is the zoom applied)."""
+    lmadda.corrections.zoom, so the zoom estimated is the zoom applied)."""
     shrinks = size[0] < x.shape[-2] or size[1] < x.shape[-1]
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinks)
 

@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from lmadda.core.atomic import write_atomically
-from lmadda.metrics import finite_mean_std, gap_recovered
-from lmadda.result_rows import TargetDomain
-from lmadda.selection import criterion_agreement
+from lmadda.evaluation.metrics import finite_mean_std, gap_recovered
+from lmadda.evaluation.rows import TargetDomain
+from lmadda.selection.criteria import criterion_agreement
 from lmadda.study.results import ADAPTED, CRITERIA, Results, never_moved
 
 MIN_GAP = 0.05  # an oracle this little above the unadapted model leaves no gap worth recovering

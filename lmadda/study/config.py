@@ -29,12 +29,12 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from lmadda.core.config import StrictModel
-from lmadda.baselines import parse_baseline
-from lmadda.config import LearningRates, describe_validation_error
+from lmadda.corrections.baselines import parse_baseline
+from lmadda.core.config import LearningRates, describe_validation_error
 from lmadda.core.errors import LmaddaError
 from lmadda.data.shifts import Shift
-from lmadda.result_rows import TargetDomain
-from lmadda.selector import DEFAULT_SCORE, SCORES
+from lmadda.evaluation.rows import TargetDomain
+from lmadda.selection.selector import DEFAULT_SCORE, SCORES
 from lmadda.study.trial import GridPoint
 from lmadda.training.adapt import PAPER_RECIPE, AdaptConfig
 from lmadda.training.families import FAMILIES, FAMILY_LR
@@ -173,7 +173,7 @@ class CriteriaSpec(StrictModel):
 
 
 class SelectionSpec(StrictModel):
-    """The label-free choice among every candidate of a target (lmadda.selector.Selector)."""
+    """The label-free choice among every candidate of a target (lmadda.selection.selector.Selector)."""
 
     score: Literal[SCORES] = Field(DEFAULT_SCORE, description="what the selector ranks candidates by")
     crops: int = Field(16, ge=4, description="fixed unlabelled target crops the candidates are scored on")

@@ -250,7 +250,7 @@ def write_study_document(config: StudyConfig, config_path: Path | str = "...") -
     if records:
         summary = write_summary(records, config.figures / "summary.json")
         lines += ["## Which model to use: the label-free choice", "",
-                  "For every target, `lmadda.selector` chose among the unadapted model, the cheap corrections, the zoom, the "
+                  "For every target, `lmadda.selection.selector` chose among the unadapted model, the cheap corrections, the zoom, the "
                   "robust source model and every adapted model (LM-ADDA at each layer, the other families, ADDA with this "
                   "project's recipe and as published) without target labels, and kept the default model unless a candidate was "
                   "confidently better: the robust source model where it was admitted (its in-domain validation Pearson within "

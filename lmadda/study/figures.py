@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmadda.selection import spearman
+from lmadda.selection.criteria import spearman
 from lmadda.study.analysis import selection_rows
 from lmadda.study.results import BASELINE_METHODS, Results, aggregate
 

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import pyarrow.parquet as pq
 
-from lmadda.baselines import build_baseline, is_baseline, parse_baseline
+from lmadda.corrections.baselines import build_baseline, is_baseline, parse_baseline
 from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
 from lmadda.core.atomic import write_atomically
 from lmadda.core.errors import LmaddaError
@@ -29,14 +29,14 @@ from lmadda.data.augment import NuisanceAugmentation
 from lmadda.data.dataset import LoadedImage, load_images
 from lmadda.data.manifest import Manifest
 from lmadda.data.shifts import Shift
-from lmadda.evaluation import SPLIT_SEED_OFFSET, evaluate_generator
+from lmadda.evaluation.evaluate import SPLIT_SEED_OFFSET, evaluate_generator
 from lmadda.models.generator import UNetGenerator
-from lmadda.result_rows import CRITERION_PREFIX, RESULT_COLUMNS, TargetDomain, rows_table, tag_rows
-from lmadda.selection import SelectionProbe
-from lmadda.selector import UNADAPTED, Candidate, Choice, Observation, Selector
+from lmadda.evaluation.rows import CRITERION_PREFIX, RESULT_COLUMNS, TargetDomain, rows_table, tag_rows
+from lmadda.selection.criteria import SelectionProbe
+from lmadda.selection.selector import UNADAPTED, Candidate, Choice, Observation, Selector
 from lmadda.study.trial import GridPoint, TrialResult, TrialTarget, run_trial
 from lmadda.training.families import FAMILIES, make_loop
-from lmadda.registry_names import file_sha256
+from lmadda.core.registry_names import file_sha256
 from lmadda.training.robust import ROBUST_FILES
 from lmadda.training.source import SourceTrainConfig, train_source
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
-from lmadda.metrics import finite_mean_std
+from lmadda.evaluation.metrics import finite_mean_std
 
 BASELINE_METHODS = ("unadapted", "adabn", "histogram_matching", "fda")
 ADAPTED = ("lmadda", "adda")

@@ -33,9 +33,9 @@ from lmadda.data.index import index_folder
 from lmadda.data.io import read_image
 from lmadda.data.manifest import Manifest
 from lmadda.data.synth import SynthConfig, synthesize
-from lmadda.evaluation import SPLIT_SEED_OFFSET
-from lmadda.result_rows import TargetDomain
-from lmadda.selection import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
+from lmadda.evaluation.evaluate import SPLIT_SEED_OFFSET
+from lmadda.evaluation.rows import TargetDomain
+from lmadda.selection.criteria import SelectionProbe, layer_disagreement, predict_layer, seed_disagreement
 from lmadda.study.config import ExperimentSpec, StudyConfig
 from lmadda.study.failures import RECOVERABLE, FailureLog
 from lmadda.study.figures import panel_file_name, stain_panel
@@ -43,7 +43,7 @@ from lmadda.study.grid import (LABEL_FREE, ROBUST_VARIANTS, ImageSource, ResultT
                                forget_robust_rows_record, run_grid)
 from lmadda.study.tracking import StudyTracker, model_key
 from lmadda.study.trial import TrialResult
-from lmadda.tiling import predict_tiled
+from lmadda.models.tiling import predict_tiled
 from lmadda.training.robust import ROBUST_FILES, RobustAdmission, has_second_try, robust_with_second_try, second_try
 from lmadda.training.source import SourceTrainConfig, changed_options, train_source
 

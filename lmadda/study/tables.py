@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from lmadda.metrics import finite_mean_std
+from lmadda.evaluation.metrics import finite_mean_std
 from lmadda.study.analysis import best_cheap, selection_rows
 from lmadda.study.results import ADAPTED, BASELINE_METHODS, CRITERIA, PUBLISHED_BASELINE, Results, never_moved
 

@@ -19,9 +19,9 @@ from typing import NamedTuple
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from lmadda.metrics import is_finite
-from lmadda.result_rows import model_metrics, model_params
-from lmadda.tracking_store import (FINISHED, all_runs, ensure_experiment, keeps_tracking_env, one_finished_run_per_key,
+from lmadda.evaluation.metrics import is_finite
+from lmadda.evaluation.rows import model_metrics, model_params
+from lmadda.core.tracking_store import (FINISHED, all_runs, ensure_experiment, keeps_tracking_env, one_finished_run_per_key,
                                    relocate_artifacts)
 
 

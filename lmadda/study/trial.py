@@ -5,8 +5,8 @@ the source model at some layer(s), learning rate and seed, on one target domain.
 a collapse ends the point, whatever `stop_on_collapse` says), then measures the adapted model once:
 
 - on the target's labelled test images, where they exist: one row per image x marker in the one
-  result-row schema (`lmadda.result_rows`), tagged with the point;
-- by the label-free criteria on fixed unlabelled target crops (`lmadda.selection.SelectionProbe`).
+  result-row schema (`lmadda.evaluation.rows`), tagged with the point;
+- by the label-free criteria on fixed unlabelled target crops (`lmadda.selection.criteria.SelectionProbe`).
 
 The study runs it in its own process (`lmadda.study.grid.run_grid`); the sweep runs it in a Ray Tune
 trial or as rank 0 of a Ray Train worker group (`lmadda_tune.train_workers`), with the Adapter's
@@ -24,10 +24,10 @@ import numpy as np
 
 from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import LoadedImage
-from lmadda.evaluation import evaluate_generator
-from lmadda.registry_names import alias_for
-from lmadda.result_rows import CRITERION_PREFIX, TargetDomain, adaptation_method, matched_name, tag_rows
-from lmadda.selection import SelectionProbe
+from lmadda.evaluation.evaluate import evaluate_generator
+from lmadda.core.registry_names import alias_for
+from lmadda.evaluation.rows import CRITERION_PREFIX, TargetDomain, adaptation_method, matched_name, tag_rows
+from lmadda.selection.criteria import SelectionProbe
 from lmadda.training.adapt import PAPER_RECIPE, AdaptConfig, AdaptResult, run_steps
 from lmadda.training.families import MOMENT_OPTIONS, FamilyConfig, Loop, check_family, family_config
 

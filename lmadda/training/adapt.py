@@ -52,7 +52,7 @@ from lmadda.data.dataset import LoadedImage, UnpairedCrops
 from lmadda.domain import DomainReference, reference_from_images
 from lmadda.models.discriminators import FeatureDiscriminator
 from lmadda.models.generator import CutState, UNetGenerator, init_weights
-from lmadda.result_rows import adda_or_lmadda
+from lmadda.evaluation.rows import adda_or_lmadda
 from lmadda.training.common import autocast_for, endless, seed_everything
 
 

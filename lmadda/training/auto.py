@@ -4,11 +4,11 @@ The candidates are every family lmadda has, so the one selector sees them all:
 
 - needing no training: the unadapted source model, AdaBN (all layers, and layers 0..l only),
   histogram matching, histogram matching followed by AdaBN, and the zoom that undoes another
-  objective's scale (lmadda.zoom), when the domain check finds one;
+  objective's scale (lmadda.corrections.zoom), when the domain check finds one;
 - trained: LM-ADDA at each of `auto_layers` (the last is ADDA), and, at the early encoder cut
   (`family_layers`), moment matching, self-training and histogram matching + self-training.
 
-`lmadda.selector` scores them on unlabelled target crops and keeps the unadapted model unless one is
+`lmadda.selection.selector` scores them on unlabelled target crops and keeps the unadapted model unless one is
 confidently better. Whatever it picks is written as one checkpoint
 a lab can use as it is: an adapted generator, AdaBN's generator, or the source generator carrying the
 histogram-matching correction (applied by `lmadda predict` and the endpoint). The checkpoint records
@@ -20,13 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lmadda.baselines import build_baseline
+from lmadda.corrections.baselines import build_baseline
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.correction import HistogramMatcher
 from lmadda.data.dataset import LoadedImage
 from lmadda.domain import reference_from_images
-from lmadda.result_rows import adda_or_lmadda
-from lmadda.selector import UNADAPTED, ZOOM, Candidate, Choice, Selector
+from lmadda.evaluation.rows import adda_or_lmadda
+from lmadda.selection.selector import UNADAPTED, ZOOM, Candidate, Choice, Selector
 from lmadda.training.adapt import AdaptConfig, adapt, run_steps
 from lmadda.training.families import FAMILIES, FamilyConfig, check_family, family_config, make_loop
 
@@ -41,7 +41,7 @@ def family_layers(num_layers: int) -> list[int]:
 
 def cheap_candidate_names(num_layers: int) -> list[str]:
     """The corrections that need no training: AdaBN and histogram matching, AdaBN limited to the early cut, both
-    AdaBNs after histogram matching (composites), and the zoom the domain check finds (lmadda.zoom)."""
+    AdaBNs after histogram matching (composites), and the zoom the domain check finds (lmadda.corrections.zoom)."""
     cut = family_layers(num_layers)[0]
     names = [*CHEAP_CANDIDATES, "histogram_matching+adabn", ZOOM]
     if cut >= 1:  # layer 0 has no BatchNorm

@@ -24,7 +24,7 @@ import numpy as np
 from lmadda.core.errors import LmaddaError
 from lmadda.checkpoint import GeneratorCheckpoint
 from lmadda.data.dataset import LoadedImage
-from lmadda.evaluation import evaluate_generator
+from lmadda.evaluation.evaluate import evaluate_generator
 from lmadda.models.generator import UNetGenerator
 from lmadda.training.source import SourceTrainConfig
 

@@ -32,10 +32,10 @@ from lmadda.data.manifest import Manifest
 from lmadda.data.normalise import PercentileRange, median_params
 from lmadda.data.shifts import Shift
 from lmadda.domain import reference_from_images
-from lmadda.evaluation import evaluate_generator
+from lmadda.evaluation.evaluate import evaluate_generator
 from lmadda.models.discriminators import PatchDiscriminator
 from lmadda.models.generator import GeneratorConfig, UNetGenerator, init_weights
-from lmadda.registry_names import target_name
+from lmadda.core.registry_names import target_name
 from lmadda.training.common import autocast_for, endless, seed_everything
 
 

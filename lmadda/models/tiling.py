@@ -27,8 +27,17 @@ import torch
 from lmadda.core.device import resolve_device
 from lmadda.core.errors import LmaddaError
 from lmadda.core.progress import Progress
-from lmadda.data.dataset import tile_origins
 from lmadda.models.generator import UNetGenerator
+
+
+def tile_origins(length: int, tile: int, stride: int) -> list[int]:
+    """Start positions covering [0, length) with tiles of `tile`, the last one flush with the end."""
+    if length <= tile:
+        return [0]
+    origins = list(range(0, length - tile + 1, stride))
+    if origins[-1] != length - tile:
+        origins.append(length - tile)
+    return origins
 
 
 def feather_window(tile: int, overlap: int) -> np.ndarray:

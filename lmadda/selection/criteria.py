@@ -39,9 +39,9 @@ import torch
 from lmadda.data.correction import InputTransform
 from lmadda.data.dataset import LoadedImage, target_from_model_range
 from lmadda.models.generator import UNetGenerator
-from lmadda.tiling import predict_tiled
+from lmadda.models.tiling import predict_tiled
 
-CRITERIA = ("output_w1", "probe_shift", "flip_inconsistency")  # all: lower is better; the choice itself is lmadda.selector's
+CRITERIA = ("output_w1", "probe_shift", "flip_inconsistency")  # all: lower is better; the choice itself is lmadda.selection.selector's
 
 
 def fixed_crops(images: list[LoadedImage], size: int, count: int, seed: int) -> np.ndarray:

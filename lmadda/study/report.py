@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lmadda.metrics import finite_mean_std
+from lmadda.evaluation.metrics import finite_mean_std
 from lmadda.study.figures import plot_pearson_by_layer, plot_pearson_vs_magnitude
 from lmadda.study.results import aggregate
 

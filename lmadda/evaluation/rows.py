@@ -20,14 +20,14 @@ import numpy as np
 import pyarrow as pa
 
 from lmadda.data.shifts import Shift
-from lmadda.metrics import is_finite
-from lmadda.registry_names import SHIFT_SEPARATOR, target_name
+from lmadda.evaluation.metrics import is_finite
+from lmadda.core.registry_names import SHIFT_SEPARATOR, target_name
 
 RESULT_COLUMNS = [
     "target", "setting", "shift", "magnitude", "method", "layer", "matched", "lr", "seed", "marker", "field",
     "pearson", "ssim", "psnr", "nrmse", "collapsed", "d_saturated", "g_updates", "seconds", "chosen", "fell_back",
 ]
-CRITERION_PREFIX = "lf_"  # label-free criterion columns (lmadda.selection), kept as they come
+CRITERION_PREFIX = "lf_"  # label-free criterion columns (lmadda.selection.criteria), kept as they come
 METRICS = ("pearson", "ssim", "psnr", "nrmse")  # per image; a model's are their means
 PARAMS = ("target", "setting", "shift", "magnitude", "method", "layer", "matched", "lr", "seed")  # a model's identity
 
@@ -79,7 +79,7 @@ def adaptation_method(layers: Iterable[int], last_layer: int, recipe: str = "lma
 
 
 def tag_rows(rows: list[dict], domain: TargetDomain, target: str | None = None, **tags) -> list[dict]:
-    """Label per-image rows (`lmadda.evaluation.evaluate_generator`) with the model and the domain they were
+    """Label per-image rows (`lmadda.evaluation.evaluate.evaluate_generator`) with the model and the domain they were
     measured on (`target` overrides the domain's name, e.g. `source`); returns `rows`, changed in place."""
     columns = {**domain.columns(), **({"target": target} if target else {})}
     for row in rows:

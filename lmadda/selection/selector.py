@@ -12,7 +12,7 @@ scores each candidate on fixed crops of the unlabelled target images, per crop, 
    model, or a robust source model where the study or the demo admitted one (it needs no target).
 
 Geometry first: a `zoom` candidate exists only when the source model's domain check found the target at
-another scale (resampling removed at least a quarter of its score, lmadda.zoom). When its stains then
+another scale (resampling removed at least a quarter of its score, lmadda.corrections.zoom). When its stains then
 look like source stains (its mean score at or below the source's own level) and beat the unadapted
 model's on `min_win_fraction` of the crops, it is chosen before anything else: below the source's
 level a lower score says nothing more (a candidate cannot look more like the source than the source
@@ -31,7 +31,7 @@ labelled Pearson and why the default was chosen):
   its own stains in domain). The base is the source model a candidate was built from: the unadapted
   one, or a robust source model (`references`), whose stains differ a little from the plain model's
   in domain too, so that judged against the plain model's they look shifted where nothing is. A zoom
-  candidate (`input_zoom` z, lmadda.zoom) predicts a stain at the target's scale, so its stains are
+  candidate (`input_zoom` z, lmadda.corrections.zoom) predicts a stain at the target's scale, so its stains are
   compared with the source's seen at that scale (resampled by 1/z): like with like.
 - `feature_gap`: how far a target crop's bottleneck channel means sit from the base model's on source
   crops, in units of their spread (leftover domain shift where every input has been summarised).
@@ -51,14 +51,14 @@ from lmadda.data.correction import InputTransform
 from lmadda.data.dataset import LoadedImage, spread, target_from_model_range
 from lmadda.domain import DomainReference
 from lmadda.models.generator import UNetGenerator
-from lmadda.selection import CRITERIA, fixed_crops, wasserstein_1d
+from lmadda.selection.criteria import CRITERIA, fixed_crops, wasserstein_1d
 
 SCORES = ("consensus", "output_w1", "feature_gap", "flip")
 # `lmadda sweep promote --criterion`: labelled Pearson, this selector, or one per-trial criterion (for comparison)
 PROMOTION_CRITERIA = ("auto", "pearson", "label_free", *(f"lf_{name}" for name in CRITERIA))
 DEFAULT_SCORE = "output_w1"
 UNADAPTED = "unadapted"
-ZOOM = "zoom"  # the zoom correction (lmadda.zoom): a candidate only when the domain check found the target at another scale
+ZOOM = "zoom"  # the zoom correction (lmadda.corrections.zoom): a candidate only when the domain check found the target at another scale
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ class Selector:
         if zoom == 1.0:
             return reference.pool
         if (base, zoom) not in self._pools:
-            from lmadda.zoom import resample
+            from lmadda.corrections.zoom import resample
 
             self._pools[(base, zoom)] = np.stack([resample(stain, 1.0 / zoom) for stain in reference.pool])
         return self._pools[(base, zoom)]

@@ -7,7 +7,7 @@ Over the images:
 - the discrepancy profile: per layer, the mean distance of the images' features from the reference,
   in units of the held-out in-domain level (1 = no shift at that layer);
 - where the shift lives: the first layer whose excess over the in-domain level reaches half the
-  profile's largest excess (`lmadda.selection.predict_layer`, the zero-training layer predictor of the
+  profile's largest excess (`lmadda.selection.criteria.predict_layer`, the zero-training layer predictor of the
   label-free selector, applied to this profile);
 - whether a cheap input correction would do: the images are histogram-matched onto the reference's
   input intensities (the correction `lmadda adapt --layer auto` can choose) and scored again.
@@ -27,7 +27,7 @@ import numpy as np
 
 from lmadda.data.correction import HistogramMatcher
 from lmadda.domain import DomainReference, DomainScore, predict_and_score
-from lmadda.selection import predict_layer
+from lmadda.selection.criteria import predict_layer
 
 MAX_OUT_FRACTION = 0.1  # a few odd images in a folder (an empty field, a bubble) are not a domain shift
 

@@ -15,10 +15,10 @@ from lmadda.core.errors import LmaddaError
 from lmadda.data.correction import InputTransform
 from lmadda.data.dataset import LoadedImage, load_images, target_from_model_range
 from lmadda.data.manifest import Manifest
-from lmadda.metrics import nrmse, pearson, psnr, ssim
+from lmadda.evaluation.metrics import nrmse, pearson, psnr, ssim
 from lmadda.models.generator import UNetGenerator
-from lmadda.result_rows import TargetDomain, matched_name, rows_table, tag_rows
-from lmadda.tiling import predict_tiled
+from lmadda.evaluation.rows import TargetDomain, matched_name, rows_table, tag_rows
+from lmadda.models.tiling import predict_tiled
 
 
 
@@ -95,7 +95,7 @@ def evaluate_checkpoints(
     """Result rows (the study's columns + `checkpoint`) for each (name, checkpoint) on `target`'s `split`,
     and, for source checkpoints, the test-time `baselines` built as the study builds them with `seed`.
     With `progress`, images evaluated / (checkpoints x methods x images) go to stderr (`Progress`)."""
-    from lmadda.baselines import build_baseline
+    from lmadda.corrections.baselines import build_baseline
     from lmadda.core.progress import Progress
 
     domain = TargetDomain.parse(target)

@@ -6,7 +6,7 @@
 - Histogram matching: map each target input's intensities onto the source inputs' distribution.
 - Fourier domain adaptation (FDA, Yang & Soatto 2020) at test time: give a target image the
   low-frequency amplitude spectrum of a source image, keeping its own phase; no training.
-- Zoom (lmadda.zoom): resample each target input to the source's scale, estimated without labels by
+- Zoom (lmadda.corrections.zoom): resample each target input to the source's scale, estimated without labels by
   the source model's own domain check, and the stain back; the generator carries the factor.
 - Composites: `histogram_matching+adabn:3` corrects the inputs first, then re-estimates the statistics
   on the corrected target images; the model carries the correction.
@@ -75,10 +75,10 @@ def build_baseline(name: str, generator: UNetGenerator, source_train: list[Loade
 
 
 def zoom_correction(generator: UNetGenerator, source_train: list[LoadedImage], target_train: list[LoadedImage]) -> UNetGenerator:
-    """The generator resampling its inputs by the zoom estimated for `target_train` (lmadda.zoom), which records the
+    """The generator resampling its inputs by the zoom estimated for `target_train` (lmadda.corrections.zoom), which records the
     factor in its config (`input_zoom`). A factor of 1 returns `generator` itself: nothing to undo."""
     from lmadda.models.generator import zoomed
-    from lmadda.zoom import estimate_zoom
+    from lmadda.corrections.zoom import estimate_zoom
 
     estimate = estimate_zoom(generator, source_train, target_train)
     return generator if estimate.factor == 1.0 else zoomed(generator, estimate.factor)
