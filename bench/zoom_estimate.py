@@ -1,4 +1,4 @@
-"""The zoom correction (lmadda.zoom), measured on VALIDATION fields: the factor it finds and what it gains.
+"""The zoom correction (lmadda.corrections.zoom), measured on VALIDATION fields: the factor it finds and what it gains.
 
 For one experiment of a study config (its data and source model, reused from its `out` folder, so run
 it after `make study` or `lmadda study --only NAME`), and for each target (default: the experiment's
@@ -20,42 +20,27 @@ Results go to bench/results/zoom_estimate.jsonl (one line per target).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from lmadda.checkpoint import load_checkpoint
-from lmadda.config import build_config, read_config_file
-from lmadda.data.manifest import Manifest
-from lmadda.evaluation import evaluate_generator
-from lmadda.result_rows import TargetDomain
-from lmadda.selector import Selector
-from lmadda.study.config import StudyConfig
-from lmadda.study.grid import ImageSource
-from lmadda.study.runner import prepare_manifest
+from lmadda.evaluation.evaluate import evaluate_generator
+from lmadda.evaluation.rows import TargetDomain
+from lmadda.selection.selector import Selector
 from lmadda.training.auto import baseline_candidates
-from lmadda.zoom import estimate_zoom
+from lmadda.corrections.zoom import estimate_zoom
+from study_experiment import experiment_parser, load_experiment
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="docs/study.yaml")
-    parser.add_argument("--experiment", required=True)
-    parser.add_argument("--targets", nargs="*", help="default: the grid targets, and the source setting at zoom 0.5 and 0.7")
-    parser.add_argument("--out", default="bench/results/zoom_estimate.jsonl")
-    args = parser.parse_args()
-
-    study = build_config(StudyConfig, None, **read_config_file(args.config)).resolved(Path.cwd())
-    spec = next(e for e in study.experiments if e.name == args.experiment)
-    out = study.out / spec.name
-    source = load_checkpoint(out / "models" / "source.pt")
-    data = ImageSource(Manifest.load(prepare_manifest(spec, out)), spec.data.validation_rows)
+    args = experiment_parser(__doc__.splitlines()[0], "bench/results/zoom_estimate.jsonl",
+                             "default: the grid targets, and the source setting at zoom 0.5 and 0.7").parse_args()
+    experiment = load_experiment(args.config, args.experiment)
+    spec, data, source, source_train = experiment.spec, experiment.data, experiment.source, experiment.source_train
     markers, percentiles = source.markers, source.percentiles
-    source_train = data.load(spec.source.setting, "train", percentiles=percentiles)  # as the study loads it
-    grid_targets = [target for grid in spec.grids for target in grid.targets]
+    grid_targets = experiment.grid_targets
     targets = args.targets or [*grid_targets, f"{spec.source.setting}+scale:0.5", f"{spec.source.setting}+scale:0.7"]
     results = Path(args.out)
     results.parent.mkdir(parents=True, exist_ok=True)
