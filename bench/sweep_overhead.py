@@ -74,7 +74,7 @@ def main() -> int:
     from lmadda.data.synth import SynthConfig, synthesize
     from lmadda.training.source import SourceTrainConfig, train_source
     from lmadda_tune.sweep import run_sweep
-    from lmadda_tune.sweep_config import SweepConfig
+    from lmadda.sweep.config import SweepConfig
 
     root = Path(tempfile.mkdtemp(prefix="lmadda-sweep-bench-"))
     manifest, _ = synthesize(root / "data", SynthConfig(fields=16, size=128, seed=1))

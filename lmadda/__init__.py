@@ -4,10 +4,8 @@ The science (data, models, training, adaptation, evaluation) lives here in plain
 Ray Train / Tune / Serve live at the edges (`tune/`, `serve/`).
 """
 
-import sys
-from importlib.abc import MetaPathFinder
-
 from lmadda.core.errors import LmaddaError
+from lmadda.core.moved import name_new_places
 from lmadda.core.version import __version__
 
 __all__ = ["LmaddaError", "VirtualStainer", "__version__"]
@@ -28,20 +26,9 @@ MOVED_MODULES = {
     "lmadda.zoom": "lmadda.corrections.zoom",
 }
 
-
-class _MovedModuleFinder(MetaPathFinder):
-    """Names the new place of a moved module. `lmadda.evaluation` and `lmadda.selection` are packages now: their old
-    contents are in `lmadda.evaluation.evaluate` and `lmadda.selection.criteria`, which their docstrings say."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname in MOVED_MODULES:
-            raise ModuleNotFoundError(f"{fullname} moved to {MOVED_MODULES[fullname]}: "
-                                      f"import from {MOVED_MODULES[fullname]} instead", name=fullname)
-        return None
-
-
-if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):  # once, however often lmadda is reloaded
-    sys.meta_path.append(_MovedModuleFinder())
+# `lmadda.evaluation` and `lmadda.selection` are packages now: their old contents are in `lmadda.evaluation.evaluate` and
+# `lmadda.selection.criteria`, and a name imported from the package says so (their __init__).
+name_new_places(MOVED_MODULES)
 
 
 def __getattr__(name: str):

@@ -26,8 +26,9 @@ def test_a_module_that_moved_into_a_package_names_its_new_place():
     import pytest
 
     from lmadda import MOVED_MODULES
+    from lmadda_tune import MOVED_MODULES as MOVED_OUT_OF_TUNE
 
-    for old, new in MOVED_MODULES.items():
+    for old, new in {**MOVED_MODULES, **MOVED_OUT_OF_TUNE}.items():
         importlib.import_module(new)  # the new place exists
         with pytest.raises(ModuleNotFoundError, match=f"{old} moved to {new}: import from {new} instead"):
             importlib.import_module(old)

@@ -1,8 +1,8 @@
 """Promotion registers each chosen generator as an MLflow LoggedModel, and the registry and the endpoint follow it.
 
 The sweep's trials are fake rows (no Ray) with real, tiny generator checkpoints: what is under test is
-`lmadda_tune.tracking.promote` and `register_checkpoint` (run -> LoggedModel -> registry version), the endpoint's
-model cache (`lmadda_serve.registry.StainModels`) and `lmadda runs compare` (`lmadda_tune.tracking.compare_runs`).
+`lmadda.sweep.tracking.promote` and `register_checkpoint` (run -> LoggedModel -> registry version), the endpoint's
+model cache (`lmadda_serve.registry.StainModels`) and `lmadda runs compare` (`lmadda.sweep.tracking.compare_runs`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _checkpoint(path: Path, seed: int) -> Path:
 @pytest.fixture
 def sweep(tmp_path, migrated_store) -> SimpleNamespace:
     """A logged sweep of two trials: layer 11 beats layer 1 on both markers."""
-    from lmadda_tune.tracking import log_sweep
+    from lmadda.sweep.tracking import log_sweep
 
     storage = tmp_path / "sweeps"
     storage.mkdir()
@@ -71,7 +71,7 @@ def _stored_file(model) -> Path:
 
 
 def _promote(sweep) -> list[dict]:
-    from lmadda_tune.tracking import promote
+    from lmadda.sweep.tracking import promote
 
     return promote(sweep.tracking_uri, sweep.experiment, criterion="pearson", **QUIET)
 
@@ -131,7 +131,7 @@ def test_the_endpoint_resolves_and_loads_a_promoted_logged_model_and_refuses_a_s
 
 
 def test_runs_compare_lists_the_logged_models_with_their_versions_and_aliases(sweep):
-    from lmadda_tune.tracking import compare_runs
+    from lmadda.sweep.tracking import compare_runs
 
     before = compare_runs(sweep.tracking_uri, sweep.experiment)
     assert "LoggedModels): none;" in before
@@ -145,7 +145,7 @@ def test_runs_compare_lists_the_logged_models_with_their_versions_and_aliases(sw
 
 
 def test_promoting_again_adds_versions_to_the_same_logged_model(sweep):
-    from lmadda_tune.tracking import compare_runs
+    from lmadda.sweep.tracking import compare_runs
 
     first = _promote(sweep)
     second = _promote(sweep)
@@ -217,7 +217,7 @@ def test_versions_registered_before_logged_models_still_resolve_and_load(sweep, 
 
 def test_a_checkpoint_registered_outside_a_sweep_is_a_logged_model_the_endpoint_serves(tmp_path, migrated_store):
     from lmadda_serve.registry import StainModels
-    from lmadda_tune.tracking import register_checkpoint
+    from lmadda.sweep.tracking import register_checkpoint
 
     shutil.copy(migrated_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -247,10 +247,10 @@ def test_a_moved_store_serves_its_promoted_logged_models_from_the_new_place(swee
 
 
 def test_a_label_free_choice_is_one_logged_model_for_every_marker_with_the_selectors_evidence(sweep, monkeypatch):
-    import lmadda_tune.label_free_promotion as label_free
+    import lmadda.sweep.label_free_promotion as label_free
     from lmadda.checkpoint import load_checkpoint
     from lmadda.selection.selector import Choice
-    from lmadda_tune.tracking import _promote_label_free
+    from lmadda.sweep.tracking import _promote_label_free
 
     client = _client(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.experiment).experiment_id
@@ -272,7 +272,7 @@ def test_a_label_free_choice_is_one_logged_model_for_every_marker_with_the_selec
 def test_a_promotion_by_another_criterion_keeps_the_served_alias_unless_told_to_replace_it(sweep):
     """Issue: a Pearson promotion run as a job silently swapped the label-free promotion's served models. Now the
     serving alias stays with the criterion that set it; the other promotion lands beside it and says how to serve it."""
-    from lmadda_tune.tracking import promote
+    from lmadda.sweep.tracking import promote
 
     client = _client(sweep.tracking_uri)
     served = {p["model"]: p["version"] for p in _promote(sweep)}  # by Pearson: layer 11 serves

@@ -40,7 +40,7 @@ def test_worker_runs_in_process_with_zero_workers_and_reports_labelled_pearson(r
 
 
 def _sweep(tiny_synth, tiny_source, tmp_path, name, **overrides):
-    from lmadda_tune.sweep_config import SweepConfig
+    from lmadda.sweep.config import SweepConfig
 
     data = {
         "name": name, "storage_path": str(tmp_path / "sweeps"), "source": {"checkpoint": str(tiny_source)},
@@ -56,7 +56,7 @@ def _sweep(tiny_synth, tiny_source, tmp_path, name, **overrides):
 def test_a_two_point_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_session, tiny_synth, tiny_source, tmp_path):
     from lmadda.checkpoint import load_checkpoint
     from lmadda_tune.sweep import run_sweep
-    from lmadda_tune.tracking import promote
+    from lmadda.sweep.tracking import promote
 
     # The source model does not exist yet: the sweep trains it first (Ray Train), then adapts it.
     trained = tmp_path / "models" / "source.pt"

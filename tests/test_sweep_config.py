@@ -4,8 +4,8 @@ import yaml
 from lmadda.core.config import build_config
 from lmadda.core.errors import LmaddaError
 from lmadda_tune.stopper import ModeCollapseStopper
-from lmadda_tune.sweep_config import SweepConfig
-from lmadda_tune.tracking import alias_for
+from lmadda.sweep.config import SweepConfig
+from lmadda.sweep.tracking import alias_for
 
 
 def _config(**changes):
@@ -186,7 +186,7 @@ def test_a_sweep_grid_names_the_moment_matching_family_and_refuses_self_training
 def test_relative_paths_are_refused_in_a_ray_jobs_copy_of_the_repository_and_resolve_against_base_dir(tmp_path):
     """Under `ray job submit --working-dir .` the driver runs in Ray's copy of the repository, which has no git-ignored
     files and is deleted after the job: relative paths there would find no input and hide the results."""
-    from lmadda_tune.sweep_config import paths_base
+    from lmadda.sweep.config import paths_base
 
     job_copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
     with pytest.raises(LmaddaError, match="uploaded copy of the repository.*storage_path: out.*--base-dir \\$PWD"):

@@ -5,7 +5,7 @@ import math
 import pyarrow.parquet as pq
 
 from lmadda.study.results import stable_learning_rates
-from lmadda_tune.sweep_report import best_per_target, write_sweep_report
+from lmadda.sweep.report import best_per_target, write_sweep_report
 
 
 def _row(layer, lr, dapi, collapsed=False, target="pc+overexposure:2", magnitude=2.0):
@@ -47,7 +47,7 @@ def test_report_writes_figures_per_rate_the_best_table_and_the_selection(tmp_pat
 
 
 def test_auto_promotion_uses_labels_where_they_exist_and_the_label_free_selector_otherwise():
-    from lmadda_tune.tracking import LABEL_FREE, resolve_criterion
+    from lmadda.sweep.tracking import LABEL_FREE, resolve_criterion
 
     assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": 0.8}]) == "pearson"
     assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": float("nan")}]) == LABEL_FREE
@@ -55,7 +55,7 @@ def test_auto_promotion_uses_labels_where_they_exist_and_the_label_free_selector
 
 
 def test_a_sweep_too_small_to_rank_the_criteria_says_so_instead_of_printing_nan():
-    from lmadda_tune.sweep_report import format_selection
+    from lmadda.sweep.report import format_selection
 
     rows = [{**_row(layer, 1e-5, dapi), "pearson": dapi, "lf_output_w1": 0.1 * layer} for layer, dapi in ((0, 0.7), (3, 0.74))]
     text = format_selection(rows, UNADAPTED, best_per_target(rows, UNADAPTED))

@@ -1,6 +1,6 @@
 """A sweep's MLflow runs after any kill and resume: exactly one FINISHED run per trial, no orphans.
 
-The sweep's trials are fake rows (no Ray): what is under test is `lmadda_tune.tracking.log_sweep`, the step
+The sweep's trials are fake rows (no Ray): what is under test is `lmadda.sweep.tracking.log_sweep`, the step
 that turns a finished grid into MLflow runs, and that a killed driver re-runs on `--resume`/`--reuse`.
 """
 
@@ -50,7 +50,7 @@ def fake_rows(root: Path) -> list[dict]:
 
 
 def log(root: Path) -> str:
-    from lmadda_tune.tracking import log_sweep
+    from lmadda.sweep.tracking import log_sweep
 
     return log_sweep(fake_sweep(root), fake_rows(root), [root / "results.parquet"], log=lambda *_: None)
 
@@ -79,7 +79,7 @@ log(Path({root!r}))
 def _store(root: Path):
     from mlflow.tracking import MlflowClient
 
-    from lmadda_tune.tracking import log_sweep  # noqa: F401  (sets MLFLOW_DISABLE_TELEMETRY before the client)
+    from lmadda.sweep.tracking import log_sweep  # noqa: F401  (sets MLFLOW_DISABLE_TELEMETRY before the client)
 
     sweep = fake_sweep(root)
     client = MlflowClient(sweep.tracking_uri)
@@ -134,7 +134,7 @@ def test_an_untagged_running_orphan_from_an_older_kill_is_deleted_on_resume(root
 
 def test_promote_reads_finished_trials_only(root):
     """A trial run left RUNNING (no generator yet) is never registered."""
-    from lmadda_tune.tracking import promote
+    from lmadda.sweep.tracking import promote
 
     log(root)
     client, runs = _store(root)
@@ -149,7 +149,7 @@ def test_a_promoted_version_carries_the_sha256_of_its_stored_generator(root):
     """The endpoint checks every download of a version against its `sha256` tag (serve/registry.py)."""
     import hashlib
 
-    from lmadda_tune.tracking import promote
+    from lmadda.sweep.tracking import promote
 
     log(root)
     sweep = fake_sweep(root)
@@ -163,12 +163,12 @@ def test_a_label_free_promotion_tags_every_markers_version_with_the_choice_check
     """The label-free path registers a checkpoint made for the choice, once per marker: each version gets its digest."""
     import torch
 
-    import lmadda_tune.label_free_promotion as label_free
+    import lmadda.sweep.label_free_promotion as label_free
     from lmadda.checkpoint import GeneratorCheckpoint
     from lmadda.models import GeneratorConfig, UNetGenerator
     from lmadda.selection.selector import Choice
     from lmadda.core.registry_names import file_sha256
-    from lmadda_tune.tracking import _promote_label_free
+    from lmadda.sweep.tracking import _promote_label_free
 
     log(root)
     client, runs = _store(root)

@@ -3,7 +3,7 @@
 import pytest
 from pydantic import ValidationError
 
-from lmadda_tune.trial_config import TrialSpec
+from lmadda.sweep.trial_config import TrialSpec
 
 BASE = {"source_checkpoint": "s.pt", "manifest": "m.parquet", "source_setting": "phase_contrast", "adapt": {"steps": 4, "batch_size": 2}}
 

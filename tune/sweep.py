@@ -48,11 +48,11 @@ from lmadda.study.trial import GridPoint
 from lmadda.training.adapt import AdaptConfig
 from lmadda.training.source import SourceTrainConfig, train_source
 from lmadda_tune.stopper import ModeCollapseStopper
-from lmadda_tune.sweep_config import SweepConfig, load_sweep
-from lmadda_tune.sweep_report import best_per_target, format_selection, markers_of, write_sweep_report
+from lmadda.sweep.config import SweepConfig, load_sweep
+from lmadda.sweep.report import best_per_target, format_selection, markers_of, write_sweep_report
 from lmadda_tune.train_workers import (GENERATOR_FILE, ROWS_FILE, adaptation_worker, in_trial_adaptation, labelled_test_images,
                                         source_worker)
-from lmadda_tune.trial_config import TrialPoint, TrialSpec
+from lmadda.sweep.trial_config import TrialPoint, TrialSpec
 from lmadda_tune.tune_state import BACKUP_DIR, StateBackup, recover_tune_state
 
 
@@ -315,7 +315,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, log=print) -> list[di
     report = write_sweep_report(table_rows, results, unadapted, experiment_path / "report")
     log(format_selection(table_rows, unadapted, best_per_target(table_rows, unadapted)))
     log(f"[sweep] figures and selection -> {experiment_path / 'report'}")
-    from lmadda_tune.tracking import log_sweep
+    from lmadda.sweep.tracking import log_sweep
 
     log_sweep(sweep, rows, [out, points_path], log=log, unadapted=unadapted, report_files=report)
     return table_rows

@@ -59,7 +59,7 @@ from lmadda.selection.criteria import SelectionProbe
 from lmadda.study.trial import GridPoint, TrialResult, TrialTarget, run_trial
 from lmadda.training.adapt import AdaptConfig, Adapter, run_steps
 from lmadda.training.source import SourceHooks, SourceTrainConfig, load_source_data, source_checkpoint, train_source
-from lmadda_tune.trial_config import TrialPoint, TrialSpec
+from lmadda.sweep.trial_config import TrialPoint, TrialSpec
 
 STATE_FILE = "adapter_state.pt"
 SOURCE_STATE_FILE = "source_state.pt"
@@ -239,7 +239,7 @@ Report = Callable[[dict, "Path | None"], None]
 def run_points(spec: TrialSpec | dict, *, world_size: int, rank: int, device: torch.device, store, report: Report) -> None:
     """Adapt every grid point of `config` in turn (see the module docstring).
 
-    `spec`: the trial's points and what they share (`lmadda_tune.trial_config.TrialSpec`, or its dict).
+    `spec`: the trial's points and what they share (`lmadda.sweep.trial_config.TrialSpec`, or its dict).
     `store.latest(key)` is the folder of the point's latest saved report, or None. `report(metrics, folder)`
     gets a folder to keep (rank 0; valid only during the call) or None. Every report carries the point's key,
     the number of points in the trial, `steps_s` (the point's time inside adaptation steps) and `worker_s`

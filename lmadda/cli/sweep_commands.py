@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _sweep_from(path: Path, base_dir: Path | None = None):
-    from lmadda_tune.sweep_config import load_sweep
+    from lmadda.sweep.config import load_sweep
 
     return load_sweep(path, base_dir)
 
@@ -77,7 +77,7 @@ def tracking_server_errors(tracking_uri: str, then: str):
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     from lmadda_tune.sweep import connect_ray, format_sweep_table, run_sweep, sweep_exists
-    from lmadda_tune.tracking import promote
+    from lmadda.sweep.tracking import promote
 
     sweep = _sweep_from(args.config, args.base_dir)
     connect_ray(args.address, args.num_cpus)
@@ -92,7 +92,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def run_promote(args: argparse.Namespace) -> int:
     from lmadda.core.errors import LmaddaError
-    from lmadda_tune.tracking import promote
+    from lmadda.sweep.tracking import promote
 
     sweep = _sweep_from(args.config) if args.config else None
     tracking_uri = args.tracking_uri or (sweep.tracking_uri if sweep else None)
@@ -105,7 +105,7 @@ def run_promote(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from lmadda_tune.tracking import compare_runs
+    from lmadda.sweep.tracking import compare_runs
 
     with tracking_server_errors(args.tracking_uri, "run the comparison again"):
         print(compare_runs(args.tracking_uri, args.experiment))

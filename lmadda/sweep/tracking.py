@@ -353,7 +353,7 @@ def register_checkpoint(tracking_uri: str, checkpoint_path: str | Path, marker: 
 
 
 def _promote_label_free(client: MlflowClient, experiment_id: str, runs: list, sweep, replace: bool = False, log=print) -> list[dict]:
-    from lmadda_tune.label_free_promotion import choose_per_target, log_choice_checkpoint
+    from lmadda.sweep.label_free_promotion import choose_per_target, log_choice_checkpoint
 
     if sweep is None:
         raise LmaddaError("the label-free choice needs the sweep config (--config): it scores the unadapted model, the cheap "

@@ -8,7 +8,7 @@ a trial's own generator artifact, or, when the choice is the unadapted model or 
 a checkpoint made for it (the source generator, AdaBN's generator, or the source generator with the
 histogram-matching correction that `lmadda predict` and the endpoint then apply), logged to a
 `choice` run of the sweep's experiment. Every version records the choice, its reason and the
-checkpoint file's SHA-256 (`lmadda_tune.tracking.log_generator_model`, hashed from the stored copy).
+checkpoint file's SHA-256 (`lmadda.sweep.tracking.log_generator_model`, hashed from the stored copy).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from lmadda.selection.selector import UNADAPTED, Candidate, Selector
 from lmadda.study.config import SelectionSpec
 from lmadda.study.grid import candidate_family
 from lmadda.training.auto import CHEAP_CANDIDATES, baseline_candidates, checkpoint_for
-from lmadda_tune.sweep_config import SweepConfig
+from lmadda.sweep.config import SweepConfig
 
 def _trial_candidate(client: MlflowClient, run, folder: Path, artifact_dir: str) -> tuple[Candidate, GeneratorCheckpoint]:
     artifacts = client.list_artifacts(run.info.run_id, artifact_dir)

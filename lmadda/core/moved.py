@@ -1,0 +1,25 @@
+"""Modules that moved: importing an old name fails with the new place, not with a bare "No module named"."""
+
+from __future__ import annotations
+
+import sys
+from importlib.abc import MetaPathFinder
+
+
+class MovedModuleFinder(MetaPathFinder):
+    """Consulted last on `sys.meta_path`, so it only ever sees a module no file provides any more."""
+
+    def __init__(self, moved: dict[str, str]):
+        self.moved = moved
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname in self.moved:
+            new = self.moved[fullname]
+            raise ModuleNotFoundError(f"{fullname} moved to {new}: import from {new} instead", name=fullname)
+        return None
+
+
+def name_new_places(moved: dict[str, str]) -> None:
+    """Register `moved` (old module -> new module) once per process, however often the caller is re-imported."""
+    if not any(isinstance(finder, MovedModuleFinder) and finder.moved == moved for finder in sys.meta_path):
+        sys.meta_path.append(MovedModuleFinder(moved))
