@@ -72,6 +72,9 @@ def main() -> None:
                         help="trained families to run (the cheap candidates always run)")
     parser.add_argument("--moments-lr", type=float, default=1e-4)
     parser.add_argument("--self-training-lr", type=float, default=1e-4)
+    parser.add_argument("--trained-from", nargs="+", choices=["source", "robust"], default=["source"],
+                        help="which source model the trained families start from: the plain one, and/or the robust one "
+                             "(its candidates are named robust+FAMILY:L and scored against the robust model's own stains)")
     parser.add_argument("--out", default="bench/results/adapt_families.jsonl")
     args = parser.parse_args()
 
@@ -149,27 +152,31 @@ def main() -> None:
                 measure(cheap[-1], None)
         for seed in args.seeds:
             trained = []
-            for layer in args.layers:
-                loops = {
-                    f"lmadda:{layer}": lambda: Adapter(source, source_train, target_train,
-                                                       AdaptConfig(**{**adapt_shared, "layer": [layer], "seed": seed})),
-                    f"moments:{layer}": lambda: Adapter(source, source_train, target_train,
-                                                        AdaptConfig(**{**adapt_shared, "layer": [layer], "seed": seed,
-                                                                       "adversary": "moments", "lr": args.moments_lr})),
-                    f"self_training:{layer}": lambda: SelfTrainer(source, source_train, target_train, SelfTrainConfig(
-                        **self_training_shared, layer=layer, seed=seed, lr=args.self_training_lr)),
-                    f"histogram_matching+self_training:{layer}": lambda: SelfTrainer(source, source_train, target_train, SelfTrainConfig(
-                        **self_training_shared, layer=layer, seed=seed, lr=args.self_training_lr, input_correction="histogram_matching")),
-                }
-                for name, make in loops.items():
-                    if name.split(":")[0] not in args.families:
-                        continue
-                    result, seconds, steps = _trained(make(), None)
-                    if result.collapsed:
-                        print(f"  {name} seed {seed}: collapsed ({result.collapse_reason}), not a candidate", flush=True)
-                        continue
-                    trained.append(Candidate(f"{name}#s{seed}", result.generator, result.input_correction, family=name.split(":")[0]))
-                    measure(trained[-1], seed, seconds, steps)
+            bases = {"source": source, "robust": robust}
+            for base_name, base in ((name, bases[name]) for name in args.trained_from if bases[name] is not None):
+                prefix = "" if base_name == "source" else "robust+"
+                for layer in args.layers:
+                    loops = {
+                        f"lmadda:{layer}": lambda: Adapter(base, source_train, target_train,
+                                                           AdaptConfig(**{**adapt_shared, "layer": [layer], "seed": seed})),
+                        f"moments:{layer}": lambda: Adapter(base, source_train, target_train,
+                                                            AdaptConfig(**{**adapt_shared, "layer": [layer], "seed": seed,
+                                                                           "adversary": "moments", "lr": args.moments_lr})),
+                        f"self_training:{layer}": lambda: SelfTrainer(base, source_train, target_train, SelfTrainConfig(
+                            **self_training_shared, layer=layer, seed=seed, lr=args.self_training_lr)),
+                        f"histogram_matching+self_training:{layer}": lambda: SelfTrainer(base, source_train, target_train, SelfTrainConfig(
+                            **self_training_shared, layer=layer, seed=seed, lr=args.self_training_lr, input_correction="histogram_matching")),
+                    }
+                    for name, make in loops.items():
+                        if name.split(":")[0] not in args.families:
+                            continue
+                        result, seconds, steps = _trained(make(), None)
+                        if result.collapsed:
+                            print(f"  {prefix}{name} seed {seed}: collapsed ({result.collapse_reason}), not a candidate", flush=True)
+                            continue
+                        trained.append(Candidate(f"{prefix}{name}#s{seed}", result.generator, result.input_correction,
+                                                 family=prefix + name.split(":")[0], base="unadapted" if base_name == "source" else "robust"))
+                        measure(trained[-1], seed, seconds, steps)
             candidates = cheap + trained
             options = spec.selection.options()
             selector = Selector(source.generator, source_train, target_train, seed=seed, crop_size=options["crop_size"],

@@ -31,8 +31,9 @@ from lmadda.evaluation.rows import TargetDomain
 from lmadda.selection.selector import UNADAPTED, Candidate, Selector
 from lmadda.study.config import SelectionSpec
 from lmadda.study.grid import candidate_family
-from lmadda.training.auto import CHEAP_CANDIDATES, baseline_candidates, checkpoint_for
 from lmadda.sweep.config import SweepConfig
+from lmadda.training.auto import CHEAP_CANDIDATES, baseline_candidates, checkpoint_for
+
 
 def _trial_candidate(client: MlflowClient, run, folder: Path, artifact_dir: str) -> tuple[Candidate, GeneratorCheckpoint]:
     artifacts = client.list_artifacts(run.info.run_id, artifact_dir)
