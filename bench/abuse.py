@@ -265,7 +265,7 @@ def main() -> int:
     from ray import serve
 
     from lmadda.checkpoint import GeneratorCheckpoint, save_checkpoint
-    from lmadda.sweep.tracking import register_checkpoint
+    from lmadda.sweep.promotion import register_checkpoint
     from lmadda.models import GeneratorConfig, UNetGenerator
     from lmadda_serve.local import start_local
 

@@ -201,7 +201,7 @@ def main() -> int:
     from ray import serve
 
     from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint, save_checkpoint
-    from lmadda.sweep.tracking import register_checkpoint
+    from lmadda.sweep.promotion import register_checkpoint
     from lmadda.data.dataset import to_model_range
     from lmadda.data.normalise import normalise
     from lmadda.models.tiling import predict_tiled

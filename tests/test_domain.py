@@ -242,7 +242,7 @@ def test_the_endpoint_returns_the_domain_headers(ray_session, source, domain_dat
     from ray import serve
 
     from lmadda_serve.app import StainService
-    from lmadda.sweep.tracking import register_checkpoint
+    from lmadda.sweep.promotion import register_checkpoint
 
     path = save_checkpoint(tmp_path / "generator.pt", source)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -120,7 +120,7 @@ def test_a_model_registered_through_a_server_on_postgres_is_served_from_it(mlflo
     from lmadda.core.registry_names import file_sha256
     from lmadda.models import GeneratorConfig, UNetGenerator
     from lmadda_serve.registry import StainModels
-    from lmadda.sweep.tracking import register_checkpoint
+    from lmadda.sweep.promotion import register_checkpoint
 
     torch.manual_seed(0)
     generator = UNetGenerator(GeneratorConfig(in_channels=1, out_channels=1, ngf=2, depth=6))

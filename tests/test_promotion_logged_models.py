@@ -1,7 +1,7 @@
 """Promotion registers each chosen generator as an MLflow LoggedModel, and the registry and the endpoint follow it.
 
 The sweep's trials are fake rows (no Ray) with real, tiny generator checkpoints: what is under test is
-`lmadda.sweep.tracking.promote` and `register_checkpoint` (run -> LoggedModel -> registry version), the endpoint's
+`lmadda.sweep.promotion.promote` and `register_checkpoint` (run -> LoggedModel -> registry version), the endpoint's
 model cache (`lmadda_serve.registry.StainModels`) and `lmadda runs compare` (`lmadda.sweep.tracking.compare_runs`).
 """
 
@@ -71,7 +71,7 @@ def _stored_file(model) -> Path:
 
 
 def _promote(sweep) -> list[dict]:
-    from lmadda.sweep.tracking import promote
+    from lmadda.sweep.promotion import promote
 
     return promote(sweep.tracking_uri, sweep.experiment, criterion="pearson", **QUIET)
 
@@ -217,7 +217,7 @@ def test_versions_registered_before_logged_models_still_resolve_and_load(sweep, 
 
 def test_a_checkpoint_registered_outside_a_sweep_is_a_logged_model_the_endpoint_serves(tmp_path, migrated_store):
     from lmadda_serve.registry import StainModels
-    from lmadda.sweep.tracking import register_checkpoint
+    from lmadda.sweep.promotion import register_checkpoint
 
     shutil.copy(migrated_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -250,7 +250,7 @@ def test_a_label_free_choice_is_one_logged_model_for_every_marker_with_the_selec
     import lmadda.sweep.label_free_promotion as label_free
     from lmadda.checkpoint import load_checkpoint
     from lmadda.selection.selector import Choice
-    from lmadda.sweep.tracking import _promote_label_free
+    from lmadda.sweep.promotion import _promote_label_free
 
     client = _client(sweep.tracking_uri)
     experiment = client.get_experiment_by_name(sweep.experiment).experiment_id
@@ -272,7 +272,7 @@ def test_a_label_free_choice_is_one_logged_model_for_every_marker_with_the_selec
 def test_a_promotion_by_another_criterion_keeps_the_served_alias_unless_told_to_replace_it(sweep):
     """Issue: a Pearson promotion run as a job silently swapped the label-free promotion's served models. Now the
     serving alias stays with the criterion that set it; the other promotion lands beside it and says how to serve it."""
-    from lmadda.sweep.tracking import promote
+    from lmadda.sweep.promotion import promote
 
     client = _client(sweep.tracking_uri)
     served = {p["model"]: p["version"] for p in _promote(sweep)}  # by Pearson: layer 11 serves

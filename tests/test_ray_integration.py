@@ -56,7 +56,7 @@ def _sweep(tiny_synth, tiny_source, tmp_path, name, **overrides):
 def test_a_two_point_sweep_writes_table_mlflow_runs_and_a_registry_alias(ray_session, tiny_synth, tiny_source, tmp_path):
     from lmadda.checkpoint import load_checkpoint
     from lmadda_tune.sweep import run_sweep
-    from lmadda.sweep.tracking import promote
+    from lmadda.sweep.promotion import promote
 
     # The source model does not exist yet: the sweep trains it first (Ray Train), then adapts it.
     trained = tmp_path / "models" / "source.pt"

@@ -90,7 +90,7 @@ def test_a_promoted_version_carries_its_sha256_and_a_tampered_file_is_never_serv
 
     from lmadda.core.registry_names import file_sha256
     from lmadda_serve.registry import StainModels
-    from lmadda.sweep.tracking import _register, log_generator_model
+    from lmadda.sweep.promotion import _register, log_generator_model
 
     client = store["client"]
     run = client.create_run(store["experiment"])
@@ -126,7 +126,7 @@ def test_a_cached_file_swapped_with_its_record_rewritten_is_caught_by_the_regist
     from lmadda.checkpoint import load_checkpoint, save_checkpoint
     from lmadda.core.registry_names import file_sha256
     from lmadda_serve.registry import CACHE_RECORD, StainModels
-    from lmadda.sweep.tracking import _register, log_generator_model
+    from lmadda.sweep.promotion import _register, log_generator_model
 
     client = store["client"]
     run = client.create_run(store["experiment"])

@@ -5,7 +5,7 @@ from lmadda.core.config import build_config
 from lmadda.core.errors import LmaddaError
 from lmadda_tune.stopper import ModeCollapseStopper
 from lmadda.sweep.config import SweepConfig
-from lmadda.sweep.tracking import alias_for
+from lmadda.core.registry_names import alias_for
 
 
 def _config(**changes):

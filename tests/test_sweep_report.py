@@ -47,7 +47,7 @@ def test_report_writes_figures_per_rate_the_best_table_and_the_selection(tmp_pat
 
 
 def test_auto_promotion_uses_labels_where_they_exist_and_the_label_free_selector_otherwise():
-    from lmadda.sweep.tracking import LABEL_FREE, resolve_criterion
+    from lmadda.sweep.promotion import LABEL_FREE, resolve_criterion
 
     assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": 0.8}]) == "pearson"
     assert resolve_criterion([{"lf_output_w1": 0.1, "pearson_dapi": float("nan")}]) == LABEL_FREE

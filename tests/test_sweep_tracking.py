@@ -134,7 +134,7 @@ def test_an_untagged_running_orphan_from_an_older_kill_is_deleted_on_resume(root
 
 def test_promote_reads_finished_trials_only(root):
     """A trial run left RUNNING (no generator yet) is never registered."""
-    from lmadda.sweep.tracking import promote
+    from lmadda.sweep.promotion import promote
 
     log(root)
     client, runs = _store(root)
@@ -149,7 +149,7 @@ def test_a_promoted_version_carries_the_sha256_of_its_stored_generator(root):
     """The endpoint checks every download of a version against its `sha256` tag (serve/registry.py)."""
     import hashlib
 
-    from lmadda.sweep.tracking import promote
+    from lmadda.sweep.promotion import promote
 
     log(root)
     sweep = fake_sweep(root)
@@ -168,7 +168,7 @@ def test_a_label_free_promotion_tags_every_markers_version_with_the_choice_check
     from lmadda.models import GeneratorConfig, UNetGenerator
     from lmadda.selection.selector import Choice
     from lmadda.core.registry_names import file_sha256
-    from lmadda.sweep.tracking import _promote_label_free
+    from lmadda.sweep.promotion import _promote_label_free
 
     log(root)
     client, runs = _store(root)

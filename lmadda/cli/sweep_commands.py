@@ -77,7 +77,7 @@ def tracking_server_errors(tracking_uri: str, then: str):
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     from lmadda_tune.sweep import connect_ray, format_sweep_table, run_sweep, sweep_exists
-    from lmadda.sweep.tracking import promote
+    from lmadda.sweep.promotion import promote
 
     sweep = _sweep_from(args.config, args.base_dir)
     connect_ray(args.address, args.num_cpus)
@@ -92,7 +92,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 def run_promote(args: argparse.Namespace) -> int:
     from lmadda.core.errors import LmaddaError
-    from lmadda.sweep.tracking import promote
+    from lmadda.sweep.promotion import promote
 
     sweep = _sweep_from(args.config) if args.config else None
     tracking_uri = args.tracking_uri or (sweep.tracking_uri if sweep else None)

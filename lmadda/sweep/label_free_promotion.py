@@ -8,7 +8,7 @@ a trial's own generator artifact, or, when the choice is the unadapted model or 
 a checkpoint made for it (the source generator, AdaBN's generator, or the source generator with the
 histogram-matching correction that `lmadda predict` and the endpoint then apply), logged to a
 `choice` run of the sweep's experiment. Every version records the choice, its reason and the
-checkpoint file's SHA-256 (`lmadda.sweep.tracking.log_generator_model`, hashed from the stored copy).
+checkpoint file's SHA-256 (`lmadda.sweep.promotion.log_generator_model`, hashed from the stored copy).
 """
 
 from __future__ import annotations
