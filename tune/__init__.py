@@ -13,7 +13,7 @@ MOVED_MODULES = {
     "lmadda_tune.label_free_promotion": "lmadda.sweep.label_free_promotion",
     "lmadda_tune.sweep_config": "lmadda.sweep.config",
     "lmadda_tune.sweep_report": "lmadda.sweep.report",
-    "lmadda_tune.tracking": "lmadda.sweep.tracking",
+    "lmadda_tune.tracking": ("lmadda.sweep.tracking", "lmadda.sweep.promotion"),  # runs; promotion into the registry
     "lmadda_tune.trial_config": "lmadda.sweep.trial_config",
 }
 name_new_places(MOVED_MODULES)

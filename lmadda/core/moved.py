@@ -9,17 +9,21 @@ from importlib.abc import MetaPathFinder
 class MovedModuleFinder(MetaPathFinder):
     """Consulted last on `sys.meta_path`, so it only ever sees a module no file provides any more."""
 
-    def __init__(self, moved: dict[str, str]):
+    def __init__(self, moved: dict[str, str | tuple[str, ...]]):
         self.moved = moved
 
     def find_spec(self, fullname, path, target=None):
         if fullname in self.moved:
             new = self.moved[fullname]
+            if isinstance(new, tuple):  # split in two by job: the name a user imports is in one of them
+                raise ModuleNotFoundError(f"{fullname} moved to {' and '.join(new)}: import from the one that holds the name",
+                                          name=fullname)
             raise ModuleNotFoundError(f"{fullname} moved to {new}: import from {new} instead", name=fullname)
         return None
 
 
-def name_new_places(moved: dict[str, str]) -> None:
-    """Register `moved` (old module -> new module) once per process, however often the caller is re-imported."""
+def name_new_places(moved: dict[str, str | tuple[str, ...]]) -> None:
+    """Register `moved` (old module -> new module, or the modules it was split into) once per process, however often
+    the caller is re-imported."""
     if not any(isinstance(finder, MovedModuleFinder) and finder.moved == moved for finder in sys.meta_path):
         sys.meta_path.append(MovedModuleFinder(moved))
