@@ -15,7 +15,12 @@ labelled Pearson would, if the criterion works (`criterion_agreement` measures w
   mirrored (prediction mirrored back); microscope images have no preferred orientation, so a model
   that changes its answer is guessing (lower is better).
 
-All are computed on a few fixed crops, so a criterion costs seconds, not an evaluation.
+All are computed on a few fixed crops, so a criterion costs seconds, not an evaluation. The selector
+(`lmadda.selection.selector`) scores the same measurements crop by crop, through the same functions
+(`feature_gap`, `flip_difference`, `wasserstein_1d`) and the same crop sampler (`fixed_crops`), under its own
+score names: `feature_gap` is `probe_shift` per crop, `flip` is `flip_inconsistency` per crop. The names stay
+two because both are stored: the criteria as sweep metrics (`lf_probe_shift`) and promotion criteria, the
+scores as config values (`selection.score`, `guard`).
 
 Two more families need several models or none:
 
@@ -79,10 +84,30 @@ def _channel_means(generator: UNetGenerator, crops: np.ndarray, layer: int, tran
     return activation.mean(dim=(2, 3)).numpy()  # (N, C)
 
 
+# The measurements, once: the per-model criteria below (a study's criteria table, a sweep's lf_* metrics) apply them to
+# all crops pooled, the selector (lmadda.selection.selector) to each crop, so that it can count the crops a candidate wins.
+
+def channel_spread(means: np.ndarray) -> np.ndarray:
+    """The per-channel spread of (N, C) channel means over crops, floored so a constant channel divides safely."""
+    return means.std(axis=0) + 1e-6
+
+
+def feature_gap(means: np.ndarray, source_mean: np.ndarray, source_spread: np.ndarray) -> np.ndarray:
+    """Per row of (N, C) channel means: the mean over channels of its distance from the source's channel means, in
+    units of the source's spread (`probe_shift` as a criterion, `feature_gap` as a selector score)."""
+    return (np.abs(means - source_mean) / source_spread).mean(axis=1)
+
+
+def flip_difference(predicted: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """Per crop of (N, C, H, W) predictions: the mean change when the input is mirrored (the prediction mirrored back;
+    `flip_inconsistency` as a criterion, `flip` as a selector score)."""
+    return np.abs(mirrored - predicted).mean(axis=(1, 2, 3))
+
+
 def channel_mean_shift(source_means: np.ndarray, target_means: np.ndarray) -> float:
     """Mean over channels of |mean_target - mean_source| in units of the source's per-crop spread."""
-    spread = source_means.std(axis=0) + 1e-6
-    return float(np.mean(np.abs(target_means.mean(axis=0) - source_means.mean(axis=0)) / spread))
+    pooled = target_means.mean(axis=0, keepdims=True)
+    return float(feature_gap(pooled, source_means.mean(axis=0), channel_spread(source_means))[0])
 
 
 class SelectionProbe:
@@ -111,7 +136,7 @@ class SelectionProbe:
         output_w1 = float(np.mean([wasserstein_1d(self.reference[:, c], predicted[:, c]) for c in range(self.reference.shape[1])]))
         probe_shift = channel_mean_shift(self.source_means, _channel_means(adapted, self.target_crops, self.probe_layer, transform))
         mirrored = _predict(adapted, self.target_crops[..., ::-1].copy(), transform)[..., ::-1]
-        flip_inconsistency = float(np.mean(np.abs(mirrored - predicted)))
+        flip_inconsistency = float(flip_difference(predicted, mirrored).mean())
         return {"output_w1": output_w1, "probe_shift": probe_shift, "flip_inconsistency": flip_inconsistency}, predicted
 
     def discrepancy_profile(self) -> list[float]:

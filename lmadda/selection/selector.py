@@ -51,7 +51,7 @@ from lmadda.data.correction import InputTransform
 from lmadda.data.dataset import LoadedImage, spread, target_from_model_range
 from lmadda.domain import DomainReference
 from lmadda.models.generator import UNetGenerator
-from lmadda.selection.criteria import CRITERIA, fixed_crops, wasserstein_1d
+from lmadda.selection.criteria import CRITERIA, channel_spread, feature_gap, fixed_crops, flip_difference, wasserstein_1d
 
 SCORES = ("consensus", "output_w1", "feature_gap", "flip")
 # `lmadda sweep promote --criterion`: labelled Pearson, this selector, or one per-trial criterion (for comparison)
@@ -188,7 +188,7 @@ class Selector:
         if base not in self._references:
             model = self._models[base]
             predicted, means, _ = _run(model, self._source_crops, None, self.bottleneck)
-            unscored = Reference(predicted, means.mean(axis=0), means.std(axis=0) + 1e-6, floor={})
+            unscored = Reference(predicted, means.mean(axis=0), channel_spread(means), floor={})
             # The floor: the model on other source crops, scored like a candidate. A target whose default model scores
             # within this is already in domain; a gain is measured against the excess over it.
             held_out = _run(model, self._held_out_crops, None, self.bottleneck)
@@ -230,8 +230,8 @@ class Selector:
             "consensus": np.abs(predicted - consensus).mean(axis=(1, 2, 3)) if consensus is not None else np.zeros(len(predicted)),
             "output_w1": np.array([np.mean([wasserstein_1d(p[ch], pool[:, ch], quantiles=128) for ch in range(channels)])
                                    for p in predicted]),
-            "feature_gap": (np.abs(means - reference.mean) / reference.spread).mean(axis=1),
-            "flip": np.abs(mirrored - predicted).mean(axis=(1, 2, 3)),
+            "feature_gap": feature_gap(means, reference.mean, reference.spread),
+            "flip": flip_difference(predicted, mirrored),
         }
 
     def observe_all(self, candidates: list[Candidate] | dict[str, Observation]) -> dict[str, Observation]:
