@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from importlib.abc import MetaPathFinder
+from typing import Callable, NoReturn
 
 
 class MovedModuleFinder(MetaPathFinder):
@@ -27,3 +29,14 @@ def name_new_places(moved: dict[str, str | tuple[str, ...]]) -> None:
     the caller is re-imported."""
     if not any(isinstance(finder, MovedModuleFinder) and finder.moved == moved for finder in sys.meta_path):
         sys.meta_path.append(MovedModuleFinder(moved))
+
+
+def names_moved_into(package: str, module: str) -> Callable[[str], NoReturn]:
+    """The `__getattr__` of a package that was once the single module `module` is now part of: a name that module holds,
+    imported from the package, fails with its new place; any other name is missing as usual."""
+    def __getattr__(name: str) -> NoReturn:
+        if not name.startswith("_") and hasattr(importlib.import_module(module), name):
+            raise ImportError(f"{package}.{name} moved to {module}: from {module} import {name}")
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
