@@ -48,6 +48,7 @@ from lmadda.study.grid import ImageSource
 from lmadda.study.runner import admitted_robust, prepare_manifest, prepare_source
 from lmadda.training.adapt import AdaptConfig, Adapter, run_steps
 from lmadda.training.self_training import SelfTrainConfig, SelfTrainer
+from study_experiment import shifted_targets
 
 
 def _mean(rows: list[dict]) -> float:
@@ -105,8 +106,7 @@ def main() -> None:
     # The robust source model as the default (what a lab keeps unless a candidate is confidently better), where it is
     # admitted on the source's clean validation fields, as the study admits it (lmadda.training.robust).
     robust_default = robust is not None and RobustAdmission(in_domain["source"], in_domain["robust"]).admitted
-    targets = args.targets or [t for grid in spec.grids for t in grid.targets if TargetDomain.parse(t).setting != spec.source.setting
-                               or TargetDomain.parse(t).shift is not None]
+    targets = args.targets or shifted_targets(spec)
     adapt_shared = {**spec.adapt}
     # self-training gets the study's step budget, batch, crop and device: the same budget as LM-ADDA
     self_training_shared = {k: v for k, v in adapt_shared.items() if k in ("steps", "batch_size", "crop_size", "device", "precision")}

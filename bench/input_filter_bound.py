@@ -33,7 +33,7 @@ from lmadda.core.errors import LmaddaError
 from lmadda.data.dataset import LoadedImage
 from lmadda.evaluation.evaluate import evaluate_generator
 from lmadda.evaluation.rows import TargetDomain
-from study_experiment import experiment_parser, load_experiment
+from study_experiment import experiment_parser, load_experiment, shifted_targets
 
 CROP = 256  # the filter's support: every field of the three data sets holds at least one crop this size
 
@@ -104,8 +104,7 @@ def main() -> None:
     experiment = load_experiment(args.config, args.experiment)
     spec, data, source_model, source_train = experiment.spec, experiment.data, experiment.source, experiment.source_train
     markers, percentiles = source_model.markers, source_model.percentiles
-    targets = args.targets or [t for t in experiment.grid_targets
-                               if TargetDomain.parse(t).setting != spec.source.setting or TargetDomain.parse(t).shift is not None]
+    targets = args.targets or shifted_targets(spec)
     results = Path(args.out)
     results.parent.mkdir(parents=True, exist_ok=True)
 

@@ -11,6 +11,7 @@ from lmadda.checkpoint import GeneratorCheckpoint, load_checkpoint
 from lmadda.core.config import build_config, read_config_file
 from lmadda.data.dataset import LoadedImage
 from lmadda.data.manifest import Manifest
+from lmadda.evaluation.rows import TargetDomain
 from lmadda.study.config import ExperimentSpec, StudyConfig
 from lmadda.study.grid import ImageSource
 from lmadda.study.runner import prepare_manifest
@@ -24,6 +25,15 @@ def experiment_parser(description: str, out: str, targets_help: str) -> argparse
     parser.add_argument("--targets", nargs="*", help=targets_help)
     parser.add_argument("--out", default=out)
     return parser
+
+
+def shifted_targets(spec: ExperimentSpec) -> list[str]:
+    """The experiment's grid targets that differ from its source: another setting, or the source setting shifted."""
+    def shifted(target: str) -> bool:
+        domain = TargetDomain.parse(target)
+        return domain.setting != spec.source.setting or domain.shift is not None
+
+    return [target for grid in spec.grids for target in grid.targets if shifted(target)]
 
 
 @dataclass
