@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+def _unused_port() -> int:
+    """A loopback port nothing listens on now (bound, then released for the server the test starts next)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """`free_port()`: a loopback port nothing listens on now, for a server a test starts (any fixture scope)."""
+    return _unused_port
+
 
 # The real set lives in ../shared beside the project; LMADDA_SEPHACE_DIR points elsewhere.
 SEPHACE_DIR = Path(os.environ.get("LMADDA_SEPHACE_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "sephace"))

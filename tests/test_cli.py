@@ -61,12 +61,8 @@ def test_stain_names_an_unreachable_endpoint(tmp_path):
 
 @pytest.mark.parametrize("argv", [["sweep", "promote", "--experiment", "lmadda-x", "--tracking-uri", "{uri}"],
                                   ["runs", "compare", "--tracking-uri", "{uri}", "--experiment", "lmadda-x"]])
-def test_an_mlflow_server_that_does_not_answer_is_one_line_with_what_to_do(argv, monkeypatch, capsys):
-    import socket
-
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def test_an_mlflow_server_that_does_not_answer_is_one_line_with_what_to_do(argv, monkeypatch, capsys, free_port):
+    port = free_port()  # a port nothing listens on
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     uri = f"http://127.0.0.1:{port}"

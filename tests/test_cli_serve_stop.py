@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -63,10 +62,8 @@ def _name(pid: int) -> str:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc (Linux)")
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
-def test_serve_leaves_no_ray_process_behind(tmp_path, stop):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def test_serve_leaves_no_ray_process_behind(tmp_path, stop, free_port):
+    port = free_port()
     serve = subprocess.Popen([sys.executable, "-m", "lmadda", "serve", "--port", str(port), "--num-cpus", "1",
                               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1])

@@ -234,9 +234,8 @@ def test_adaptation_stores_the_reference_of_its_target_domain(source, domain_dat
 
 
 @pytest.mark.slow  # a real Ray Serve instance and an MLflow registry in a temporary folder
-def test_the_endpoint_returns_the_domain_headers(ray_session, source, domain_data, tmp_path):
+def test_the_endpoint_returns_the_domain_headers(ray_session, source, domain_data, tmp_path, free_port):
     import io
-    import socket
     import urllib.request
 
     from ray import serve
@@ -247,9 +246,7 @@ def test_the_endpoint_returns_the_domain_headers(ray_session, source, domain_dat
     path = save_checkpoint(tmp_path / "generator.pt", source)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     register_checkpoint(tracking_uri, path, "dapi", "phase_contrast", experiment="domain-test")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     token = "domain-test-token"  # auth is on by default, loopback included
     serve.run(StainService.options(ray_actor_options={"num_cpus": 0.5, "runtime_env": {"env_vars": {"LMADDA_SERVE_TOKEN": token}}})

@@ -7,7 +7,6 @@ reason. The database and the server live in a temporary folder and stop with the
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _as_database_user(command: list[str]) -> list[str]:
     # PostgreSQL refuses to run as root: a root test session runs it as the system's postgres user
     if os.geteuid() != 0:
@@ -50,7 +43,7 @@ def deploy_backend_scheme() -> str:
 
 
 @pytest.fixture(scope="module")
-def postgres():
+def postgres(free_port):
     pytest.importorskip("psycopg2", reason="psycopg2 is not installed (pip install 'lmadda[cluster]'): MLflow cannot "
                                            "reach PostgreSQL through the driver deploy/ names")
     folder = Path(tempfile.mkdtemp(prefix="lmadda-postgres-"))  # not pytest's tmp_path: its parents are private to root
@@ -60,7 +53,7 @@ def postgres():
         folder.chmod(0o755)
         shutil.chown(folder, "postgres")
         shutil.chown(sockets, "postgres")
-    port = _free_port()
+    port = free_port()
     subprocess.run(_as_database_user(["initdb", "-D", str(data), "-U", "lmadda", "--auth=trust", "-E", "UTF8"]),
                    check=True, capture_output=True)
     subprocess.run(_as_database_user(["pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
@@ -80,10 +73,10 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(postgres, tmp_path_factory):
+def mlflow_server(postgres, tmp_path_factory, free_port):
     """`mlflow server` with the arguments deploy/k8s/mlflow.yaml gives it (artifacts proxied, here to a local folder)."""
     artifacts = tmp_path_factory.mktemp("artifacts")
-    port = _free_port()
+    port = free_port()
     log = (tmp_path_factory.mktemp("server") / "log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", postgres, "--artifacts-destination", artifacts.as_uri(),

@@ -7,7 +7,6 @@ only that cluster, never the test session's Ray instance (`ray stop` would end e
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,25 +20,19 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def local_head(tmp_path_factory):
+def local_head(tmp_path_factory, free_port):
     ray_cli = Path(sys.executable).with_name("ray")
     if not ray_cli.exists():
         pytest.skip(f"no ray command beside {sys.executable}")
     # As in an activated virtual environment: the job's `python` is the one that has lmadda installed.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{ray_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([str(ray_cli), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     # Every port with a fixed default gets a free one: the test session's own Ray instance holds the
     # defaults (its dashboard agent on 52365), and a head whose agent cannot bind accepts no jobs.
-    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                   f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     temp = Path("/tmp") / f"ray-job-test-{os.getpid()}"  # Ray's socket paths must stay short
     head = subprocess.Popen(
         [str(ray_cli), "start", "--head", "--block", "--num-cpus=2", f"--port={port}", f"--dashboard-port={dashboard}",

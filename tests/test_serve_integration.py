@@ -16,12 +16,6 @@ pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _register(client, tracking_uri, path, marker_models, alias):
     """Log `path` as a run's generator artifact; register it under each model and point `alias` at it."""
     import mlflow
@@ -68,7 +62,7 @@ def _tiff(array) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_session, tiny_source, tmp_path_factory):
+def endpoint(ray_session, tiny_source, tmp_path_factory, free_port):
     from mlflow.tracking import MlflowClient
     from ray import serve
 
@@ -93,7 +87,7 @@ def endpoint(ray_session, tiny_source, tmp_path_factory):
     _register(client, tracking_uri, tiny_source, models, "phase_contrast")
     _register(client, tracking_uri, other_path, models, "bright_field")
 
-    port = _free_port()
+    port = free_port()
     serve.shutdown()  # a Serve instance left by another module would keep its proxies, without the guard
     serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options={"runtime_env": {"env_vars": proxy_env(1, 3)}})
     # Serve's admission limits, small: 3 requests on the replica, 2 waiting for it, then 503 with Retry-After.

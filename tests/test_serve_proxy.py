@@ -151,10 +151,9 @@ def test_serve_config_yaml_installs_the_guard_with_the_same_body_limit_for_serve
 # -- the header guard: Serve's proxy parses headers with uvicorn before any ASGI code runs ----------------
 
 @pytest.fixture
-def http_server(monkeypatch):
+def http_server(monkeypatch, free_port):
     """A uvicorn server with the proxies' parser (the parser the proxy callback installs), on a free loopback
     port in a thread; yields its port. The app answers 200 {"ok": true}."""
-    import socket
     import threading
 
     import uvicorn
@@ -169,9 +168,7 @@ def http_server(monkeypatch):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json"), (b"content-length", b"12")]})
         await send({"type": "http.response.body", "body": b'{"ok": true}'})
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=proxy.GuardedH11Protocol, lifespan="off",
                                            log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
